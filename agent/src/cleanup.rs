@@ -1,0 +1,199 @@
+//! Cleanup: removes every pgferry object from the source and the target.
+//!
+//! Works from the catalogs alone, so it needs no local state and no intact
+//! control schema: capture triggers are found by their function's schema and
+//! dropped one table per transaction with the source's `lock_timeout` and
+//! retries; then the control schema goes with `DROP SCHEMA ... CASCADE`.
+//! Dropping the triggers also lifts a fence that is still up. Safe to re-run.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::retry_ddl;
+use crate::ident::{Ident, QualifiedTable};
+use crate::migration::Migration;
+use crate::retry::Retryable;
+use crate::state::SCHEMA;
+
+/// Cleanup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// A statement failed on one side.
+    #[error("{what} failed on the {side}")]
+    Query {
+        /// Which step.
+        what: String,
+        /// Which side.
+        side: crate::endpoint::Side,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl Retryable for CleanupError {
+    fn is_retryable(&self) -> bool {
+        let CleanupError::Query { source, .. } = self;
+        crate::error::is_retryable(source)
+    }
+}
+
+/// What cleanup removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CleanupReport {
+    /// Capture triggers dropped on the source.
+    pub triggers_dropped: usize,
+    /// The control schema was dropped on the source.
+    pub source_schema_dropped: bool,
+    /// A stray pgferry schema was dropped on the target.
+    pub target_schema_dropped: bool,
+}
+
+/// The objects of pgferry's left in one database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Leftovers {
+    /// `table trigger` pairs whose function lives in schema pgferry, or named pgferry_*.
+    pub triggers: Vec<String>,
+    /// Whether a schema named pgferry exists.
+    pub schema: bool,
+    /// Functions named pgferry* outside that schema.
+    pub functions: Vec<String>,
+}
+
+impl Leftovers {
+    /// True when nothing of pgferry's is left.
+    pub fn is_empty(&self) -> bool {
+        self.triggers.is_empty() && !self.schema && self.functions.is_empty()
+    }
+}
+
+/// Lists what of pgferry's is left in a database.
+pub async fn leftovers(client: &tokio_postgres::Client) -> Result<Leftovers, tokio_postgres::Error> {
+    let triggers = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, t.tgname::text
+               FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace pn ON pn.oid = p.pronamespace
+              WHERE pn.nspname = $1 OR t.tgname LIKE 'pgferry\\_%'
+              ORDER BY 1, 2, 3",
+            &[&SCHEMA],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            format!(
+                "{}.{} {}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
+        .collect();
+    let schema = client
+        .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&SCHEMA])
+        .await?
+        .get(0);
+    let functions = client
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE p.proname LIKE 'pgferry%' AND n.nspname <> $1",
+            &[&SCHEMA],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Leftovers {
+        triggers,
+        schema,
+        functions,
+    })
+}
+
+/// Removes pgferry from both sides.
+pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupReport, crate::Error> {
+    use crate::endpoint::Side;
+    let mut report = CleanupReport::default();
+    let source = m.source_conn().await?;
+    let q = |what: &str, side| {
+        let what = what.to_string();
+        move |source| CleanupError::Query { what, side, source }
+    };
+    let rows = source
+        .query(
+            "SELECT DISTINCT n.nspname::text, c.relname::text, t.tgname::text
+               FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace pn ON pn.oid = p.pronamespace
+              WHERE pn.nspname = $1
+              ORDER BY 1, 2, 3",
+            &[&SCHEMA],
+        )
+        .await
+        .map_err(q("listing capture triggers", Side::Source))?;
+    let mut by_table: Vec<(QualifiedTable, Vec<String>)> = Vec::new();
+    for r in &rows {
+        let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let trigger: String = r.get(2);
+        match by_table.last_mut() {
+            Some((t, names)) if *t == table => names.push(trigger),
+            _ => by_table.push((table, vec![trigger])),
+        }
+    }
+    for (table, names) in &by_table {
+        let sql: String = std::iter::once("BEGIN;".to_string())
+            .chain(
+                names
+                    .iter()
+                    .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone()))),
+            )
+            .chain(std::iter::once("COMMIT;".to_string()))
+            .collect();
+        let (c, sql) = (&source, &sql);
+        let what = format!("drop capture triggers on {}", table.display_name());
+        let w = &what;
+        retry_ddl(m, cancel, w, || async move {
+            let res = c.batch_execute(sql).await;
+            if res.is_err() {
+                let _ = c.batch_execute("ROLLBACK").await;
+            }
+            res.map_err(q(w, Side::Source))
+        })
+        .await?;
+        report.triggers_dropped += names.len();
+        tracing::info!(table = %table.display_name(), "Capture removed");
+        crate::failpoint::hit("cleanup.table_done").await;
+    }
+    let drop_schema = format!("DROP SCHEMA IF EXISTS {} CASCADE", Ident(SCHEMA.into()));
+    let had_schema = leftovers(&source)
+        .await
+        .map_err(q("looking for the control schema", Side::Source))?
+        .schema;
+    if had_schema {
+        let (c, sql) = (&source, &drop_schema);
+        retry_ddl(m, cancel, "drop the control schema", || async move {
+            c.batch_execute(sql)
+                .await
+                .map_err(q("drop the control schema", Side::Source))
+        })
+        .await?;
+        report.source_schema_dropped = true;
+    }
+    let target = m.target_conn().await?;
+    let had_schema = leftovers(&target)
+        .await
+        .map_err(q("looking for pgferry objects", Side::Target))?
+        .schema;
+    if had_schema {
+        target
+            .batch_execute(&drop_schema)
+            .await
+            .map_err(q("drop the pgferry schema", Side::Target))?;
+        report.target_schema_dropped = true;
+    }
+    Ok(report)
+}

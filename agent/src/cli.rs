@@ -1,0 +1,295 @@
+//! The command line (a stable contract, see DESIGN.md): parses flags, loads
+//! configuration, starts logging and the runtime, runs the command, prints its
+//! result (human or `--json`) and maps errors to exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Overrides};
+use crate::error::{report, Error, ExitCode};
+use crate::Migration;
+
+/// pgferry: live PostgreSQL migration without superuser or replication.
+#[derive(Debug, Parser)]
+#[command(name = "pgferry", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Source libpq URL (prefer PGFERRY_SOURCE or the config file: argv is visible to other users).
+    #[arg(long, global = true, value_name = "URL")]
+    pub source: Option<String>,
+    /// Target libpq URL (prefer PGFERRY_TARGET or the config file).
+    #[arg(long, global = true, value_name = "URL")]
+    pub target: Option<String>,
+    /// Print the result as JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line (journald, log shippers).
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Preflight report; exit 1 when something blocks the migration.
+    Check,
+    /// Control schema and capture triggers on the source.
+    Install,
+    /// Schema pre-data, parallel data copy, indexes.
+    Copy,
+    /// Drain deltas until stopped (SIGINT/SIGTERM) or caught up.
+    Sync {
+        /// Stop after the first pass that finds nothing to apply.
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Fence, final drain, sequences, FKs/triggers, verify, switch.
+    Cutover {
+        /// Lift the fence of an interrupted cutover and return to syncing.
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Remove every pgferry object from source and target.
+    Cleanup,
+    /// Compare source and target: counts, checksums, differing keys.
+    Verify,
+    /// Phase, per-table progress, backlog, lag.
+    Status,
+    /// All of the above in order, resuming from the stored phase.
+    Migrate {
+        /// Finish unattended: cutover, then cleanup of the source.
+        #[arg(long)]
+        cutover: bool,
+    },
+    /// Throwaway source and target clusters, live workload, full migration.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Entry point shared by the `pgferry` binary and the test harness's copy.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(ExitCode::Runtime as u8);
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    std::process::ExitCode::from(code as u8)
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PGFERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("Stopping after the batch in hand");
+        token.cancel();
+    });
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let json = cli.json;
+    match dispatch(cli, &cancel).await {
+        Ok(out) => {
+            if json {
+                println!("{}", out.json);
+            } else {
+                print!("{}", out.text);
+            }
+            out.code
+        }
+        Err(e) => {
+            eprintln!("error: {}", report(&e));
+            e.exit_code()
+        }
+    }
+}
+
+/// A command's result, in both renderings.
+struct Output {
+    text: String,
+    json: serde_json::Value,
+    code: ExitCode,
+}
+
+impl Output {
+    fn ok<T: Serialize>(value: &T, text: String) -> Self {
+        Self {
+            json: serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+            text,
+            code: ExitCode::Done,
+        }
+    }
+}
+
+fn migration(cli: &Cli) -> Result<Migration, Error> {
+    let cfg = Config::load(
+        cli.config.as_deref(),
+        Overrides {
+            source: cli.source.clone().map(SecretString::from),
+            target: cli.target.clone().map(SecretString::from),
+        },
+    )?;
+    Ok(Migration::new(cfg)?)
+}
+
+fn pretty<T: Serialize>(title: &str, value: &T) -> String {
+    format!(
+        "{title}\n{}\n",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    )
+}
+
+async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error> {
+    if let Command::Demo(args) = &cli.command {
+        let summary = crate::demo::run(args, cancel).await?;
+        return Ok(Output::ok(&summary, summary.render()));
+    }
+    let m = migration(&cli)?;
+    Ok(match &cli.command {
+        Command::Check => {
+            let report = crate::plan::check(&m).await;
+            let mut out = Output::ok(&report, report.render());
+            if report.blockers() > 0 {
+                out.code = ExitCode::CheckFailed;
+            }
+            out
+        }
+        Command::Install => {
+            crate::migrate::preflight(&m).await?;
+            let r = crate::capture::install(&m, cancel).await?;
+            Output::ok(&r, pretty("install done", &r))
+        }
+        Command::Copy => {
+            let r = crate::copy::run(&m, cancel).await?;
+            Output::ok(&r, pretty("copy done", &r))
+        }
+        Command::Sync { until_caught_up } => {
+            let opts = crate::sync::SyncOptions {
+                until_caught_up: *until_caught_up,
+            };
+            let r = crate::sync::run(&m, opts, cancel).await?;
+            Output::ok(&r, pretty("sync stopped", &r))
+        }
+        Command::Cutover { abort } => {
+            let r = crate::cutover::run(&m, crate::cutover::CutoverOptions { abort: *abort }, cancel).await;
+            match r {
+                Ok(r) => Output::ok(&r, pretty("cutover done", &r)),
+                Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v))) => {
+                    eprint!("{}", v.render());
+                    return Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Command::Cleanup => {
+            let r = crate::cleanup::run(&m, cancel).await?;
+            Output::ok(&r, pretty("cleanup done", &r))
+        }
+        Command::Verify => {
+            let r = crate::verify::verify_all(&m).await?;
+            let mut out = Output::ok(&r, r.render());
+            if r.mismatches > 0 {
+                out.code = ExitCode::CheckFailed;
+            }
+            out
+        }
+        Command::Status => {
+            let r = crate::status::read(&m).await?;
+            Output::ok(&r, r.render())
+        }
+        Command::Migrate { cutover } => {
+            let opts = crate::migrate::MigrateOptions { cutover: *cutover };
+            let r = crate::migrate::run(&m, opts, cancel).await?;
+            Output::ok(&r, pretty("migrate done", &r))
+        }
+        Command::Demo(_) => unreachable!("handled above"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_contract_parses() {
+        let cli = Cli::try_parse_from([
+            "pgferry",
+            "--source",
+            "postgres://a@h/d",
+            "--target",
+            "postgres://b@h/d",
+            "--json",
+            "sync",
+            "--until-caught-up",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Sync {
+                until_caught_up: true
+            }
+        ));
+        for cmd in [
+            "check", "install", "copy", "sync", "cutover", "cleanup", "verify", "status", "migrate", "demo",
+        ] {
+            Cli::try_parse_from(["pgferry", cmd]).unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        }
+        let cli = Cli::try_parse_from(["pgferry", "migrate", "--cutover", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Migrate { cutover: true }));
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let err = Cli::try_parse_from(["pgferry", "frobnicate"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

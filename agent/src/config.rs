@@ -1,0 +1,333 @@
+//! Configuration: defaults, then a TOML file, then `PGFERRY_*` environment
+//! variables, then command-line flags.
+//!
+//! Field names carry their units; each doc comment states the default. Unknown
+//! keys are errors, so a typo never becomes a silent no-op. Connection URLs may
+//! carry passwords and are kept as [`SecretString`] with a redacted `Debug`.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Configuration problems; all map to exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("invalid configuration")]
+    Load(#[source] config::ConfigError),
+    /// A value is present but unusable.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// A required value is missing.
+    #[error("missing {what}: {how}")]
+    Missing {
+        /// What is missing.
+        what: &'static str,
+        /// How to provide it.
+        how: &'static str,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// libpq URL of the source (the production database). No default.
+    #[serde(default)]
+    pub source: Option<SecretString>,
+    /// libpq URL of the target (the RDS/Aurora database). No default.
+    #[serde(default)]
+    pub target: Option<SecretString>,
+    /// Directory holding `pg_dump`/`pg_restore`; default: `PATH`, then the newest
+    /// `/usr/lib/postgresql/*/bin`.
+    #[serde(default)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Connection budget and lock behaviour on the source.
+    #[serde(default)]
+    pub source_limits: SourceLimits,
+    /// Bulk copy settings.
+    #[serde(default)]
+    pub copy: CopyConfig,
+    /// Delta drain settings.
+    #[serde(default)]
+    pub sync: SyncConfig,
+    /// Cutover settings.
+    #[serde(default)]
+    pub cutover: CutoverConfig,
+}
+
+/// How pgferry treats the source, which is someone's production database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceLimits {
+    /// Most connections pgferry opens to the source at once. Default 6.
+    #[serde(default = "default_source_connections")]
+    pub max_connections: usize,
+    /// `lock_timeout` for every DDL statement on the source. Default 1000 ms.
+    #[serde(default = "default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+    /// How many times a DDL that hit its lock timeout is retried. Default 60.
+    #[serde(default = "default_lock_retries")]
+    pub lock_retries: u32,
+    /// Cap of the exponential backoff between retries. Default 5000 ms.
+    #[serde(default = "default_retry_max_backoff_ms")]
+    pub retry_max_backoff_ms: u64,
+}
+
+/// Bulk copy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// Tables copied in parallel (each uses one source and one target
+    /// connection). Default: the number of cores, at most 4.
+    #[serde(default = "default_copy_workers")]
+    pub workers: usize,
+}
+
+/// Delta drain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Tables drained in parallel. Default 2.
+    #[serde(default = "default_sync_workers")]
+    pub workers: usize,
+    /// Pause between drain passes that found nothing to do. Default 200 ms.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+/// Cutover.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverConfig {
+    /// The fence is raised only when the backlog is at most this many delta
+    /// rows after a drain pass. Default 10000.
+    #[serde(default = "default_max_backlog_rows")]
+    pub max_backlog_rows: i64,
+    /// How long to keep draining before giving up on reaching that backlog.
+    /// Default 300000 ms.
+    #[serde(default = "default_catch_up_timeout_ms")]
+    pub catch_up_timeout_ms: u64,
+    /// How long to wait, with the fence up, for transactions that were already
+    /// writing to finish; past it the cutover is aborted. Default 30000 ms.
+    #[serde(default = "default_writer_wait_ms")]
+    pub writer_wait_ms: u64,
+    /// Shell command that points the application at the target, run after
+    /// verification while writes are fenced. Its environment carries
+    /// `PGFERRY_TARGET_URL`. A non-zero exit aborts the cutover. Default none.
+    #[serde(default)]
+    pub switch_command: Option<String>,
+}
+
+fn default_source_connections() -> usize {
+    6
+}
+fn default_lock_timeout_ms() -> u64 {
+    1000
+}
+fn default_lock_retries() -> u32 {
+    60
+}
+fn default_retry_max_backoff_ms() -> u64 {
+    5000
+}
+fn default_copy_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
+}
+fn default_sync_workers() -> usize {
+    2
+}
+fn default_poll_interval_ms() -> u64 {
+    200
+}
+fn default_max_backlog_rows() -> i64 {
+    10_000
+}
+fn default_catch_up_timeout_ms() -> u64 {
+    300_000
+}
+fn default_writer_wait_ms() -> u64 {
+    30_000
+}
+
+impl Default for SourceLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_source_connections(),
+            lock_timeout_ms: default_lock_timeout_ms(),
+            lock_retries: default_lock_retries(),
+            retry_max_backoff_ms: default_retry_max_backoff_ms(),
+        }
+    }
+}
+impl Default for CopyConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_copy_workers(),
+        }
+    }
+}
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_sync_workers(),
+            poll_interval_ms: default_poll_interval_ms(),
+        }
+    }
+}
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        Self {
+            max_backlog_rows: default_max_backlog_rows(),
+            catch_up_timeout_ms: default_catch_up_timeout_ms(),
+            writer_wait_ms: default_writer_wait_ms(),
+            switch_command: None,
+        }
+    }
+}
+
+/// Values given on the command line; they win over file and environment.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// `--source`.
+    pub source: Option<SecretString>,
+    /// `--target`.
+    pub target: Option<SecretString>,
+}
+
+impl Config {
+    /// Loads file (if any), then `PGFERRY_*` variables, then the overrides.
+    ///
+    /// Environment keys use `__` between sections: `PGFERRY_COPY__WORKERS=8`,
+    /// `PGFERRY_SOURCE=postgres://...`.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        // No try_parsing: it would turn a password "007" into the number 7.
+        builder = builder.add_source(
+            config::Environment::with_prefix("PGFERRY")
+                .prefix_separator("_")
+                .separator("__")
+                .ignore_empty(true),
+        );
+        let mut cfg: Config = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(ConfigError::Load)?;
+        if overrides.source.is_some() {
+            cfg.source = overrides.source;
+        }
+        if overrides.target.is_some() {
+            cfg.target = overrides.target;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.copy.workers == 0 {
+            problems.push("copy.workers must be at least 1");
+        }
+        if self.sync.workers == 0 {
+            problems.push("sync.workers must be at least 1");
+        }
+        if self.source_limits.max_connections < 2 {
+            problems.push("source_limits.max_connections must be at least 2 (one control, one worker)");
+        }
+        if self.source_limits.lock_timeout_ms == 0 {
+            problems.push("source_limits.lock_timeout_ms must be positive: 0 would let DDL wait forever and queue the application behind it");
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The source URL, or the error telling how to give it.
+    pub fn source_url(&self) -> Result<&SecretString, ConfigError> {
+        self.source.as_ref().ok_or(ConfigError::Missing {
+            what: "source URL",
+            how: "pass --source URL, set PGFERRY_SOURCE, or put source = \"...\" in the config file",
+        })
+    }
+
+    /// The target URL, or the error telling how to give it.
+    pub fn target_url(&self) -> Result<&SecretString, ConfigError> {
+        self.target.as_ref().ok_or(ConfigError::Missing {
+            what: "target URL",
+            how: "pass --target URL, set PGFERRY_TARGET, or put target = \"...\" in the config file",
+        })
+    }
+
+    /// Source workers available after the control connection is set aside.
+    pub fn source_worker_budget(&self) -> usize {
+        self.source_limits.max_connections.saturating_sub(1).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_then_file_then_overrides() {
+        let f = write("source = \"postgres://a@h/db\"\n[copy]\nworkers = 3\n");
+        let cfg = Config::load(
+            Some(f.path()),
+            Overrides {
+                target: Some("postgres://t@h/db".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.copy.workers, 3);
+        assert_eq!(cfg.sync.workers, 2);
+        assert_eq!(cfg.source.unwrap().expose_secret(), "postgres://a@h/db");
+        assert_eq!(cfg.target.unwrap().expose_secret(), "postgres://t@h/db");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let f = write("[copy]\nwrokers = 3\n");
+        let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::Load(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let f = write("[copy]\nworkers = 0\n[source_limits]\nlock_timeout_ms = 0\n");
+        let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("copy.workers"), "{text}");
+        assert!(text.contains("lock_timeout_ms"), "{text}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let cfg = Config {
+            source: Some("postgres://u:hunter2@h/db".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}

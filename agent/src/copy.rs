@@ -1,0 +1,346 @@
+//! Bulk copy: schema pre-data, table data by COPY streaming, then keys and
+//! indexes.
+//!
+//! On entry: capture is installed (phase `installed` or later), so every
+//! snapshot the copy reads from is taken after the capture triggers committed
+//! and whatever it misses is in the delta tables (invariant 2). Each table is
+//! read in its own snapshot (one `COPY ... TO` statement), which the invariant
+//! allows and which keeps the source's xmin horizon moving during a long copy.
+//!
+//! On the target each table is `TRUNCATE`d and loaded with `COPY ... FREEZE`
+//! in one transaction, so re-running an interrupted copy redoes only the
+//! tables not marked done, from scratch. On exit the phase is `syncing`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::ident::column_list;
+use crate::migration::Migration;
+use crate::retry::{retry, Gave, Retryable};
+use crate::schema::{PgTools, Step};
+use crate::state::{self, CopyState, Phase, SchemaStep, TableState};
+
+/// Writes to the target are batched to this size (see CRATES.md: per-chunk
+/// sends cost a third of the throughput).
+const COPY_BATCH_BYTES: usize = 256 * 1024;
+
+/// Copy failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Streaming one table failed.
+    #[error("copying {table} failed on the {side}")]
+    Table {
+        /// The table.
+        table: String,
+        /// Which side failed.
+        side: crate::endpoint::Side,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A target-side statement around the copy failed.
+    #[error("{what} failed on the target")]
+    Target {
+        /// Which step.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The target holds some of the tables but not all.
+    #[error("the target already holds {found} of the {expected} tables, but pgferry has no record of restoring them: drop the target database's objects and run copy again")]
+    PartialTarget {
+        /// Tables found.
+        found: usize,
+        /// Tables expected.
+        expected: usize,
+    },
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
+    /// Recording progress failed.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A worker task panicked.
+    #[error("a copy worker stopped unexpectedly")]
+    Worker(#[source] tokio::task::JoinError),
+    /// Scratch space for the schema dump could not be created.
+    #[error("cannot create a scratch directory for the schema dump")]
+    Scratch(#[source] std::io::Error),
+}
+
+impl Retryable for CopyError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            CopyError::Table { source, .. } | CopyError::Target { source, .. } => {
+                crate::error::is_retryable(source)
+            }
+            CopyError::Connect(e) => e.is_retryable(),
+            CopyError::State(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// What the copy did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CopyReport {
+    /// Tables copied by this run.
+    pub tables_copied: usize,
+    /// Rows copied by this run.
+    pub rows: u64,
+    /// Bytes streamed by this run (binary COPY format).
+    pub bytes: u64,
+    /// Wall time of the data phase.
+    pub data_secs: f64,
+    /// Wall time of the index phase.
+    pub index_secs: f64,
+}
+
+/// Runs the copy phase, resuming where an earlier run stopped.
+pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport, crate::Error> {
+    let conn = m.source_conn().await?;
+    let run = state::load(&**conn).await?;
+    let Some(run) = run else {
+        return Err(crate::Error::Phase(
+            "capture is not installed: run `pgferry install` first (the copy must start after capture)"
+                .into(),
+        ));
+    };
+    if run.phase < Phase::Installed {
+        return Err(crate::Error::Phase(
+            "capture installation has not finished: run `pgferry install` again to complete it".into(),
+        ));
+    }
+    if run.phase > Phase::Copying {
+        return Ok(CopyReport::default());
+    }
+    state::set_phase(&**conn, Phase::Copying).await?;
+    let tables = state::tables(&**conn).await?;
+    drop(conn);
+
+    let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
+    let scratch = tempfile::Builder::new()
+        .prefix("pgferry-schema-")
+        .tempdir()
+        .map_err(CopyError::Scratch)?;
+    let archive = tools
+        .dump_schema(&m.source, scratch.path(), m.cfg.source_limits.lock_timeout_ms)
+        .await?;
+
+    if !run.pre_data_done {
+        restore_pre_data(m, &tools, &archive, &tables).await?;
+    }
+
+    let mut report = CopyReport::default();
+    let started = Instant::now();
+    copy_tables(m, &tables, cancel, &mut report).await?;
+    report.data_secs = started.elapsed().as_secs_f64();
+
+    if !run.post_data_done {
+        let started = Instant::now();
+        let entries: Vec<_> = tools
+            .toc(&archive, "post-data")
+            .await?
+            .into_iter()
+            .filter(|e| e.step() == Step::AfterCopy)
+            .collect();
+        tracing::info!(entries = entries.len(), "Building keys and indexes");
+        tools
+            .restore_entries(&m.target, &archive, &entries, "indexes")
+            .await?;
+        let conn = m.source_conn().await?;
+        state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
+        report.index_secs = started.elapsed().as_secs_f64();
+    }
+    let target = m.target_conn().await?;
+    target
+        .batch_execute("ANALYZE")
+        .await
+        .map_err(|source| CopyError::Target {
+            what: "ANALYZE",
+            source,
+        })?;
+    let conn = m.source_conn().await?;
+    state::set_phase(&**conn, Phase::Syncing).await?;
+    Ok(report)
+}
+
+async fn restore_pre_data(
+    m: &Migration,
+    tools: &PgTools,
+    archive: &std::path::Path,
+    tables: &[TableState],
+) -> Result<(), crate::Error> {
+    // The restore is one transaction, but the "done" mark lives on the source:
+    // if the agent died between the two, the tables are all there already.
+    let target = m.target_conn().await?;
+    let mut found = 0;
+    for t in tables {
+        let row = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.table.to_string()])
+            .await
+            .map_err(|source| CopyError::Target {
+                what: "looking for restored tables",
+                source,
+            })?;
+        if row.get::<_, bool>(0) {
+            found += 1;
+        }
+    }
+    drop(target);
+    if found == 0 {
+        tracing::info!("Restoring schema pre-data");
+        tools.restore_pre_data(&m.target, archive).await?;
+    } else if found < tables.len() {
+        return Err(CopyError::PartialTarget {
+            found,
+            expected: tables.len(),
+        }
+        .into());
+    }
+    let conn = m.source_conn().await?;
+    state::mark_schema_step(&**conn, SchemaStep::PreData).await?;
+    Ok(())
+}
+
+async fn copy_tables(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+    report: &mut CopyReport,
+) -> Result<(), crate::Error> {
+    let permits = Arc::new(Semaphore::new(m.copy_workers()));
+    let mut tasks = JoinSet::new();
+    for t in tables.iter().filter(|t| t.copy_state == CopyState::Pending) {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if cancel.is_cancelled() {
+            break;
+        }
+        let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let res = retry(m.retry_policy(), "copy a table", &cancel, || copy_table(&m, &t)).await;
+            match res {
+                Ok(stats) => Ok(stats),
+                Err(Gave::Up(e)) => Err(crate::Error::from(e)),
+                Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
+            }
+        });
+    }
+    let mut first_err = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.map_err(CopyError::Worker) {
+            Ok(Ok((rows, bytes))) => {
+                report.tables_copied += 1;
+                report.rows += rows;
+                report.bytes += bytes;
+            }
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e.into());
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        return Err(crate::Error::Cancelled);
+    }
+    Ok(())
+}
+
+/// Copies one table and marks it done. Returns rows and bytes.
+async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyError> {
+    let started = Instant::now();
+    let name = t.table.display_name();
+    let src_err = |source| CopyError::Table {
+        table: name.clone(),
+        side: crate::endpoint::Side::Source,
+        source,
+    };
+    let tgt_err = |source| CopyError::Table {
+        table: name.clone(),
+        side: crate::endpoint::Side::Target,
+        source,
+    };
+    let source = m.source_conn().await?;
+    let mut target = m.target_conn().await?;
+
+    let cols = column_list(&t.copy_columns, None);
+    let out_sql = format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", t.table);
+    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT binary, FREEZE)", t.table);
+
+    // Not synchronous_commit = off: the table is marked done on the source
+    // right after this commit, so the commit must be durable first.
+    let tx = target.transaction().await.map_err(tgt_err)?;
+    tx.batch_execute(&format!("TRUNCATE ONLY {}", t.table))
+        .await
+        .map_err(tgt_err)?;
+    let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
+    let stream = source.copy_out(&out_sql).await.map_err(src_err)?;
+    let (rows, bytes) = pump(stream, sink).await.map_err(|e| match e {
+        Pumped::Source(e) => src_err(e),
+        Pumped::Target(e) => tgt_err(e),
+    })?;
+    tx.commit().await.map_err(tgt_err)?;
+    crate::failpoint::hit("copy.before_mark_done").await;
+    state::mark_copied(&**source, t.id, rows as i64).await?;
+    tracing::info!(
+        table = %name,
+        rows,
+        bytes,
+        secs = started.elapsed().as_secs_f64(),
+        "Table copied"
+    );
+    crate::failpoint::hit("copy.table_done").await;
+    Ok((rows, bytes))
+}
+
+/// Which side of a [`pump`] failed.
+#[derive(Debug)]
+pub(crate) enum Pumped {
+    /// Reading from the source.
+    Source(tokio_postgres::Error),
+    /// Writing to the target.
+    Target(tokio_postgres::Error),
+}
+
+/// Streams a `COPY ... TO STDOUT` into a `COPY ... FROM STDIN`, batching the
+/// writes, and returns (rows written, bytes streamed). No intermediate disk,
+/// and memory bounded by one batch.
+pub(crate) async fn pump(
+    stream: tokio_postgres::CopyOutStream,
+    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+) -> Result<(u64, u64), Pumped> {
+    futures_util::pin_mut!(sink);
+    futures_util::pin_mut!(stream);
+    let mut buf = BytesMut::with_capacity(COPY_BATCH_BYTES);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Pumped::Source)?;
+        bytes += chunk.len() as u64;
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= COPY_BATCH_BYTES {
+            sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
+    }
+    let rows = sink.finish().await.map_err(Pumped::Target)?;
+    Ok((rows, bytes))
+}

@@ -1,0 +1,307 @@
+//! Cutover: fence, final drain, sequences, target objects, verify, switch.
+//!
+//! On entry: phase `syncing` (or `cutting_over` after an interrupted run,
+//! which resumes with the fence already up). The agent drains until the
+//! backlog is small ([`decision::should_fence`]), raises the fence, waits for
+//! writers already in flight ([`fence::wait_for_writers`]), drains what is
+//! left, copies sequences, verifies every table, creates foreign keys
+//! (`NOT VALID`), triggers, rules and policies, and runs the switch command.
+//! Any failure before the point of no return runs [`abort`]: those target
+//! objects are removed, the fence is lifted and sync can continue. After it,
+//! the phase is `cut_over`, the source stays fenced until cleanup, and the
+//! foreign keys are validated.
+
+pub mod decision;
+pub mod fence;
+pub mod objects;
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::migration::Migration;
+use crate::schema::{PgTools, Step};
+use crate::state::{self, Phase, TableState};
+use crate::sync;
+use crate::verify::{self, Subject, VerifyReport};
+
+/// Cutover failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    /// A source statement failed.
+    #[error("a cutover statement failed on the source")]
+    Source(#[source] tokio_postgres::Error),
+    /// A target statement failed.
+    #[error("a cutover statement failed on the target")]
+    Target(#[source] tokio_postgres::Error),
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
+    /// The cutover was abandoned; the fence is lifted.
+    #[error("cutover aborted, writes resumed on the source: {0}")]
+    Aborted(String),
+    /// Verification found differences; the fence is lifted.
+    #[error("cutover aborted, writes resumed on the source: verification found {} differing table(s)", .0.mismatches)]
+    VerifyMismatch(Box<VerifyReport>),
+    /// The switch command failed; the fence is lifted.
+    #[error("cutover aborted, writes resumed on the source: the switch command failed ({0})")]
+    SwitchFailed(String),
+}
+
+/// Options of the `cutover` command.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CutoverOptions {
+    /// Only lift the fence of an interrupted cutover and return to syncing.
+    pub abort: bool,
+}
+
+/// What the cutover did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CutoverReport {
+    /// From fence raised to switch done.
+    pub writes_blocked_ms: i64,
+    /// Keys applied by the drains under the fence.
+    pub final_drain_keys: u64,
+    /// Sequences copied.
+    pub sequences: usize,
+    /// Foreign keys created.
+    pub foreign_keys: usize,
+    /// Triggers created.
+    pub triggers: usize,
+    /// Tables verified equal.
+    pub tables_verified: usize,
+    /// Rows verified.
+    pub rows_verified: i64,
+    /// Foreign keys that could not be validated after the switch.
+    pub unvalidated_foreign_keys: Vec<String>,
+}
+
+/// Runs (or resumes) the cutover.
+pub async fn run(
+    m: &Migration,
+    opts: CutoverOptions,
+    cancel: &CancellationToken,
+) -> Result<CutoverReport, crate::Error> {
+    let conn = m.source_conn().await?;
+    let Some(run) = state::load(&**conn).await? else {
+        return Err(crate::Error::Phase(
+            "no migration is under way on this source".into(),
+        ));
+    };
+    if opts.abort {
+        if run.phase != Phase::CuttingOver {
+            return Err(crate::Error::Phase(format!(
+                "there is no cutover to abort (phase {})",
+                run.phase.as_str()
+            )));
+        }
+        drop(conn);
+        abort(m, "requested by the operator").await?;
+        return Ok(CutoverReport::default());
+    }
+    let tables = match run.phase {
+        Phase::Syncing | Phase::CuttingOver => state::tables(&**conn).await?,
+        Phase::CutOver => {
+            return Ok(CutoverReport {
+                writes_blocked_ms: run.writes_blocked_ms.unwrap_or_default(),
+                ..Default::default()
+            })
+        }
+        other => {
+            return Err(crate::Error::Phase(format!(
+                "the copy has not finished (phase {}): run `pgferry copy` and `pgferry sync` first",
+                other.as_str()
+            )))
+        }
+    };
+    drop(conn);
+    if run.phase == Phase::Syncing {
+        catch_up(m, &tables, cancel).await?;
+        let conn = m.source_conn().await?;
+        fence::raise(&conn).await.map_err(CutoverError::Source)?;
+        state::record_fence(&**conn, true).await?;
+        state::set_phase(&**conn, Phase::CuttingOver).await?;
+        tracing::warn!("Fence raised: writes to captured tables are blocked on the source");
+    } else {
+        tracing::warn!("Resuming an interrupted cutover; the fence is still up");
+    }
+    crate::failpoint::hit("cutover.after_fence").await;
+    match fenced(m, &tables, cancel).await {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            if let Err(abort_err) = abort(m, &crate::error::report(&e)).await {
+                tracing::error!(error = %crate::error::report(&abort_err), "Abort failed: the fence may still be up; run `pgferry cutover --abort`");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Drains until the backlog is small enough to fence on.
+async fn catch_up(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<(), crate::Error> {
+    let started = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
+        sync::drain_pass(m, tables, cancel).await?;
+        let conn = m.source_conn().await?;
+        let backlog: i64 = sync::backlog(&conn, tables).await?.iter().sum();
+        let d = decision::should_fence(&decision::Readiness {
+            backlog_rows: backlog,
+            max_backlog_rows: m.cfg.cutover.max_backlog_rows,
+            catching_up_for: started.elapsed(),
+            catch_up_timeout: Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms),
+        });
+        match d {
+            decision::Decision::Fence => return Ok(()),
+            decision::Decision::KeepDraining => {}
+            decision::Decision::GiveUp(why) => return Err(CutoverError::Aborted(why).into()),
+        }
+    }
+}
+
+/// Everything done with the fence up. Errors before the point of no return
+/// are turned into an abort by the caller.
+async fn fenced(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<CutoverReport, crate::Error> {
+    let mut report = CutoverReport::default();
+    fence::wait_for_writers(m, tables, cancel).await?;
+    // Final drain: everything committed is visible now, and nothing new can
+    // commit. Two idle passes in a row would be redundant: one suffices.
+    let never = CancellationToken::new();
+    loop {
+        let pass = sync::drain_pass(m, tables, &never).await?;
+        report.final_drain_keys += pass.keys_applied;
+        if pass.is_idle() {
+            break;
+        }
+    }
+    crate::failpoint::hit("cutover.after_final_drain").await;
+    let mut source = m.source_conn().await?;
+    let target = m.target_conn().await?;
+    report.sequences = objects::copy_sequences(&source, &target)
+        .await
+        .map_err(CutoverError::Target)?;
+    crate::failpoint::hit("cutover.after_sequences").await;
+
+    let subjects = tables
+        .iter()
+        .map(|t| Subject {
+            table: t.table.clone(),
+            key_columns: t.key_columns.clone(),
+        })
+        .collect();
+    let verdict = verify::verify(m, subjects).await?;
+    if verdict.mismatches > 0 {
+        return Err(CutoverError::VerifyMismatch(Box::new(verdict)).into());
+    }
+    report.tables_verified = verdict.tables.len();
+    report.rows_verified = verdict.rows;
+
+    let fks = objects::foreign_keys(&mut source)
+        .await
+        .map_err(CutoverError::Source)?;
+    let triggers = objects::triggers(&mut source)
+        .await
+        .map_err(CutoverError::Source)?;
+    report.foreign_keys = objects::create_foreign_keys(&target, &fks)
+        .await
+        .map_err(CutoverError::Target)?;
+    report.triggers = objects::create_triggers(&target, &triggers)
+        .await
+        .map_err(CutoverError::Target)?;
+    restore_cutover_entries(m).await?;
+    objects::refresh_materialized_views(&source, &target)
+        .await
+        .map_err(CutoverError::Target)?;
+    if let Some(cmd) = &m.cfg.cutover.switch_command {
+        switch(m, cmd).await?;
+    }
+
+    // Point of no return: the application may now write to the target. From
+    // here nothing lifts the fence; a failure is reported and a re-run of
+    // cutover finishes the remaining steps.
+    report.writes_blocked_ms = state::record_cutover_done(&**source).await?;
+    tracing::info!(writes_blocked_ms = report.writes_blocked_ms, "Cutover done");
+    for fk in &fks {
+        if let Err(e) = objects::validate_foreign_keys(&target, std::slice::from_ref(fk)).await {
+            tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::error::report(&e), "Foreign key left NOT VALID");
+            report
+                .unvalidated_foreign_keys
+                .push(format!("{}.{}", fk.table.display_name(), fk.name));
+        }
+    }
+    Ok(report)
+}
+
+/// Restores policies, rules, comments and the like from a fresh schema dump.
+async fn restore_cutover_entries(m: &Migration) -> Result<(), crate::Error> {
+    let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
+    let scratch = tempfile::Builder::new()
+        .prefix("pgferry-schema-")
+        .tempdir()
+        .map_err(crate::copy::CopyError::Scratch)?;
+    let archive = tools
+        .dump_schema(&m.source, scratch.path(), m.cfg.source_limits.lock_timeout_ms)
+        .await?;
+    let entries: Vec<_> = tools
+        .toc(&archive, "post-data")
+        .await?
+        .into_iter()
+        .filter(|e| e.step() == Step::AtCutover)
+        .collect();
+    tools
+        .restore_entries(&m.target, &archive, &entries, "cutover")
+        .await?;
+    Ok(())
+}
+
+/// Runs the operator's switch command; the target URL travels in its
+/// environment only.
+async fn switch(m: &Migration, cmd: &str) -> Result<(), CutoverError> {
+    use secrecy::ExposeSecret;
+    let url = m
+        .cfg
+        .target
+        .as_ref()
+        .map(|u| u.expose_secret().to_string())
+        .unwrap_or_default();
+    tracing::info!("Running the switch command");
+    let status = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("PGFERRY_TARGET_URL", url)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| CutoverError::SwitchFailed(e.to_string()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CutoverError::SwitchFailed(status.to_string()))
+    }
+}
+
+/// The abort path: removes what the cutover created on the target, lifts the
+/// fence and returns the migration to `syncing`.
+pub async fn abort(m: &Migration, why: &str) -> Result<(), crate::Error> {
+    tracing::warn!(reason = why, "Aborting the cutover");
+    let mut target = m.target_conn().await?;
+    objects::remove_cutover_objects(&mut target)
+        .await
+        .map_err(CutoverError::Target)?;
+    let conn = m.source_conn().await?;
+    fence::lift(&conn).await.map_err(CutoverError::Source)?;
+    state::record_fence(&**conn, false).await?;
+    state::set_phase(&**conn, Phase::Syncing).await?;
+    tracing::warn!("Fence lifted: writes resume on the source and sync can continue");
+    Ok(())
+}

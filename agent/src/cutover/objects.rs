@@ -1,0 +1,289 @@
+//! Target objects that must not act while syncing: foreign keys, the
+//! application's triggers, rules and policies; plus sequences and
+//! materialized views, which only make sense once writes have stopped.
+//!
+//! Definitions are read from the source catalog with `search_path` set to
+//! `pg_catalog`, so every name inside them comes out schema-qualified.
+//! pgferry's own capture triggers are recognised by their function's schema
+//! and never reach the target.
+
+use tokio_postgres::Client;
+
+use crate::ident::{Ident, QualifiedTable};
+
+/// A foreign key as the source defines it.
+#[derive(Debug, Clone)]
+pub struct ForeignKey {
+    /// The referencing table.
+    pub table: QualifiedTable,
+    /// Constraint name.
+    pub name: String,
+    /// `FOREIGN KEY (...) REFERENCES ...`.
+    pub definition: String,
+    /// Validated on the source (so it is validated on the target too).
+    pub validated: bool,
+}
+
+/// One of the application's triggers.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// The table.
+    pub table: QualifiedTable,
+    /// Trigger name.
+    pub name: String,
+    /// `CREATE TRIGGER ...`.
+    pub definition: String,
+    /// `pg_trigger.tgenabled`.
+    pub enabled: String,
+}
+
+const USER_SCHEMA: &str =
+    "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'";
+
+/// Foreign keys of the source's user tables.
+pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_postgres::Error> {
+    let tx = source.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, con.conname::text, pg_get_constraintdef(con.oid), con.convalidated
+                   FROM pg_constraint con
+                   JOIN pg_class c ON c.oid = con.conrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE con.contype = 'f' AND con.conparentid = 0 AND {USER_SCHEMA}
+                  ORDER BY 1, 2, 3"
+            ),
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| ForeignKey {
+            table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            name: r.get(2),
+            definition: r.get(3),
+            validated: r.get(4),
+        })
+        .collect())
+}
+
+/// The application's triggers on the source (not pgferry's, not internal).
+pub async fn triggers(source: &mut Client) -> Result<Vec<Trigger>, tokio_postgres::Error> {
+    let tx = source.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, t.tgname::text, pg_get_triggerdef(t.oid), t.tgenabled::text
+                   FROM pg_trigger t
+                   JOIN pg_class c ON c.oid = t.tgrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_proc p ON p.oid = t.tgfoid
+                   JOIN pg_namespace pn ON pn.oid = p.pronamespace
+                  WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND pn.nspname <> 'pgferry' AND {USER_SCHEMA}
+                  ORDER BY 1, 2, 3"
+            ),
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| Trigger {
+            table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            name: r.get(2),
+            definition: r.get(3),
+            enabled: r.get(4),
+        })
+        .collect())
+}
+
+async fn constraint_exists(
+    target: &Client,
+    table: &QualifiedTable,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
+            &[&table.to_string(), &name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn trigger_exists(
+    target: &Client,
+    table: &QualifiedTable,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname = $2)",
+            &[&table.to_string(), &name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Creates the foreign keys `NOT VALID` (instant: existing rows are not
+/// scanned while writes are fenced). Skips those that exist.
+pub async fn create_foreign_keys(
+    target: &Client,
+    fks: &[ForeignKey],
+) -> Result<usize, tokio_postgres::Error> {
+    let mut created = 0;
+    for fk in fks {
+        if constraint_exists(target, &fk.table, &fk.name).await? {
+            continue;
+        }
+        let not_valid = if fk.definition.ends_with("NOT VALID") {
+            ""
+        } else {
+            " NOT VALID"
+        };
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE ONLY {} ADD CONSTRAINT {} {}{not_valid}",
+                fk.table,
+                Ident(fk.name.clone()),
+                fk.definition
+            ))
+            .await?;
+        created += 1;
+    }
+    Ok(created)
+}
+
+/// Validates the foreign keys that are valid on the source (after the
+/// switch: validation takes a lock that does not block writes).
+pub async fn validate_foreign_keys(target: &Client, fks: &[ForeignKey]) -> Result<(), tokio_postgres::Error> {
+    for fk in fks.iter().filter(|fk| fk.validated) {
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                fk.table,
+                Ident(fk.name.clone())
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Creates the application's triggers in the state they have on the source.
+pub async fn create_triggers(target: &Client, triggers: &[Trigger]) -> Result<usize, tokio_postgres::Error> {
+    let mut created = 0;
+    for t in triggers {
+        if trigger_exists(target, &t.table, &t.name).await? {
+            continue;
+        }
+        let state = match t.enabled.as_str() {
+            "D" => Some("DISABLE TRIGGER"),
+            "R" => Some("ENABLE REPLICA TRIGGER"),
+            "A" => Some("ENABLE ALWAYS TRIGGER"),
+            _ => None,
+        };
+        let mut sql = format!("{};", t.definition);
+        if let Some(state) = state {
+            sql.push_str(&format!(
+                " ALTER TABLE {} {state} {};",
+                t.table,
+                Ident(t.name.clone())
+            ));
+        }
+        target.batch_execute(&sql).await?;
+        created += 1;
+    }
+    Ok(created)
+}
+
+/// Abort path: removes from the target everything that must not act while
+/// syncing (foreign keys, triggers, rules, policies), whoever created it.
+pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let rows = target
+        .query(
+            &format!(
+                "SELECT format('ALTER TABLE ONLY %I.%I DROP CONSTRAINT IF EXISTS %I', n.nspname, c.relname, con.conname)
+                   FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE con.contype = 'f' AND con.conparentid = 0 AND {USER_SCHEMA}
+                 UNION ALL
+                 SELECT format('DROP TRIGGER IF EXISTS %I ON %I.%I', t.tgname, n.nspname, c.relname)
+                   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND {USER_SCHEMA}
+                 UNION ALL
+                 SELECT format('DROP RULE IF EXISTS %I ON %I.%I', r.rulename, n.nspname, c.relname)
+                   FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE r.rulename <> '_RETURN' AND {USER_SCHEMA}
+                 UNION ALL
+                 SELECT format('DROP POLICY IF EXISTS %I ON %I.%I', p.polname, n.nspname, c.relname)
+                   FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE {USER_SCHEMA}"
+            ),
+            &[],
+        )
+        .await?;
+    let tx = target.transaction().await?;
+    for r in rows {
+        // Statements built by the server's own format('%I'), from its catalog.
+        tx.batch_execute(r.get::<_, &str>(0)).await?;
+    }
+    tx.commit().await
+}
+
+/// Copies every sequence's state (last_value and is_called) to the target.
+pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, tokio_postgres::Error> {
+    let rows = source
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'S' AND {USER_SCHEMA}
+                    AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                     WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')"
+            ),
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        let seq = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let state = source
+            .query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[])
+            .await?;
+        let (last, called): (i64, bool) = (state.get(0), state.get(1));
+        target
+            .execute(
+                "SELECT setval($1::text::regclass, $2, $3)",
+                &[&seq.to_string(), &last, &called],
+            )
+            .await?;
+    }
+    Ok(rows.len())
+}
+
+/// Refreshes on the target the materialized views that are populated on the
+/// source, in dependency-safe order of creation.
+pub async fn refresh_materialized_views(
+    source: &Client,
+    target: &Client,
+) -> Result<usize, tokio_postgres::Error> {
+    let rows = source
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'm' AND c.relispopulated AND {USER_SCHEMA}
+                  ORDER BY c.oid"
+            ),
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        let mv = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        target
+            .batch_execute(&format!("REFRESH MATERIALIZED VIEW {mv}"))
+            .await?;
+    }
+    Ok(rows.len())
+}

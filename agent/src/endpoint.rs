@@ -1,0 +1,297 @@
+//! Database endpoints: URL parsing, connections, pools, and the environment
+//! handed to `pg_dump`/`pg_restore`.
+//!
+//! Every session pgferry opens gets the same output settings (so checksums
+//! computed on both sides are comparable) and no statement timeout; source
+//! sessions also get the configured `lock_timeout`, so nothing pgferry runs on
+//! the source can queue the application behind it for longer than that.
+
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::ConfigError;
+
+/// Which side of the migration an endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The production database being moved.
+    Source,
+    /// The managed database it moves to.
+    Target,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// Failure to reach or log in to a database.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server was reached but refused or failed the session.
+    #[error("cannot connect to the {side} database {at}: {hint}")]
+    Refused {
+        /// Which side.
+        side: Side,
+        /// Redacted `user@host:port/db`.
+        at: String,
+        /// What to do about it.
+        hint: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A pool could not be built.
+    #[error("cannot open a connection pool to the {side} database")]
+    Pool {
+        /// Which side.
+        side: Side,
+        /// The pool's error.
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+}
+
+impl ConnectError {
+    /// True when trying again later may succeed (server down or restarting,
+    /// connection slots full), false for wrong credentials or names.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConnectError::Refused { source, .. } => crate::error::is_retryable(source),
+            ConnectError::Pool { .. } => true,
+        }
+    }
+}
+
+/// A parsed, validated connection target. Its `Debug`/`Display` never show the
+/// password.
+#[derive(Clone)]
+pub struct Endpoint {
+    side: Side,
+    config: tokio_postgres::Config,
+    lock_timeout_ms: u64,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Endpoint({} {})", self.side, self.redacted())
+    }
+}
+
+impl Endpoint {
+    /// Parses a libpq URL (`postgres://user:pass@host:port/db?sslmode=...`).
+    pub fn parse(url: &SecretString, side: Side, lock_timeout_ms: u64) -> Result<Self, ConfigError> {
+        let mut config: tokio_postgres::Config = url.expose_secret().parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "the {side} URL is not a valid libpq URL (expected postgres://user:password@host:5432/dbname); \
+                 percent-encode special characters in the password"
+            ))
+        })?;
+        if config.get_hosts().is_empty() {
+            return Err(ConfigError::Invalid(format!("the {side} URL names no host")));
+        }
+        if config.get_user().is_none() {
+            return Err(ConfigError::Invalid(format!("the {side} URL names no user")));
+        }
+        if config.get_dbname().is_none() {
+            return Err(ConfigError::Invalid(format!("the {side} URL names no database")));
+        }
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(ConfigError::Invalid(format!(
+                "the {side} URL asks for sslmode=require, but this build of pgferry connects without TLS; \
+                 use sslmode=disable or sslmode=prefer, or run pgferry over a private network link"
+            )));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("pgferry");
+        Ok(Self {
+            side,
+            config,
+            lock_timeout_ms,
+        })
+    }
+
+    /// Which side this endpoint is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// `user@host:port/db`, for reports and logs.
+    pub fn redacted(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{}@{}:{}/{}",
+            self.config.get_user().unwrap_or_default(),
+            host,
+            port,
+            self.config.get_dbname().unwrap_or_default()
+        )
+    }
+
+    /// The database name.
+    pub fn dbname(&self) -> &str {
+        self.config.get_dbname().unwrap_or_default()
+    }
+
+    /// The login role.
+    pub fn user(&self) -> &str {
+        self.config.get_user().unwrap_or_default()
+    }
+
+    /// The SQL every new session runs first.
+    fn session_setup(&self) -> String {
+        let mut sql = String::from(
+            "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; \
+             SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0; \
+             SET idle_in_transaction_session_timeout = 0; SET client_min_messages = 'warning';",
+        );
+        if self.side == Side::Source {
+            sql.push_str(&format!(" SET lock_timeout = {};", self.lock_timeout_ms));
+        }
+        sql
+    }
+
+    /// Opens one session (its connection task runs in the background).
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| self.refused(e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "Connection ended with an error");
+            }
+        });
+        client
+            .batch_execute(&self.session_setup())
+            .await
+            .map_err(|e| self.refused(e))?;
+        Ok(client)
+    }
+
+    /// A pool of at most `max_size` sessions, each set up like [`connect`](Self::connect).
+    pub fn pool(&self, max_size: usize) -> Pool {
+        let manager = Manager::from_config(
+            self.config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let setup = self.session_setup();
+        Pool::builder(manager)
+            .max_size(max_size)
+            .post_create(Hook::async_fn(move |client, _| {
+                let setup = setup.clone();
+                Box::pin(async move { client.batch_execute(&setup).await.map_err(HookError::Backend) })
+            }))
+            .build()
+            .expect("a pool with a runtime and a manager always builds")
+    }
+
+    /// Gets a session from `pool`, mapping failure to a [`ConnectError`].
+    pub async fn get(&self, pool: &Pool) -> Result<deadpool_postgres::Object, ConnectError> {
+        pool.get().await.map_err(|source| match source {
+            deadpool_postgres::PoolError::Backend(e) => self.refused(e),
+            source => ConnectError::Pool {
+                side: self.side,
+                source,
+            },
+        })
+    }
+
+    /// Environment for libpq child processes (`pg_dump`, `pg_restore`): the
+    /// password travels here, never in argv.
+    pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(host) = self.config.get_hosts().first() {
+            env.push((
+                "PGHOST",
+                match host {
+                    Host::Tcp(h) => h.clone(),
+                    Host::Unix(p) => p.display().to_string(),
+                },
+            ));
+        }
+        if let Some(port) = self.config.get_ports().first() {
+            env.push(("PGPORT", port.to_string()));
+        }
+        env.push(("PGUSER", self.user().to_string()));
+        env.push(("PGDATABASE", self.dbname().to_string()));
+        if let Some(pw) = self.config.get_password() {
+            env.push(("PGPASSWORD", String::from_utf8_lossy(pw).into_owned()));
+        }
+        let sslmode = match self.config.get_ssl_mode() {
+            SslMode::Disable => "disable",
+            _ => "prefer",
+        };
+        env.push(("PGSSLMODE", sslmode.to_string()));
+        env.push(("PGAPPNAME", "pgferry".to_string()));
+        env.push(("PGCONNECT_TIMEOUT", "10".to_string()));
+        env
+    }
+
+    fn refused(&self, source: tokio_postgres::Error) -> ConnectError {
+        let hint = match source.code().map(|c| c.code()) {
+            Some("28P01") | Some("28000") => {
+                "authentication failed: check the user and password in the URL"
+            }
+            Some("3D000") => "the database does not exist: check the database name in the URL",
+            Some(c) if c.starts_with("53") => {
+                "the server has no free connection slots: lower source_limits.max_connections or free connections"
+            }
+            Some(_) => "the server refused the session",
+            None => {
+                "the server did not answer: check host and port, that it is running, and that this host may reach it"
+            }
+        };
+        ConnectError::Refused {
+            side: self.side,
+            at: self.redacted(),
+            hint,
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_redacts() {
+        let url: SecretString = "postgres://app:s3cret@127.0.0.1:5433/shop".into();
+        let ep = Endpoint::parse(&url, Side::Source, 1000).unwrap();
+        assert_eq!(ep.redacted(), "app@127.0.0.1:5433/shop");
+        assert!(!format!("{ep:?}").contains("s3cret"));
+        let env = ep.libpq_env();
+        assert!(env.contains(&("PGPASSWORD", "s3cret".to_string())));
+    }
+
+    #[test]
+    fn refuses_incomplete_urls() {
+        for (url, want) in [
+            ("postgres://127.0.0.1/db", "no user"),
+            ("postgres://u@127.0.0.1", "no database"),
+            ("not a url at all ::", "not a valid libpq URL"),
+            ("postgres://u@h/db?sslmode=require", "sslmode=require"),
+        ] {
+            let err = Endpoint::parse(&url.into(), Side::Target, 1000).unwrap_err();
+            assert!(err.to_string().contains(want), "{url}: {err}");
+        }
+    }
+}

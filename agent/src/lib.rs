@@ -1,0 +1,32 @@
+//! pgferry: moves a live PostgreSQL database to a managed target (AWS RDS /
+//! Aurora) from a source that grants no superuser and no replication
+//! privilege, with seconds of write downtime.
+//!
+//! One module per phase, each owning its SQL and errors: [`plan`] (preflight),
+//! [`capture`] (install), [`copy`], [`sync`], [`cutover`], [`verify`],
+//! [`cleanup`]; [`state`] is the only reader and writer of the control schema.
+
+pub mod capture;
+pub mod cleanup;
+pub mod cli;
+pub mod config;
+pub mod copy;
+pub mod cutover;
+pub mod demo;
+pub mod endpoint;
+pub mod error;
+pub mod failpoint;
+pub mod ident;
+pub mod migrate;
+pub mod migration;
+pub mod plan;
+pub mod retry;
+pub mod sandbox;
+pub mod schema;
+pub mod state;
+pub mod status;
+pub mod sync;
+pub mod verify;
+
+pub use error::{Error, ExitCode};
+pub use migration::Migration;

@@ -1,0 +1,78 @@
+//! `migrate`: the whole line, resumed from the stored phase.
+//!
+//! check → install → copy → then either sync until stopped, or (with
+//! `--cutover`) cutover and cleanup of the source. Each step is its own
+//! command too and skips what an earlier run finished, so re-running
+//! `migrate` after a crash continues where it stopped.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{self, InstallReport};
+use crate::cleanup::{self, CleanupReport};
+use crate::copy::{self, CopyReport};
+use crate::cutover::{self, CutoverOptions, CutoverReport};
+use crate::migration::Migration;
+use crate::plan::{self, CheckReport};
+use crate::state::{self, Phase};
+use crate::sync::{self, SyncOptions, SyncReport};
+
+/// Options of the `migrate` command.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrateOptions {
+    /// Finish unattended: cutover, then cleanup of the source.
+    pub cutover: bool,
+}
+
+/// What each step did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MigrateReport {
+    /// Install step.
+    pub install: Option<InstallReport>,
+    /// Copy step.
+    pub copy: Option<CopyReport>,
+    /// Sync step (without `--cutover`).
+    pub sync: Option<SyncReport>,
+    /// Cutover step.
+    pub cutover: Option<CutoverReport>,
+    /// Cleanup step.
+    pub cleanup: Option<CleanupReport>,
+}
+
+/// Runs the preflight and refuses on blockers (printing the report).
+pub async fn preflight(m: &Migration) -> Result<CheckReport, crate::Error> {
+    let report = plan::check(m).await;
+    if report.blockers() > 0 {
+        eprint!("{}", report.render());
+        return Err(crate::Error::CheckFailed(report.blockers()));
+    }
+    Ok(report)
+}
+
+/// Runs the migration line from wherever it stands.
+pub async fn run(
+    m: &Migration,
+    opts: MigrateOptions,
+    cancel: &CancellationToken,
+) -> Result<MigrateReport, crate::Error> {
+    let mut report = MigrateReport::default();
+    let phase = {
+        let conn = m.source_conn().await?;
+        state::load(&**conn).await?.map(|r| r.phase)
+    };
+    if phase < Some(Phase::CuttingOver) {
+        preflight(m).await?;
+    }
+    if phase < Some(Phase::Installed) {
+        report.install = Some(capture::install(m, cancel).await?);
+    }
+    if phase < Some(Phase::Syncing) {
+        report.copy = Some(copy::run(m, cancel).await?);
+    }
+    if !opts.cutover {
+        report.sync = Some(sync::run(m, SyncOptions::default(), cancel).await?);
+        return Ok(report);
+    }
+    report.cutover = Some(cutover::run(m, CutoverOptions::default(), cancel).await?);
+    report.cleanup = Some(cleanup::run(m, cancel).await?);
+    Ok(report)
+}

@@ -1,0 +1,67 @@
+//! The handles every phase works with: configuration, both endpoints, and
+//! connection pools whose sizes are pgferry's connection budget.
+
+use deadpool_postgres::{Object, Pool};
+
+use crate::config::{Config, ConfigError};
+use crate::endpoint::{ConnectError, Endpoint, Side};
+use crate::retry::RetryPolicy;
+
+/// One migration's configuration and connections.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// The source database.
+    pub source: Endpoint,
+    /// The target database.
+    pub target: Endpoint,
+    source_pool: Pool,
+    target_pool: Pool,
+}
+
+impl Migration {
+    /// Parses both URLs and sizes the pools. Connects lazily.
+    pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        let lock_timeout = cfg.source_limits.lock_timeout_ms;
+        let source = Endpoint::parse(cfg.source_url()?, Side::Source, lock_timeout)?;
+        let target = Endpoint::parse(cfg.target_url()?, Side::Target, lock_timeout)?;
+        // The source pool is the whole source budget; the target may take one
+        // connection per worker of the widest phase plus a control session.
+        let source_pool = source.pool(cfg.source_limits.max_connections);
+        let target_pool = target.pool(cfg.copy.workers.max(cfg.sync.workers) + 2);
+        Ok(Self {
+            cfg,
+            source,
+            target,
+            source_pool,
+            target_pool,
+        })
+    }
+
+    /// A pooled source session.
+    pub async fn source_conn(&self) -> Result<Object, ConnectError> {
+        self.source.get(&self.source_pool).await
+    }
+
+    /// A pooled target session.
+    pub async fn target_conn(&self) -> Result<Object, ConnectError> {
+        self.target.get(&self.target_pool).await
+    }
+
+    /// Retry policy for source DDL and transient failures.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::from_limits(&self.cfg.source_limits)
+    }
+
+    /// Copy workers that fit the source budget (one session is kept for
+    /// bookkeeping).
+    pub fn copy_workers(&self) -> usize {
+        self.cfg.copy.workers.min(self.cfg.source_worker_budget())
+    }
+
+    /// Drain workers that fit the source budget.
+    pub fn sync_workers(&self) -> usize {
+        self.cfg.sync.workers.min(self.cfg.source_worker_budget())
+    }
+}

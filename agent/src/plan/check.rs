@@ -1,0 +1,387 @@
+//! The preflight report: every problem on both sides, each with its fix.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::endpoint::{ConnectError, Side};
+use crate::migration::Migration;
+use crate::schema::PgTools;
+use crate::state::{self, Phase};
+
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The migration must not start.
+    Blocker,
+    /// Worth knowing; the migration can proceed.
+    Warning,
+}
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Blocker or warning.
+    pub severity: Severity,
+    /// What it is about (`source`, `target`, a table name...).
+    pub subject: String,
+    /// What is wrong.
+    pub message: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+/// What one side looks like.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideSummary {
+    /// `user@host:port/db`.
+    pub endpoint: String,
+    /// Server major version, when reached.
+    pub major_version: Option<u32>,
+}
+
+/// The whole preflight result.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// The source.
+    pub source: SideSummary,
+    /// The target.
+    pub target: SideSummary,
+    /// The stored phase, when a migration is under way.
+    pub phase: Option<Phase>,
+    /// Tables that will be migrated.
+    pub tables: usize,
+    /// Sum of the planner's row estimates.
+    pub estimated_rows: i64,
+    /// Sum of table sizes on disk.
+    pub total_bytes: i64,
+    /// Everything found.
+    pub problems: Vec<Problem>,
+}
+
+impl CheckReport {
+    /// Number of blockers.
+    pub fn blockers(&self) -> usize {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Blocker)
+            .count()
+    }
+
+    /// The report as an operator reads it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let v = |s: &SideSummary| {
+            s.major_version
+                .map_or("unreachable".to_string(), |v| format!("PostgreSQL {v}"))
+        };
+        let _ = writeln!(out, "source  {} ({})", self.source.endpoint, v(&self.source));
+        let _ = writeln!(out, "target  {} ({})", self.target.endpoint, v(&self.target));
+        if let Some(phase) = self.phase {
+            let _ = writeln!(out, "phase   {} (a migration is under way)", phase.as_str());
+        }
+        let _ = writeln!(
+            out,
+            "tables  {} (~{} rows, {:.1} MB)",
+            self.tables,
+            self.estimated_rows.max(0),
+            self.total_bytes as f64 / 1e6
+        );
+        for p in &self.problems {
+            let tag = match p.severity {
+                Severity::Blocker => "BLOCKER",
+                Severity::Warning => "WARNING",
+            };
+            let _ = writeln!(out, "{tag:<8} {}: {}", p.subject, p.message);
+            let _ = writeln!(out, "         fix: {}", p.fix);
+        }
+        let b = self.blockers();
+        let w = self.problems.len() - b;
+        if b == 0 {
+            let _ = writeln!(out, "ok: no blockers, {w} warning(s)");
+        } else {
+            let _ = writeln!(
+                out,
+                "refused: {b} blocker(s), {w} warning(s); nothing was changed on either side"
+            );
+        }
+        out
+    }
+}
+
+struct Findings(Vec<Problem>);
+
+impl Findings {
+    fn add(
+        &mut self,
+        severity: Severity,
+        subject: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.0.push(Problem {
+            severity,
+            subject: subject.into(),
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn connect(&mut self, side: Side, err: &ConnectError) {
+        self.add(
+            Severity::Blocker,
+            side.to_string(),
+            crate::error::report(err).replace('\n', " "),
+            format!("correct the {side} URL or make the server reachable from this host"),
+        );
+    }
+
+    fn query(&mut self, side: Side, err: &tokio_postgres::Error) {
+        self.add(
+            Severity::Blocker,
+            side.to_string(),
+            format!(
+                "catalog query failed: {}",
+                crate::error::report(err).replace('\n', " ")
+            ),
+            "check that the role may read the system catalogs",
+        );
+    }
+}
+
+/// Runs the preflight against both sides. Reads only.
+pub async fn check(m: &Migration) -> CheckReport {
+    let mut f = Findings(Vec::new());
+    let mut report = CheckReport {
+        source: SideSummary {
+            endpoint: m.source.redacted(),
+            major_version: None,
+        },
+        target: SideSummary {
+            endpoint: m.target.redacted(),
+            major_version: None,
+        },
+        phase: None,
+        tables: 0,
+        estimated_rows: 0,
+        total_bytes: 0,
+        problems: Vec::new(),
+    };
+    let (src, tgt) = tokio::join!(m.source.connect(), m.target.connect());
+    let mut pre_data_done = false;
+    match &src {
+        Ok(c) => {
+            if let Err(e) = check_source(m, c, &mut report, &mut f, &mut pre_data_done).await {
+                f.query(Side::Source, &e);
+            }
+        }
+        Err(e) => f.connect(Side::Source, e),
+    }
+    match &tgt {
+        Ok(c) => {
+            if let Err(e) = check_target(c, &mut report, &mut f, pre_data_done).await {
+                f.query(Side::Target, &e);
+            }
+        }
+        Err(e) => f.connect(Side::Target, e),
+    }
+    check_tools(m, &report, &mut f).await;
+    report.problems = f.0;
+    report
+}
+
+async fn check_source(
+    m: &Migration,
+    c: &impl GenericClient,
+    report: &mut CheckReport,
+    f: &mut Findings,
+    pre_data_done: &mut bool,
+) -> Result<(), tokio_postgres::Error> {
+    let major = super::server_major(c).await?;
+    report.source.major_version = Some(major);
+    if major < 13 {
+        f.add(
+            Severity::Blocker,
+            "source",
+            format!("PostgreSQL {major} is too old: capture needs pg_current_xact_id() (13 or newer)"),
+            "upgrade the source to PostgreSQL 13 or newer first",
+        );
+    }
+    let run = match state::load(c).await {
+        Ok(run) => run,
+        Err(e) => {
+            f.add(
+                Severity::Blocker,
+                "source",
+                crate::error::report(&e).replace('\n', " "),
+                "run `pgferry cleanup` to remove the broken control schema, then start again",
+            );
+            None
+        }
+    };
+    report.phase = run.as_ref().map(|r| r.phase);
+    *pre_data_done = run.as_ref().is_some_and(|r| r.pre_data_done);
+    if run.is_none() {
+        let row = c
+            .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+            .await?;
+        if !row.get::<_, bool>(0) {
+            f.add(
+                Severity::Blocker,
+                "source",
+                format!(
+                    "role {} may not create schemas in the source database",
+                    m.source.user()
+                ),
+                "GRANT CREATE ON DATABASE <db> TO <role>, or use the database owner's credentials",
+            );
+        }
+    }
+    let tables = super::source_tables(c).await?;
+    report.tables = tables.len();
+    report.estimated_rows = tables.iter().map(|t| t.est_rows.max(0)).sum();
+    report.total_bytes = tables.iter().map(|t| t.total_bytes).sum();
+    if tables.is_empty() {
+        f.add(
+            Severity::Blocker,
+            "source",
+            "the source database has no user tables",
+            "point --source at the database that holds the application's data",
+        );
+    }
+    for t in &tables {
+        let name = t.table.display_name();
+        if t.relkind == "p" || t.in_hierarchy {
+            f.add(
+                Severity::Blocker,
+                &name,
+                "is part of a partitioned or inheritance hierarchy, which this version does not migrate yet",
+                "migrate it separately (pg_dump/pg_restore during a maintenance window), or wait for hierarchy support",
+            );
+        } else if t.key_columns.is_none() {
+            f.add(
+                Severity::Blocker,
+                &name,
+                "has no primary key or unique NOT NULL index, so changed rows cannot be identified",
+                format!(
+                    "add one (ALTER TABLE {} ADD PRIMARY KEY (...)), then run check again",
+                    t.table
+                ),
+            );
+        }
+        if !t.can_trigger {
+            f.add(
+                Severity::Blocker,
+                &name,
+                format!("role {} may not create triggers on it", m.source.user()),
+                format!(
+                    "GRANT TRIGGER ON {} TO {}, or use the owner's credentials",
+                    t.table,
+                    m.source.user()
+                ),
+            );
+        }
+        if !t.can_select {
+            f.add(
+                Severity::Blocker,
+                &name,
+                format!("role {} may not read it", m.source.user()),
+                format!("GRANT SELECT ON {} TO {}", t.table, m.source.user()),
+            );
+        }
+    }
+    let long = c
+        .query(
+            "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::int8, state
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND xact_start < clock_timestamp() - interval '5 minutes'",
+            &[],
+        )
+        .await?;
+    for r in long {
+        f.add(
+            Severity::Warning,
+            "source",
+            format!(
+                "backend {} has had a transaction open for {} s ({}): trigger installation waits for its locks",
+                r.get::<_, i32>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, Option<String>>(2).unwrap_or_default()
+            ),
+            "let it finish or end it before install; pgferry retries with a short lock timeout meanwhile",
+        );
+    }
+    Ok(())
+}
+
+async fn check_target(
+    c: &impl GenericClient,
+    report: &mut CheckReport,
+    f: &mut Findings,
+    pre_data_done: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let major = super::server_major(c).await?;
+    report.target.major_version = Some(major);
+    if let Some(src) = report.source.major_version {
+        if major < src {
+            f.add(
+                Severity::Blocker,
+                "target",
+                format!("the target runs PostgreSQL {major}, older than the source's {src}"),
+                format!("create the target with PostgreSQL {src} or newer"),
+            );
+        }
+    }
+    let row = c
+        .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        f.add(
+            Severity::Blocker,
+            "target",
+            "the target role may not create schemas in the target database",
+            "use the RDS master user, or GRANT CREATE ON DATABASE <db> TO <role>",
+        );
+    }
+    if !pre_data_done {
+        let (count, examples) = super::user_objects(c).await?;
+        if count > 0 {
+            f.add(
+                Severity::Blocker,
+                "target",
+                format!(
+                    "the target database is not empty: {count} object(s), e.g. {}",
+                    examples.join(", ")
+                ),
+                "point --target at a new, empty database (or drop those objects)",
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn check_tools(m: &Migration, report: &CheckReport, f: &mut Findings) {
+    match PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await {
+        Ok(tools) => {
+            if let Some(src) = report.source.major_version {
+                if tools.major < src {
+                    f.add(
+                        Severity::Blocker,
+                        "pg_dump",
+                        format!("pg_dump {} cannot dump a PostgreSQL {src} server", tools.major),
+                        format!("install the PostgreSQL {src} client tools (e.g. apt-get install postgresql-client-{src}) or set pg_bin_dir"),
+                    );
+                }
+            }
+        }
+        Err(e) => f.add(
+            Severity::Blocker,
+            "pg_dump",
+            crate::error::report(&e).replace('\n', " "),
+            "install the PostgreSQL client tools (apt-get install postgresql-client) or set pg_bin_dir",
+        ),
+    }
+}

@@ -1,0 +1,155 @@
+//! The migration plan: which source tables move, by which key, with which
+//! columns; and the preflight that refuses what cannot move.
+//!
+//! Assumes nothing on entry; reads catalogs only, changes nothing anywhere.
+//! Safe to run at any time and as often as wanted.
+
+mod check;
+
+pub use check::{check, CheckReport, Problem, Severity};
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::ident::QualifiedTable;
+use crate::state::Registration;
+
+/// One user table on the source, as the catalog describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceTable {
+    /// OID on the source.
+    pub relid: u32,
+    /// The table.
+    pub table: QualifiedTable,
+    /// `r` plain table, `p` partitioned table.
+    pub relkind: String,
+    /// A partition, an inheritance parent or child.
+    pub in_hierarchy: bool,
+    /// Key columns (primary key, else the narrowest unique NOT NULL index).
+    pub key_columns: Option<Vec<String>>,
+    /// Non-generated columns, in attribute order.
+    pub copy_columns: Vec<String>,
+    /// The planner's row estimate (-1 when never analyzed).
+    pub est_rows: i64,
+    /// Size on disk including indexes and TOAST.
+    pub total_bytes: i64,
+    /// The session may create triggers on it.
+    pub can_trigger: bool,
+    /// The session may read it.
+    pub can_select: bool,
+}
+
+impl SourceTable {
+    /// What capture registers for this table, when it is capturable.
+    pub fn registration(&self) -> Option<Registration> {
+        Some(Registration {
+            relid: self.relid,
+            table: self.table.clone(),
+            key_columns: self.key_columns.clone()?,
+            copy_columns: self.copy_columns.clone(),
+        })
+    }
+}
+
+/// Every user table of the current database, excluding system schemas,
+/// pgferry's own schema and tables that belong to extensions.
+pub async fn source_tables(client: &impl GenericClient) -> Result<Vec<SourceTable>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            r"
+SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
+       c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid),
+       key.cols,
+       coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+                '{}'::text[]),
+       c.reltuples::bigint,
+       pg_total_relation_size(c.oid),
+       has_table_privilege(c.oid, 'TRIGGER'),
+       has_table_privilege(c.oid, 'SELECT')
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN LATERAL (
+        SELECT array_agg(a.attname::text ORDER BY k.ord) AS cols
+          FROM (SELECT i.indkey, i.indnkeyatts
+                  FROM pg_index i
+                 WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+                   AND i.indpred IS NULL AND i.indexprs IS NULL
+                   AND (i.indisprimary OR NOT EXISTS (
+                          SELECT 1 FROM pg_attribute a2
+                           WHERE a2.attrelid = c.oid AND a2.attnum = ANY (i.indkey::int2[]) AND NOT a2.attnotnull))
+                 ORDER BY i.indisprimary DESC, i.indnkeyatts, i.indexrelid
+                 LIMIT 1) best
+         CROSS JOIN LATERAL unnest(best.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+         WHERE k.ord <= best.indnkeyatts
+       ) key ON true
+ WHERE c.relkind IN ('r', 'p')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
+   AND n.nspname NOT LIKE 'pg\_%'
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ ORDER BY n.nspname, c.relname",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SourceTable {
+            relid: r.get(0),
+            table: QualifiedTable::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+            relkind: r.get(3),
+            in_hierarchy: r.get(4),
+            key_columns: r.get(5),
+            copy_columns: r.get(6),
+            est_rows: r.get(7),
+            total_bytes: r.get(8),
+            can_trigger: r.get(9),
+            can_select: r.get(10),
+        })
+        .collect())
+}
+
+/// Major version (e.g. 15) of the connected server.
+pub async fn server_major(client: &impl GenericClient) -> Result<u32, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?;
+    Ok(row.get::<_, i32>(0) as u32 / 10_000)
+}
+
+/// User objects in the target database (the first few names), to refuse a
+/// non-empty target before anything is written to it.
+pub async fn user_objects(client: &impl GenericClient) -> Result<(i64, Vec<String>), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            r"
+WITH objs AS (
+  SELECT format('%s %I.%I',
+                CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view'
+                               WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
+                               WHEN 'f' THEN 'foreign table' ELSE 'relation' END,
+                n.nspname, c.relname) AS name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+  UNION ALL
+  SELECT format('function %I.%I', n.nspname, p.proname)
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                      WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+  UNION ALL
+  SELECT format('schema %I', n.nspname)
+    FROM pg_namespace n
+   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'public') AND n.nspname NOT LIKE 'pg\_%'
+)
+SELECT count(*), coalesce((SELECT array_agg(name) FROM (SELECT name FROM objs ORDER BY name LIMIT 5) s), '{}')
+  FROM objs",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}

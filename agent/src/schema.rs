@@ -1,0 +1,376 @@
+//! Schema transfer with `pg_dump`/`pg_restore`.
+//!
+//! The schema is dumped afresh from the source whenever a step needs it (it is
+//! cheap, and keeps no local state), excluding pgferry's own schema. Its table
+//! of contents is split into three steps:
+//! - pre-data (types, tables, functions, sequences) before the copy, in one
+//!   transaction, so an interrupted restore leaves nothing behind;
+//! - keys and indexes after the copy;
+//! - everything that must not act during sync (policies, comments that may
+//!   refer to triggers) at cutover. Foreign keys and triggers are created at
+//!   cutover from the catalog (see `cutover::objects`), which is how pgferry's
+//!   own capture triggers are told apart from the application's.
+//!
+//! Passwords reach the child processes through the environment, never argv.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use crate::endpoint::Endpoint;
+
+/// Schema transfer failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The client tools are missing.
+    #[error("{tool} was not found in pg_bin_dir, PATH or /usr/lib/postgresql/*/bin")]
+    ToolMissing {
+        /// Which tool.
+        tool: &'static str,
+    },
+    /// A tool could not be started or its output read.
+    #[error("could not run {tool}")]
+    Spawn {
+        /// Which tool.
+        tool: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool ran and failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Failed {
+        /// Which tool and step.
+        tool: String,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// What it printed (last lines).
+        stderr: String,
+    },
+}
+
+/// Located `pg_dump`/`pg_restore` binaries and their major version.
+#[derive(Debug, Clone)]
+pub struct PgTools {
+    /// pg_dump.
+    pub pg_dump: PathBuf,
+    /// pg_restore.
+    pub pg_restore: PathBuf,
+    /// Major version of pg_dump.
+    pub major: u32,
+}
+
+impl PgTools {
+    /// Finds the tools: `pg_bin_dir`, then `PATH`, then the newest
+    /// `/usr/lib/postgresql/*/bin`.
+    pub async fn locate(bin_dir: Option<&Path>) -> Result<Self, SchemaError> {
+        let dir = match bin_dir {
+            Some(d) => Some(d.to_path_buf()),
+            None => search_dirs().into_iter().find(|d| d.join("pg_dump").is_file()),
+        };
+        let dir = dir.ok_or(SchemaError::ToolMissing { tool: "pg_dump" })?;
+        let pg_dump = dir.join("pg_dump");
+        let pg_restore = dir.join("pg_restore");
+        if !pg_dump.is_file() {
+            return Err(SchemaError::ToolMissing { tool: "pg_dump" });
+        }
+        if !pg_restore.is_file() {
+            return Err(SchemaError::ToolMissing { tool: "pg_restore" });
+        }
+        let out = Command::new(&pg_dump)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: "pg_dump".into(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let major = text
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(Self {
+            pg_dump,
+            pg_restore,
+            major,
+        })
+    }
+
+    /// Dumps the source schema (custom format) into `dir`; waits at most
+    /// `lock_wait_ms` for each table lock so it never queues the application.
+    pub async fn dump_schema(
+        &self,
+        source: &Endpoint,
+        dir: &Path,
+        lock_wait_ms: u64,
+    ) -> Result<PathBuf, SchemaError> {
+        let file = dir.join("schema.dump");
+        let mut cmd = Command::new(&self.pg_dump);
+        cmd.args([
+            "--format=custom",
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+        ])
+        .arg("--exclude-schema=pgferry")
+        .arg(format!("--lock-wait-timeout={lock_wait_ms}"))
+        .arg("--file")
+        .arg(&file);
+        run(cmd, source, "pg_dump").await?;
+        Ok(file)
+    }
+
+    /// The archive's table of contents for one section.
+    pub async fn toc(&self, archive: &Path, section: &str) -> Result<Vec<TocEntry>, SchemaError> {
+        let out = Command::new(&self.pg_restore)
+            .arg("--list")
+            .arg(format!("--section={section}"))
+            .arg(archive)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: "pg_restore --list".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(SchemaError::Failed {
+                tool: "pg_restore --list".into(),
+                status: out.status,
+                stderr: tail(&out.stderr),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(TocEntry::parse)
+            .collect())
+    }
+
+    /// Restores the pre-data section into the target in one transaction.
+    pub async fn restore_pre_data(&self, target: &Endpoint, archive: &Path) -> Result<(), SchemaError> {
+        let mut cmd = Command::new(&self.pg_restore);
+        cmd.args([
+            "--section=pre-data",
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            "--exit-on-error",
+        ])
+        .arg(format!("--dbname={}", target.dbname()))
+        .arg(archive);
+        run(cmd, target, "pg_restore (pre-data)").await
+    }
+
+    /// Restores exactly `entries` of the archive into the target, in one
+    /// transaction (all or nothing, so a re-run starts clean).
+    pub async fn restore_entries(
+        &self,
+        target: &Endpoint,
+        archive: &Path,
+        entries: &[TocEntry],
+        step: &str,
+    ) -> Result<(), SchemaError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let list = archive.with_extension(format!("{step}.list"));
+        let text: String = entries.iter().map(|e| format!("{}\n", e.line)).collect();
+        tokio::fs::write(&list, text)
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: format!("pg_restore ({step})"),
+                source,
+            })?;
+        let mut cmd = Command::new(&self.pg_restore);
+        cmd.args([
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            "--exit-on-error",
+        ])
+        .arg("--use-list")
+        .arg(&list)
+        .arg(format!("--dbname={}", target.dbname()))
+        .arg(archive);
+        run(cmd, target, &format!("pg_restore ({step})")).await
+    }
+}
+
+/// Where PostgreSQL binaries are looked for: `PATH`, then
+/// `/usr/lib/postgresql/*/bin`, newest version first.
+pub fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .collect();
+    versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
+    dirs.extend(versioned.into_iter().map(|(_, p)| p));
+    dirs
+}
+
+async fn run(mut cmd: Command, ep: &Endpoint, tool: &str) -> Result<(), SchemaError> {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(ep.libpq_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let out = cmd.output().await.map_err(|source| SchemaError::Spawn {
+        tool: tool.to_string(),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SchemaError::Failed {
+            tool: tool.to_string(),
+            status: out.status,
+            stderr: tail(&out.stderr),
+        })
+    }
+}
+
+fn tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(6)..].join(" | ")
+}
+
+/// Where a post-data archive entry is restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Right after the data copy: keys, indexes, statistics objects.
+    AfterCopy,
+    /// At cutover, before writes move: policies, comments, rules.
+    AtCutover,
+    /// Never by pg_restore: foreign keys and triggers come from the catalog at
+    /// cutover; publications, subscriptions and event triggers are not migrated.
+    Never,
+}
+
+/// One line of `pg_restore --list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TocEntry {
+    /// The line as printed (fed back with `--use-list`).
+    pub line: String,
+    /// The entry type (`INDEX`, `FK CONSTRAINT`, ...).
+    pub desc: &'static str,
+}
+
+/// Entry types, longest first so that `FK CONSTRAINT` is not read as `CONSTRAINT`.
+const DESCS: &[(&str, Step)] = &[
+    ("PUBLICATION TABLES IN SCHEMA", Step::Never),
+    ("PUBLICATION TABLE", Step::Never),
+    ("MATERIALIZED VIEW DATA", Step::Never),
+    ("CHECK CONSTRAINT", Step::AfterCopy),
+    ("FK CONSTRAINT", Step::Never),
+    ("EVENT TRIGGER", Step::Never),
+    ("SECURITY LABEL", Step::AtCutover),
+    ("INDEX ATTACH", Step::AfterCopy),
+    ("ROW SECURITY", Step::AtCutover),
+    ("SUBSCRIPTION", Step::Never),
+    ("PUBLICATION", Step::Never),
+    ("STATISTICS", Step::AfterCopy),
+    ("CONSTRAINT", Step::AfterCopy),
+    ("TRIGGER", Step::Never),
+    ("COMMENT", Step::AtCutover),
+    ("POLICY", Step::AtCutover),
+    ("INDEX", Step::AfterCopy),
+    ("RULE", Step::AtCutover),
+];
+
+impl TocEntry {
+    /// Parses `123; 2606 16413 CONSTRAINT public t t_pkey owner`; comments
+    /// and blank lines give `None`. Unknown types are kept with step `Never`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let line = line.trim_end();
+        if line.starts_with(';') || line.is_empty() {
+            return None;
+        }
+        let (_, rest) = line.split_once("; ")?;
+        let mut parts = rest.splitn(3, ' ');
+        let (_catalog, _oid, rest) = (parts.next()?, parts.next()?, parts.next()?);
+        let desc = DESCS
+            .iter()
+            .map(|(d, _)| *d)
+            .find(|d| rest.starts_with(d) && rest[d.len()..].starts_with(' '))
+            .unwrap_or("OTHER");
+        Some(Self {
+            line: line.to_string(),
+            desc,
+        })
+    }
+
+    /// The step that restores this entry.
+    pub fn step(&self) -> Step {
+        DESCS
+            .iter()
+            .find(|(d, _)| *d == self.desc)
+            .map_or(Step::Never, |(_, s)| *s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_post_data_entries_exactly() {
+        let cases = [
+            (
+                "3219; 2606 16413 CONSTRAINT public child child_pkey app",
+                "CONSTRAINT",
+                Step::AfterCopy,
+            ),
+            (
+                "3220; 2606 16414 FK CONSTRAINT public child child_pid_fkey app",
+                "FK CONSTRAINT",
+                Step::Never,
+            ),
+            (
+                "3217; 1259 16419 INDEX public child_n_idx app",
+                "INDEX",
+                Step::AfterCopy,
+            ),
+            (
+                "3221; 2620 16399 TRIGGER public t pgferry_capture_ins app",
+                "TRIGGER",
+                Step::Never,
+            ),
+            (
+                "3300; 0 0 COMMENT public INDEX child_n_idx app",
+                "COMMENT",
+                Step::AtCutover,
+            ),
+            (
+                "3301; 0 16500 INDEX ATTACH public p1_idx app",
+                "INDEX ATTACH",
+                Step::AfterCopy,
+            ),
+            (
+                "3302; 1259 16501 MATERIALIZED VIEW DATA public mv app",
+                "MATERIALIZED VIEW DATA",
+                Step::Never,
+            ),
+        ];
+        for (line, desc, step) in cases {
+            let e = TocEntry::parse(line).unwrap();
+            assert_eq!(e.desc, desc, "{line}");
+            assert_eq!(e.step(), step, "{line}");
+        }
+        assert!(TocEntry::parse(";\n").is_none());
+        assert!(TocEntry::parse("; Archive created at").is_none());
+    }
+}

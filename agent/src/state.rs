@@ -1,0 +1,419 @@
+//! The stored state machine: the only module that reads or writes pgferry's
+//! control tables (schema `pgferry` on the source).
+//!
+//! The control schema is created from the versioned files under `sql/`,
+//! embedded in the binary and applied in order, each in one transaction with
+//! `search_path` pinned to the control schema. Everything a re-run needs to
+//! resume lives here, on the source, so a fresh machine can pick up (or clean
+//! up) a migration without any local state.
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::ident::{Ident, QualifiedTable};
+
+/// The control schema's name.
+pub const SCHEMA: &str = "pgferry";
+
+/// Versioned control-schema migrations, applied in order.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../sql/0001_control.sql"))];
+
+/// Control-schema failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A control-schema query failed.
+    #[error("control schema operation failed: {what}")]
+    Query {
+        /// Which operation.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The stored phase is not one this version knows.
+    #[error("the control schema holds an unknown phase {0:?}: was it written by a newer pgferry?")]
+    UnknownPhase(String),
+    /// The control schema is newer than this binary.
+    #[error(
+        "the control schema is at version {found}, newer than this pgferry ({known}): use the newer binary"
+    )]
+    TooNew {
+        /// Version found.
+        found: i32,
+        /// Newest version this binary knows.
+        known: i32,
+    },
+}
+
+impl StateError {
+    /// The underlying driver error, if any.
+    pub fn db(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            StateError::Query { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl crate::retry::Retryable for StateError {
+    fn is_retryable(&self) -> bool {
+        self.db().is_some_and(crate::error::is_retryable)
+    }
+}
+
+fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
+    move |source| StateError::Query { what, source }
+}
+
+/// Where the migration stands. Stored as text; ordered as the line runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Control schema present, capture triggers being installed.
+    Installing,
+    /// Every table captured; nothing copied yet.
+    Installed,
+    /// Schema and data being copied.
+    Copying,
+    /// Copy finished; deltas are drained.
+    Syncing,
+    /// The fence is up; final drain and verification in progress.
+    CuttingOver,
+    /// Writes moved to the target; the source stays fenced until cleanup.
+    CutOver,
+}
+
+impl Phase {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Installing => "installing",
+            Phase::Installed => "installed",
+            Phase::Copying => "copying",
+            Phase::Syncing => "syncing",
+            Phase::CuttingOver => "cutting_over",
+            Phase::CutOver => "cut_over",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StateError> {
+        Ok(match s {
+            "installing" => Phase::Installing,
+            "installed" => Phase::Installed,
+            "copying" => Phase::Copying,
+            "syncing" => Phase::Syncing,
+            "cutting_over" => Phase::CuttingOver,
+            "cut_over" => Phase::CutOver,
+            other => return Err(StateError::UnknownPhase(other.to_string())),
+        })
+    }
+}
+
+/// The run row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Current phase.
+    pub phase: Phase,
+    /// Schema pre-data restored on the target.
+    pub pre_data_done: bool,
+    /// Indexes and keys built on the target.
+    pub post_data_done: bool,
+    /// Seconds since the fence was raised, while it is.
+    pub fence_age_secs: Option<f64>,
+    /// How long writes were blocked by the finished cutover.
+    pub writes_blocked_ms: Option<i64>,
+}
+
+/// Copy progress of one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// Not copied (or interrupted; copied again from scratch).
+    Pending,
+    /// Copied and committed on the target.
+    Done,
+}
+
+/// One captured table and its progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableState {
+    /// pgferry's id for the table (names its delta table `d_<id>`).
+    pub id: i32,
+    /// The table's OID on the source.
+    pub relid: u32,
+    /// The table.
+    pub table: QualifiedTable,
+    /// Key columns, in key order.
+    pub key_columns: Vec<String>,
+    /// Columns copied and applied (generated columns excluded).
+    pub copy_columns: Vec<String>,
+    /// Copy progress.
+    pub copy_state: CopyState,
+    /// Rows copied by the bulk copy.
+    pub copied_rows: Option<i64>,
+    /// Rows written to the target by the drain.
+    pub applied_rows: i64,
+    /// Seconds between now and the snapshot of the last completed batch.
+    pub lag_secs: Option<f64>,
+}
+
+impl TableState {
+    /// The delta table holding this table's captured keys.
+    pub fn delta_table(&self) -> QualifiedTable {
+        QualifiedTable::new(SCHEMA, format!("d_{}", self.id))
+    }
+}
+
+/// What the plan registers for capture.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Source OID.
+    pub relid: u32,
+    /// The table.
+    pub table: QualifiedTable,
+    /// Key columns.
+    pub key_columns: Vec<String>,
+    /// Columns to copy.
+    pub copy_columns: Vec<String>,
+}
+
+/// True when the control schema exists on this database.
+pub async fn exists(client: &impl GenericClient) -> Result<bool, StateError> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass(format('%I.run', $1::text)) IS NOT NULL",
+            &[&SCHEMA],
+        )
+        .await
+        .map_err(q("look for the control schema"))?;
+    Ok(row.get(0))
+}
+
+/// Creates the control schema if needed and applies missing migrations.
+pub async fn ensure_schema(client: &mut tokio_postgres::Client) -> Result<(), StateError> {
+    let tx = client.transaction().await.map_err(q("begin"))?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now());
+         LOCK TABLE {schema}.schema_migrations IN EXCLUSIVE MODE;",
+        schema = Ident(SCHEMA.into())
+    ))
+    .await
+    .map_err(q("create the control schema"))?;
+    let applied: Vec<i32> = tx
+        .query(
+            &format!("SELECT version FROM {}.schema_migrations", Ident(SCHEMA.into())),
+            &[],
+        )
+        .await
+        .map_err(q("read applied migrations"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(&found) = applied.iter().max() {
+        if found > known {
+            return Err(StateError::TooNew { found, known });
+        }
+    }
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(&format!(
+            "SET LOCAL search_path = {}, pg_catalog",
+            Ident(SCHEMA.into())
+        ))
+        .await
+        .map_err(q("pin search_path"))?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(q("apply a control-schema migration"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {}.schema_migrations (version) VALUES ($1)",
+                Ident(SCHEMA.into())
+            ),
+            &[version],
+        )
+        .await
+        .map_err(q("record a migration"))?;
+    }
+    tx.commit().await.map_err(q("commit the control schema"))
+}
+
+/// Reads the run row, if the migration has begun.
+pub async fn load(client: &impl GenericClient) -> Result<Option<Run>, StateError> {
+    if !exists(client).await? {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT phase, pre_data_done, post_data_done,
+                    extract(epoch FROM clock_timestamp() - fence_raised_at)::float8,
+                    writes_blocked_ms
+               FROM pgferry.run",
+            &[],
+        )
+        .await
+        .map_err(q("read the run state"))?;
+    row.map(|r| {
+        Ok(Run {
+            phase: Phase::parse(r.get(0))?,
+            pre_data_done: r.get(1),
+            post_data_done: r.get(2),
+            fence_age_secs: r.get(3),
+            writes_blocked_ms: r.get(4),
+        })
+    })
+    .transpose()
+}
+
+/// Moves the run to `phase`.
+pub async fn set_phase(client: &impl GenericClient, phase: Phase) -> Result<(), StateError> {
+    client
+        .execute(
+            "INSERT INTO pgferry.run (phase) VALUES ($1)
+             ON CONFLICT (singleton) DO UPDATE SET phase = EXCLUDED.phase, updated_at = now()",
+            &[&phase.as_str()],
+        )
+        .await
+        .map_err(q("set the phase"))?;
+    tracing::info!(phase = phase.as_str(), "Phase changed");
+    Ok(())
+}
+
+/// Which one-time schema step finished.
+#[derive(Debug, Clone, Copy)]
+pub enum SchemaStep {
+    /// Tables, types, functions restored.
+    PreData,
+    /// Indexes and keys built.
+    PostData,
+}
+
+/// Records that a schema step finished on the target.
+pub async fn mark_schema_step(client: &impl GenericClient, step: SchemaStep) -> Result<(), StateError> {
+    let sql = match step {
+        SchemaStep::PreData => "UPDATE pgferry.run SET pre_data_done = true, updated_at = now()",
+        SchemaStep::PostData => "UPDATE pgferry.run SET post_data_done = true, updated_at = now()",
+    };
+    client
+        .execute(sql, &[])
+        .await
+        .map_err(q("record a schema step"))?;
+    Ok(())
+}
+
+/// Registers tables for capture (those already registered are kept as they are).
+pub async fn register_tables(client: &impl GenericClient, regs: &[Registration]) -> Result<(), StateError> {
+    for r in regs {
+        client
+            .execute(
+                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (relid) DO NOTHING",
+                &[
+                    &r.relid,
+                    &r.table.schema,
+                    &r.table.name,
+                    &r.key_columns,
+                    &r.copy_columns,
+                ],
+            )
+            .await
+            .map_err(q("register a table"))?;
+    }
+    Ok(())
+}
+
+/// Every registered table with its progress, in id order.
+pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, StateError> {
+    let rows = client
+        .query(
+            "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
+                    copied_rows, applied_rows,
+                    extract(epoch FROM clock_timestamp() - synced_through)::float8
+               FROM pgferry.tables ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(q("read the registered tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableState {
+            id: r.get(0),
+            relid: r.get(1),
+            table: QualifiedTable::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            key_columns: r.get(4),
+            copy_columns: r.get(5),
+            copy_state: if r.get::<_, &str>(6) == "done" {
+                CopyState::Done
+            } else {
+                CopyState::Pending
+            },
+            copied_rows: r.get(7),
+            applied_rows: r.get(8),
+            lag_secs: r.get(9),
+        })
+        .collect())
+}
+
+/// Records a table's finished bulk copy.
+pub async fn mark_copied(client: &impl GenericClient, id: i32, rows: i64) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.tables SET copy_state = 'done', copied_rows = $2, copied_at = now() WHERE id = $1",
+            &[&id, &rows],
+        )
+        .await
+        .map_err(q("record a finished table copy"))?;
+    Ok(())
+}
+
+/// Records a committed drain batch: the table is on the target as of
+/// `snapshot_epoch` (seconds since the epoch, source clock).
+pub async fn record_batch(
+    client: &impl GenericClient,
+    id: i32,
+    snapshot_epoch: f64,
+    applied_rows: i64,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.tables
+                SET synced_through = to_timestamp($2), applied_rows = applied_rows + $3
+              WHERE id = $1",
+            &[&id, &snapshot_epoch, &applied_rows],
+        )
+        .await
+        .map_err(q("record a drain batch"))?;
+    Ok(())
+}
+
+/// Records when the fence went up (or clears it).
+pub async fn record_fence(client: &impl GenericClient, raised: bool) -> Result<(), StateError> {
+    let sql = if raised {
+        "UPDATE pgferry.run SET fence_raised_at = coalesce(fence_raised_at, clock_timestamp()), updated_at = now()"
+    } else {
+        "UPDATE pgferry.run SET fence_raised_at = NULL, updated_at = now()"
+    };
+    client.execute(sql, &[]).await.map_err(q("record the fence"))?;
+    Ok(())
+}
+
+/// Records the finished cutover and returns how long writes were blocked.
+pub async fn record_cutover_done(client: &impl GenericClient) -> Result<i64, StateError> {
+    let row = client
+        .query_one(
+            "UPDATE pgferry.run
+                SET phase = 'cut_over', cutover_done_at = clock_timestamp(), updated_at = now(),
+                    writes_blocked_ms = (extract(epoch FROM clock_timestamp() - fence_raised_at) * 1000)::bigint
+              RETURNING writes_blocked_ms",
+            &[],
+        )
+        .await
+        .map_err(q("record the finished cutover"))?;
+    Ok(row.get::<_, Option<i64>>(0).unwrap_or(0))
+}

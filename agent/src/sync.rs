@@ -1,0 +1,424 @@
+//! The drain: applies captured deltas to the target, batch by batch.
+//!
+//! On entry: the copy has finished (phase `syncing` or later). A batch for
+//! table T:
+//! 1. takes a session advisory lock for T on the source, so that no other
+//!    agent drains T at the same time (two overlapping batches could commit
+//!    on the target in the wrong order);
+//! 2. opens a REPEATABLE READ transaction on the source; its snapshot S
+//!    decides everything: the batch consumes exactly the delta rows visible
+//!    in S, every one of them (invariants 4 and 5);
+//! 3. on the target, in one transaction, deletes every key named by those
+//!    deltas and inserts the source rows for those keys as of S (state-based:
+//!    re-applying changes nothing, invariant 3); a TRUNCATE delta replaces the
+//!    whole table with its contents as of S;
+//! 4. only after the target commit, deletes on the source exactly the delta
+//!    rows visible in S, by `pg_visible_in_snapshot(xid, S)` (PgQ style): a
+//!    transaction that committed after S keeps its deltas for the next batch,
+//!    whatever its xid or commit order.
+//!
+//! A crash anywhere leaves deltas that are re-applied harmlessly. Workers stop
+//! between batches, never inside one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_postgres::IsolationLevel;
+use tokio_util::sync::CancellationToken;
+
+use crate::copy::{pump, Pumped};
+use crate::endpoint::Side;
+use crate::ident::{column_list, Ident};
+use crate::migration::Migration;
+use crate::retry::{retry, Gave, Retryable};
+use crate::state::{self, Phase, TableState};
+
+/// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
+const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
+
+/// Drain failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A statement of a batch failed.
+    #[error("drain batch for {table} failed on the {side}")]
+    Batch {
+        /// The table.
+        table: String,
+        /// Which side failed.
+        side: Side,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
+    /// Recording progress failed.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// A worker task panicked.
+    #[error("a drain worker stopped unexpectedly")]
+    Worker(#[source] tokio::task::JoinError),
+}
+
+impl Retryable for SyncError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            SyncError::Batch { source, .. } => crate::error::is_retryable(source),
+            SyncError::Connect(e) => e.is_retryable(),
+            SyncError::State(e) => e.is_retryable(),
+            SyncError::Worker(_) => false,
+        }
+    }
+}
+
+/// How `sync` should end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncOptions {
+    /// Stop after the first pass that finds no delta at all.
+    pub until_caught_up: bool,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncReport {
+    /// Passes over all tables.
+    pub passes: u64,
+    /// Distinct keys applied.
+    pub keys_applied: u64,
+    /// Rows written to the target.
+    pub rows_written: u64,
+    /// Whole-table resynchronisations after TRUNCATE.
+    pub truncates_applied: u64,
+    /// Batches skipped because another agent was draining the table.
+    pub busy: u64,
+}
+
+impl SyncReport {
+    /// True when the pass found nothing to apply and no table was skipped.
+    pub fn is_idle(&self) -> bool {
+        self.keys_applied == 0 && self.truncates_applied == 0 && self.busy == 0
+    }
+
+    fn add(&mut self, b: &BatchStats) {
+        self.keys_applied += b.keys;
+        self.rows_written += b.rows_written;
+        self.truncates_applied += u64::from(b.truncated);
+        self.busy += u64::from(b.busy);
+    }
+}
+
+/// One batch's outcome.
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchStats {
+    keys: u64,
+    rows_written: u64,
+    truncated: bool,
+    /// Another agent held the table's batch lock.
+    busy: bool,
+}
+
+/// Drains until cancelled, or until caught up when asked.
+pub async fn run(
+    m: &Migration,
+    opts: SyncOptions,
+    cancel: &CancellationToken,
+) -> Result<SyncReport, crate::Error> {
+    let tables = syncable_tables(m).await?;
+    let mut report = SyncReport::default();
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(report);
+        }
+        let pass = drain_pass(m, &tables, cancel).await?;
+        report.passes += 1;
+        let idle = pass.is_idle();
+        report.keys_applied += pass.keys_applied;
+        report.rows_written += pass.rows_written;
+        report.truncates_applied += pass.truncates_applied;
+        report.busy += pass.busy;
+        if idle && opts.until_caught_up {
+            return Ok(report);
+        }
+        if idle {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(report),
+                () = tokio::time::sleep(Duration::from_millis(m.cfg.sync.poll_interval_ms)) => {}
+            }
+        }
+    }
+}
+
+/// The captured tables, once the copy has finished.
+pub async fn syncable_tables(m: &Migration) -> Result<Vec<TableState>, crate::Error> {
+    let conn = m.source_conn().await?;
+    match state::load(&**conn).await? {
+        Some(run) if run.phase >= Phase::Syncing => Ok(state::tables(&**conn).await?),
+        Some(run) => Err(crate::Error::Phase(format!(
+            "the copy has not finished (phase {}): run `pgferry copy` first",
+            run.phase.as_str()
+        ))),
+        None => Err(crate::Error::Phase(
+            "no migration is under way on this source: run `pgferry install` and `pgferry copy` first".into(),
+        )),
+    }
+}
+
+/// One batch for every table, `sync.workers` tables at a time.
+pub async fn drain_pass(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<SyncReport, crate::Error> {
+    let permits = Arc::new(Semaphore::new(m.sync_workers()));
+    let mut tasks = JoinSet::new();
+    for t in tables {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        if cancel.is_cancelled() {
+            break;
+        }
+        let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            match retry(m.retry_policy(), "drain a batch", &cancel, || drain_table(&m, &t)).await {
+                Ok(stats) => Ok(stats),
+                Err(Gave::Up(e)) => Err(crate::Error::from(e)),
+                Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
+            }
+        });
+    }
+    let mut report = SyncReport {
+        passes: 1,
+        ..Default::default()
+    };
+    let mut first_err = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(stats)) => report.add(&stats),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(SyncError::Worker(e).into());
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Runs one batch for `t`. On any failure the source session is discarded
+/// rather than returned to the pool, which also releases its batch lock.
+async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncError> {
+    let mut source = m.source_conn().await?;
+    let locked: bool = source
+        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&BATCH_LOCK_CLASS, &t.id])
+        .await
+        .map_err(|e| batch_err(t, Side::Source, e))?
+        .get(0);
+    if !locked {
+        tracing::debug!(table = %t.table.display_name(), "Another agent is draining this table");
+        return Ok(BatchStats {
+            busy: true,
+            ..Default::default()
+        });
+    }
+    match batch(m, &mut source, t).await {
+        Ok(stats) => {
+            source
+                .execute("SELECT pg_advisory_unlock($1, $2)", &[&BATCH_LOCK_CLASS, &t.id])
+                .await
+                .map_err(|e| batch_err(t, Side::Source, e))?;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = Object::take(source);
+            Err(e)
+        }
+    }
+}
+
+fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncError {
+    SyncError::Batch {
+        table: t.table.display_name(),
+        side,
+        source,
+    }
+}
+
+async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<BatchStats, SyncError> {
+    let src_err = |e| batch_err(t, Side::Source, e);
+    let tgt_err = |e| batch_err(t, Side::Target, e);
+    let delta = t.delta_table();
+
+    // The snapshot is taken by the first statement of this transaction, after
+    // the batch lock is held (a snapshot taken before it could be older than a
+    // batch that committed meanwhile).
+    let stx = source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(src_err)?;
+    let row = stx
+        .query_one(
+            &format!(
+                "SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8,
+                        EXISTS (SELECT 1 FROM {delta}),
+                        EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1)"
+            ),
+            &[&t.id],
+        )
+        .await
+        .map_err(src_err)?;
+    let snapshot: String = row.get(0);
+    let snapshot_epoch: f64 = row.get(1);
+    let has_deltas: bool = row.get(2);
+    let truncated: bool = row.get(3);
+    if !has_deltas && !truncated {
+        stx.commit().await.map_err(src_err)?;
+        state::record_batch(&***source, t.id, snapshot_epoch, 0).await?;
+        return Ok(BatchStats::default());
+    }
+
+    let mut target = m.target_conn().await?;
+    let ttx = target.transaction().await.map_err(tgt_err)?;
+    let cols = column_list(&t.copy_columns, None);
+    let table = &t.table;
+    let pumped = |e| match e {
+        Pumped::Source(e) => src_err(e),
+        Pumped::Target(e) => tgt_err(e),
+    };
+    let mut stats = BatchStats {
+        truncated,
+        ..Default::default()
+    };
+    if truncated {
+        // Whole-table resynchronisation: the table as of S.
+        ttx.batch_execute(&format!("TRUNCATE ONLY {table}"))
+            .await
+            .map_err(tgt_err)?;
+        let sink = ttx
+            .copy_in(&format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)"))
+            .await
+            .map_err(tgt_err)?;
+        let stream = stx
+            .copy_out(&format!(
+                "COPY (SELECT {cols} FROM ONLY {table}) TO STDOUT (FORMAT binary)"
+            ))
+            .await
+            .map_err(src_err)?;
+        let (rows, _) = pump(stream, sink).await.map_err(pumped)?;
+        stats.rows_written = rows;
+    } else {
+        let keys = column_list(&t.key_columns, None);
+        let delta_keys = (1..=t.key_columns.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ttx.batch_execute(&format!(
+            "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA;
+             CREATE TEMP TABLE pgferry_rows ON COMMIT DROP AS SELECT {cols} FROM ONLY {table} WITH NO DATA;"
+        ))
+        .await
+        .map_err(tgt_err)?;
+        let sink = ttx
+            .copy_in("COPY pgferry_keys FROM STDIN (FORMAT binary)")
+            .await
+            .map_err(tgt_err)?;
+        let stream = stx
+            .copy_out(&format!(
+                "COPY (SELECT DISTINCT {delta_keys} FROM {delta}) TO STDOUT (FORMAT binary)"
+            ))
+            .await
+            .map_err(src_err)?;
+        stats.keys = pump(stream, sink).await.map_err(pumped)?.0;
+        let sink = ttx
+            .copy_in("COPY pgferry_rows FROM STDIN (FORMAT binary)")
+            .await
+            .map_err(tgt_err)?;
+        let stream = stx
+            .copy_out(&format!(
+                "COPY (SELECT {cols} FROM ONLY {table} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
+                 TO STDOUT (FORMAT binary)"
+            ))
+            .await
+            .map_err(src_err)?;
+        stats.rows_written = pump(stream, sink).await.map_err(pumped)?.0;
+        let join = t
+            .key_columns
+            .iter()
+            .map(|k| format!("t.{k} = k.{k}", k = Ident(k.clone())))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        ttx.batch_execute(&format!(
+            "ANALYZE pgferry_keys;
+             DELETE FROM ONLY {table} AS t USING pgferry_keys AS k WHERE {join};
+             INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows;"
+        ))
+        .await
+        .map_err(tgt_err)?;
+    }
+    crate::failpoint::hit("sync.before_target_commit").await;
+    ttx.commit().await.map_err(tgt_err)?;
+    crate::failpoint::hit("sync.after_target_commit").await;
+    stx.commit().await.map_err(src_err)?;
+
+    // Only now, with the target durable, forget exactly what S saw.
+    source
+        .execute(
+            &format!("DELETE FROM {delta} WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot)"),
+            &[&snapshot],
+        )
+        .await
+        .map_err(src_err)?;
+    if truncated {
+        source
+            .execute(
+                "DELETE FROM pgferry.truncates
+                  WHERE table_id = $1 AND pg_visible_in_snapshot(xid, $2::text::pg_snapshot)",
+                &[&t.id, &snapshot],
+            )
+            .await
+            .map_err(src_err)?;
+    }
+    crate::failpoint::hit("sync.after_delta_delete").await;
+    state::record_batch(&***source, t.id, snapshot_epoch, stats.rows_written as i64).await?;
+    tracing::debug!(
+        table = %t.table.display_name(),
+        keys = stats.keys,
+        rows = stats.rows_written,
+        truncated,
+        "Batch applied"
+    );
+    Ok(stats)
+}
+
+/// Unconsumed delta rows per table (TRUNCATE events count as one).
+pub async fn backlog(client: &tokio_postgres::Client, tables: &[TableState]) -> Result<Vec<i64>, SyncError> {
+    let mut out = Vec::with_capacity(tables.len());
+    for t in tables {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {}) + (SELECT count(*) FROM pgferry.truncates WHERE table_id = $1)",
+                    t.delta_table()
+                ),
+                &[&t.id],
+            )
+            .await
+            .map_err(|e| batch_err(t, Side::Source, e))?;
+        out.push(row.get(0));
+    }
+    Ok(out)
+}
