@@ -187,6 +187,21 @@ impl Default for CutoverConfig {
     }
 }
 
+/// `PGFERRY_*` variables that are not configuration keys.
+pub const RESERVED_ENV: &[&str] = &[
+    "PGFERRY_LOG",
+    "PGFERRY_FAILPOINTS",
+    "PGFERRY_FAILPOINT_RELEASE",
+    "PGFERRY_TARGET_URL",
+];
+
+/// The process environment minus the reserved variables.
+fn config_env() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("PGFERRY_") && !RESERVED_ENV.contains(&k.as_str()))
+        .collect()
+}
+
 /// Values given on the command line; they win over file and environment.
 #[derive(Debug, Default)]
 pub struct Overrides {
@@ -217,7 +232,8 @@ impl Config {
             config::Environment::with_prefix("PGFERRY")
                 .prefix_separator("_")
                 .separator("__")
-                .ignore_empty(true),
+                .ignore_empty(true)
+                .source(Some(config_env())),
         );
         let mut cfg: Config = builder
             .build()

@@ -3,7 +3,10 @@
 //! `PGFERRY_FAILPOINTS=copy.table_done@2,sync.after_target_commit` makes the
 //! agent print `pgferry failpoint reached: NAME` to stderr at the named place
 //! (at its Nth hit with `@N`, else the first) and then wait forever, so the
-//! test can SIGKILL it at a known point. Unset, a failpoint costs one lookup.
+//! test can SIGKILL it at a known point. With `PGFERRY_FAILPOINT_RELEASE=FILE`
+//! it waits only until that file exists and then carries on, so a test can
+//! act inside a precise window (say, between a batch's snapshot and its
+//! delta removal). Unset, a failpoint costs one lookup.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -49,6 +52,14 @@ pub async fn hit(name: &str) {
             let _ = writeln!(err, "pgferry failpoint reached: {name}");
             let _ = err.flush();
         }
-        std::future::pending::<()>().await;
+        match std::env::var_os("PGFERRY_FAILPOINT_RELEASE") {
+            Some(file) => {
+                let file = std::path::PathBuf::from(file);
+                while !file.exists() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
     }
 }

@@ -53,6 +53,15 @@ pub enum SyncError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Counting the backlog failed.
+    #[error("could not count the backlog of {table}")]
+    Backlog {
+        /// The table.
+        table: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::endpoint::ConnectError),
@@ -67,7 +76,9 @@ pub enum SyncError {
 impl Retryable for SyncError {
     fn is_retryable(&self) -> bool {
         match self {
-            SyncError::Batch { source, .. } => crate::error::is_retryable(source),
+            SyncError::Batch { source, .. } | SyncError::Backlog { source, .. } => {
+                crate::error::is_retryable(source)
+            }
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
             SyncError::Worker(_) => false,
@@ -404,20 +415,42 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     Ok(stats)
 }
 
-/// Unconsumed delta rows per table (TRUNCATE events count as one).
+/// Unconsumed delta rows per table (TRUNCATE events count as one). A table
+/// whose capture is not installed yet has none.
 pub async fn backlog(client: &tokio_postgres::Client, tables: &[TableState]) -> Result<Vec<i64>, SyncError> {
+    let backlog_err = |t: &TableState| {
+        let table = t.table.display_name();
+        move |source| SyncError::Backlog { table, source }
+    };
+    let existing: Vec<String> = client
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relnamespace = to_regnamespace('pgferry') AND relkind = 'r'",
+            &[],
+        )
+        .await
+        .map_err(|source| SyncError::Backlog {
+            table: "pgferry".into(),
+            source,
+        })?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let mut out = Vec::with_capacity(tables.len());
     for t in tables {
+        let delta = t.delta_table();
+        if !existing.contains(&delta.name) {
+            out.push(0);
+            continue;
+        }
         let row = client
             .query_one(
                 &format!(
-                    "SELECT (SELECT count(*) FROM {}) + (SELECT count(*) FROM pgferry.truncates WHERE table_id = $1)",
-                    t.delta_table()
+                    "SELECT (SELECT count(*) FROM {delta}) + (SELECT count(*) FROM pgferry.truncates WHERE table_id = $1)"
                 ),
                 &[&t.id],
             )
             .await
-            .map_err(|e| batch_err(t, Side::Source, e))?;
+            .map_err(backlog_err(t))?;
         out.push(row.get(0));
     }
     Ok(out)

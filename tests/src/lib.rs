@@ -1,1 +1,454 @@
+//! End-to-end harness: real PostgreSQL clusters, the real agent binary, live
+//! writers, and a comparison of source and target that does not use pgferry.
+//!
+//! Every test gets its own source and target clusters (initdb takes half a
+//! second). The source's owner role is NOSUPERUSER NOREPLICATION (like a Heroku
+//! credential) and a second role writes too; the target's owner is
+//! NOSUPERUSER with CREATEROLE (like the RDS master user). All agent traffic
+//! is password-authenticated TCP on 127.0.0.1.
 
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgferry::sandbox::Cluster;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_postgres::{Client, NoTls};
+
+/// Source owner (Heroku-like).
+pub const APP: (&str, &str) = ("app", "app pw/with:odd@chars");
+/// Second application role on the source.
+pub const WRITER: (&str, &str) = ("writer2", "writer-pw");
+/// Target owner (RDS-master-like).
+pub const MASTER: (&str, &str) = ("rds_master", "master-pw");
+/// Database name on both sides.
+pub const DB: &str = "appdb";
+
+/// One test's world: two clusters, a scratch directory and the agent binary.
+pub struct Env {
+    /// The source cluster.
+    pub source: Cluster,
+    /// The target cluster.
+    pub target: Cluster,
+    /// Scratch directory (config files, signal files).
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Env {
+    /// Starts both clusters and creates the roles and databases.
+    pub async fn new(bin: &str) -> Env {
+        let (source, target) = tokio::try_join!(Cluster::start("e2e-source"), Cluster::start("e2e-target"))
+            .expect("start clusters");
+        source
+            .create_role(
+                APP.0,
+                APP.1,
+                "NOSUPERUSER NOREPLICATION NOCREATEDB NOCREATEROLE",
+                Some(DB),
+            )
+            .await
+            .expect("source owner");
+        source
+            .create_role(WRITER.0, WRITER.1, "NOSUPERUSER NOREPLICATION", None)
+            .await
+            .expect("second role");
+        target
+            .create_role(
+                MASTER.0,
+                MASTER.1,
+                "NOSUPERUSER NOREPLICATION CREATEDB CREATEROLE",
+                Some(DB),
+            )
+            .await
+            .expect("target owner");
+        Env {
+            source,
+            target,
+            dir: tempfile::tempdir().expect("scratch dir"),
+            bin: PathBuf::from(bin),
+        }
+    }
+
+    /// Source URL of the owner role.
+    pub fn source_url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{DB}?sslmode=disable",
+            APP.0,
+            enc(APP.1),
+            self.source.port()
+        )
+    }
+
+    /// Target URL of the master role.
+    pub fn target_url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{DB}?sslmode=disable",
+            MASTER.0,
+            enc(MASTER.1),
+            self.target.port()
+        )
+    }
+
+    /// A session on the source as `role`.
+    pub async fn source_as(&self, role: (&str, &str)) -> Client {
+        connect(self.source.port(), role).await
+    }
+
+    /// A session on the target as the master role.
+    pub async fn target_client(&self) -> Client {
+        connect(self.target.port(), MASTER).await
+    }
+
+    /// A path in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a config file and returns its path.
+    pub fn config(&self, toml: &str) -> PathBuf {
+        let p = self.path("pgferry.toml");
+        std::fs::write(&p, toml).expect("write config");
+        p
+    }
+
+    /// The agent command, with URLs in the environment (never argv).
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .env("PGFERRY_SOURCE", self.source_url())
+            .env("PGFERRY_TARGET", self.target_url())
+            .env("PGFERRY_LOG", "info")
+            .env_remove("PGFERRY_FAILPOINTS")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let cfg = self.path("pgferry.toml");
+        if cfg.exists() {
+            cmd.arg("--config").arg(cfg);
+        }
+        cmd
+    }
+
+    /// Runs the agent to completion.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let out = tokio::time::timeout(Duration::from_secs(180), self.cmd(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("pgferry {args:?} did not finish in 180 s"))
+            .expect("run pgferry");
+        eprintln!(
+            "--- pgferry {args:?} -> {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Runs the agent while `alongside` runs; returns as soon as the agent
+    /// exits, even if `alongside` is still waiting for something.
+    pub async fn run_alongside(
+        &self,
+        args: &[&str],
+        alongside: impl std::future::Future<Output = ()>,
+    ) -> Output {
+        let run = self.run(args);
+        tokio::pin!(run);
+        tokio::select! {
+            out = &mut run => out,
+            () = alongside => run.await,
+        }
+    }
+
+    /// Runs the agent and asserts it succeeded; returns stdout.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert_eq!(out.status.code(), Some(0), "pgferry {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts the agent with failpoints armed and waits until it freezes at
+    /// one; returns the frozen child. Kill it with SIGKILL, or create
+    /// [`Env::failpoint_release`] to let it carry on.
+    pub async fn run_until_failpoint(&self, args: &[&str], failpoint: &str) -> Child {
+        let mut cmd = self.cmd(args);
+        cmd.env("PGFERRY_FAILPOINTS", failpoint)
+            .env("PGFERRY_FAILPOINT_RELEASE", self.failpoint_release())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn pgferry");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let name = failpoint.split('@').next().unwrap_or(failpoint).to_string();
+        let want = format!("pgferry failpoint reached: {name}");
+        let found = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[agent] {line}");
+                if line.contains(&want) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            found,
+            Ok(true),
+            "pgferry {args:?} never reached failpoint {failpoint}"
+        );
+        // Keep draining stderr so the frozen agent never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        child
+    }
+
+    /// The file that releases a paused failpoint.
+    pub fn failpoint_release(&self) -> PathBuf {
+        self.path("failpoint-release")
+    }
+
+    /// The stored phase, read through `status --json`.
+    pub async fn status(&self) -> serde_json::Value {
+        let out = self.ok(&["status", "--json"]).await;
+        serde_json::from_str(&out).expect("status JSON")
+    }
+}
+
+/// Connects over TCP with a password.
+pub async fn connect(port: u16, role: (&str, &str)) -> Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(role.0)
+        .password(role.1)
+        .dbname(DB);
+    let (client, conn) = cfg.connect(NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, failing after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// User tables of a database (not pgferry's), as quoted names.
+pub async fn user_tables(c: &Client) -> Vec<String> {
+    c.query(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+          WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1",
+        &[],
+    )
+    .await
+    .expect("list tables")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn rows_as_text(c: &Client, table: &str) -> Vec<String> {
+    let mut rows: Vec<String> = c
+        .query(&format!("SELECT ROW(t.*)::text FROM ONLY {table} AS t"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("read {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Asserts that every user table of the source has the same rows on the
+/// target, compared row by row as text, and that sequences agree.
+pub async fn assert_same_data(env: &Env) {
+    let (s, t) = (env.source_as(APP).await, env.target_client().await);
+    let tables = user_tables(&s).await;
+    assert!(!tables.is_empty());
+    assert_eq!(tables, user_tables(&t).await, "table sets differ");
+    for table in &tables {
+        let (a, b) = (rows_as_text(&s, table).await, rows_as_text(&t, table).await);
+        if a != b {
+            let only_src: Vec<_> = a.iter().filter(|r| b.binary_search(r).is_err()).take(5).collect();
+            let only_tgt: Vec<_> = b.iter().filter(|r| a.binary_search(r).is_err()).take(5).collect();
+            panic!(
+                "{table} differs: source {} rows, target {} rows\n  only on source: {only_src:?}\n  only on target: {only_tgt:?}",
+                a.len(),
+                b.len()
+            );
+        }
+    }
+    let seqs = "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences
+                 WHERE schemaname <> 'pgferry' ORDER BY 1";
+    let state = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, Option<i64>)> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    assert_eq!(
+        state(s.query(seqs, &[]).await.expect("source sequences")),
+        state(t.query(seqs, &[]).await.expect("target sequences")),
+        "sequences differ"
+    );
+}
+
+/// Asserts that neither side holds a trigger, function, table or schema of
+/// pgferry's.
+pub async fn assert_no_leftovers(env: &Env) {
+    for (side, c) in [
+        ("source", env.source_as(APP).await),
+        ("target", env.target_client().await),
+    ] {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'),
+                        (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgferry%'),
+                        (SELECT count(*) FROM pg_proc WHERE proname LIKE 'pgferry%' OR proname LIKE 'capture\\_%'),
+                        (SELECT count(*) FROM pg_class WHERE relname LIKE 'pgferry%')",
+                &[],
+            )
+            .await
+            .expect("look for leftovers");
+        let counts: Vec<i64> = (0..4).map(|i| row.get(i)).collect();
+        assert_eq!(
+            counts,
+            vec![0, 0, 0, 0],
+            "{side}: schema/trigger/function/table counts of pgferry objects"
+        );
+    }
+}
+
+/// Whether an error is the fence's refusal (SQLSTATE 25006).
+pub fn is_fenced(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some("25006")
+}
+
+/// What one writer saw.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Committed transactions.
+    pub committed: AtomicU64,
+    /// Refused by the fence (the writer then stopped).
+    pub fenced: AtomicBool,
+}
+
+/// Concurrent application writers.
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Per writer.
+    pub stats: Vec<Arc<WriterStats>>,
+}
+
+impl Workload {
+    /// Starts one writer per role in `roles`, each running `ops` in turn
+    /// until stopped or fenced. Errors other than the fence (conflicting
+    /// concurrent writers) are part of life and ignored.
+    pub async fn start(
+        env: &Env,
+        roles: &[(&'static str, &'static str)],
+        ops: &'static [&'static str],
+    ) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        let mut stats = Vec::new();
+        for (i, role) in roles.iter().enumerate() {
+            let c = env.source_as(*role).await;
+            let st = Arc::new(WriterStats::default());
+            let (stop, st2) = (stop.clone(), st.clone());
+            handles.push(tokio::spawn(async move {
+                let mut n: i64 = i as i64 * 7919;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let sql = ops[(n as usize) % ops.len()].replace("$N", &n.to_string());
+                    match c.batch_execute(&sql).await {
+                        Ok(()) => {
+                            st2.committed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if is_fenced(&e) => {
+                            st2.fenced.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = c.batch_execute("ROLLBACK").await;
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+            stats.push(st);
+        }
+        Workload { stop, handles, stats }
+    }
+
+    /// Total committed transactions so far.
+    pub fn committed(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.committed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Waits until the writers have committed at least `n` more transactions.
+    pub async fn progress(&self, n: u64) {
+        let goal = self.committed() + n;
+        wait_for("writer progress", Duration::from_secs(60), || async {
+            (self.committed() >= goal).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until every writer has been refused by the fence.
+    pub async fn wait_all_fenced(&self) {
+        wait_for(
+            "every writer to hit the fence",
+            Duration::from_secs(120),
+            || async {
+                self.stats
+                    .iter()
+                    .all(|s| s.fenced.load(Ordering::Relaxed))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Stops the writers and waits for them.
+    pub async fn stop(self) -> Vec<Arc<WriterStats>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            h.await.expect("writer task");
+        }
+        self.stats
+    }
+}
+
+/// A switch command that announces itself in `started` and waits (at most
+/// 120 s) for `release` to exist, so a test decides when the cutover goes on.
+pub fn gated_switch(started: &Path, release: &Path) -> String {
+    format!(
+        "touch '{}'; i=0; while [ ! -e '{}' ]; do i=$((i+1)); [ $i -gt 2400 ] && exit 1; sleep 0.05; done",
+        started.display(),
+        release.display()
+    )
+}

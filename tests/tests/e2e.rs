@@ -1,0 +1,615 @@
+//! End-to-end tests of the correctness contract (DESIGN.md), against real
+//! clusters, with the agent binary run the way operators run it.
+
+use std::time::Duration;
+
+use pgferry_e2e::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgferry-under-test");
+
+/// The application's schema: a serial key, a composite key with a cascading
+/// foreign key, a generated column, an identity column, a unique NOT NULL
+/// index instead of a primary key, a user trigger, and names that need
+/// quoting (one of them shaped like SQL injection).
+const SCHEMA: &str = r#"
+CREATE TABLE accounts (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    balance numeric(14,2) NOT NULL DEFAULT 0,
+    balance_cents bigint GENERATED ALWAYS AS ((balance * 100)::bigint) STORED,
+    tags text[],
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE ledger (
+    account_id bigint NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    seq int NOT NULL,
+    amount numeric(14,2) NOT NULL,
+    note text,
+    PRIMARY KEY (account_id, seq));
+CREATE TABLE "Mixed Case ""Quoted"" Table" ("Key" int PRIMARY KEY, "select" text, payload jsonb);
+CREATE TABLE "; drop table accounts; --" (id int PRIMARY KEY, v text NOT NULL);
+CREATE TABLE scratch (id int PRIMARY KEY, v text);
+CREATE TABLE codes (code text NOT NULL UNIQUE, n int NOT NULL);
+CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, kind text NOT NULL,
+                     at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER accounts_touch BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION touch();
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO writer2;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO writer2;
+INSERT INTO accounts (name, balance, tags) SELECT 'acct ' || g, g, ARRAY['t' || g % 3] FROM generate_series(1, 3000) g;
+INSERT INTO ledger SELECT a.id, s, s * 1.5, 'seed' FROM accounts a, generate_series(1, 3) s;
+INSERT INTO "Mixed Case ""Quoted"" Table" SELECT g, 'v' || g, jsonb_build_object('g', g) FROM generate_series(1, 1000) g;
+INSERT INTO "; drop table accounts; --" SELECT g, 'x' || g FROM generate_series(1, 1000) g;
+INSERT INTO scratch SELECT g, 's' FROM generate_series(1, 100) g;
+INSERT INTO codes SELECT 'code-' || g, g FROM generate_series(1, 500) g;
+INSERT INTO events (kind) SELECT 'seed' FROM generate_series(1, 500);
+"#;
+
+/// What the application does: multi-row inserts and updates, deletes that
+/// cascade, primary-key and unique-key changes, upserts, TRUNCATE, identity
+/// inserts, multi-statement transactions.
+const OPS: &[&str] = &[
+    "INSERT INTO accounts (name, balance, tags) VALUES ('w$N', $N % 1000, ARRAY['w']), ('w$N b', 1, NULL)",
+    "UPDATE accounts SET balance = balance + 1 WHERE id BETWEEN ($N * 13) % 3000 AND ($N * 13) % 3000 + 5",
+    "INSERT INTO ledger (account_id, seq, amount, note)
+       SELECT id, 100 + $N % 50, 1, 'w' FROM accounts WHERE id = ($N * 7) % 3000 + 1 ON CONFLICT DO NOTHING",
+    "DELETE FROM accounts WHERE id = ($N * 31) % 3000 + 1",
+    r#"UPDATE "; drop table accounts; --" SET id = id + 100000 WHERE id = ($N * 17) % 1000 + 1"#,
+    r#"INSERT INTO "Mixed Case ""Quoted"" Table" VALUES ($N % 1500, 'u$N', '{"n": $N}')
+       ON CONFLICT ("Key") DO UPDATE SET "select" = EXCLUDED."select", payload = EXCLUDED.payload"#,
+    "UPDATE codes SET code = code || '+', n = n + 1 WHERE code = (SELECT code FROM codes ORDER BY n, code LIMIT 1)",
+    "INSERT INTO events (kind) VALUES ('w$N'); DELETE FROM events WHERE id = (SELECT min(id) FROM events)",
+    "BEGIN; UPDATE accounts SET name = name || '!' WHERE id = ($N * 3) % 3000 + 1;
+       INSERT INTO ledger VALUES (($N * 3) % 3000 + 1, 200 + $N % 100, 2, 'tx') ON CONFLICT DO NOTHING; COMMIT",
+    "BEGIN; TRUNCATE scratch; INSERT INTO scratch SELECT g, 'after $N' FROM generate_series(1, 20) g; COMMIT",
+];
+
+async fn seeded() -> Env {
+    let env = Env::new(BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("seed the source");
+    env
+}
+
+/// Config with a fast drain and a switch command gated by the test.
+fn gated_config(env: &Env) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    (started, release)
+}
+
+async fn fence_is_up(env: &Env) -> bool {
+    env.source_as(APP)
+        .await
+        .query_one("SELECT last_value <> 0 FROM pgferry.fence", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(false)
+}
+
+async fn target_has(env: &Env, sql: &str) -> bool {
+    env.target_client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_end_to_end() {
+    let env = seeded().await;
+    let (_, release) = gated_config(&env);
+    let writers = Workload::start(&env, &[APP, WRITER, APP], OPS).await;
+    writers.progress(100).await;
+    let before = writers.committed();
+    // The switch command waits until every writer (both roles) has been
+    // refused by the fence: the application "moves" only then.
+    let gate = async {
+        writers.wait_all_fenced().await;
+        std::fs::write(&release, "").expect("release the switch");
+    };
+    let out = env.run_alongside(&["migrate", "--cutover", "--json"], gate).await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["install"]["tables"], 7, "{report}");
+    assert!(
+        report["cutover"]["writes_blocked_ms"].as_i64().is_some(),
+        "{report}"
+    );
+    assert_eq!(report["cutover"]["foreign_keys"], 1, "{report}");
+    assert_eq!(report["cutover"]["triggers"], 1, "{report}");
+    let stats = writers.stop().await;
+    let during: u64 = stats
+        .iter()
+        .map(|s| s.committed.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        during > before + 50,
+        "writers kept writing during the migration ({before} -> {during})"
+    );
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+    assert!(
+        target_has(
+            &env,
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'ledger_account_id_fkey'"
+        )
+        .await,
+        "the foreign key arrives and is validated after the switch"
+    );
+    assert!(
+        target_has(
+            &env,
+            "SELECT count(*) = 1 FROM pg_trigger WHERE tgname = 'accounts_touch'"
+        )
+        .await
+    );
+    // The application now writes to the target; identity and serial keys continue.
+    let t = env.target_client().await;
+    t.batch_execute(
+        "INSERT INTO accounts (name) VALUES ('after cutover'); INSERT INTO events (kind) VALUES ('after')",
+    )
+    .await
+    .expect("the target accepts the application's writes with sequences in place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_commits_lose_nothing() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+
+    // T1 writes first (lower xid) and stays open; T2 writes later and commits.
+    let t1 = env.source_as(APP).await;
+    t1.batch_execute(
+        "BEGIN; INSERT INTO scratch VALUES (900001, 'first to write, last to commit');
+                      UPDATE accounts SET name = 'T1' WHERE id = 10",
+    )
+    .await
+    .unwrap();
+    let x1: i64 = t1
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let t2 = env.source_as(WRITER).await;
+    t2.batch_execute(
+        "BEGIN; INSERT INTO scratch VALUES (900002, 'second to write, first to commit');
+                      UPDATE accounts SET name = 'T2' WHERE id = 11",
+    )
+    .await
+    .unwrap();
+    let x2: i64 = t2
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    t2.batch_execute("COMMIT").await.unwrap();
+    assert!(x1 < x2, "T1 holds the older transaction id");
+
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert!(target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900002)").await);
+    assert!(!target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900001)").await);
+
+    t1.batch_execute("COMMIT").await.unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert!(
+        target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900001)").await,
+        "the transaction that committed after a later one was drained must still arrive"
+    );
+    assert!(target_has(&env, "SELECT name = 'T1' FROM accounts WHERE id = 10").await);
+
+    // The narrow window: T3 commits after a batch took its snapshot but before
+    // that batch removes the deltas it consumed. T3's delta must survive.
+    let t3 = env.source_as(APP).await;
+    t3.batch_execute("BEGIN; INSERT INTO scratch VALUES (900003, 'commits inside the window')")
+        .await
+        .unwrap();
+    env.source_as(WRITER)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (900004, 'opens the batch')")
+        .await
+        .unwrap();
+    let mut agent = env
+        .run_until_failpoint(&["sync", "--until-caught-up"], "sync.after_target_commit")
+        .await;
+    t3.batch_execute("COMMIT").await.unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900004)").await);
+    assert!(
+        target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900003)").await,
+        "a commit between a batch's snapshot and its delta removal must not be lost"
+    );
+
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_blocks_every_writer_and_waits_for_inflight_ones() {
+    let env = seeded().await;
+    let (started, release) = gated_config(&env);
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+
+    // A REPEATABLE READ transaction whose snapshot predates the fence, and a
+    // second role's transaction that wrote before the fence and is still open.
+    let rr = env.source_as(APP).await;
+    rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM accounts")
+        .await
+        .unwrap();
+    let inflight = env.source_as(WRITER).await;
+    inflight
+        .batch_execute("BEGIN; UPDATE accounts SET name = 'in flight' WHERE id = 2")
+        .await
+        .unwrap();
+
+    let steps = async {
+        wait_for("the fence", Duration::from_secs(60), || async {
+            fence_is_up(&env).await.then_some(())
+        })
+        .await;
+        let err = rr
+            .batch_execute("UPDATE accounts SET name = 'rr' WHERE id = 3")
+            .await
+            .unwrap_err();
+        assert!(
+            is_fenced(&err),
+            "old snapshot must not write through the fence: {err}"
+        );
+        let other = env.source_as(WRITER).await;
+        for sql in [
+            "INSERT INTO scratch VALUES (777, 'x')",
+            "TRUNCATE scratch",
+            "DELETE FROM codes",
+        ] {
+            let err = other.batch_execute(sql).await.unwrap_err();
+            assert!(is_fenced(&err), "{sql} by a second role must be fenced: {err}");
+        }
+        // The writer from before the fence may finish; its change must arrive.
+        assert!(!started.exists(), "the cutover must wait for the open writer");
+        inflight
+            .batch_execute("COMMIT")
+            .await
+            .expect("an in-flight writer may finish");
+        wait_for("the switch", Duration::from_secs(60), || async {
+            started.exists().then_some(())
+        })
+        .await;
+        assert!(target_has(&env, "SELECT name = 'in flight' FROM accounts WHERE id = 2").await);
+        let err = env
+            .source_as(APP)
+            .await
+            .batch_execute("INSERT INTO scratch VALUES (778, 'y')")
+            .await
+            .unwrap_err();
+        assert!(is_fenced(&err), "still fenced during the switch: {err}");
+        std::fs::write(&release, "").unwrap();
+    };
+    let out = env.run_alongside(&["cutover"], steps).await;
+    assert_eq!(out.status.code(), Some(0));
+    drop(rr);
+    assert_same_data(&env).await;
+    let status = env.status().await;
+    assert_eq!(status["phase"], "cut_over");
+    assert!(status["writes_blocked_ms"].as_i64().is_some());
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (779, 'z')")
+        .await
+        .expect("unfenced after cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_cutover_lifts_the_fence_and_sync_continues() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+    let writers_stats = writers.stop().await;
+    assert!(writers_stats
+        .iter()
+        .all(|s| !s.fenced.load(std::sync::atomic::Ordering::Relaxed)));
+    env.ok(&["sync", "--until-caught-up"]).await;
+
+    // A row that differs on the target makes verification fail: exit 1, the
+    // differing key is named, the fence is lifted.
+    env.target_client()
+        .await
+        .batch_execute("UPDATE codes SET n = -1 WHERE code = 'code-250'")
+        .await
+        .unwrap();
+    let out = env.run(&["cutover"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("public.codes") && stderr.contains("code-250"),
+        "{stderr}"
+    );
+    assert!(!fence_is_up(&env).await);
+    assert_eq!(env.status().await["phase"], "syncing");
+    assert!(target_has(&env, "SELECT count(*) = 0 FROM pg_constraint WHERE contype = 'f'").await);
+
+    // A failing switch command aborts too (exit 3), fence lifted.
+    env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nswitch_command = 'exit 7'\n");
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE codes SET n = n WHERE code = 'code-250'")
+        .await
+        .unwrap();
+    let out = env.run(&["cutover"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("switch command failed"));
+    assert!(!fence_is_up(&env).await);
+    assert!(
+        target_has(
+            &env,
+            "SELECT count(*) = 0 FROM pg_trigger WHERE tgname = 'accounts_touch'"
+        )
+        .await
+    );
+
+    // Writes resume and sync continues; a clean cutover then succeeds.
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+    writers.stop().await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_resumes_after_sigkill_in_install_copy_and_sync() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n[copy]\nworkers = 2\n");
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+
+    for (point, phase) in [
+        ("install.table_done@3", "installing"),
+        ("copy.table_done@2", "copying"),
+        ("sync.after_target_commit@3", "syncing"),
+        ("sync.before_target_commit@2", "syncing"),
+        ("sync.after_delta_delete@4", "syncing"),
+    ] {
+        let mut agent = env.run_until_failpoint(&["migrate"], point).await;
+        agent.kill().await.expect("SIGKILL the agent");
+        assert_eq!(env.status().await["phase"], phase, "after a kill at {point}");
+        writers.progress(20).await;
+    }
+
+    let (_, release) = gated_config(&env);
+    let gate = async {
+        writers.wait_all_fenced().await;
+        std::fs::write(&release, "").unwrap();
+    };
+    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    assert_eq!(out.status.code(), Some(0));
+    writers.stop().await;
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_everything_without_local_state() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    // A fence left up by a crashed cutover must not survive cleanup either.
+    env.source_as(APP)
+        .await
+        .batch_execute("SELECT setval('pgferry.fence', 1)")
+        .await
+        .unwrap();
+    // Cleanup run from a "fresh machine": a new process, another working
+    // directory, no files of pgferry's anywhere but the databases.
+    let mut cmd = env.cmd(&["cleanup", "--json"]);
+    cmd.current_dir(tempfile::tempdir().unwrap().keep());
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["triggers_dropped"], 28, "{report}");
+    assert_no_leftovers(&env).await;
+    env.source_as(WRITER)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (901, 'free')")
+        .await
+        .unwrap();
+    env.ok(&["cleanup"]).await;
+    let t = env.target_client().await;
+    assert!(
+        user_tables(&t).await.is_empty(),
+        "cleanup never touches the application's target data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_up_front_and_nothing_is_created() {
+    let env = seeded().await;
+    let nothing_created = || async {
+        let s = env.source_as(APP).await;
+        let schema: bool = s
+            .query_one("SELECT to_regnamespace('pgferry') IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(schema, "no control schema on the source");
+        assert!(user_tables(&env.target_client().await)
+            .await
+            .iter()
+            .all(|t| t == "public.stray"));
+    };
+
+    // A table without a key.
+    env.source_as(APP)
+        .await
+        .batch_execute("CREATE TABLE nokey (a int, b text)")
+        .await
+        .unwrap();
+    for cmd in [&["check"][..], &["migrate", "--cutover"], &["install"]] {
+        let out = env.run(cmd).await;
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("public.nokey") && text.contains("no primary key"),
+            "{text}"
+        );
+        assert!(text.contains("fix: add one"), "{text}");
+    }
+    nothing_created().await;
+    env.source_as(APP)
+        .await
+        .batch_execute("DROP TABLE nokey")
+        .await
+        .unwrap();
+
+    // A target that is not empty.
+    env.target_client()
+        .await
+        .batch_execute("CREATE TABLE stray (id int)")
+        .await
+        .unwrap();
+    let out = env.run(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("target database is not empty"));
+    nothing_created().await;
+    env.target_client()
+        .await
+        .batch_execute("DROP TABLE stray")
+        .await
+        .unwrap();
+
+    // Wrong password, unreachable host.
+    let wrong = env.source_url().replace("app%20pw", "wrong");
+    let out = env
+        .cmd(&["check"])
+        .env("PGFERRY_SOURCE", &wrong)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("authentication failed"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("postgres://x:y@127.0.0.1:{port}/db");
+    let out = env
+        .cmd(&["migrate"])
+        .env("PGFERRY_TARGET", &dead)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not answer"));
+    nothing_created().await;
+
+    // Usage and configuration errors exit 2.
+    let out = env
+        .cmd(&["check"])
+        .env("PGFERRY_TARGET", "not a url ::")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    env.config("[copy]\nwrokers = 3\n");
+    assert_eq!(env.run(&["check"]).await.status.code(), Some(2));
+    std::fs::remove_file(env.path("pgferry.toml")).unwrap();
+
+    // With the problems gone, the preflight passes (flags work as well as env).
+    let out = env
+        .cmd(&[
+            "--source",
+            &env.source_url(),
+            "--target",
+            &env.target_url(),
+            "check",
+            "--json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tables"], 7);
+    nothing_created().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_killed_at_any_step_loses_nothing() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    // Each kill hits the only batch with work: the one carrying the sentinel.
+    let app = env.source_as(APP).await;
+    for (i, point) in [
+        "sync.before_target_commit",
+        "sync.after_target_commit",
+        "sync.after_delta_delete",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        app.batch_execute(&format!(
+            "INSERT INTO scratch VALUES ({}, '{point}')",
+            800_000 + i
+        ))
+        .await
+        .unwrap();
+        let mut agent = env
+            .run_until_failpoint(&["sync", "--until-caught-up"], point)
+            .await;
+        agent.kill().await.unwrap();
+    }
+    env.ok(&["sync", "--until-caught-up"]).await;
+    for i in 0..3 {
+        assert!(
+            target_has(
+                &env,
+                &format!("SELECT EXISTS (SELECT 1 FROM scratch WHERE id = {})", 800_000 + i)
+            )
+            .await,
+            "the change in the batch killed at step {i} must arrive"
+        );
+    }
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
