@@ -141,7 +141,7 @@ pub async fn run(
     let tables = syncable_tables(m).await?;
     let mut report = SyncReport::default();
     loop {
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || migration_over(m).await? {
             return Ok(report);
         }
         let pass = drain_pass(m, &tables, cancel).await?;
@@ -161,6 +161,17 @@ pub async fn run(
             }
         }
     }
+}
+
+/// True once the cutover is done or cleanup removed the control schema: a
+/// long-running `sync` (say, a systemd service) then ends cleanly instead of
+/// failing on the vanished delta tables.
+async fn migration_over(m: &Migration) -> Result<bool, crate::Error> {
+    let conn = m.source_conn().await?;
+    Ok(match state::load(&**conn).await? {
+        None => true,
+        Some(run) => run.phase == Phase::CutOver,
+    })
 }
 
 /// The captured tables, once the copy has finished.

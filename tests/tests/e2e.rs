@@ -375,7 +375,15 @@ async fn aborted_cutover_lifts_the_fence_and_sync_continues() {
     writers.stop().await;
     env.ok(&["sync", "--until-caught-up"]).await;
     env.config("[sync]\npoll_interval_ms = 50\n");
+    // A long-running sync (the systemd service) ends by itself, exit 0, once
+    // another process has cut over.
+    let mut service = env.cmd(&["sync"]).spawn().unwrap();
     env.ok(&["cutover"]).await;
+    let status = tokio::time::timeout(Duration::from_secs(60), service.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "sync ends cleanly after the cutover");
     assert_same_data(&env).await;
     env.ok(&["cleanup"]).await;
     assert_no_leftovers(&env).await;
