@@ -150,6 +150,10 @@ async fn live_migration_end_to_end() {
         )
         .await
     );
+    // verify works from the catalogs alone, after cleanup too.
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["verify", "--json"]).await).unwrap();
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(report["tables"].as_array().map(Vec::len), Some(7), "{report}");
     // The application now writes to the target; identity and serial keys continue.
     let t = env.target_client().await;
     t.batch_execute(
@@ -339,6 +343,9 @@ async fn aborted_cutover_lifts_the_fence_and_sync_continues() {
         .batch_execute("UPDATE codes SET n = -1 WHERE code = 'code-250'")
         .await
         .unwrap();
+    let out = env.run(&["verify"]).await;
+    assert_eq!(out.status.code(), Some(1), "verify reports the difference");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(code-250) differs"));
     let out = env.run(&["cutover"]).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -620,4 +627,30 @@ async fn a_batch_killed_at_any_step_loses_nothing() {
     }
     env.ok(&["cutover"]).await;
     assert_same_data(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_live_migration() {
+    let out = tokio::process::Command::new(BIN)
+        .args(["demo", "--orders", "3000", "--sync-secs", "2", "--json"])
+        .env_remove("PGFERRY_SOURCE")
+        .env_remove("PGFERRY_TARGET")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["tables_verified"], 4, "{summary}");
+    assert_eq!(summary["tables_equal"], 4, "{summary}");
+    assert_eq!(summary["leftovers"], false, "{summary}");
+    assert!(summary["app_transactions"].as_u64() > Some(0), "{summary}");
+    assert!(
+        summary["rows_copied"].as_u64() >= Some(3000 + 300 + 9000),
+        "{summary}"
+    );
 }
