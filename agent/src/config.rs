@@ -83,6 +83,10 @@ pub struct CopyConfig {
     /// connection). Default: the number of cores, at most 4.
     #[serde(default = "default_copy_workers")]
     pub workers: usize,
+    /// `maintenance_work_mem` of each index-building session on the target.
+    /// Default 256 MB.
+    #[serde(default = "default_index_maintenance_work_mem_mb")]
+    pub index_maintenance_work_mem_mb: u32,
 }
 
 /// Delta drain.
@@ -135,6 +139,9 @@ fn default_retry_max_backoff_ms() -> u64 {
 fn default_copy_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
+fn default_index_maintenance_work_mem_mb() -> u32 {
+    256
+}
 fn default_sync_workers() -> usize {
     2
 }
@@ -165,6 +172,7 @@ impl Default for CopyConfig {
     fn default() -> Self {
         Self {
             workers: default_copy_workers(),
+            index_maintenance_work_mem_mb: default_index_maintenance_work_mem_mb(),
         }
     }
 }

@@ -5,11 +5,13 @@
 //! of contents is split into three steps:
 //! - pre-data (types, tables, functions, sequences) before the copy, in one
 //!   transaction, so an interrupted restore leaves nothing behind;
-//! - keys and indexes after the copy;
-//! - everything that must not act during sync (policies, comments that may
-//!   refer to triggers) at cutover. Foreign keys and triggers are created at
-//!   cutover from the catalog (see `cutover::objects`), which is how pgferry's
-//!   own capture triggers are told apart from the application's.
+//! - everything that must not act during sync (policies, rules, comments that
+//!   may refer to triggers, extended statistics) at cutover.
+//!
+//! Keys and indexes (after the copy, `copy::indexes`) and foreign keys and
+//! triggers (at cutover, `cutover::objects`) are built from the catalog
+//! instead: each statement is idempotent by name, and pgferry's own capture
+//! triggers are told apart from the application's by their function's schema.
 //!
 //! Passwords reach the child processes through the environment, never argv.
 
@@ -251,12 +253,11 @@ fn tail(stderr: &[u8]) -> String {
 /// Where a post-data archive entry is restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// Right after the data copy: keys, indexes, statistics objects.
-    AfterCopy,
-    /// At cutover, before writes move: policies, comments, rules.
+    /// At cutover, before writes move: policies, rules, comments, statistics.
     AtCutover,
-    /// Never by pg_restore: foreign keys and triggers come from the catalog at
-    /// cutover; publications, subscriptions and event triggers are not migrated.
+    /// Never by pg_restore: keys, indexes, foreign keys and triggers come from
+    /// the catalog; publications, subscriptions and event triggers are not
+    /// migrated.
     Never,
 }
 
@@ -274,20 +275,20 @@ const DESCS: &[(&str, Step)] = &[
     ("PUBLICATION TABLES IN SCHEMA", Step::Never),
     ("PUBLICATION TABLE", Step::Never),
     ("MATERIALIZED VIEW DATA", Step::Never),
-    ("CHECK CONSTRAINT", Step::AfterCopy),
+    ("CHECK CONSTRAINT", Step::Never),
     ("FK CONSTRAINT", Step::Never),
     ("EVENT TRIGGER", Step::Never),
     ("SECURITY LABEL", Step::AtCutover),
-    ("INDEX ATTACH", Step::AfterCopy),
+    ("INDEX ATTACH", Step::Never),
     ("ROW SECURITY", Step::AtCutover),
     ("SUBSCRIPTION", Step::Never),
     ("PUBLICATION", Step::Never),
-    ("STATISTICS", Step::AfterCopy),
-    ("CONSTRAINT", Step::AfterCopy),
+    ("STATISTICS", Step::AtCutover),
+    ("CONSTRAINT", Step::Never),
     ("TRIGGER", Step::Never),
     ("COMMENT", Step::AtCutover),
     ("POLICY", Step::AtCutover),
-    ("INDEX", Step::AfterCopy),
+    ("INDEX", Step::Never),
     ("RULE", Step::AtCutover),
 ];
 
@@ -332,7 +333,7 @@ mod tests {
             (
                 "3219; 2606 16413 CONSTRAINT public child child_pkey app",
                 "CONSTRAINT",
-                Step::AfterCopy,
+                Step::Never,
             ),
             (
                 "3220; 2606 16414 FK CONSTRAINT public child child_pid_fkey app",
@@ -342,7 +343,7 @@ mod tests {
             (
                 "3217; 1259 16419 INDEX public child_n_idx app",
                 "INDEX",
-                Step::AfterCopy,
+                Step::Never,
             ),
             (
                 "3221; 2620 16399 TRIGGER public t pgferry_capture_ins app",
@@ -357,7 +358,7 @@ mod tests {
             (
                 "3301; 0 16500 INDEX ATTACH public p1_idx app",
                 "INDEX ATTACH",
-                Step::AfterCopy,
+                Step::Never,
             ),
             (
                 "3302; 1259 16501 MATERIALIZED VIEW DATA public mv app",

@@ -452,3 +452,27 @@ pub fn gated_switch(started: &Path, release: &Path) -> String {
         release.display()
     )
 }
+
+/// Asserts that indexes, constraints and triggers of the user tables are the
+/// same on both sides (run after cleanup, when pgferry's triggers are gone).
+pub async fn assert_same_schema(env: &Env) {
+    let (s, t) = (env.source_as(APP).await, env.target_client().await);
+    let queries = [
+        "SELECT schemaname || '.' || indexname || ': ' || indexdef FROM pg_indexes
+          WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+        "SELECT conrelid::regclass::text || '.' || conname || ': ' || pg_get_constraintdef(oid) || ' valid=' || convalidated
+           FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+          ORDER BY 1",
+        "SELECT tgrelid::regclass::text || ': ' || pg_get_triggerdef(oid) || ' ' || tgenabled
+           FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1",
+    ];
+    for q in queries {
+        let rows =
+            |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+        let (a, b) = (
+            rows(s.query(q, &[]).await.expect(q)),
+            rows(t.query(q, &[]).await.expect(q)),
+        );
+        assert_eq!(a, b, "schema differs for: {q}");
+    }
+}

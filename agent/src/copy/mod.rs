@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::ident::column_list;
 use crate::migration::Migration;
 use crate::retry::{retry, Gave, Retryable};
-use crate::schema::{PgTools, Step};
+use crate::schema::PgTools;
 use crate::state::{self, CopyState, Phase, SchemaStep, TableState};
+
+pub mod indexes;
 
 /// Writes to the target are batched to this size (see CRATES.md: per-chunk
 /// sends cost a third of the throughput).
@@ -101,6 +103,8 @@ pub struct CopyReport {
     pub data_secs: f64,
     /// Wall time of the index phase.
     pub index_secs: f64,
+    /// Indexes built by this run.
+    pub indexes_built: usize,
 }
 
 /// Runs the copy phase, resuming where an earlier run stopped.
@@ -145,20 +149,19 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
 
     if !run.post_data_done {
         let started = Instant::now();
-        let entries: Vec<_> = tools
-            .toc(&archive, "post-data")
-            .await?
-            .into_iter()
-            .filter(|e| e.step() == Step::AfterCopy)
-            .collect();
-        tracing::info!(entries = entries.len(), "Building keys and indexes");
-        tools
-            .restore_entries(&m.target, &archive, &entries, "indexes")
-            .await?;
+        let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+        let (indexes, constraints) = indexes::read(m, &relids).await?;
+        tracing::info!(
+            indexes = indexes.len(),
+            constraints = constraints.len(),
+            "Building keys and indexes"
+        );
+        report.indexes_built = indexes::build(m, indexes, constraints).await?;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
         report.index_secs = started.elapsed().as_secs_f64();
     }
+    crate::failpoint::hit("copy.before_analyze").await;
     let target = m.target_conn().await?;
     target
         .batch_execute("ANALYZE")

@@ -1,0 +1,240 @@
+//! Keys and indexes, built on the target after its data, in parallel.
+//!
+//! Definitions come from the source catalog (`pg_get_indexdef`,
+//! `pg_get_constraintdef`, read with `search_path = pg_catalog` so every name
+//! is qualified). Each index is one statement, skipped when an object of that
+//! name exists: an interrupted build resumes with what is missing, and a
+//! killed agent leaves no child process behind. Primary keys and unique
+//! constraints are attached to their already-built index (`USING INDEX`), so
+//! they cost nothing extra; exclusion constraints and NOT VALID checks are
+//! added as constraints.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::CopyError;
+use crate::ident::{Ident, QualifiedTable};
+use crate::migration::Migration;
+
+/// One index of a captured table, and the constraint it backs, if any.
+#[derive(Debug, Clone)]
+pub struct IndexDef {
+    /// The table.
+    pub table: QualifiedTable,
+    /// Index name (same schema as the table).
+    pub name: String,
+    /// `CREATE [UNIQUE] INDEX ...`, names qualified.
+    pub definition: String,
+    /// Constraint backed by this index: name and `PRIMARY KEY` / `UNIQUE`.
+    pub constraint: Option<(String, &'static str, String)>,
+}
+
+/// A constraint added by definition (exclusion, NOT VALID check).
+#[derive(Debug, Clone)]
+pub struct ConstraintDef {
+    /// The table.
+    pub table: QualifiedTable,
+    /// Constraint name.
+    pub name: String,
+    /// `EXCLUDE ...` / `CHECK (...) NOT VALID`.
+    pub definition: String,
+}
+
+fn target_err(source: tokio_postgres::Error) -> CopyError {
+    CopyError::Target {
+        what: "building keys and indexes",
+        source,
+    }
+}
+
+/// Reads the index and constraint definitions of `relids` from the source.
+pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<ConstraintDef>), CopyError> {
+    let mut conn = m.source_conn().await?;
+    let src = |source| CopyError::Table {
+        table: "catalog".into(),
+        side: crate::endpoint::Side::Source,
+        source,
+    };
+    let tx = conn.transaction().await.map_err(src)?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog")
+        .await
+        .map_err(src)?;
+    let indexes = tx
+        .query(
+            "SELECT n.nspname::text, c.relname::text, ic.relname::text, pg_get_indexdef(i.indexrelid),
+                    con.conname::text, con.contype::text, con.condeferrable, con.condeferred
+               FROM pg_index i
+               JOIN pg_class ic ON ic.oid = i.indexrelid
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_constraint con
+                      ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
+              WHERE i.indrelid = ANY ($1::oid[]) AND coalesce(con.contype, '') <> 'x'
+              ORDER BY n.nspname, c.relname, ic.relname",
+            &[&relids],
+        )
+        .await
+        .map_err(src)?;
+    let constraints = tx
+        .query(
+            "SELECT n.nspname::text, c.relname::text, con.conname::text, pg_get_constraintdef(con.oid)
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE con.conrelid = ANY ($1::oid[]) AND con.conislocal
+                AND (con.contype = 'x' OR (con.contype = 'c' AND NOT con.convalidated))
+              ORDER BY 1, 2, 3",
+            &[&relids],
+        )
+        .await
+        .map_err(src)?;
+    tx.commit().await.map_err(src)?;
+    let indexes = indexes
+        .iter()
+        .map(|r| {
+            let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+            let constraint = r.get::<_, Option<String>>(4).map(|name| {
+                let kind = if r.get::<_, Option<String>>(5).as_deref() == Some("p") {
+                    "PRIMARY KEY"
+                } else {
+                    "UNIQUE"
+                };
+                let timing = match (r.get::<_, Option<bool>>(6), r.get::<_, Option<bool>>(7)) {
+                    (Some(true), Some(true)) => " DEFERRABLE INITIALLY DEFERRED",
+                    (Some(true), _) => " DEFERRABLE",
+                    _ => "",
+                };
+                (name, kind, timing.to_string())
+            });
+            IndexDef {
+                table,
+                name: r.get(2),
+                definition: r.get(3),
+                constraint,
+            }
+        })
+        .collect();
+    let constraints = constraints
+        .iter()
+        .map(|r| ConstraintDef {
+            table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            name: r.get(2),
+            definition: r.get(3),
+        })
+        .collect();
+    Ok((indexes, constraints))
+}
+
+async fn constraint_exists(
+    c: &tokio_postgres::Client,
+    table: &QualifiedTable,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
+            &[&table.to_string(), &name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Builds one index (and attaches its constraint) unless it exists.
+async fn build_one(m: &Migration, idx: &IndexDef) -> Result<bool, CopyError> {
+    let t = m.target_conn().await?;
+    t.batch_execute(&format!(
+        "SET maintenance_work_mem = '{}MB'",
+        m.cfg.copy.index_maintenance_work_mem_mb
+    ))
+    .await
+    .map_err(target_err)?;
+    let qualified = QualifiedTable::new(idx.table.schema.clone(), idx.name.clone()).to_string();
+    let exists: bool = t
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+        .await
+        .map_err(target_err)?
+        .get(0);
+    let mut built = false;
+    if let Some((con, _, _)) = &idx.constraint {
+        // USING INDEX renames the index to the constraint's name.
+        if constraint_exists(&t, &idx.table, con).await.map_err(target_err)? {
+            return Ok(false);
+        }
+    }
+    if !exists {
+        let started = std::time::Instant::now();
+        t.batch_execute(&idx.definition).await.map_err(target_err)?;
+        tracing::info!(index = %idx.name, table = %idx.table.display_name(), secs = started.elapsed().as_secs_f64(), "Index built");
+        built = true;
+    }
+    if let Some((con, kind, timing)) = &idx.constraint {
+        t.batch_execute(&format!(
+            "ALTER TABLE ONLY {} ADD CONSTRAINT {} {kind} USING INDEX {}{timing}",
+            idx.table,
+            Ident(con.clone()),
+            Ident(idx.name.clone())
+        ))
+        .await
+        .map_err(target_err)?;
+    }
+    crate::failpoint::hit("copy.index_done").await;
+    Ok(built)
+}
+
+/// Builds every missing index and constraint, `copy.workers` at a time.
+/// Returns how many indexes this run built.
+pub async fn build(
+    m: &Migration,
+    indexes: Vec<IndexDef>,
+    constraints: Vec<ConstraintDef>,
+) -> Result<usize, crate::Error> {
+    let permits = Arc::new(Semaphore::new(m.cfg.copy.workers));
+    let mut tasks = JoinSet::new();
+    for idx in indexes {
+        let (m, permits) = (m.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("never closed");
+            let never = tokio_util::sync::CancellationToken::new();
+            match crate::retry::retry(m.retry_policy(), "build an index", &never, || build_one(&m, &idx))
+                .await
+            {
+                Ok(b) => Ok(b),
+                Err(crate::retry::Gave::Up(e)) => Err(e),
+                Err(crate::retry::Gave::Cancelled) => unreachable!("the token is never cancelled"),
+            }
+        });
+    }
+    let mut built = 0;
+    let mut first_err = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.map_err(CopyError::Worker) {
+            Ok(Ok(b)) => built += usize::from(b),
+            Ok(Err(e)) | Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e.into());
+    }
+    let t = m.target_conn().await?;
+    for c in constraints {
+        if constraint_exists(&t, &c.table, &c.name)
+            .await
+            .map_err(target_err)?
+        {
+            continue;
+        }
+        t.batch_execute(&format!(
+            "ALTER TABLE ONLY {} ADD CONSTRAINT {} {}",
+            c.table,
+            Ident(c.name.clone()),
+            c.definition
+        ))
+        .await
+        .map_err(target_err)?;
+    }
+    Ok(built)
+}
