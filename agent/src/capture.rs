@@ -71,6 +71,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
     if run.is_none() {
         state::register_tables(&**conn, &regs).await?;
         state::set_phase(&**conn, Phase::Installing).await?;
+        crate::failpoint::hit("install.after_register").await;
     }
     let tables = state::tables(&**conn).await?;
     let mut installed_now = 0;

@@ -168,6 +168,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         tracing::info!(table = %table.display_name(), "Capture removed");
         crate::failpoint::hit("cleanup.table_done").await;
     }
+    crate::failpoint::hit("cleanup.before_schema_drop").await;
     let drop_schema = format!("DROP SCHEMA IF EXISTS {} CASCADE", Ident(SCHEMA.into()));
     let had_schema = leftovers(&source)
         .await

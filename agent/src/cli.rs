@@ -66,6 +66,9 @@ pub enum Command {
         /// Lift the fence of an interrupted cutover and return to syncing.
         #[arg(long)]
         abort: bool,
+        /// With --abort: even if the switch command may already have run.
+        #[arg(long, requires = "abort")]
+        force: bool,
     },
     /// Remove every pgferry object from source and target.
     Cleanup,
@@ -218,8 +221,12 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
             let r = crate::sync::run(&m, opts, cancel).await?;
             Output::ok(&r, pretty("sync stopped", &r))
         }
-        Command::Cutover { abort } => {
-            let r = crate::cutover::run(&m, crate::cutover::CutoverOptions { abort: *abort }, cancel).await;
+        Command::Cutover { abort, force } => {
+            let opts = crate::cutover::CutoverOptions {
+                abort: *abort,
+                force: *force,
+            };
+            let r = crate::cutover::run(&m, opts, cancel).await;
             match r {
                 Ok(r) => Output::ok(&r, pretty("cutover done", &r)),
                 Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v))) => {

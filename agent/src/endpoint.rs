@@ -165,8 +165,17 @@ impl Endpoint {
         if self.side == Side::Source {
             sql.push_str(&format!(" SET lock_timeout = {};", self.lock_timeout_ms));
         }
+        sql.push(' ');
+        sql.push_str(Self::VANISH_CHECK);
         sql
     }
+
+    /// SQL that makes the server end our queries promptly when pgferry itself
+    /// vanishes (killed, host lost), instead of finishing a long COPY or index
+    /// build for nobody. PostgreSQL 14+; a no-op on older servers.
+    const VANISH_CHECK: &'static str =
+        "SELECT set_config('client_connection_check_interval', '1000', false) \
+           WHERE current_setting('server_version_num')::int >= 140000";
 
     /// Opens one session (its connection task runs in the background).
     pub async fn connect(&self) -> Result<Client, ConnectError> {

@@ -55,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     /// Stopped by SIGINT/SIGTERM before the work was done.
-    #[error("stopped by signal before the command finished")]
+    #[error("stopped by signal before the command finished; run it again to continue")]
     Cancelled,
 }
 
@@ -79,6 +79,9 @@ impl Error {
             Error::Config(_) => ExitCode::Usage,
             Error::CheckFailed(_) | Error::VerifyMismatch(_) | Error::Connect(_) => ExitCode::CheckFailed,
             Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(_)) => ExitCode::CheckFailed,
+            // SIGTERM is a normal stop (systemd): state is consistent and a
+            // re-run continues.
+            Error::Cancelled => ExitCode::Done,
             _ => ExitCode::Runtime,
         }
     }

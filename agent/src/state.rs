@@ -16,7 +16,10 @@ use crate::ident::{Ident, QualifiedTable};
 pub const SCHEMA: &str = "pgferry";
 
 /// Versioned control-schema migrations, applied in order.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../sql/0001_control.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../sql/0001_control.sql")),
+    (2, include_str!("../../sql/0002_switch_marker.sql")),
+];
 
 /// Control-schema failures.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +125,8 @@ pub struct Run {
     pub fence_age_secs: Option<f64>,
     /// How long writes were blocked by the finished cutover.
     pub writes_blocked_ms: Option<i64>,
+    /// The switch command has started: the cutover can no longer be aborted.
+    pub switch_started: bool,
 }
 
 /// Copy progress of one table.
@@ -253,7 +258,7 @@ pub async fn load(client: &impl GenericClient) -> Result<Option<Run>, StateError
         .query_opt(
             "SELECT phase, pre_data_done, post_data_done,
                     extract(epoch FROM clock_timestamp() - fence_raised_at)::float8,
-                    writes_blocked_ms
+                    writes_blocked_ms, switch_started_at IS NOT NULL
                FROM pgferry.run",
             &[],
         )
@@ -266,6 +271,7 @@ pub async fn load(client: &impl GenericClient) -> Result<Option<Run>, StateError
             post_data_done: r.get(2),
             fence_age_secs: r.get(3),
             writes_blocked_ms: r.get(4),
+            switch_started: r.get(5),
         })
     })
     .transpose()
@@ -400,6 +406,30 @@ pub async fn record_fence(client: &impl GenericClient, raised: bool) -> Result<(
         "UPDATE pgferry.run SET fence_raised_at = NULL, updated_at = now()"
     };
     client.execute(sql, &[]).await.map_err(q("record the fence"))?;
+    Ok(())
+}
+
+/// Records the point of no return: the switch command is about to run.
+pub async fn record_switch_started(client: &impl GenericClient) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.run SET switch_started_at = coalesce(switch_started_at, clock_timestamp()), updated_at = now()",
+            &[],
+        )
+        .await
+        .map_err(q("record the switch"))?;
+    Ok(())
+}
+
+/// Clears the switch marker: the switch command reported that it did not switch.
+pub async fn clear_switch_started(client: &impl GenericClient) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.run SET switch_started_at = NULL, updated_at = now()",
+            &[],
+        )
+        .await
+        .map_err(q("clear the switch marker"))?;
     Ok(())
 }
 

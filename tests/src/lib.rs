@@ -463,7 +463,7 @@ pub async fn assert_same_schema(env: &Env) {
         "SELECT conrelid::regclass::text || '.' || conname || ': ' || pg_get_constraintdef(oid) || ' valid=' || convalidated
            FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
           ORDER BY 1",
-        "SELECT tgrelid::regclass::text || ': ' || pg_get_triggerdef(oid) || ' ' || tgenabled
+        "SELECT tgrelid::regclass::text || ': ' || pg_get_triggerdef(oid) || ' ' || tgenabled::text
            FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1",
     ];
     for q in queries {

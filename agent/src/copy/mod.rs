@@ -141,6 +141,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     if !run.pre_data_done {
         restore_pre_data(m, &tools, &archive, &tables).await?;
     }
+    crate::failpoint::hit("copy.after_pre_data").await;
 
     let mut report = CopyReport::default();
     let started = Instant::now();
@@ -233,7 +234,13 @@ async fn copy_tables(
         let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let res = retry(m.retry_policy(), "copy a table", &cancel, || copy_table(&m, &t)).await;
+            // A signal abandons the table in hand: its target transaction
+            // rolls back when the session closes, and it stays pending.
+            let copy = retry(m.retry_policy(), "copy a table", &cancel, || copy_table(&m, &t));
+            let res = tokio::select! {
+                res = copy => res,
+                () = cancel.cancelled() => Err(Gave::Cancelled),
+            };
             match res {
                 Ok(stats) => Ok(stats),
                 Err(Gave::Up(e)) => Err(crate::Error::from(e)),
@@ -295,6 +302,7 @@ async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyErr
         .map_err(tgt_err)?;
     let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
     let stream = source.copy_out(&out_sql).await.map_err(src_err)?;
+    crate::failpoint::hit("copy.mid_table").await;
     let (rows, bytes) = pump(stream, sink).await.map_err(|e| match e {
         Pumped::Source(e) => src_err(e),
         Pumped::Target(e) => tgt_err(e),

@@ -7,9 +7,11 @@
 //! left, copies sequences, verifies every table, creates foreign keys
 //! (`NOT VALID`), triggers, rules and policies, and runs the switch command.
 //! Any failure before the point of no return runs [`abort`]: those target
-//! objects are removed, the fence is lifted and sync can continue. After it,
-//! the phase is `cut_over`, the source stays fenced until cleanup, and the
-//! foreign keys are validated.
+//! objects are removed, the fence is lifted and sync can continue. The point
+//! of no return is recorded on the source just before the switch command
+//! runs; after it a re-run only completes the cutover. Then the phase is
+//! `cut_over`, the source stays fenced until cleanup, and the foreign keys
+//! are validated.
 
 pub mod decision;
 pub mod fence;
@@ -53,6 +55,8 @@ pub enum CutoverError {
 pub struct CutoverOptions {
     /// Only lift the fence of an interrupted cutover and return to syncing.
     pub abort: bool,
+    /// With `abort`: even when the switch command may have run.
+    pub force: bool,
 }
 
 /// What the cutover did.
@@ -95,18 +99,20 @@ pub async fn run(
                 run.phase.as_str()
             )));
         }
+        if run.switch_started && !opts.force {
+            return Err(crate::Error::Phase(
+                "the switch command may have run, so the application may already write to the target: \
+                 run `pgferry cutover` to finish; only if you are sure the application still uses the source, \
+                 run `pgferry cutover --abort --force`"
+                    .into(),
+            ));
+        }
         drop(conn);
         abort(m, "requested by the operator").await?;
         return Ok(CutoverReport::default());
     }
     let tables = match run.phase {
-        Phase::Syncing | Phase::CuttingOver => state::tables(&**conn).await?,
-        Phase::CutOver => {
-            return Ok(CutoverReport {
-                writes_blocked_ms: run.writes_blocked_ms.unwrap_or_default(),
-                ..Default::default()
-            })
-        }
+        Phase::Syncing | Phase::CuttingOver | Phase::CutOver => state::tables(&**conn).await?,
         other => {
             return Err(crate::Error::Phase(format!(
                 "the copy has not finished (phase {}): run `pgferry copy` and `pgferry sync` first",
@@ -115,8 +121,21 @@ pub async fn run(
         }
     };
     drop(conn);
+    if run.phase == Phase::CutOver {
+        let mut report = CutoverReport {
+            writes_blocked_ms: run.writes_blocked_ms.unwrap_or_default(),
+            ..Default::default()
+        };
+        validate_after_switch(m, &mut report).await?;
+        return Ok(report);
+    }
+    if run.switch_started {
+        tracing::warn!("Resuming a cutover whose switch had started; the fence stays up");
+        return after_point_of_no_return(m, CutoverReport::default()).await;
+    }
     if run.phase == Phase::Syncing {
         catch_up(m, &tables, cancel).await?;
+        crate::failpoint::hit("cutover.before_fence").await;
         let conn = m.source_conn().await?;
         fence::raise(&conn).await.map_err(CutoverError::Source)?;
         state::record_fence(&**conn, true).await?;
@@ -127,10 +146,13 @@ pub async fn run(
     }
     crate::failpoint::hit("cutover.after_fence").await;
     match fenced(m, &tables, cancel).await {
-        Ok(report) => Ok(report),
+        Ok(report) => after_point_of_no_return(m, report).await,
         Err(e) => {
             if let Err(abort_err) = abort(m, &crate::error::report(&e)).await {
                 tracing::error!(error = %crate::error::report(&abort_err), "Abort failed: the fence may still be up; run `pgferry cutover --abort`");
+            }
+            if cancel.is_cancelled() {
+                return Err(crate::Error::Cancelled);
             }
             Err(e)
         }
@@ -165,8 +187,8 @@ async fn catch_up(
     }
 }
 
-/// Everything done with the fence up. Errors before the point of no return
-/// are turned into an abort by the caller.
+/// Everything done with the fence up before the point of no return. Every
+/// step is idempotent, and any error leads to [`abort`].
 async fn fenced(
     m: &Migration,
     tables: &[TableState],
@@ -174,8 +196,9 @@ async fn fenced(
 ) -> Result<CutoverReport, crate::Error> {
     let mut report = CutoverReport::default();
     fence::wait_for_writers(m, tables, cancel).await?;
-    // Final drain: everything committed is visible now, and nothing new can
-    // commit. Two idle passes in a row would be redundant: one suffices.
+    crate::failpoint::hit("cutover.after_writers").await;
+    // Final drain: everything committed is visible now and nothing new can
+    // commit, so this ends with the first pass that finds nothing.
     let never = CancellationToken::new();
     loop {
         let pass = sync::drain_pass(m, tables, &never).await?;
@@ -186,7 +209,7 @@ async fn fenced(
     }
     crate::failpoint::hit("cutover.after_final_drain").await;
     let mut source = m.source_conn().await?;
-    let target = m.target_conn().await?;
+    let mut target = m.target_conn().await?;
     report.sequences = objects::copy_sequences(&source, &target)
         .await
         .map_err(CutoverError::Target)?;
@@ -205,7 +228,13 @@ async fn fenced(
     }
     report.tables_verified = verdict.tables.len();
     report.rows_verified = verdict.rows;
+    crate::failpoint::hit("cutover.after_verify").await;
 
+    // A clean slate first, so an interrupted earlier attempt cannot make
+    // this one fail on objects that already exist.
+    objects::remove_cutover_objects(&mut target)
+        .await
+        .map_err(CutoverError::Target)?;
     let fks = objects::foreign_keys(&mut source)
         .await
         .map_err(CutoverError::Source)?;
@@ -222,15 +251,46 @@ async fn fenced(
     objects::refresh_materialized_views(&source, &target)
         .await
         .map_err(CutoverError::Target)?;
-    if let Some(cmd) = &m.cfg.cutover.switch_command {
-        switch(m, cmd).await?;
-    }
+    crate::failpoint::hit("cutover.after_objects").await;
+    Ok(report)
+}
 
-    // Point of no return: the application may now write to the target. From
-    // here nothing lifts the fence; a failure is reported and a re-run of
-    // cutover finishes the remaining steps.
-    report.writes_blocked_ms = state::record_cutover_done(&**source).await?;
+/// The switch and what follows it.
+async fn after_point_of_no_return(
+    m: &Migration,
+    mut report: CutoverReport,
+) -> Result<CutoverReport, crate::Error> {
+    // Point of no return: once the switch command may have run, the
+    // application may write to the target, so nothing lifts the fence on its
+    // own any more; a re-run completes these steps (the switch command must
+    // be idempotent). Only the command's own failure report undoes it.
+    let conn = m.source_conn().await?;
+    state::record_switch_started(&**conn).await?;
+    crate::failpoint::hit("cutover.before_switch").await;
+    if let Some(cmd) = &m.cfg.cutover.switch_command {
+        if let Err(e) = switch(m, cmd).await {
+            state::clear_switch_started(&**conn).await?;
+            drop(conn);
+            abort(m, &crate::error::report(&e)).await?;
+            return Err(e.into());
+        }
+    }
+    crate::failpoint::hit("cutover.after_switch").await;
+    report.writes_blocked_ms = state::record_cutover_done(&**conn).await?;
     tracing::info!(writes_blocked_ms = report.writes_blocked_ms, "Cutover done");
+    crate::failpoint::hit("cutover.before_validate").await;
+    validate_after_switch(m, &mut report).await?;
+    Ok(report)
+}
+
+/// Validates the foreign keys that are valid on the source; writes are not
+/// blocked by validation, and a failure leaves the key NOT VALID with a warning.
+async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Result<(), crate::Error> {
+    let mut source = m.source_conn().await?;
+    let target = m.target_conn().await?;
+    let fks = objects::foreign_keys(&mut source)
+        .await
+        .map_err(CutoverError::Source)?;
     for fk in &fks {
         if let Err(e) = objects::validate_foreign_keys(&target, std::slice::from_ref(fk)).await {
             tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::error::report(&e), "Foreign key left NOT VALID");
@@ -239,7 +299,7 @@ async fn fenced(
                 .push(format!("{}.{}", fk.table.display_name(), fk.name));
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Restores policies, rules, comments and the like from a fresh schema dump.
@@ -291,7 +351,8 @@ async fn switch(m: &Migration, cmd: &str) -> Result<(), CutoverError> {
 }
 
 /// The abort path: removes what the cutover created on the target, lifts the
-/// fence and returns the migration to `syncing`.
+/// fence and returns the migration to `syncing`. Never called once the switch
+/// command may have run, except after that command itself reported failure.
 pub async fn abort(m: &Migration, why: &str) -> Result<(), crate::Error> {
     tracing::warn!(reason = why, "Aborting the cutover");
     let mut target = m.target_conn().await?;

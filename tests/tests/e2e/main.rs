@@ -1,0 +1,104 @@
+//! End-to-end tests against real clusters, with the agent binary run the way
+//! operators run it: the correctness contract (DESIGN.md) and the failures a
+//! real migration meets.
+
+mod contract;
+mod faults;
+
+use pgferry_e2e::*;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pgferry-under-test");
+
+/// The application's schema: a serial key, a composite key with a cascading
+/// foreign key, a generated column, an identity column, a unique NOT NULL
+/// index instead of a primary key, a user trigger, and names that need
+/// quoting (one of them shaped like SQL injection).
+pub const SCHEMA: &str = r#"
+CREATE TABLE accounts (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    balance numeric(14,2) NOT NULL DEFAULT 0,
+    balance_cents bigint GENERATED ALWAYS AS ((balance * 100)::bigint) STORED,
+    tags text[],
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE ledger (
+    account_id bigint NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    seq int NOT NULL,
+    amount numeric(14,2) NOT NULL,
+    note text,
+    PRIMARY KEY (account_id, seq));
+CREATE TABLE "Mixed Case ""Quoted"" Table" ("Key" int PRIMARY KEY, "select" text, payload jsonb);
+CREATE TABLE "; drop table accounts; --" (id int PRIMARY KEY, v text NOT NULL);
+CREATE TABLE scratch (id int PRIMARY KEY, v text);
+CREATE TABLE codes (code text NOT NULL UNIQUE, n int NOT NULL);
+CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, kind text NOT NULL,
+                     at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER accounts_touch BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION touch();
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO writer2;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO writer2;
+INSERT INTO accounts (name, balance, tags) SELECT 'acct ' || g, g, ARRAY['t' || g % 3] FROM generate_series(1, 3000) g;
+INSERT INTO ledger SELECT a.id, s, s * 1.5, 'seed' FROM accounts a, generate_series(1, 3) s;
+INSERT INTO "Mixed Case ""Quoted"" Table" SELECT g, 'v' || g, jsonb_build_object('g', g) FROM generate_series(1, 1000) g;
+INSERT INTO "; drop table accounts; --" SELECT g, 'x' || g FROM generate_series(1, 1000) g;
+INSERT INTO scratch SELECT g, 's' FROM generate_series(1, 100) g;
+INSERT INTO codes SELECT 'code-' || g, g FROM generate_series(1, 500) g;
+INSERT INTO events (kind) SELECT 'seed' FROM generate_series(1, 500);
+"#;
+
+/// What the application does: multi-row inserts and updates, deletes that
+/// cascade, primary-key and unique-key changes, upserts, TRUNCATE, identity
+/// inserts, multi-statement transactions.
+pub const OPS: &[&str] = &[
+    "INSERT INTO accounts (name, balance, tags) VALUES ('w$N', $N % 1000, ARRAY['w']), ('w$N b', 1, NULL)",
+    "UPDATE accounts SET balance = balance + 1 WHERE id BETWEEN ($N * 13) % 3000 AND ($N * 13) % 3000 + 5",
+    "INSERT INTO ledger (account_id, seq, amount, note)
+       SELECT id, 100 + $N % 50, 1, 'w' FROM accounts WHERE id = ($N * 7) % 3000 + 1 ON CONFLICT DO NOTHING",
+    "DELETE FROM accounts WHERE id = ($N * 31) % 3000 + 1",
+    r#"UPDATE "; drop table accounts; --" SET id = id + 100000 WHERE id = ($N * 17) % 1000 + 1"#,
+    r#"INSERT INTO "Mixed Case ""Quoted"" Table" VALUES ($N % 1500, 'u$N', '{"n": $N}')
+       ON CONFLICT ("Key") DO UPDATE SET "select" = EXCLUDED."select", payload = EXCLUDED.payload"#,
+    "UPDATE codes SET code = code || '+', n = n + 1 WHERE code = (SELECT code FROM codes ORDER BY n, code LIMIT 1)",
+    "INSERT INTO events (kind) VALUES ('w$N'); DELETE FROM events WHERE id = (SELECT min(id) FROM events)",
+    "BEGIN; UPDATE accounts SET name = name || '!' WHERE id = ($N * 3) % 3000 + 1;
+       INSERT INTO ledger VALUES (($N * 3) % 3000 + 1, 200 + $N % 100, 2, 'tx') ON CONFLICT DO NOTHING; COMMIT",
+    "BEGIN; TRUNCATE scratch; INSERT INTO scratch SELECT g, 'after $N' FROM generate_series(1, 20) g; COMMIT",
+];
+
+pub async fn seeded() -> Env {
+    let env = Env::new(BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("seed the source");
+    env
+}
+
+/// Config with a fast drain and a switch command gated by the test.
+pub fn gated_config(env: &Env) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    (started, release)
+}
+
+pub async fn fence_is_up(env: &Env) -> bool {
+    env.source_as(APP)
+        .await
+        .query_one("SELECT last_value <> 0 FROM pgferry.fence", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(false)
+}
+
+pub async fn target_has(env: &Env, sql: &str) -> bool {
+    env.target_client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect(sql)
+        .get(0)
+}
