@@ -12,10 +12,11 @@
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ident::Ident;
 use crate::migration::Migration;
 use crate::plan;
 use crate::retry::{retry, Gave, Retryable};
-use crate::state::{self, Phase, Registration};
+use crate::state::{self, Phase, Registration, TableState};
 
 /// Capture failures.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,15 @@ pub enum CaptureError {
     /// Installing one table's triggers failed for good.
     #[error("could not install capture on {table}")]
     Install {
+        /// The table.
+        table: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Removing one table's triggers failed for good.
+    #[error("could not remove capture from {table}")]
+    Remove {
         /// The table.
         table: String,
         /// The driver's error.
@@ -44,34 +54,42 @@ pub struct InstallReport {
     pub tables: usize,
     /// Tables whose triggers this run installed.
     pub installed_now: usize,
+    /// Registrations changed to follow the source schema.
+    pub refreshed: usize,
 }
 
 /// Installs the control schema and capture triggers. The caller has run the
-/// preflight.
+/// preflight. On a migration already under way it re-registers what changed
+/// in the source schema since (see [`refresh`]).
 pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<InstallReport, crate::Error> {
     let mut conn = m.source_conn().await?;
     let run = state::load(&**conn).await?;
     if let Some(run) = &run {
-        if run.phase >= Phase::Installed {
-            let tables = state::tables(&**conn).await?;
-            return Ok(InstallReport {
-                tables: tables.len(),
-                installed_now: 0,
-            });
+        if run.phase >= Phase::CuttingOver {
+            return Err(crate::Error::Phase(format!(
+                "the migration is in phase {}: finish (or abort) the cutover before installing again",
+                run.phase.as_str()
+            )));
         }
     }
-    let regs: Vec<Registration> = plan::source_tables(&**conn)
+    let current = plan::source_tables(&**conn)
         .await
-        .map_err(CaptureError::Catalog)?
-        .iter()
-        .filter_map(plan::SourceTable::registration)
-        .collect();
-    // Creating the schema takes no lock on any application table.
+        .map_err(CaptureError::Catalog)?;
+    // Creating the schema takes no lock on any application table; on an
+    // existing one this applies the migrations a newer pgferry brings.
     state::ensure_schema(&mut conn).await?;
-    if run.is_none() {
-        state::register_tables(&**conn, &regs).await?;
-        state::set_phase(&**conn, Phase::Installing).await?;
-        crate::failpoint::hit("install.after_register").await;
+    let mut refreshed = 0;
+    match &run {
+        None => {
+            let regs: Vec<Registration> = current
+                .iter()
+                .filter_map(plan::SourceTable::registration)
+                .collect();
+            state::register_tables(&**conn, &regs).await?;
+            state::set_phase(&**conn, Phase::Installing).await?;
+            crate::failpoint::hit("install.after_register").await;
+        }
+        Some(_) => refreshed = refresh(m, &conn, cancel, &current).await?,
     }
     let tables = state::tables(&**conn).await?;
     let mut installed_now = 0;
@@ -97,11 +115,130 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
         tracing::info!(table = %t.table.display_name(), "Capture installed");
         crate::failpoint::hit("install.table_done").await;
     }
-    state::set_phase(&**conn, Phase::Installed).await?;
+    match run.map(|r| r.phase) {
+        None | Some(Phase::Installing) => state::set_phase(&**conn, Phase::Installed).await?,
+        Some(phase) if refreshed > 0 && phase >= Phase::Syncing => {
+            // Changed and new tables must be copied before sync resumes.
+            state::set_phase(&**conn, Phase::Copying).await?;
+        }
+        Some(_) => {}
+    }
     Ok(InstallReport {
         tables: tables.len(),
         installed_now,
+        refreshed,
     })
+}
+
+/// Brings the registrations in line with the source schema: dropped tables
+/// are forgotten, renamed tables and tables whose key changed are captured
+/// afresh, tables whose columns changed are marked for a fresh copy, new
+/// tables are registered. Returns how many tables changed.
+async fn refresh(
+    m: &Migration,
+    conn: &tokio_postgres::Client,
+    cancel: &CancellationToken,
+    current: &[plan::SourceTable],
+) -> Result<usize, crate::Error> {
+    let registered = state::tables(conn).await?;
+    let mut changed = 0;
+    for t in &registered {
+        let now = current.iter().find(|c| c.relid == t.relid);
+        match now {
+            None => {
+                remove(m, conn, cancel, t, false).await?;
+                state::unregister(conn, t).await?;
+            }
+            Some(c) if c.table != t.table || c.key_columns.as_ref() != Some(&t.key_columns) => {
+                remove(m, conn, cancel, t, true).await?;
+                state::unregister(conn, t).await?;
+                state::register_tables(conn, &c.registration().into_iter().collect::<Vec<_>>()).await?;
+            }
+            Some(c) if c.copy_columns != t.copy_columns => {
+                state::reregister_columns(conn, t.id, &c.copy_columns).await?;
+            }
+            Some(_) => continue,
+        }
+        tracing::info!(table = %t.table.display_name(), "Registration refreshed after a schema change");
+        changed += 1;
+    }
+    let new: Vec<Registration> = current
+        .iter()
+        .filter(|c| !registered.iter().any(|t| t.relid == c.relid))
+        .filter_map(plan::SourceTable::registration)
+        .collect();
+    changed += new.len();
+    state::register_tables(conn, &new).await?;
+    Ok(changed)
+}
+
+/// Removes one registered table's capture: its triggers (when the table still
+/// exists) and its trigger functions.
+async fn remove(
+    m: &Migration,
+    conn: &tokio_postgres::Client,
+    cancel: &CancellationToken,
+    t: &TableState,
+    table_exists: bool,
+) -> Result<(), crate::Error> {
+    if table_exists {
+        let names: Vec<String> = SUFFIXES.iter().map(|s| format!("pgferry_capture_{s}")).collect();
+        let relid_table: String = conn
+            .query_one("SELECT $1::oid::regclass::text", &[&t.relid])
+            .await
+            .map_err(CaptureError::Catalog)?
+            .get(0);
+        drop_triggers(m, conn, cancel, &relid_table, &names).await?;
+    }
+    let functions: String = SUFFIXES
+        .iter()
+        .map(|s| {
+            format!(
+                "DROP FUNCTION IF EXISTS pgferry.{}();",
+                Ident(format!("capture_{}_{s}", t.id))
+            )
+        })
+        .collect();
+    conn.batch_execute(&functions)
+        .await
+        .map_err(CaptureError::Catalog)?;
+    Ok(())
+}
+
+/// The four capture events, as they appear in trigger and function names.
+const SUFFIXES: [&str; 4] = ["ins", "upd", "del", "trunc"];
+
+/// Drops the named triggers of one table in one short transaction, under the
+/// source's lock timeout and retries. `table` is SQL text for the table: a
+/// `regclass` rendering or a [`QualifiedTable`](crate::ident::QualifiedTable).
+pub(crate) async fn drop_triggers(
+    m: &Migration,
+    conn: &tokio_postgres::Client,
+    cancel: &CancellationToken,
+    table: &str,
+    names: &[String],
+) -> Result<(), crate::Error> {
+    let sql: String = std::iter::once("BEGIN;".to_string())
+        .chain(
+            names
+                .iter()
+                .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone()))),
+        )
+        .chain(std::iter::once("COMMIT;".to_string()))
+        .collect();
+    let what = format!("drop capture triggers on {table}");
+    let (sql, w) = (&sql, &what);
+    retry_ddl(m, cancel, w, || async move {
+        let res = conn.batch_execute(sql).await;
+        if res.is_err() {
+            let _ = conn.batch_execute("ROLLBACK").await;
+        }
+        res.map_err(|source| CaptureError::Remove {
+            table: table.to_string(),
+            source,
+        })
+    })
+    .await
 }
 
 /// True when all four capture triggers exist on the table.
@@ -118,9 +255,9 @@ async fn has_capture(client: &tokio_postgres::Client, relid: u32) -> Result<bool
 impl Retryable for CaptureError {
     fn is_retryable(&self) -> bool {
         match self {
-            CaptureError::Install { source, .. } | CaptureError::Catalog(source) => {
-                crate::error::is_retryable(source)
-            }
+            CaptureError::Install { source, .. }
+            | CaptureError::Remove { source, .. }
+            | CaptureError::Catalog(source) => crate::error::is_retryable(source),
             CaptureError::AlreadyPast(_) => false,
         }
     }
@@ -134,7 +271,7 @@ pub(crate) async fn retry_ddl<T, E, F, Fut>(
     op: F,
 ) -> Result<T, crate::Error>
 where
-    E: Retryable + std::fmt::Display + Into<crate::Error>,
+    E: Retryable + std::error::Error + 'static + Into<crate::Error>,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {

@@ -145,25 +145,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         }
     }
     for (table, names) in &by_table {
-        let sql: String = std::iter::once("BEGIN;".to_string())
-            .chain(
-                names
-                    .iter()
-                    .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone()))),
-            )
-            .chain(std::iter::once("COMMIT;".to_string()))
-            .collect();
-        let (c, sql) = (&source, &sql);
-        let what = format!("drop capture triggers on {}", table.display_name());
-        let w = &what;
-        retry_ddl(m, cancel, w, || async move {
-            let res = c.batch_execute(sql).await;
-            if res.is_err() {
-                let _ = c.batch_execute("ROLLBACK").await;
-            }
-            res.map_err(q(w, Side::Source))
-        })
-        .await?;
+        crate::capture::drop_triggers(m, &source, cancel, &table.to_string(), names).await?;
         report.triggers_dropped += names.len();
         tracing::info!(table = %table.display_name(), "Capture removed");
         crate::failpoint::hit("cleanup.table_done").await;

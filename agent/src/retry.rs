@@ -74,7 +74,7 @@ pub async fn retry<T, E, F, Fut>(
     mut op: F,
 ) -> Result<T, Gave<E>>
 where
-    E: Retryable + std::fmt::Display,
+    E: Retryable + std::error::Error + 'static,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -85,7 +85,7 @@ where
             Err(e) if e.is_retryable() && attempt < policy.retries => {
                 attempt += 1;
                 let wait = policy.backoff(attempt);
-                tracing::info!(what, attempt, wait_ms = wait.as_millis() as u64, error = %e, "Retrying");
+                tracing::info!(what, attempt, wait_ms = wait.as_millis() as u64, error = %crate::error::report(&e), "Retrying");
                 tokio::select! {
                     () = cancel.cancelled() => return Err(Gave::Cancelled),
                     () = tokio::time::sleep(wait) => {}
@@ -116,13 +116,9 @@ mod tests {
         assert!(p.backoff(10) >= Duration::from_millis(500));
     }
 
-    #[derive(Debug)]
+    #[derive(Debug, thiserror::Error)]
+    #[error("e")]
     struct E(bool);
-    impl std::fmt::Display for E {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "e")
-        }
-    }
     impl Retryable for E {
         fn is_retryable(&self) -> bool {
             self.0

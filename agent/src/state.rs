@@ -334,6 +334,38 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
     Ok(())
 }
 
+/// Updates a registration whose columns changed and marks the table for a
+/// fresh copy.
+pub async fn reregister_columns(
+    client: &impl GenericClient,
+    id: i32,
+    copy_columns: &[String],
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.tables SET copy_columns = $2, copy_state = 'pending', copied_rows = NULL WHERE id = $1",
+            &[&id, &copy_columns],
+        )
+        .await
+        .map_err(q("update a registration"))?;
+    Ok(())
+}
+
+/// Forgets a table: its registration, its TRUNCATE events and its delta table.
+pub async fn unregister(client: &impl GenericClient, t: &TableState) -> Result<(), StateError> {
+    client
+        .batch_execute(&format!(
+            "DELETE FROM pgferry.truncates WHERE table_id = {id};
+             DELETE FROM pgferry.tables WHERE id = {id};
+             DROP TABLE IF EXISTS {delta};",
+            id = t.id,
+            delta = t.delta_table()
+        ))
+        .await
+        .map_err(q("unregister a table"))?;
+    Ok(())
+}
+
 /// Every registered table with its progress, in id order.
 pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, StateError> {
     let rows = client

@@ -71,6 +71,17 @@ pub enum SyncError {
     /// A worker task panicked.
     #[error("a drain worker stopped unexpectedly")]
     Worker(#[source] tokio::task::JoinError),
+    /// The source schema changed since install.
+    #[error(
+        "the source schema changed since install: {}. Make the same change on the target, then run \
+         `pgferry install` (it captures new tables and marks changed ones for a fresh copy) and \
+         `pgferry copy`, then sync again",
+        .0.join("; ")
+    )]
+    SchemaDrift(Vec<String>),
+    /// Reading the source catalog for drift failed.
+    #[error("could not read the source catalog")]
+    Catalog(#[source] tokio_postgres::Error),
 }
 
 impl Retryable for SyncError {
@@ -81,7 +92,8 @@ impl Retryable for SyncError {
             }
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
-            SyncError::Worker(_) => false,
+            SyncError::Catalog(source) => crate::error::is_retryable(source),
+            SyncError::Worker(_) | SyncError::SchemaDrift(_) => false,
         }
     }
 }
@@ -144,6 +156,7 @@ pub async fn run(
         if cancel.is_cancelled() || migration_over(m).await? {
             return Ok(report);
         }
+        check_drift(m, &tables).await?;
         let pass = drain_pass(m, &tables, cancel).await?;
         report.passes += 1;
         let idle = pass.is_idle();
@@ -172,6 +185,55 @@ async fn migration_over(m: &Migration) -> Result<bool, crate::Error> {
         None => true,
         Some(run) => run.phase == Phase::CutOver,
     })
+}
+
+/// What changed in the source schema since the tables were registered: new
+/// user tables, dropped or renamed ones, changed columns or keys.
+pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for t in registered {
+        match current.iter().find(|c| c.relid == t.relid) {
+            None => changes.push(format!("table {} was dropped", t.table.display_name())),
+            Some(c) if c.table != t.table => changes.push(format!(
+                "table {} was renamed to {}",
+                t.table.display_name(),
+                c.table.display_name()
+            )),
+            Some(c) if c.key_columns.as_ref() != Some(&t.key_columns) => {
+                changes.push(format!("table {}: its key changed", t.table.display_name()))
+            }
+            Some(c) if c.copy_columns != t.copy_columns => changes.push(format!(
+                "table {}: columns changed (now {}, captured {})",
+                t.table.display_name(),
+                c.copy_columns.join(", "),
+                t.copy_columns.join(", ")
+            )),
+            Some(_) => {}
+        }
+    }
+    for c in current {
+        if !registered.iter().any(|t| t.relid == c.relid) {
+            changes.push(format!(
+                "table {} was created after install and is not captured",
+                c.table.display_name()
+            ));
+        }
+    }
+    changes
+}
+
+/// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
+pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), SyncError> {
+    let conn = m.source_conn().await?;
+    let current = crate::plan::source_tables(&**conn)
+        .await
+        .map_err(SyncError::Catalog)?;
+    let changes = drift(tables, &current);
+    if changes.is_empty() {
+        Ok(())
+    } else {
+        Err(SyncError::SchemaDrift(changes))
+    }
 }
 
 /// The captured tables, once the copy has finished.

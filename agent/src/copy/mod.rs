@@ -148,7 +148,9 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     copy_tables(m, &tables, cancel, &mut report).await?;
     report.data_secs = started.elapsed().as_secs_f64();
 
-    if !run.post_data_done {
+    // Always: the build skips what exists, and tables added by a later
+    // install need their keys and indexes too.
+    {
         let started = Instant::now();
         let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
         let (indexes, constraints) = indexes::read(m, &relids).await?;

@@ -170,6 +170,7 @@ async fn catch_up(
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
         }
+        sync::check_drift(m, tables).await?;
         sync::drain_pass(m, tables, cancel).await?;
         let conn = m.source_conn().await?;
         let backlog: i64 = sync::backlog(&conn, tables).await?.iter().sum();
@@ -197,6 +198,7 @@ async fn fenced(
     let mut report = CutoverReport::default();
     fence::wait_for_writers(m, tables, cancel).await?;
     crate::failpoint::hit("cutover.after_writers").await;
+    sync::check_drift(m, tables).await?;
     // Final drain: everything committed is visible now and nothing new can
     // commit, so this ends with the first pass that finds nothing.
     let never = CancellationToken::new();

@@ -259,3 +259,193 @@ async fn server_restarts_are_survived() {
     env.ok(&["cutover"]).await;
     assert_same_data(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
+         UPDATE accounts SET vip = true WHERE id < 100;
+         CREATE TABLE fresh (id int PRIMARY KEY, v text);
+         INSERT INTO fresh SELECT g, 'f' || g FROM generate_series(1, 50) g;",
+    )
+    .await
+    .unwrap();
+    let out = env.run(&["sync", "--until-caught-up"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("table public.accounts: columns changed"), "{err}");
+    assert!(
+        err.contains("table public.fresh was created after install"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pgferry install"),
+        "the error says what to do: {err}"
+    );
+    let out = env.run(&["cutover"]).await;
+    assert_ne!(out.status.code(), Some(0), "no cutover over a drifted schema");
+    assert!(!fence_is_up(&env).await);
+
+    // The operator repeats the change on the target, then install + copy.
+    env.target_client()
+        .await
+        .batch_execute(
+            "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
+             CREATE TABLE fresh (id int, v text);",
+        )
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["install", "--json"]).await).unwrap();
+    assert_eq!(report["refreshed"], 2, "{report}");
+    assert_eq!(env.status().await["phase"], "copying");
+    app.batch_execute(
+        "UPDATE accounts SET vip = true WHERE id BETWEEN 100 AND 120; INSERT INTO fresh VALUES (51, 'late')",
+    )
+    .await
+    .unwrap();
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_same_schema(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_target_privilege_consumes_nothing() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let t = env.target_client().await;
+    t.batch_execute("REVOKE INSERT ON scratch FROM rds_master")
+        .await
+        .unwrap();
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (600000, 'needs insert')")
+        .await
+        .unwrap();
+    let out = env.run(&["sync", "--until-caught-up"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("public.scratch") && err.contains("permission denied"),
+        "{err}"
+    );
+    let status = env.status().await;
+    let scratch = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "public.scratch")
+        .unwrap();
+    assert_eq!(
+        scratch["backlog_rows"], 1,
+        "the delta that could not be applied is kept: {status}"
+    );
+    t.batch_execute("GRANT INSERT ON scratch TO rds_master")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert!(target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 600000)").await);
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
+/// Runs single-row writes to `tables` until stopped; returns the slowest
+/// statement's latency.
+async fn measure_writes(
+    env: &Env,
+    tables: &'static [&'static str],
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Duration {
+    let c = env.source_as(WRITER).await;
+    let mut worst = Duration::ZERO;
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for table in tables {
+            n += 1;
+            let started = std::time::Instant::now();
+            let sql = match *table {
+                "scratch" => format!("UPDATE scratch SET v = 'w{n}' WHERE id = 50"),
+                "codes" => format!("UPDATE codes SET n = n + 1 WHERE code = 'code-{}'", 1 + n % 400),
+                _ => format!(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = {}",
+                    2000 + n % 900
+                ),
+            };
+            c.batch_execute(&sql).await.expect("application write");
+            worst = worst.max(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_and_cleanup_never_queue_the_application_behind_a_blocker() {
+    let env = seeded().await;
+    env.config("[source_limits]\nlock_timeout_ms = 200\nretry_max_backoff_ms = 400\n");
+    let lock_timeout = Duration::from_millis(200);
+    // Generous for a loaded CI machine, far below the blockers' 2 s.
+    let margin = Duration::from_millis(800);
+    let blocked_tables = |env: &Env, name: &'static str| {
+        let (port, name) = (env.source.port(), name);
+        async move {
+            let c = connect(port, APP).await;
+            c.query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname LIKE 'pgferry%'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+
+    for (phase, blocker_sql) in [
+        // An open write transaction on scratch (ROW EXCLUSIVE, like a long
+        // application transaction), and an anti-wraparound-vacuum-like lock
+        // on codes (SHARE UPDATE EXCLUSIVE).
+        ("install", "BEGIN; UPDATE scratch SET v = 'held' WHERE id = 1; LOCK TABLE codes IN SHARE UPDATE EXCLUSIVE MODE"),
+        ("cleanup", "BEGIN; UPDATE scratch SET v = 'held' WHERE id = 1; LOCK TABLE codes IN SHARE UPDATE EXCLUSIVE MODE"),
+    ] {
+        let blocker = env.source_as(APP).await;
+        blocker.batch_execute(blocker_sql).await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = measure_writes(&env, &["scratch", "codes", "accounts"], stop.clone());
+        let agent = async {
+            let mut child = env.cmd(&[phase]).spawn().unwrap();
+            // The agent gets every other table done and keeps retrying these two.
+            let want: i64 = if phase == "install" { 0 } else { 4 };
+            wait_for("the other tables", Duration::from_secs(60), || async {
+                let accounts = blocked_tables(&env, "accounts").await;
+                let done = if phase == "install" { accounts == 4 } else { accounts == 0 };
+                (done && blocked_tables(&env, "scratch").await == want).then_some(())
+            })
+            .await;
+            // Hold the blockers through several retry rounds, then let go.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(blocked_tables(&env, "scratch").await, want, "{phase} waits for the blocker");
+            blocker.batch_execute("COMMIT").await.unwrap();
+            let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            status
+        };
+        let (worst, status) = tokio::join!(writes, agent);
+        assert!(status.success(), "{phase} completes once the blocker is gone");
+        assert!(
+            worst < lock_timeout + margin,
+            "{phase}: an application write waited {worst:?}, more than lock_timeout {lock_timeout:?} + {margin:?}"
+        );
+    }
+    assert_no_leftovers(&env).await;
+}
