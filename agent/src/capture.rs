@@ -42,6 +42,9 @@ pub enum CaptureError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
     /// A migration is already past installation.
     #[error("capture is already installed and the migration is in phase {0:?}")]
     AlreadyPast(Phase),
@@ -101,9 +104,11 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             continue;
         }
         let what = format!("install capture on {}", t.table.display_name());
-        let c = &conn;
+        // A fresh session per attempt: the one that failed may be gone.
         retry_ddl(m, cancel, &what, || async move {
-            c.execute("SELECT pgferry.capture_install($1)", &[&t.id])
+            m.source_conn()
+                .await?
+                .execute("SELECT pgferry.capture_install($1)", &[&t.id])
                 .await
                 .map_err(|source| CaptureError::Install {
                     table: t.table.display_name(),
@@ -188,7 +193,7 @@ async fn remove(
             .await
             .map_err(CaptureError::Catalog)?
             .get(0);
-        drop_triggers(m, conn, cancel, &relid_table, &names).await?;
+        drop_triggers(m, cancel, &relid_table, &names).await?;
     }
     let functions: String = SUFFIXES
         .iter()
@@ -213,7 +218,6 @@ const SUFFIXES: [&str; 4] = ["ins", "upd", "del", "trunc"];
 /// `regclass` rendering or a [`QualifiedTable`](crate::ident::QualifiedTable).
 pub(crate) async fn drop_triggers(
     m: &Migration,
-    conn: &tokio_postgres::Client,
     cancel: &CancellationToken,
     table: &str,
     names: &[String],
@@ -227,8 +231,11 @@ pub(crate) async fn drop_triggers(
         .chain(std::iter::once("COMMIT;".to_string()))
         .collect();
     let what = format!("drop capture triggers on {table}");
-    let (sql, w) = (&sql, &what);
-    retry_ddl(m, cancel, w, || async move {
+    let sql = &sql;
+    // A fresh session per attempt: the one that failed may be gone, or be
+    // left inside the failed transaction.
+    retry_ddl(m, cancel, &what, || async move {
+        let conn = m.source_conn().await?;
         let res = conn.batch_execute(sql).await;
         if res.is_err() {
             let _ = conn.batch_execute("ROLLBACK").await;
@@ -258,6 +265,7 @@ impl Retryable for CaptureError {
             CaptureError::Install { source, .. }
             | CaptureError::Remove { source, .. }
             | CaptureError::Catalog(source) => crate::error::is_retryable(source),
+            CaptureError::Connect(e) => e.is_retryable(),
             CaptureError::AlreadyPast(_) => false,
         }
     }

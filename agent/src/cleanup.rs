@@ -17,6 +17,9 @@ use crate::state::SCHEMA;
 /// Cleanup failures.
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::endpoint::ConnectError),
     /// A statement failed on one side.
     #[error("{what} failed on the {side}")]
     Query {
@@ -32,8 +35,10 @@ pub enum CleanupError {
 
 impl Retryable for CleanupError {
     fn is_retryable(&self) -> bool {
-        let CleanupError::Query { source, .. } = self;
-        crate::error::is_retryable(source)
+        match self {
+            CleanupError::Query { source, .. } => crate::error::is_retryable(source),
+            CleanupError::Connect(e) => e.is_retryable(),
+        }
     }
 }
 
@@ -145,7 +150,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         }
     }
     for (table, names) in &by_table {
-        crate::capture::drop_triggers(m, &source, cancel, &table.to_string(), names).await?;
+        crate::capture::drop_triggers(m, cancel, &table.to_string(), names).await?;
         report.triggers_dropped += names.len();
         tracing::info!(table = %table.display_name(), "Capture removed");
         crate::failpoint::hit("cleanup.table_done").await;
@@ -157,9 +162,11 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         .map_err(q("looking for the control schema", Side::Source))?
         .schema;
     if had_schema {
-        let (c, sql) = (&source, &drop_schema);
+        let sql = &drop_schema;
         retry_ddl(m, cancel, "drop the control schema", || async move {
-            c.batch_execute(sql)
+            m.source_conn()
+                .await?
+                .batch_execute(sql)
                 .await
                 .map_err(q("drop the control schema", Side::Source))
         })

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::error::{report, Error, ExitCode};
+use crate::migrate::resilient;
 use crate::Migration;
 
 /// pgferry: live PostgreSQL migration without superuser or replication.
@@ -207,18 +208,18 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
         }
         Command::Install => {
             crate::migrate::preflight(&m).await?;
-            let r = crate::capture::install(&m, cancel).await?;
+            let r = resilient(&m, "install", cancel, || crate::capture::install(&m, cancel)).await?;
             Output::ok(&r, pretty("install done", &r))
         }
         Command::Copy => {
-            let r = crate::copy::run(&m, cancel).await?;
+            let r = resilient(&m, "copy", cancel, || crate::copy::run(&m, cancel)).await?;
             Output::ok(&r, pretty("copy done", &r))
         }
         Command::Sync { until_caught_up } => {
             let opts = crate::sync::SyncOptions {
                 until_caught_up: *until_caught_up,
             };
-            let r = crate::sync::run(&m, opts, cancel).await?;
+            let r = resilient(&m, "sync", cancel, || crate::sync::run(&m, opts, cancel)).await?;
             Output::ok(&r, pretty("sync stopped", &r))
         }
         Command::Cutover { abort, force } => {
@@ -226,7 +227,7 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
                 abort: *abort,
                 force: *force,
             };
-            let r = crate::cutover::run(&m, opts, cancel).await;
+            let r = resilient(&m, "cutover", cancel, || crate::cutover::run(&m, opts, cancel)).await;
             match r {
                 Ok(r) => Output::ok(&r, pretty("cutover done", &r)),
                 Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v))) => {
@@ -237,7 +238,7 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
             }
         }
         Command::Cleanup => {
-            let r = crate::cleanup::run(&m, cancel).await?;
+            let r = resilient(&m, "cleanup", cancel, || crate::cleanup::run(&m, cancel)).await?;
             Output::ok(&r, pretty("cleanup done", &r))
         }
         Command::Verify => {

@@ -73,6 +73,10 @@ pub struct SourceLimits {
     /// Cap of the exponential backoff between retries. Default 5000 ms.
     #[serde(default = "default_retry_max_backoff_ms")]
     pub retry_max_backoff_ms: u64,
+    /// How many times a whole step (install, copy, sync, cutover, cleanup)
+    /// is run again after a transient failure. Default 10.
+    #[serde(default = "default_step_retries")]
+    pub step_retries: u32,
 }
 
 /// Bulk copy.
@@ -136,6 +140,9 @@ fn default_lock_retries() -> u32 {
 fn default_retry_max_backoff_ms() -> u64 {
     5000
 }
+fn default_step_retries() -> u32 {
+    10
+}
 fn default_copy_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
@@ -165,6 +172,7 @@ impl Default for SourceLimits {
             lock_timeout_ms: default_lock_timeout_ms(),
             lock_retries: default_lock_retries(),
             retry_max_backoff_ms: default_retry_max_backoff_ms(),
+            step_retries: default_step_retries(),
         }
     }
 }

@@ -87,6 +87,29 @@ impl Error {
     }
 }
 
+impl crate::retry::Retryable for Error {
+    /// True for failures that a later attempt of the same (resumable) step
+    /// may get past: lost connections, restarts, lock timeouts, a client tool
+    /// that failed (its connection may have been cut).
+    fn is_retryable(&self) -> bool {
+        use crate::cutover::CutoverError;
+        match self {
+            Error::Connect(e) => e.is_retryable(),
+            Error::State(e) => e.is_retryable(),
+            Error::Capture(e) => e.is_retryable(),
+            Error::Copy(e) => e.is_retryable(),
+            Error::Sync(e) => e.is_retryable(),
+            Error::Cleanup(e) => e.is_retryable(),
+            Error::Schema(crate::schema::SchemaError::Failed { .. }) => true,
+            Error::Verify(crate::verify::VerifyError::Query { source, .. }) => is_retryable(source),
+            Error::Verify(crate::verify::VerifyError::Connect(e)) => e.is_retryable(),
+            Error::Cutover(CutoverError::Source(e) | CutoverError::Target(e)) => is_retryable(e),
+            Error::Cutover(CutoverError::Connect(e)) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
 /// Renders an error and its `source()` chain, one cause per line.
 pub fn report(err: &(dyn StdError + 'static)) -> String {
     let mut out = err.to_string();

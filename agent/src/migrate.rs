@@ -63,16 +63,44 @@ pub async fn run(
         preflight(m).await?;
     }
     if phase < Some(Phase::Installed) {
-        report.install = Some(capture::install(m, cancel).await?);
+        report.install = Some(resilient(m, "install", cancel, || capture::install(m, cancel)).await?);
     }
     if phase < Some(Phase::Syncing) {
-        report.copy = Some(copy::run(m, cancel).await?);
+        report.copy = Some(resilient(m, "copy", cancel, || copy::run(m, cancel)).await?);
     }
     if !opts.cutover {
-        report.sync = Some(sync::run(m, SyncOptions::default(), cancel).await?);
+        let opts = SyncOptions::default();
+        report.sync = Some(resilient(m, "sync", cancel, || sync::run(m, opts, cancel)).await?);
         return Ok(report);
     }
-    report.cutover = Some(cutover::run(m, CutoverOptions::default(), cancel).await?);
-    report.cleanup = Some(cleanup::run(m, cancel).await?);
+    let opts = CutoverOptions::default();
+    report.cutover = Some(resilient(m, "cutover", cancel, || cutover::run(m, opts, cancel)).await?);
+    report.cleanup = Some(resilient(m, "cleanup", cancel, || cleanup::run(m, cancel)).await?);
     Ok(report)
+}
+
+/// Runs a whole step again after a transient failure. Every step resumes
+/// from the stored state, so this is what a supervisor restarting the agent
+/// would do, without losing the process. Errors that need an operator
+/// (blockers, drift, a verification mismatch) are returned at once.
+pub async fn resilient<T, F, Fut>(
+    m: &Migration,
+    step: &str,
+    cancel: &CancellationToken,
+    mut f: F,
+) -> Result<T, crate::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::Error>>,
+{
+    let policy = crate::retry::RetryPolicy {
+        retries: m.cfg.source_limits.step_retries,
+        base: std::time::Duration::from_millis(500),
+        cap: std::time::Duration::from_millis(m.cfg.source_limits.retry_max_backoff_ms),
+    };
+    match crate::retry::retry(policy, step, cancel, &mut f).await {
+        Ok(v) => Ok(v),
+        Err(crate::retry::Gave::Up(e)) => Err(e),
+        Err(crate::retry::Gave::Cancelled) => Err(crate::Error::Cancelled),
+    }
 }

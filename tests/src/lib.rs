@@ -476,3 +476,76 @@ pub async fn assert_same_schema(env: &Env) {
         assert_eq!(a, b, "schema differs for: {q}");
     }
 }
+
+/// A TCP forwarder on 127.0.0.1 in front of a server, which can cut its live
+/// connections on demand (both directions dropped at once, as a broken
+/// network path would).
+pub struct ChaosProxy {
+    /// The port to connect to instead of the server's.
+    pub port: u16,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ChaosProxy {
+    /// Starts forwarding to `upstream` (a port on 127.0.0.1).
+    pub async fn start(upstream: u16) -> ChaosProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let registry = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let task = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                let mut list = registry.lock().expect("proxy registry");
+                list.retain(|h| !h.is_finished());
+                list.push(task.abort_handle());
+            }
+        });
+        ChaosProxy { port, conns, accept }
+    }
+
+    /// Cuts one live connection chosen by `pick` (an index, taken modulo the
+    /// number of live connections); returns whether there was one to cut.
+    pub fn cut(&self, pick: usize) -> bool {
+        let mut list = self.conns.lock().expect("proxy registry");
+        list.retain(|h| !h.is_finished());
+        if list.is_empty() {
+            return false;
+        }
+        let i = pick % list.len();
+        let victim = list.swap_remove(i);
+        victim.abort();
+        true
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for h in self.conns.lock().map(|l| l.clone()).unwrap_or_default() {
+            h.abort();
+        }
+    }
+}
+
+impl Env {
+    /// The source URL through another port (a proxy).
+    pub fn source_url_via(&self, port: u16) -> String {
+        self.source_url()
+            .replace(&format!(":{}/", self.source.port()), &format!(":{port}/"))
+    }
+
+    /// The target URL through another port (a proxy).
+    pub fn target_url_via(&self, port: u16) -> String {
+        self.target_url()
+            .replace(&format!(":{}/", self.target.port()), &format!(":{port}/"))
+    }
+}

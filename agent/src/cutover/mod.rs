@@ -136,14 +136,17 @@ pub async fn run(
     if run.phase == Phase::Syncing {
         catch_up(m, &tables, cancel).await?;
         crate::failpoint::hit("cutover.before_fence").await;
-        let conn = m.source_conn().await?;
-        fence::raise(&conn).await.map_err(CutoverError::Source)?;
-        state::record_fence(&**conn, true).await?;
-        state::set_phase(&**conn, Phase::CuttingOver).await?;
-        tracing::warn!("Fence raised: writes to captured tables are blocked on the source");
     } else {
-        tracing::warn!("Resuming an interrupted cutover; the fence is still up");
+        tracing::warn!("Resuming an interrupted cutover");
     }
+    // Raised again on resume too: an abort that lifted the fence but died
+    // before recording it must not leave a resumed cutover unfenced.
+    let conn = m.source_conn().await?;
+    fence::raise(&conn).await.map_err(CutoverError::Source)?;
+    state::record_fence(&**conn, true).await?;
+    state::set_phase(&**conn, Phase::CuttingOver).await?;
+    drop(conn);
+    tracing::warn!("Fence raised: writes to captured tables are blocked on the source");
     crate::failpoint::hit("cutover.after_fence").await;
     match fenced(m, &tables, cancel).await {
         Ok(report) => after_point_of_no_return(m, report).await,

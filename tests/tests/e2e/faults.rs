@@ -449,3 +449,87 @@ async fn install_and_cleanup_never_queue_the_application_behind_a_blocker() {
     }
     assert_no_leftovers(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_completes_while_the_network_cuts_connections() {
+    let env = seeded().await;
+    let (source_proxy, target_proxy) = (
+        ChaosProxy::start(env.source.port()).await,
+        ChaosProxy::start(env.target.port()).await,
+    );
+    let (_, release) = crate::gated_config(&env);
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+    let mut agent = env
+        .cmd(&["migrate", "--cutover"])
+        .env("PGFERRY_SOURCE", env.source_url_via(source_proxy.port))
+        .env("PGFERRY_TARGET", env.target_url_via(target_proxy.port))
+        // Install is over in milliseconds: it waits here until the cuts of
+        // its phase are done, so they always land.
+        .env("PGFERRY_FAILPOINTS", "install.table_done@2")
+        .env("PGFERRY_FAILPOINT_RELEASE", env.failpoint_release())
+        .spawn()
+        .unwrap();
+    // Cuts start once the preflight has passed (a cut during the preflight is
+    // reported as a blocker, by design) and stop after a bounded number.
+    wait_for("capture to start", Duration::from_secs(60), || async {
+        let c = env.source_as(APP).await;
+        let row = c
+            .query_one("SELECT to_regclass('pgferry.run') IS NOT NULL", &[])
+            .await
+            .ok()?;
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    // Two cuts on each side in every phase the agent passes through, the
+    // phase read directly from the source (not through the proxy).
+    let chaos = async {
+        let watcher = env.source_as(APP).await;
+        let mut cut_in: std::collections::HashMap<String, usize> = Default::default();
+        let mut round = 0usize;
+        loop {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            round += 1;
+            let phase: Option<String> = match watcher.query_opt("SELECT phase FROM pgferry.run", &[]).await {
+                Ok(row) => row.map(|r| r.get(0)),
+                Err(_) => break, // the control schema is gone: cleanup ran
+            };
+            let Some(phase) = phase else { continue };
+            if phase == "cut_over" {
+                break;
+            }
+            let n = cut_in.entry(phase).or_default();
+            if *n < 2 {
+                let source_cut = source_proxy.cut(round * 7);
+                let target_cut = target_proxy.cut(round * 11);
+                *n += usize::from(source_cut || target_cut);
+            }
+            if cut_in.get("installing") == Some(&2) {
+                std::fs::write(env.failpoint_release(), "").unwrap();
+            }
+        }
+        cut_in
+    };
+    let gate = async {
+        writers.wait_all_fenced().await;
+        std::fs::write(&release, "").unwrap();
+    };
+    let (cuts, (), status) = tokio::join!(chaos, gate, async {
+        tokio::time::timeout(Duration::from_secs(300), agent.wait()).await
+    });
+    let status = status.expect("the migration finished").unwrap();
+    assert!(
+        status.success(),
+        "the migration completes despite the cuts {cuts:?}"
+    );
+    for phase in ["installing", "copying", "syncing", "cutting_over"] {
+        assert_eq!(
+            cuts.get(phase),
+            Some(&2),
+            "connections cut in phase {phase}: {cuts:?}"
+        );
+    }
+    writers.stop().await;
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+}
