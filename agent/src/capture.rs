@@ -283,7 +283,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    match retry(m.retry_policy(), what, cancel, op).await {
+    match retry(m.retry_policy(), "ddl", what, cancel, op).await {
         Ok(v) => Ok(v),
         Err(Gave::Up(e)) => Err(e.into()),
         Err(Gave::Cancelled) => Err(crate::Error::Cancelled),

@@ -197,6 +197,33 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
         return Ok(Output::ok(&summary, summary.render()));
     }
     let m = migration(&cli)?;
+    let sampler = start_telemetry(&cli.command, &m);
+    let out = run_command(&cli, &m, cancel).await;
+    if let Some(stop) = sampler {
+        stop.cancel();
+    }
+    out
+}
+
+/// Serves metrics and samples the source while a working command runs
+/// (not for check, verify and status, which are one-shot reads).
+fn start_telemetry(command: &Command, m: &Migration) -> Option<CancellationToken> {
+    if matches!(
+        command,
+        Command::Check | Command::Verify | Command::Status | Command::Demo(_)
+    ) {
+        return None;
+    }
+    let addr = m.cfg.metrics.address().ok().flatten()?;
+    crate::telemetry::install(addr);
+    let stop = CancellationToken::new();
+    let interval = std::time::Duration::from_millis(m.cfg.metrics.sample_interval_ms);
+    tokio::spawn(crate::status::sample_forever(m.clone(), interval, stop.clone()));
+    Some(stop)
+}
+
+async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Result<Output, Error> {
+    let m = m.clone();
     Ok(match &cli.command {
         Command::Check => {
             let report = crate::plan::check(&m).await;

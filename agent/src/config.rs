@@ -55,6 +55,53 @@ pub struct Config {
     /// Cutover settings.
     #[serde(default)]
     pub cutover: CutoverConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` endpoint, or `off`. Default `127.0.0.1:9187`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+    /// How often backlog, lag, fence and source figures are sampled.
+    /// Default 5000 ms.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+            sample_interval_ms: default_sample_interval_ms(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address to serve on, `None` when off.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.listen == "off" {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "metrics.listen = {:?} is not an address like 127.0.0.1:9187 (or \"off\")",
+                self.listen
+            ))
+        })
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+fn default_sample_interval_ms() -> u64 {
+    5000
 }
 
 /// How pgferry treats the source, which is someone's production database.
@@ -279,6 +326,10 @@ impl Config {
         }
         if self.source_limits.lock_timeout_ms == 0 {
             problems.push("source_limits.lock_timeout_ms must be positive: 0 would let DDL wait forever and queue the application behind it");
+        }
+        let metrics = self.metrics.address().err().map(|e| e.to_string());
+        if let Some(m) = &metrics {
+            problems.push(m);
         }
         if problems.is_empty() {
             Ok(())

@@ -26,6 +26,7 @@ pub mod schema;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod telemetry;
 pub mod verify;
 
 pub use error::{Error, ExitCode};

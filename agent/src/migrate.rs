@@ -85,7 +85,7 @@ pub async fn run(
 /// (blockers, drift, a verification mismatch) are returned at once.
 pub async fn resilient<T, F, Fut>(
     m: &Migration,
-    step: &str,
+    step: &'static str,
     cancel: &CancellationToken,
     mut f: F,
 ) -> Result<T, crate::Error>
@@ -98,7 +98,7 @@ where
         base: std::time::Duration::from_millis(500),
         cap: std::time::Duration::from_millis(m.cfg.source_limits.retry_max_backoff_ms),
     };
-    match crate::retry::retry(policy, step, cancel, &mut f).await {
+    match crate::retry::retry(policy, step, step, cancel, &mut f).await {
         Ok(v) => Ok(v),
         Err(crate::retry::Gave::Up(e)) => Err(e),
         Err(crate::retry::Gave::Cancelled) => Err(crate::Error::Cancelled),

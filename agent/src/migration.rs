@@ -49,6 +49,11 @@ impl Migration {
         self.target.get(&self.target_pool).await
     }
 
+    /// Sessions currently open to the source.
+    pub fn source_sessions(&self) -> usize {
+        self.source_pool.status().size
+    }
+
     /// Retry policy for source DDL and transient failures.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::from_limits(&self.cfg.source_limits)

@@ -66,9 +66,11 @@ pub enum Gave<E> {
 }
 
 /// Runs `op` until it succeeds, fails with a non-retryable error, runs out of
-/// attempts, or `cancel` fires between attempts (never during one).
+/// attempts, or `cancel` fires between attempts (never during one). Failures
+/// and retries are counted under `kind` (one of `telemetry::KINDS`).
 pub async fn retry<T, E, F, Fut>(
     policy: RetryPolicy,
+    kind: &'static str,
     what: &str,
     cancel: &CancellationToken,
     mut op: F,
@@ -83,6 +85,8 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && attempt < policy.retries => {
+                crate::telemetry::failed(kind);
+                crate::telemetry::retried(kind);
                 attempt += 1;
                 let wait = policy.backoff(attempt);
                 tracing::info!(what, attempt, wait_ms = wait.as_millis() as u64, error = %crate::error::report(&e), "Retrying");
@@ -91,7 +95,10 @@ where
                     () = tokio::time::sleep(wait) => {}
                 }
             }
-            Err(e) => return Err(Gave::Up(e)),
+            Err(e) => {
+                crate::telemetry::failed(kind);
+                return Err(Gave::Up(e));
+            }
         }
     }
 }
@@ -134,7 +141,7 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let mut calls = 0;
-        let r: Result<(), _> = retry(p, "t", &cancel, || {
+        let r: Result<(), _> = retry(p, "ddl", "t", &cancel, || {
             calls += 1;
             async { Err(E(true)) }
         })
@@ -142,7 +149,7 @@ mod tests {
         assert!(matches!(r, Err(Gave::Up(E(true)))));
         assert_eq!(calls, 4);
         let mut calls = 0;
-        let r: Result<(), _> = retry(p, "t", &cancel, || {
+        let r: Result<(), _> = retry(p, "ddl", "t", &cancel, || {
             calls += 1;
             async { Err(E(false)) }
         })

@@ -288,6 +288,7 @@ pub async fn set_phase(client: &impl GenericClient, phase: Phase) -> Result<(), 
         .await
         .map_err(q("set the phase"))?;
     tracing::info!(phase = phase.as_str(), "Phase changed");
+    crate::telemetry::phase(phase);
     Ok(())
 }
 

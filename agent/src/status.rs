@@ -20,6 +20,8 @@ pub struct TableStatus {
     pub applied_rows: i64,
     /// Seconds since the snapshot of the last completed batch.
     pub lag_secs: Option<f64>,
+    /// Size of the table on the source, indexes and TOAST included.
+    pub size_bytes: i64,
 }
 
 /// The whole status.
@@ -35,6 +37,12 @@ pub struct Status {
     pub backlog_rows: i64,
     /// Largest table lag.
     pub max_lag_secs: Option<f64>,
+    /// Seconds the fence has been up.
+    pub fence_secs: Option<f64>,
+    /// Age in transactions of the oldest snapshot pgferry holds on the source.
+    pub source_xmin_age: i64,
+    /// Disk used by pgferry's control schema and delta tables.
+    pub delta_storage_bytes: i64,
     /// Per table.
     pub tables: Vec<TableStatus>,
 }
@@ -49,6 +57,9 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
             writes_blocked_ms: None,
             backlog_rows: 0,
             max_lag_secs: None,
+            fence_secs: None,
+            source_xmin_age: 0,
+            delta_storage_bytes: 0,
             tables: Vec::new(),
         });
     };
@@ -57,16 +68,34 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
     let fence_raised = crate::cutover::fence::is_raised(&conn)
         .await
         .map_err(crate::cutover::CutoverError::Source)?;
+    let source_err = crate::cutover::CutoverError::Source;
+    let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+    let row = conn
+        .query_one(
+            "SELECT coalesce((SELECT max(age(backend_xmin)) FROM pg_stat_activity
+                               WHERE application_name = 'pgferry' AND datname = current_database()), 0)::int8,
+                    coalesce((SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c
+                               WHERE c.relnamespace = to_regnamespace('pgferry') AND c.relkind IN ('r', 'S')), 0)::int8,
+                    coalesce((SELECT array_agg(coalesce(pg_total_relation_size(r), 0) ORDER BY o)
+                                FROM unnest($1::oid[]) WITH ORDINALITY AS u(r, o)), '{}')",
+            &[&relids],
+        )
+        .await
+        .map_err(source_err)?;
+    let (source_xmin_age, delta_storage_bytes, sizes): (i64, i64, Vec<i64>) =
+        (row.get(0), row.get(1), row.get(2));
     let tables: Vec<TableStatus> = tables
         .into_iter()
         .zip(backlog)
-        .map(|(t, backlog_rows)| TableStatus {
+        .zip(sizes)
+        .map(|((t, backlog_rows), size_bytes)| TableStatus {
             table: t.table.display_name(),
             copy_state: t.copy_state,
             copied_rows: t.copied_rows,
             backlog_rows,
             applied_rows: t.applied_rows,
             lag_secs: t.lag_secs,
+            size_bytes,
         })
         .collect();
     Ok(Status {
@@ -75,8 +104,57 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
         writes_blocked_ms: run.writes_blocked_ms,
         backlog_rows: tables.iter().map(|t| t.backlog_rows).sum(),
         max_lag_secs: tables.iter().filter_map(|t| t.lag_secs).reduce(f64::max),
+        fence_secs: if fence_raised { run.fence_age_secs } else { None },
+        source_xmin_age,
+        delta_storage_bytes,
         tables,
     })
+}
+
+/// Samples the source every `interval` for the metrics, until cancelled.
+/// A failed sample is logged and skipped: metrics never stop the migration.
+pub async fn sample_forever(
+    m: Migration,
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut known: Vec<String> = Vec::new();
+    loop {
+        match read(&m).await {
+            Ok(s) => {
+                let names: Vec<String> = s.tables.iter().map(|t| t.table.clone()).collect();
+                if names != known {
+                    crate::telemetry::register_counters(&names);
+                    known = names;
+                }
+                crate::telemetry::sampled(&crate::telemetry::Sample {
+                    phase: s.phase,
+                    tables: s
+                        .tables
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.table.clone(),
+                                t.copy_state == CopyState::Done,
+                                t.backlog_rows,
+                                t.lag_secs,
+                                t.size_bytes,
+                            )
+                        })
+                        .collect(),
+                    fence: s.fence_secs.or(s.fence_raised.then_some(0.0)),
+                    source_connections: m.source_sessions(),
+                    xmin_age: s.source_xmin_age,
+                    delta_bytes: s.delta_storage_bytes,
+                });
+            }
+            Err(e) => tracing::debug!(error = %crate::error::report(&e), "Metrics sample skipped"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 impl Status {

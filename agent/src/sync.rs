@@ -138,6 +138,7 @@ impl SyncReport {
 #[derive(Debug, Clone, Copy, Default)]
 struct BatchStats {
     keys: u64,
+    rows_deleted: u64,
     rows_written: u64,
     truncated: bool,
     /// Another agent held the table's batch lock.
@@ -271,7 +272,11 @@ pub async fn drain_pass(
         let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            match retry(m.retry_policy(), "drain a batch", &cancel, || drain_table(&m, &t)).await {
+            match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
+                drain_table(&m, &t)
+            })
+            .await
+            {
                 Ok(stats) => Ok(stats),
                 Err(Gave::Up(e)) => Err(crate::Error::from(e)),
                 Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
@@ -311,6 +316,7 @@ async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncEr
         .get(0);
     if !locked {
         tracing::debug!(table = %t.table.display_name(), "Another agent is draining this table");
+        crate::telemetry::batch_idle(&t.table.display_name(), true);
         return Ok(BatchStats {
             busy: true,
             ..Default::default()
@@ -343,6 +349,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     let src_err = |e| batch_err(t, Side::Source, e);
     let tgt_err = |e| batch_err(t, Side::Target, e);
     let delta = t.delta_table();
+    let started = std::time::Instant::now();
 
     // The snapshot is taken by the first statement of this transaction, after
     // the batch lock is held (a snapshot taken before it could be older than a
@@ -372,6 +379,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     if !has_deltas && !truncated {
         stx.commit().await.map_err(src_err)?;
         state::record_batch(&***source, t.id, snapshot_epoch, 0).await?;
+        crate::telemetry::batch_idle(&t.table.display_name(), false);
         return Ok(BatchStats::default());
     }
 
@@ -402,7 +410,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        let (rows, _) = pump(stream, sink).await.map_err(pumped)?;
+        let (rows, _) = pump(stream, sink, |_| {}).await.map_err(pumped)?;
         stats.rows_written = rows;
     } else {
         let keys = column_list(&t.key_columns, None);
@@ -426,7 +434,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        stats.keys = pump(stream, sink).await.map_err(pumped)?.0;
+        stats.keys = pump(stream, sink, |_| {}).await.map_err(pumped)?.0;
         let sink = ttx
             .copy_in("COPY pgferry_rows FROM STDIN (FORMAT binary)")
             .await
@@ -438,20 +446,30 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        stats.rows_written = pump(stream, sink).await.map_err(pumped)?.0;
+        pump(stream, sink, |_| {}).await.map_err(pumped)?;
         let join = t
             .key_columns
             .iter()
             .map(|k| format!("t.{k} = k.{k}", k = Ident(k.clone())))
             .collect::<Vec<_>>()
             .join(" AND ");
-        ttx.batch_execute(&format!(
-            "ANALYZE pgferry_keys;
-             DELETE FROM ONLY {table} AS t USING pgferry_keys AS k WHERE {join};
-             INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows;"
-        ))
-        .await
-        .map_err(tgt_err)?;
+        ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
+        stats.rows_deleted = ttx
+            .execute(
+                &format!("DELETE FROM ONLY {table} AS t USING pgferry_keys AS k WHERE {join}"),
+                &[],
+            )
+            .await
+            .map_err(tgt_err)?;
+        stats.rows_written = ttx
+            .execute(
+                &format!(
+                    "INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows"
+                ),
+                &[],
+            )
+            .await
+            .map_err(tgt_err)?;
     }
     crate::failpoint::hit("sync.before_target_commit").await;
     ttx.commit().await.map_err(tgt_err)?;
@@ -478,6 +496,13 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     }
     crate::failpoint::hit("sync.after_delta_delete").await;
     state::record_batch(&***source, t.id, snapshot_epoch, stats.rows_written as i64).await?;
+    crate::telemetry::batch_applied(
+        &t.table.display_name(),
+        stats.rows_deleted,
+        stats.rows_written,
+        truncated,
+        started.elapsed(),
+    );
     tracing::debug!(
         table = %t.table.display_name(),
         keys = stats.keys,

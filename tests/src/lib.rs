@@ -131,6 +131,7 @@ impl Env {
             .env("PGFERRY_SOURCE", self.source_url())
             .env("PGFERRY_TARGET", self.target_url())
             .env("PGFERRY_LOG", "info")
+            .env("PGFERRY_METRICS__LISTEN", "off")
             .env_remove("PGFERRY_FAILPOINTS")
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -548,4 +549,49 @@ impl Env {
         self.target_url()
             .replace(&format!(":{}/", self.target.port()), &format!(":{port}/"))
     }
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1; the body, or `None` when nothing
+/// answers (yet).
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// Percent-encodes a query-string value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of one sample line `name{labels} value` in Prometheus text, by
+/// exact name and a label fragment (`table="public.x"`, or "" for none).
+pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
+        .find(|l| l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }

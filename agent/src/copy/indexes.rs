@@ -197,8 +197,10 @@ pub async fn build(
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.expect("never closed");
             let never = tokio_util::sync::CancellationToken::new();
-            match crate::retry::retry(m.retry_policy(), "build an index", &never, || build_one(&m, &idx))
-                .await
+            match crate::retry::retry(m.retry_policy(), "index", "build an index", &never, || {
+                build_one(&m, &idx)
+            })
+            .await
             {
                 Ok(b) => Ok(b),
                 Err(crate::retry::Gave::Up(e)) => Err(e),

@@ -238,7 +238,9 @@ async fn copy_tables(
             let _permit = permit;
             // A signal abandons the table in hand: its target transaction
             // rolls back when the session closes, and it stays pending.
-            let copy = retry(m.retry_policy(), "copy a table", &cancel, || copy_table(&m, &t));
+            let copy = retry(m.retry_policy(), "copy", "copy a table", &cancel, || {
+                copy_table(&m, &t)
+            });
             let res = tokio::select! {
                 res = copy => res,
                 () = cancel.cancelled() => Err(Gave::Cancelled),
@@ -305,13 +307,16 @@ async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyErr
     let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
     let stream = source.copy_out(&out_sql).await.map_err(src_err)?;
     crate::failpoint::hit("copy.mid_table").await;
-    let (rows, bytes) = pump(stream, sink).await.map_err(|e| match e {
+    let label = t.table.display_name();
+    let progress = |n| crate::telemetry::copy_progress(&label, n);
+    let (rows, bytes) = pump(stream, sink, progress).await.map_err(|e| match e {
         Pumped::Source(e) => src_err(e),
         Pumped::Target(e) => tgt_err(e),
     })?;
     tx.commit().await.map_err(tgt_err)?;
     crate::failpoint::hit("copy.before_mark_done").await;
     state::mark_copied(&**source, t.id, rows as i64).await?;
+    crate::telemetry::table_copied(&label, rows);
     tracing::info!(
         table = %name,
         rows,
@@ -338,6 +343,7 @@ pub(crate) enum Pumped {
 pub(crate) async fn pump(
     stream: tokio_postgres::CopyOutStream,
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    mut on_write: impl FnMut(usize),
 ) -> Result<(u64, u64), Pumped> {
     futures_util::pin_mut!(sink);
     futures_util::pin_mut!(stream);
@@ -348,10 +354,12 @@ pub(crate) async fn pump(
         bytes += chunk.len() as u64;
         buf.extend_from_slice(&chunk);
         if buf.len() >= COPY_BATCH_BYTES {
+            on_write(buf.len());
             sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
         }
     }
     if !buf.is_empty() {
+        on_write(buf.len());
         sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
     }
     let rows = sink.finish().await.map_err(Pumped::Target)?;

@@ -4,6 +4,7 @@
 
 mod contract;
 mod faults;
+mod operability;
 
 use pgferry_e2e::*;
 

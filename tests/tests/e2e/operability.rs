@@ -1,0 +1,345 @@
+//! Running pgferry as a service: metrics, dashboard, alert rules, systemd
+//! unit, compose stack.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use pgferry_e2e::*;
+
+use crate::{seeded, OPS};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every PromQL expression of the dashboard's panels and the alert rules.
+fn queries() -> Vec<String> {
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("dashboards/pgferry.json")).unwrap())
+            .unwrap();
+    let mut exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    let rules = std::fs::read_to_string(repo().join("dashboards/alerts.yml")).unwrap();
+    exprs.extend(
+        rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr: "))
+            .map(str::to_string),
+    );
+    exprs
+}
+
+/// The `pgferry_*` metric names a query uses (histogram series reduced to
+/// their metric name).
+fn names_in(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("pgferry_"))
+        .map(|w| {
+            w.trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string()
+        })
+        .collect()
+}
+
+async fn promtool_check_metrics(text: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed by scripts/install-deps");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_migration_and_feed_the_dashboard() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let port = free_port();
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+    let mut agent = env
+        .cmd(&["migrate"])
+        .env("PGFERRY_METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGFERRY_METRICS__SAMPLE_INTERVAL_MS", "100")
+        .spawn()
+        .unwrap();
+
+    // Scrape through the phases; each distinct phase's scrape is linted.
+    let phases_seen = std::sync::Mutex::new(BTreeSet::new());
+    let scrape = || async {
+        http_get(port, "/metrics")
+            .await
+            .filter(|t| t.contains("pgferry_phase"))
+    };
+    wait_for(
+        "the sync phase in the metrics",
+        Duration::from_secs(120),
+        || async {
+            let text = scrape().await?;
+            let phase = ["installing", "installed", "copying", "syncing"]
+                .into_iter()
+                .find(|p| metric_value(&text, "pgferry_phase", &format!("phase=\"{p}\"")) == Some(1.0))?;
+            let first_time = phases_seen.lock().unwrap().insert(phase);
+            if first_time {
+                promtool_check_metrics(&text).await;
+            }
+            (phase == "syncing").then_some(())
+        },
+    )
+    .await;
+    writers.stop().await;
+    let text = wait_for(
+        "the backlog to drain to zero",
+        Duration::from_secs(60),
+        || async {
+            let text = scrape().await?;
+            let backlog: Vec<f64> = text
+                .lines()
+                .filter(|l| l.starts_with("pgferry_backlog_rows{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect();
+            (backlog.len() == 7 && backlog.iter().all(|b| *b == 0.0)).then_some(text)
+        },
+    )
+    .await;
+    promtool_check_metrics(&text).await;
+    for name in pgferry::telemetry::ALL {
+        assert!(text.contains(&format!("\n{name}")), "{name} is exported:\n{text}");
+    }
+    // The counters agree with the data.
+    let status = env.status().await;
+    for t in status["tables"].as_array().unwrap() {
+        // Label values are escaped in the exposition format.
+        let value = t["table"]
+            .as_str()
+            .unwrap()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        let label = format!("table=\"{value}\"");
+        let copied = metric_value(&text, "pgferry_copy_rows_total", &label);
+        assert_eq!(copied, t["copied_rows"].as_f64(), "copied rows of {label}");
+        assert_eq!(metric_value(&text, "pgferry_copy_table_done", &label), Some(1.0));
+        assert!(metric_value(&text, "pgferry_copy_bytes_total", &label) > Some(0.0));
+    }
+    let applied: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("pgferry_applied_rows_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(applied > 0.0, "the drain applied the writers' changes");
+    assert_eq!(metric_value(&text, "pgferry_fence_raised", ""), Some(0.0));
+    assert!(metric_value(&text, "pgferry_source_connections", "") >= Some(1.0));
+
+    // Every metric the dashboard and the alerts query is exported.
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .flat_map(names_in)
+        .collect();
+    for q in queries() {
+        for name in names_in(&q) {
+            assert!(
+                exported.contains(&name),
+                "{q} uses {name}, which the agent does not export"
+            );
+        }
+    }
+
+    // A real Prometheus scrapes the agent and answers every query.
+    let prom_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("dashboards/alerts.yml"),
+        dir.path().join("alerts.yml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [alerts.yml]\n\
+             scrape_configs:\n  - job_name: pgferry\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (Debian package) is installed by scripts/install-deps");
+    let query = |q: String| async move {
+        let body = http_get(prom_port, &format!("/api/v1/query?query={}", urlencode(&q))).await?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()
+    };
+    wait_for(
+        "Prometheus to hold two scrapes of the agent",
+        Duration::from_secs(60),
+        || async {
+            let v = query("count_over_time(pgferry_up[1m])".into()).await?;
+            let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (n >= 2.0).then_some(())
+        },
+    )
+    .await;
+    for q in queries() {
+        let v = query(q.clone())
+            .await
+            .unwrap_or_else(|| panic!("no answer to {q}"));
+        assert_eq!(v["status"], "success", "{q}: {v}");
+    }
+    for q in [
+        "pgferry_backlog_rows",
+        "max by (phase) (pgferry_phase) == 1",
+        "sum by (table) (rate(pgferry_copy_bytes_total[1m]))",
+        "pgferry_table_lag_seconds",
+        "pgferry_source_connections",
+    ] {
+        let v = query(q.to_string()).await.unwrap();
+        assert!(
+            !v["data"]["result"].as_array().unwrap().is_empty(),
+            "{q} has data: {v}"
+        );
+    }
+    prometheus.kill().await.unwrap();
+
+    let pid = agent.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn alert_rules_pass_promtool() {
+    let out = tokio::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo().join("dashboards/alerts.yml"))
+        .output()
+        .await
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("pgferry.env");
+    std::fs::copy(repo().join("docker/pgferry.env.example"), &env_file).unwrap();
+    let unit = std::fs::read_to_string(repo().join("docker/pgferry.service")).unwrap();
+    assert!(unit.contains("EnvironmentFile=") && !unit.contains("--source") && !unit.contains("--target"));
+    let unit: String = unit
+        .lines()
+        .map(|l| {
+            if let Some(rest) = l.strip_prefix("ExecStart=/usr/local/bin/pgferry") {
+                format!("ExecStart={}{rest}", crate::BIN)
+            } else if l.starts_with("EnvironmentFile=") {
+                format!("EnvironmentFile={}", env_file.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    let path = dir.path().join("pgferry.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = tokio::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    // systemd-analyze exits 0 on unknown keys or bad values: any output is a failure.
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_compose_stack_refers_to_files_that_exist() {
+    let docker = repo().join("docker");
+    let compose = std::fs::read_to_string(docker.join("compose.yml")).unwrap();
+    let mut refs = 0;
+    for line in compose.lines().map(str::trim) {
+        let value = line
+            .trim_start_matches("- ")
+            .trim_start_matches("env_file:")
+            .trim_start_matches("context:")
+            .trim_start_matches("dockerfile:")
+            .trim();
+        if value.starts_with("./") || value.starts_with("../") || value.starts_with("docker/") {
+            let path = value.split(':').next().unwrap();
+            let base = if value.starts_with("docker/") {
+                repo()
+            } else {
+                docker.clone()
+            };
+            assert!(
+                base.join(path).exists(),
+                "compose.yml refers to {path}, which does not exist"
+            );
+            refs += 1;
+        }
+    }
+    assert!(refs >= 8, "found {refs} file references");
+    for service in [
+        "source:",
+        "target:",
+        "agent:",
+        "prometheus:",
+        "grafana:",
+        "workload:",
+    ] {
+        assert!(compose.contains(&format!("  {service}\n")), "service {service}");
+    }
+    let env = std::fs::read_to_string(docker.join("demo.env")).unwrap();
+    assert!(env.contains("PGFERRY_METRICS__LISTEN=0.0.0.0:9187"));
+    let prom = std::fs::read_to_string(docker.join("prometheus.yml")).unwrap();
+    assert!(prom.contains("agent:9187") && prom.contains("alerts.yml"));
+}
