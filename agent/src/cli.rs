@@ -105,14 +105,16 @@ pub fn main() -> std::process::ExitCode {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PGFERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if terminal && matches!(format, LogFormat::Human) {
+        crate::progress::enable();
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::progress::LogWriter)
         .with_target(false);
     match format {
-        LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Human => builder.with_ansi(terminal).init(),
         LogFormat::Json => builder.json().init(),
     }
 }

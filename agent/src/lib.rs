@@ -20,6 +20,7 @@ pub mod ident;
 pub mod migrate;
 pub mod migration;
 pub mod plan;
+pub mod progress;
 pub mod retry;
 pub mod sandbox;
 pub mod schema;

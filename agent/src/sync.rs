@@ -153,6 +153,7 @@ pub async fn run(
 ) -> Result<SyncReport, crate::Error> {
     let tables = syncable_tables(m).await?;
     let mut report = SyncReport::default();
+    let line = crate::progress::sync_line();
     loop {
         if cancel.is_cancelled() || migration_over(m).await? {
             return Ok(report);
@@ -165,6 +166,15 @@ pub async fn run(
         report.rows_written += pass.rows_written;
         report.truncates_applied += pass.truncates_applied;
         report.busy += pass.busy;
+        if crate::progress::enabled() {
+            let conn = m.source_conn().await?;
+            let backlog: i64 = backlog(&conn, &tables).await?.iter().sum();
+            line.set_message(format!(
+                "{} passes, {} keys applied, backlog {backlog} rows",
+                report.passes, report.keys_applied
+            ));
+            line.tick();
+        }
         if idle && opts.until_caught_up {
             return Ok(report);
         }

@@ -224,7 +224,12 @@ async fn copy_tables(
 ) -> Result<(), crate::Error> {
     let permits = Arc::new(Semaphore::new(m.copy_workers()));
     let mut tasks = JoinSet::new();
-    for t in tables.iter().filter(|t| t.copy_state == CopyState::Pending) {
+    let sizes = table_sizes(m, tables).await?;
+    for (t, size) in tables
+        .iter()
+        .zip(sizes)
+        .filter(|(t, _)| t.copy_state == CopyState::Pending)
+    {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -239,7 +244,7 @@ async fn copy_tables(
             // A signal abandons the table in hand: its target transaction
             // rolls back when the session closes, and it stays pending.
             let copy = retry(m.retry_policy(), "copy", "copy a table", &cancel, || {
-                copy_table(&m, &t)
+                copy_table(&m, &t, size)
             });
             let res = tokio::select! {
                 res = copy => res,
@@ -277,8 +282,31 @@ async fn copy_tables(
     Ok(())
 }
 
+/// On-disk size of each table (heap and TOAST), for progress estimates.
+async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<u64>, CopyError> {
+    let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+    let conn = m.source_conn().await?;
+    let row = conn
+        .query_one(
+            "SELECT coalesce(array_agg(coalesce(pg_table_size(r), 0) ORDER BY o), '{}')
+               FROM unnest($1::oid[]) WITH ORDINALITY AS u(r, o)",
+            &[&relids],
+        )
+        .await
+        .map_err(|source| CopyError::Table {
+            table: "catalog".into(),
+            side: crate::endpoint::Side::Source,
+            source,
+        })?;
+    Ok(row
+        .get::<_, Vec<i64>>(0)
+        .into_iter()
+        .map(|b| b.max(0) as u64)
+        .collect())
+}
+
 /// Copies one table and marks it done. Returns rows and bytes.
-async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyError> {
+async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Result<(u64, u64), CopyError> {
     let started = Instant::now();
     let name = t.table.display_name();
     let src_err = |source| CopyError::Table {
@@ -308,7 +336,11 @@ async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyErr
     let stream = source.copy_out(&out_sql).await.map_err(src_err)?;
     crate::failpoint::hit("copy.mid_table").await;
     let label = t.table.display_name();
-    let progress = |n| crate::telemetry::copy_progress(&label, n);
+    let bar = crate::progress::copy_bar(&label, estimated_bytes);
+    let progress = |n| {
+        crate::telemetry::copy_progress(&label, n);
+        bar.inc(n as u64);
+    };
     let (rows, bytes) = pump(stream, sink, progress).await.map_err(|e| match e {
         Pumped::Source(e) => src_err(e),
         Pumped::Target(e) => tgt_err(e),
@@ -317,6 +349,7 @@ async fn copy_table(m: &Migration, t: &TableState) -> Result<(u64, u64), CopyErr
     crate::failpoint::hit("copy.before_mark_done").await;
     state::mark_copied(&**source, t.id, rows as i64).await?;
     crate::telemetry::table_copied(&label, rows);
+    crate::progress::copy_done(&bar, rows);
     tracing::info!(
         table = %name,
         rows,

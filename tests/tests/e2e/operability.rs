@@ -343,3 +343,54 @@ fn the_compose_stack_refers_to_files_that_exist() {
     let prom = std::fs::read_to_string(docker.join("prometheus.yml")).unwrap();
     assert!(prom.contains("agent:9187") && prom.contains("alerts.yml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_drawn_on_a_terminal_only() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    // `script` gives the agent a pseudo-terminal, as an operator's shell would.
+    let on_terminal = |args: &str| {
+        let line = format!("{} {args}", crate::BIN);
+        tokio::process::Command::new("script")
+            .args(["-qfec", &line, "/dev/null"])
+            .env("PGFERRY_SOURCE", env.source_url())
+            .env("PGFERRY_TARGET", env.target_url())
+            .env("PGFERRY_METRICS__LISTEN", "off")
+            .stdin(Stdio::null())
+            .output()
+    };
+    let out = on_terminal("copy").await.unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("ETA") && screen.contains("9000 rows"),
+        "copy draws a bar per table:\n{screen}"
+    );
+    assert!(screen.contains("Table copied"), "log lines still show:\n{screen}");
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET name = 'x' WHERE id < 10")
+        .await
+        .unwrap();
+    let out = on_terminal("sync --until-caught-up").await.unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("sync: ") && screen.contains("keys applied"),
+        "sync draws its status line:\n{screen}"
+    );
+
+    // Not a terminal (a pipe, journald): log lines only.
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET name = 'y' WHERE id < 10")
+        .await
+        .unwrap();
+    let out = env.run(&["sync", "--until-caught-up"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success());
+    assert!(
+        !stderr.contains("sync: ") && !stderr.contains("ETA") && !stderr.contains('\u{1b}'),
+        "{stderr}"
+    );
+}
