@@ -134,6 +134,10 @@ pub struct CopyConfig {
     /// connection). Default: the number of cores, at most 4.
     #[serde(default = "default_copy_workers")]
     pub workers: usize,
+    /// Most bytes per second the copy reads from the source, all workers
+    /// together. Default: unlimited.
+    #[serde(default)]
+    pub rate_bytes_per_sec: Option<u64>,
     /// `maintenance_work_mem` of each index-building session on the target.
     /// Default 256 MB.
     #[serde(default = "default_index_maintenance_work_mem_mb")]
@@ -150,6 +154,10 @@ pub struct SyncConfig {
     /// Pause between drain passes that found nothing to do. Default 200 ms.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Most changed rows per second the drain applies, all workers together.
+    /// Default: unlimited.
+    #[serde(default)]
+    pub rate_rows_per_sec: Option<u64>,
 }
 
 /// Cutover.
@@ -228,6 +236,7 @@ impl Default for CopyConfig {
         Self {
             workers: default_copy_workers(),
             index_maintenance_work_mem_mb: default_index_maintenance_work_mem_mb(),
+            rate_bytes_per_sec: None,
         }
     }
 }
@@ -236,6 +245,7 @@ impl Default for SyncConfig {
         Self {
             workers: default_sync_workers(),
             poll_interval_ms: default_poll_interval_ms(),
+            rate_rows_per_sec: None,
         }
     }
 }

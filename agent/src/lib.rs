@@ -28,6 +28,7 @@ pub mod state;
 pub mod status;
 pub mod sync;
 pub mod telemetry;
+pub mod throttle;
 pub mod verify;
 
 pub use error::{Error, ExitCode};

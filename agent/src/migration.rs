@@ -18,6 +18,10 @@ pub struct Migration {
     pub target: Endpoint,
     source_pool: Pool,
     target_pool: Pool,
+    /// The copy's rate limit, shared by its workers.
+    pub copy_throttle: std::sync::Arc<crate::throttle::Throttle>,
+    /// The drain's rate limit, shared by its workers.
+    pub sync_throttle: std::sync::Arc<crate::throttle::Throttle>,
 }
 
 impl Migration {
@@ -30,12 +34,16 @@ impl Migration {
         // connection per worker of the widest phase plus a control session.
         let source_pool = source.pool(cfg.source_limits.max_connections);
         let target_pool = target.pool(cfg.copy.workers.max(cfg.sync.workers) + 2);
+        let copy_throttle = crate::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
+        let sync_throttle = crate::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
         Ok(Self {
             cfg,
             source,
             target,
             source_pool,
             target_pool,
+            copy_throttle,
+            sync_throttle,
         })
     }
 

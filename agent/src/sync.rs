@@ -35,6 +35,7 @@ use crate::ident::{column_list, Ident};
 use crate::migration::Migration;
 use crate::retry::{retry, Gave, Retryable};
 use crate::state::{self, Phase, TableState};
+use crate::throttle::Throttle;
 
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
@@ -420,7 +421,9 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        let (rows, _) = pump(stream, sink, |_| {}).await.map_err(pumped)?;
+        let (rows, _) = pump(stream, sink, &Throttle::unlimited(), |_| {})
+            .await
+            .map_err(pumped)?;
         stats.rows_written = rows;
     } else {
         let keys = column_list(&t.key_columns, None);
@@ -444,7 +447,10 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        stats.keys = pump(stream, sink, |_| {}).await.map_err(pumped)?.0;
+        stats.keys = pump(stream, sink, &Throttle::unlimited(), |_| {})
+            .await
+            .map_err(pumped)?
+            .0;
         let sink = ttx
             .copy_in("COPY pgferry_rows FROM STDIN (FORMAT binary)")
             .await
@@ -456,13 +462,18 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             ))
             .await
             .map_err(src_err)?;
-        pump(stream, sink, |_| {}).await.map_err(pumped)?;
+        pump(stream, sink, &Throttle::unlimited(), |_| {})
+            .await
+            .map_err(pumped)?;
         let join = t
             .key_columns
             .iter()
             .map(|k| format!("t.{k} = k.{k}", k = Ident(k.clone())))
             .collect::<Vec<_>>()
             .join(" AND ");
+        // The rate limit counts changed rows; the source transaction stays
+        // open while waiting, which only holds back its snapshot.
+        m.sync_throttle.take(stats.keys).await;
         ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
         stats.rows_deleted = ttx
             .execute(

@@ -51,6 +51,8 @@ pub const FENCE_SECONDS: &str = "pgferry_fence_seconds";
 pub const XMIN_AGE: &str = "pgferry_source_xmin_age_xids";
 /// Disk used by pgferry's control schema and delta tables on the source.
 pub const DELTA_BYTES: &str = "pgferry_delta_storage_bytes";
+/// Waits on the copy and drain rate limits (the sum is the time throttled).
+pub const THROTTLED: &str = "pgferry_rate_limit_wait_seconds";
 /// 1 while the agent runs and samples the source; absent when it is down.
 pub const UP: &str = "pgferry_up";
 
@@ -74,6 +76,7 @@ pub const ALL: &[&str] = &[
     FENCE_SECONDS,
     XMIN_AGE,
     DELTA_BYTES,
+    THROTTLED,
     UP,
 ];
 
@@ -98,6 +101,12 @@ pub fn install(listen: SocketAddr) {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ],
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(THROTTLED.to_string()),
+                &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+            )
+        })
         .expect("non-empty buckets");
     match builder.install() {
         Ok(()) => tracing::info!(%listen, "Serving metrics"),
@@ -153,6 +162,11 @@ pub fn install(listen: SocketAddr) {
         "Disk used by pgferry's objects on the source."
     );
     describe_gauge!(UP, "1 while the agent runs and samples the source.");
+    describe_histogram!(
+        THROTTLED,
+        Unit::Seconds,
+        "Waits on the copy and drain rate limits."
+    );
 }
 
 /// The migration entered `phase`.
@@ -192,6 +206,11 @@ pub fn batch_idle(table: &str, busy: bool) {
 /// An operation of `kind` failed transiently and is retried.
 pub fn retried(kind: &'static str) {
     counter!(RETRIES, "kind" => kind).increment(1);
+}
+
+/// A worker waited `took` on the `kind` (copy or sync) rate limit.
+pub fn throttled(kind: &'static str, took: Duration) {
+    histogram!(THROTTLED, "kind" => kind).record(took.as_secs_f64());
 }
 
 /// An operation of `kind` failed (it may still be retried).

@@ -341,10 +341,12 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
         crate::telemetry::copy_progress(&label, n);
         bar.inc(n as u64);
     };
-    let (rows, bytes) = pump(stream, sink, progress).await.map_err(|e| match e {
-        Pumped::Source(e) => src_err(e),
-        Pumped::Target(e) => tgt_err(e),
-    })?;
+    let (rows, bytes) = pump(stream, sink, &m.copy_throttle, progress)
+        .await
+        .map_err(|e| match e {
+            Pumped::Source(e) => src_err(e),
+            Pumped::Target(e) => tgt_err(e),
+        })?;
     tx.commit().await.map_err(tgt_err)?;
     crate::failpoint::hit("copy.before_mark_done").await;
     state::mark_copied(&**source, t.id, rows as i64).await?;
@@ -376,6 +378,7 @@ pub(crate) enum Pumped {
 pub(crate) async fn pump(
     stream: tokio_postgres::CopyOutStream,
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    throttle: &crate::throttle::Throttle,
     mut on_write: impl FnMut(usize),
 ) -> Result<(u64, u64), Pumped> {
     futures_util::pin_mut!(sink);
@@ -387,11 +390,13 @@ pub(crate) async fn pump(
         bytes += chunk.len() as u64;
         buf.extend_from_slice(&chunk);
         if buf.len() >= COPY_BATCH_BYTES {
+            throttle.take(buf.len() as u64).await;
             on_write(buf.len());
             sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
         }
     }
     if !buf.is_empty() {
+        throttle.take(buf.len() as u64).await;
         on_write(buf.len());
         sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
     }

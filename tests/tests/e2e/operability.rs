@@ -86,6 +86,10 @@ async fn metrics_follow_the_migration_and_feed_the_dashboard() {
         .cmd(&["migrate"])
         .env("PGFERRY_METRICS__LISTEN", format!("127.0.0.1:{port}"))
         .env("PGFERRY_METRICS__SAMPLE_INTERVAL_MS", "100")
+        // Limits far above what the test moves: they only make the
+        // rate-limit histogram appear.
+        .env("PGFERRY_COPY__RATE_BYTES_PER_SEC", "1000000000")
+        .env("PGFERRY_SYNC__RATE_ROWS_PER_SEC", "100000000")
         .spawn()
         .unwrap();
 
@@ -392,5 +396,56 @@ async fn progress_is_drawn_on_a_terminal_only() {
     assert!(
         !stderr.contains("sync: ") && !stderr.contains("ETA") && !stderr.contains('\u{1b}'),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_drain_rate_limits_are_honoured() {
+    let env = seeded().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE blob (id int PRIMARY KEY, pad text NOT NULL);
+                        INSERT INTO blob SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 15000) g;",
+        )
+        .await
+        .unwrap();
+    let bytes_limit = 1_000_000.0;
+    env.config(&format!("[copy]\nrate_bytes_per_sec = {bytes_limit}\n[sync]\nrate_rows_per_sec = 5000\npoll_interval_ms = 50\n"));
+    env.ok(&["install"]).await;
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["copy", "--json"]).await).unwrap();
+    let (bytes, secs) = (
+        report["bytes"].as_f64().unwrap(),
+        report["data_secs"].as_f64().unwrap(),
+    );
+    assert!(bytes > 3_000_000.0, "{report}");
+    let rate = bytes / secs;
+    assert!(
+        rate <= bytes_limit * 1.05,
+        "copy ran at {rate:.0} B/s, limit {bytes_limit}"
+    );
+    assert!(
+        rate >= bytes_limit * 0.6,
+        "copy ran at {rate:.0} B/s, far below the limit {bytes_limit}"
+    );
+
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET balance = balance + 1; UPDATE ledger SET amount = amount + 1;")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["sync", "--until-caught-up", "--json"]).await).unwrap();
+    let keys = report["keys_applied"].as_f64().unwrap();
+    assert_eq!(keys, 12_000.0, "{report}");
+    let rate = keys / started.elapsed().as_secs_f64();
+    assert!(
+        rate <= 5000.0 * 1.05,
+        "the drain ran at {rate:.0} rows/s, limit 5000"
+    );
+    assert!(
+        rate >= 5000.0 * 0.5,
+        "the drain ran at {rate:.0} rows/s, far below the limit 5000"
     );
 }
