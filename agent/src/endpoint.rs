@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use secrecy::{ExposeSecret, SecretString};
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::Host;
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::ConfigError;
 
@@ -80,6 +81,8 @@ pub struct Endpoint {
     side: Side,
     config: tokio_postgres::Config,
     lock_timeout_ms: u64,
+    tls: crate::tls::TlsSettings,
+    connector: MakeRustlsConnect,
 }
 
 impl fmt::Debug for Endpoint {
@@ -91,7 +94,10 @@ impl fmt::Debug for Endpoint {
 impl Endpoint {
     /// Parses a libpq URL (`postgres://user:pass@host:port/db?sslmode=...`).
     pub fn parse(url: &SecretString, side: Side, lock_timeout_ms: u64) -> Result<Self, ConfigError> {
-        let mut config: tokio_postgres::Config = url.expose_secret().parse().map_err(|_| {
+        let (driver_url, tls) = crate::tls::split_url(url.expose_secret())
+            .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
+        let connector = crate::tls::connector(&tls)?;
+        let mut config: tokio_postgres::Config = driver_url.parse().map_err(|_| {
             ConfigError::Invalid(format!(
                 "the {side} URL is not a valid libpq URL (expected postgres://user:password@host:5432/dbname); \
                  percent-encode special characters in the password"
@@ -106,12 +112,7 @@ impl Endpoint {
         if config.get_dbname().is_none() {
             return Err(ConfigError::Invalid(format!("the {side} URL names no database")));
         }
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ConfigError::Invalid(format!(
-                "the {side} URL asks for sslmode=require, but this build of pgferry connects without TLS; \
-                 use sslmode=disable or sslmode=prefer, or run pgferry over a private network link"
-            )));
-        }
+
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -120,6 +121,8 @@ impl Endpoint {
             side,
             config,
             lock_timeout_ms,
+            tls,
+            connector,
         })
     }
 
@@ -179,7 +182,11 @@ impl Endpoint {
 
     /// Opens one session (its connection task runs in the background).
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| self.refused(e))?;
+        let (client, connection) = self
+            .config
+            .connect(self.connector.clone())
+            .await
+            .map_err(|e| self.refused(e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "Connection ended with an error");
@@ -196,7 +203,7 @@ impl Endpoint {
     pub fn pool(&self, max_size: usize) -> Pool {
         let manager = Manager::from_config(
             self.config.clone(),
-            NoTls,
+            self.connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -244,11 +251,10 @@ impl Endpoint {
         if let Some(pw) = self.config.get_password() {
             env.push(("PGPASSWORD", String::from_utf8_lossy(pw).into_owned()));
         }
-        let sslmode = match self.config.get_ssl_mode() {
-            SslMode::Disable => "disable",
-            _ => "prefer",
-        };
-        env.push(("PGSSLMODE", sslmode.to_string()));
+        env.push(("PGSSLMODE", self.tls.mode.as_str().to_string()));
+        if let Some(root) = &self.tls.root_cert {
+            env.push(("PGSSLROOTCERT", root.display().to_string()));
+        }
         env.push(("PGAPPNAME", "pgferry".to_string()));
         env.push(("PGCONNECT_TIMEOUT", "10".to_string()));
         env
@@ -256,8 +262,14 @@ impl Endpoint {
 
     fn refused(&self, source: tokio_postgres::Error) -> ConnectError {
         let hint = match source.code().map(|c| c.code()) {
-            Some("28P01") | Some("28000") => {
-                "authentication failed: check the user and password in the URL"
+            Some("28P01") => "authentication failed: check the user and password in the URL",
+            Some("28000") => {
+                "the server refused this connection (pg_hba.conf): check the user and database, and sslmode \
+                 (RDS requires TLS: sslmode=require or verify-full with sslrootcert)"
+            }
+            None if crate::tls::is_tls_failure(&source) => {
+                "TLS failed: the server's certificate could not be verified for this sslmode; check sslrootcert \
+                 (RDS: its CA bundle), and that the host name matches the certificate for verify-full"
             }
             Some("3D000") => "the database does not exist: check the database name in the URL",
             Some(c) if c.starts_with("53") => {
@@ -297,7 +309,11 @@ mod tests {
             ("postgres://127.0.0.1/db", "no user"),
             ("postgres://u@127.0.0.1", "no database"),
             ("not a url at all ::", "not a valid libpq URL"),
-            ("postgres://u@h/db?sslmode=require", "sslmode=require"),
+            ("postgres://u@h/db?sslmode=bogus", "unknown sslmode"),
+            (
+                "postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem",
+                "sslrootcert",
+            ),
         ] {
             let err = Endpoint::parse(&url.into(), Side::Target, 1000).unwrap_err();
             assert!(err.to_string().contains(want), "{url}: {err}");

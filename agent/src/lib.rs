@@ -29,6 +29,7 @@ pub mod status;
 pub mod sync;
 pub mod telemetry;
 pub mod throttle;
+pub mod tls;
 pub mod verify;
 
 pub use error::{Error, ExitCode};

@@ -279,6 +279,43 @@ impl Cluster {
         Ok(())
     }
 
+    /// Serves TLS with this certificate and key (PEM files); with `require`,
+    /// TCP connections without TLS are refused, as on RDS.
+    pub async fn enable_tls(&self, cert: &Path, key: &Path, require: bool) -> Result<(), SandboxError> {
+        let data = self.data_dir();
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(name);
+            std::fs::copy(from, &to).map_err(io("installing the TLS files"))?;
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io("chmod"))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid)).map_err(io("chown"))?;
+            }
+        }
+        if require {
+            let hba = data.join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).map_err(io("reading pg_hba.conf"))?;
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).map_err(io("writing pg_hba.conf"))?;
+        }
+        let su = self.superuser("postgres").await?;
+        // Separate statements: ALTER SYSTEM refuses to run in the implicit
+        // transaction of a multi-statement query.
+        su.batch_execute("ALTER SYSTEM SET ssl = on")
+            .await
+            .map_err(SandboxError::Query)?;
+        su.batch_execute("SELECT pg_reload_conf()")
+            .await
+            .map_err(SandboxError::Query)?;
+        Ok(())
+    }
+
     /// A libpq URL for `user` over TCP.
     pub fn url(&self, user: &str, password: &str, dbname: &str) -> String {
         format!(

@@ -107,9 +107,17 @@ impl Env {
         connect(self.source.port(), role).await
     }
 
-    /// A session on the target as the master role.
+    /// A session on the target as the master role (over the unix socket,
+    /// so it works whatever the target demands of TCP clients, TLS included).
     pub async fn target_client(&self) -> Client {
-        connect(self.target.port(), MASTER).await
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(self.target.socket_dir())
+            .port(self.target.port())
+            .user(MASTER.0)
+            .dbname(DB);
+        let (client, conn) = cfg.connect(NoTls).await.expect("connect to the target");
+        tokio::spawn(conn);
+        client
     }
 
     /// A path in the scratch directory.
@@ -594,4 +602,81 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// A throwaway certificate authority and a server certificate it signed for
+/// `localhost` (not for 127.0.0.1), made with the openssl command.
+pub struct TestPki {
+    /// The CA certificate (PEM): the `sslrootcert` that makes it trusted.
+    pub ca: PathBuf,
+    /// The server certificate (PEM).
+    pub cert: PathBuf,
+    /// The server key (PEM).
+    pub key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Creates the CA and the server certificate.
+    pub fn new(name: &str) -> TestPki {
+        let dir = tempfile::tempdir().expect("pki dir");
+        let p = |f: &str| dir.path().join(f);
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext file");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let subject = format!("/CN={name} test CA");
+        run(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days",
+            "2", "-subj", &subject,
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TestPki {
+            ca: p("ca.crt"),
+            cert: p("server.crt"),
+            key: p("server.key"),
+            _dir: dir,
+        }
+    }
 }

@@ -5,6 +5,7 @@
 mod contract;
 mod faults;
 mod operability;
+mod tls;
 
 use pgferry_e2e::*;
 
