@@ -51,7 +51,11 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Preflight report; exit 1 when something blocks the migration.
-    Check,
+    Check {
+        /// Also read every row of every table and report unreadable ones.
+        #[arg(long)]
+        scan: bool,
+    },
     /// Control schema and capture triggers on the source.
     Install,
     /// Schema pre-data, parallel data copy, indexes.
@@ -212,7 +216,7 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
 fn start_telemetry(command: &Command, m: &Migration) -> Option<CancellationToken> {
     if matches!(
         command,
-        Command::Check | Command::Verify | Command::Status | Command::Demo(_)
+        Command::Check { .. } | Command::Verify | Command::Status | Command::Demo(_)
     ) {
         return None;
     }
@@ -227,8 +231,11 @@ fn start_telemetry(command: &Command, m: &Migration) -> Option<CancellationToken
 async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Result<Output, Error> {
     let m = m.clone();
     Ok(match &cli.command {
-        Command::Check => {
-            let report = crate::plan::check(&m).await;
+        Command::Check { scan } => {
+            let mut report = crate::plan::check(&m).await;
+            if *scan && report.source.major_version.is_some() {
+                report.problems.extend(crate::plan::scan(&m).await?);
+            }
             let mut out = Output::ok(&report, report.render());
             if report.blockers() > 0 {
                 out.code = ExitCode::CheckFailed;

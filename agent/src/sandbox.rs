@@ -137,7 +137,8 @@ impl Cluster {
         Err(last.expect("at least one attempt"))
     }
 
-    fn data_dir(&self) -> PathBuf {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
         self.base.join("data")
     }
 

@@ -57,6 +57,8 @@ pub struct CheckReport {
     pub estimated_rows: i64,
     /// Sum of table sizes on disk.
     pub total_bytes: i64,
+    /// Storage, instance class and copy-time estimate for the target.
+    pub sizing: Option<super::Sizing>,
     /// Everything found.
     pub problems: Vec<Problem>,
 }
@@ -89,6 +91,21 @@ impl CheckReport {
             self.estimated_rows.max(0),
             self.total_bytes as f64 / 1e6
         );
+        if let Some(s) = &self.sizing {
+            let _ = writeln!(
+                out,
+                "sizing  database {:.1} GB; target: allocate {} GB (gp3), start with {}{}",
+                s.database_bytes as f64 / 1e9,
+                s.recommended_storage_gb,
+                s.suggested_instance_class,
+                s.estimated_copy_secs
+                    .map(|secs| format!(
+                        "; copy estimate ~{secs:.0} s at the sampled {:.0} MB/s",
+                        s.sampled_read_bytes_per_sec.unwrap_or(0.0) / 1e6
+                    ))
+                    .unwrap_or_default()
+            );
+        }
         for p in &self.problems {
             let tag = match p.severity {
                 Severity::Blocker => "BLOCKER",
@@ -111,10 +128,12 @@ impl CheckReport {
     }
 }
 
-struct Findings(Vec<Problem>);
+/// Problems found so far.
+pub(super) struct Findings(Vec<Problem>);
 
 impl Findings {
-    fn add(
+    /// Records one problem.
+    pub(super) fn add(
         &mut self,
         severity: Severity,
         subject: impl Into<String>,
@@ -167,6 +186,7 @@ pub async fn check(m: &Migration) -> CheckReport {
         tables: 0,
         estimated_rows: 0,
         total_bytes: 0,
+        sizing: None,
         problems: Vec::new(),
     };
     let (src, tgt) = tokio::join!(m.source.connect(), m.target.connect());
@@ -176,6 +196,10 @@ pub async fn check(m: &Migration) -> CheckReport {
             if let Err(e) = check_source(m, c, &mut report, &mut f, &mut pre_data_done).await {
                 f.query(Side::Source, &e);
             }
+            if let Err(e) = super::health::source(m, c, &mut f).await {
+                f.query(Side::Source, &e);
+            }
+            report.sizing = super::health::sizing(m).await.ok();
         }
         Err(e) => f.connect(Side::Source, e),
     }
@@ -186,6 +210,11 @@ pub async fn check(m: &Migration) -> CheckReport {
             }
         }
         Err(e) => f.connect(Side::Target, e),
+    }
+    if let (Ok(s), Ok(t)) = (&src, &tgt) {
+        if let Err(e) = super::compat::compare(s, t, &mut f).await {
+            f.query(Side::Target, &e);
+        }
     }
     check_tools(m, &report, &mut f).await;
     report.problems = f.0;

@@ -5,6 +5,13 @@
 //! Safe to run at any time and as often as wanted.
 
 mod check;
+mod compat;
+mod health;
+mod scan;
+
+pub use scan::scan;
+
+pub use health::Sizing;
 
 pub use check::{check, CheckReport, Problem, Severity};
 

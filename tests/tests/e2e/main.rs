@@ -5,6 +5,7 @@
 mod contract;
 mod faults;
 mod operability;
+mod preflight;
 mod tls;
 
 use pgferry_e2e::*;

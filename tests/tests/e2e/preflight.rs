@@ -1,0 +1,133 @@
+//! The preflight an operator trusts: health, compatibility, sizing, and a
+//! corruption scan.
+
+use pgferry_e2e::*;
+
+use crate::seeded;
+
+async fn check_json(env: &Env, extra_env: &[(&str, &str)], args: &[&str]) -> (i32, serde_json::Value) {
+    let mut cmd = env.cmd(&[&["check", "--json"], args].concat());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}
+
+fn problem<'a>(report: &'a serde_json::Value, text: &str) -> Option<&'a serde_json::Value> {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["message"].as_str().unwrap().contains(text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_health_compatibility_and_sizing() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute("SELECT lo_create(0); CREATE UNLOGGED TABLE sessions (id int PRIMARY KEY, v text);")
+        .await
+        .unwrap();
+    // A target database with another encoding and collation.
+    let su = env.target.superuser("postgres").await.unwrap();
+    su.batch_execute("CREATE DATABASE latin OWNER rds_master ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        .await
+        .unwrap();
+    let latin = env.target_url().replace(&format!("/{DB}?"), "/latin?");
+
+    let (code, report) = check_json(
+        &env,
+        &[
+            ("PGFERRY_TARGET", &latin),
+            ("PGFERRY_SOURCE_LIMITS__MAX_CONNECTIONS", "500"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 1, "{report}");
+    let blocker = |text: &str| {
+        let p = problem(&report, text).unwrap_or_else(|| panic!("no problem about {text:?}: {report}"));
+        assert_eq!(p["severity"], "blocker", "{p}");
+        assert!(!p["fix"].as_str().unwrap().is_empty());
+    };
+    blocker("large object");
+    blocker("encoding is LATIN1");
+    blocker("connection slot");
+    let w = problem(&report, "collation differs").expect("collation warning");
+    assert_eq!(w["severity"], "warning");
+    let w = problem(&report, "UNLOGGED").expect("unlogged warning");
+    assert_eq!(w["subject"], "public.sessions");
+    let sizing = &report["sizing"];
+    assert_eq!(sizing["recommended_storage_gb"], 20, "{sizing}");
+    assert_eq!(sizing["suggested_instance_class"], "db.t4g.medium");
+    assert!(sizing["database_bytes"].as_i64() > Some(1_000_000));
+    assert!(sizing["estimated_copy_secs"].as_f64() > Some(0.0), "{sizing}");
+
+    // Fixed: only warnings remain, and check passes.
+    app.batch_execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
+        .await
+        .unwrap();
+    let (code, report) = check_json(&env, &[], &[]).await;
+    assert_eq!(code, 0, "{report}");
+    assert!(problem(&report, "UNLOGGED").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_scan_finds_rows_whose_toast_is_lost() {
+    let mut env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text);
+         ALTER TABLE docs ALTER body SET STORAGE EXTERNAL;
+         INSERT INTO docs SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 400) i)
+           FROM generate_series(1, 3) g;",
+    )
+    .await
+    .unwrap();
+    let (code, report) = check_json(&env, &[], &["--scan"]).await;
+    assert_eq!(code, 0, "a healthy database scans clean: {report}");
+
+    // Lose the first page of the TOAST table, as a disk or a bad restore
+    // would (as the cluster's superuser, in this test only).
+    let su = env.source.superuser(DB).await.unwrap();
+    let path: String = su
+        .query_one(
+            "SELECT pg_relation_filepath(reltoastrelid) FROM pg_class WHERE relname = 'docs'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    drop(su);
+    drop(app);
+    env.source.stop("fast").await.unwrap();
+    let file = env.source.data_dir().join(path);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..8192].fill(0);
+    std::fs::write(&file, bytes).unwrap();
+    env.source.restart().await.unwrap();
+
+    let (code, report) = check_json(&env, &[], &["--scan"]).await;
+    assert_eq!(code, 1, "{report}");
+    let p = problem(&report, "cannot be read").unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(p["subject"], "public.docs");
+    let msg = p["message"].as_str().unwrap();
+    // "missing chunk number 0 for toast value ..." or "unexpected chunk
+    // number 4 (expected 0) for toast value ...", depending on what is left.
+    assert!(
+        msg.contains("ctid (0,1)") && msg.contains("chunk number") && msg.contains("for toast value"),
+        "{msg}"
+    );
+    assert!(
+        problem(&report, "ctid (0,3)").is_none(),
+        "only the damaged rows are reported: {report}"
+    );
+}
