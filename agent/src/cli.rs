@@ -89,6 +89,8 @@ pub enum Command {
     },
     /// Throwaway source and target clusters, live workload, full migration.
     Demo(crate::demo::DemoArgs),
+    /// Create, describe, wait for, snapshot or delete the target RDS instance.
+    Rds(crate::rds::RdsArgs),
 }
 
 /// Entry point shared by the `pgferry` binary and the test harness's copy.
@@ -202,6 +204,29 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
         let summary = crate::demo::run(args, cancel).await?;
         return Ok(Output::ok(&summary, summary.render()));
     }
+    if let Command::Rds(args) = &cli.command {
+        let cfg = Config::load(
+            cli.config.as_deref(),
+            Overrides {
+                source: cli.source.clone().map(SecretString::from),
+                target: cli.target.clone().map(SecretString::from),
+            },
+        )?;
+        // With a source configured, class, storage and version default from it.
+        let defaults = match &cfg.source {
+            Some(url) => {
+                let ep = crate::endpoint::Endpoint::parse(
+                    url,
+                    crate::endpoint::Side::Source,
+                    cfg.source_limits.lock_timeout_ms,
+                )?;
+                Some(crate::rds::source_defaults(&ep).await?)
+            }
+            None => None,
+        };
+        let info = crate::rds::run(args, defaults).await?;
+        return Ok(Output::ok(&info, info.render()));
+    }
     let m = migration(&cli)?;
     let sampler = start_telemetry(&cli.command, &m);
     let out = run_command(&cli, &m, cancel).await;
@@ -216,7 +241,7 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
 fn start_telemetry(command: &Command, m: &Migration) -> Option<CancellationToken> {
     if matches!(
         command,
-        Command::Check { .. } | Command::Verify | Command::Status | Command::Demo(_)
+        Command::Check { .. } | Command::Verify | Command::Status | Command::Demo(_) | Command::Rds(_)
     ) {
         return None;
     }
@@ -243,7 +268,7 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             out
         }
         Command::Install => {
-            crate::migrate::preflight(&m).await?;
+            crate::migrate::preflight_for(&m, true).await?;
             let r = resilient(&m, "install", cancel, || crate::capture::install(&m, cancel)).await?;
             Output::ok(&r, pretty("install done", &r))
         }
@@ -294,7 +319,7 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             let r = crate::migrate::run(&m, opts, cancel).await?;
             Output::ok(&r, pretty("migrate done", &r))
         }
-        Command::Demo(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::Rds(_) => unreachable!("handled above"),
     })
 }
 

@@ -266,6 +266,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "PGFERRY_FAILPOINTS",
     "PGFERRY_FAILPOINT_RELEASE",
     "PGFERRY_TARGET_URL",
+    "PGFERRY_RDS_MASTER_PASSWORD",
 ];
 
 /// The process environment minus the reserved variables.

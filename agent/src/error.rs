@@ -54,6 +54,9 @@ pub enum Error {
     /// The local sandbox clusters (demo, tests) failed.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// An RDS API call failed.
+    #[error(transparent)]
+    Rds(#[from] crate::rds::RdsError),
     /// Stopped by SIGINT/SIGTERM before the work was done.
     #[error("stopped by signal before the command finished; run it again to continue")]
     Cancelled,
@@ -76,7 +79,7 @@ impl Error {
     /// The exit code this error maps to.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Config(_) => ExitCode::Usage,
+            Error::Config(_) | Error::Rds(crate::rds::RdsError::Invalid(_)) => ExitCode::Usage,
             Error::CheckFailed(_) | Error::VerifyMismatch(_) | Error::Connect(_) => ExitCode::CheckFailed,
             Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(_)) => ExitCode::CheckFailed,
             // SIGTERM is a normal stop (systemd): state is consistent and a

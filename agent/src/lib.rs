@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod migration;
 pub mod plan;
 pub mod progress;
+pub mod rds;
 pub mod retry;
 pub mod sandbox;
 pub mod schema;

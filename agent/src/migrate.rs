@@ -40,10 +40,21 @@ pub struct MigrateReport {
 
 /// Runs the preflight and refuses on blockers (printing the report).
 pub async fn preflight(m: &Migration) -> Result<CheckReport, crate::Error> {
+    preflight_for(m, false).await
+}
+
+/// The preflight of `install`, which is the remedy for schema drift and so
+/// proceeds past it.
+pub async fn preflight_for(m: &Migration, installing: bool) -> Result<CheckReport, crate::Error> {
     let report = plan::check(m).await;
-    if report.blockers() > 0 {
+    let blockers = if installing {
+        report.blockers_but_drift()
+    } else {
+        report.blockers()
+    };
+    if blockers > 0 {
         eprint!("{}", report.render());
-        return Err(crate::Error::CheckFailed(report.blockers()));
+        return Err(crate::Error::CheckFailed(blockers));
     }
     Ok(report)
 }

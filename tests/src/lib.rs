@@ -680,3 +680,40 @@ impl TestPki {
         }
     }
 }
+
+/// A local moto_server (PyPI `moto[server]`) answering the AWS RDS API on
+/// 127.0.0.1; stopped when dropped.
+pub struct MotoServer {
+    /// Its port.
+    pub port: u16,
+    _child: tokio::process::Child,
+}
+
+impl MotoServer {
+    /// Starts it and waits until it answers.
+    pub async fn start() -> MotoServer {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 -m moto.server (PyPI moto[server], installed by scripts/install-deps)");
+        wait_for("moto_server", Duration::from_secs(60), || async {
+            http_get(port, "/").await.map(|_| ())
+        })
+        .await;
+        MotoServer { port, _child: child }
+    }
+
+    /// Environment that points the AWS SDK at it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}

@@ -64,6 +64,15 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// Number of blockers other than schema drift (what `install` may
+    /// proceed past, since it is the remedy).
+    pub fn blockers_but_drift(&self) -> usize {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Blocker && p.subject != DRIFT)
+            .count()
+    }
+
     /// Number of blockers.
     pub fn blockers(&self) -> usize {
         self.problems
@@ -127,6 +136,10 @@ impl CheckReport {
         out
     }
 }
+
+/// The subject of schema-drift problems: they block everything but
+/// `install`, which is how an operator resolves them.
+pub const DRIFT: &str = "schema drift";
 
 /// Problems found so far.
 pub(super) struct Findings(Vec<Problem>);
@@ -272,6 +285,18 @@ async fn check_source(
     report.tables = tables.len();
     report.estimated_rows = tables.iter().map(|t| t.est_rows.max(0)).sum();
     report.total_bytes = tables.iter().map(|t| t.total_bytes).sum();
+    if run.is_some() {
+        if let Ok(registered) = state::tables(c).await {
+            for change in crate::sync::drift(&registered, &tables) {
+                f.add(
+                    Severity::Blocker,
+                    DRIFT,
+                    format!("the schema changed since install: {change}"),
+                    "make the same change on the target, then run `pgferry install` and `pgferry copy`",
+                );
+            }
+        }
+    }
     if tables.is_empty() {
         f.add(
             Severity::Blocker,

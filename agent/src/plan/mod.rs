@@ -11,9 +11,9 @@ mod scan;
 
 pub use scan::scan;
 
-pub use health::Sizing;
+pub use health::{recommended_storage_gb, suggested_instance_class, Sizing};
 
-pub use check::{check, CheckReport, Problem, Severity};
+pub use check::{check, CheckReport, Problem, Severity, DRIFT};
 
 use serde::Serialize;
 use tokio_postgres::GenericClient;

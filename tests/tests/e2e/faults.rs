@@ -288,6 +288,9 @@ async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
         err.contains("pgferry install"),
         "the error says what to do: {err}"
     );
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1), "check reports the drift too");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the schema changed since install"));
     let out = env.run(&["cutover"]).await;
     assert_ne!(out.status.code(), Some(0), "no cutover over a drifted schema");
     assert!(!fence_is_up(&env).await);

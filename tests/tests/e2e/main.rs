@@ -6,6 +6,7 @@ mod contract;
 mod faults;
 mod operability;
 mod preflight;
+mod rds;
 mod tls;
 
 use pgferry_e2e::*;
