@@ -4,6 +4,7 @@
 
 mod contract;
 mod faults;
+mod fidelity;
 mod operability;
 mod preflight;
 mod rds;
