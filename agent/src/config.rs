@@ -58,6 +58,36 @@ pub struct Config {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What of the schema beyond tables moves.
+    #[serde(default)]
+    pub schema: SchemaConfig,
+}
+
+/// Roles and privileges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// Recreate the source's roles on the target (from pg_dumpall
+    /// --roles-only --no-role-passwords) before the schema. Default false.
+    #[serde(default)]
+    pub recreate_roles: bool,
+    /// Restore grants and default privileges at cutover; a grant to a role
+    /// the target lacks is reported, not fatal. Default true.
+    #[serde(default = "default_true")]
+    pub privileges: bool,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        Self {
+            recreate_roles: false,
+            privileges: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Prometheus metrics.

@@ -23,6 +23,7 @@ pub mod plan;
 pub mod progress;
 pub mod rds;
 pub mod retry;
+pub mod roles;
 pub mod sandbox;
 pub mod schema;
 pub mod state;

@@ -59,6 +59,8 @@ pub struct PgTools {
     pub pg_dump: PathBuf,
     /// pg_restore.
     pub pg_restore: PathBuf,
+    /// pg_dumpall (roles).
+    pub pg_dumpall: PathBuf,
     /// Major version of pg_dump.
     pub major: u32,
 }
@@ -74,6 +76,7 @@ impl PgTools {
         let dir = dir.ok_or(SchemaError::ToolMissing { tool: "pg_dump" })?;
         let pg_dump = dir.join("pg_dump");
         let pg_restore = dir.join("pg_restore");
+        let pg_dumpall = dir.join("pg_dumpall");
         if !pg_dump.is_file() {
             return Err(SchemaError::ToolMissing { tool: "pg_dump" });
         }
@@ -98,30 +101,31 @@ impl PgTools {
         Ok(Self {
             pg_dump,
             pg_restore,
+            pg_dumpall,
             major,
         })
     }
 
     /// Dumps the source schema (custom format) into `dir`; waits at most
     /// `lock_wait_ms` for each table lock so it never queues the application.
+    /// With `privileges`, grants and default privileges are in the archive.
     pub async fn dump_schema(
         &self,
         source: &Endpoint,
         dir: &Path,
         lock_wait_ms: u64,
+        privileges: bool,
     ) -> Result<PathBuf, SchemaError> {
         let file = dir.join("schema.dump");
         let mut cmd = Command::new(&self.pg_dump);
-        cmd.args([
-            "--format=custom",
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-        ])
-        .arg("--exclude-schema=pgferry")
-        .arg(format!("--lock-wait-timeout={lock_wait_ms}"))
-        .arg("--file")
-        .arg(&file);
+        cmd.args(["--format=custom", "--schema-only", "--no-owner"]);
+        if !privileges {
+            cmd.arg("--no-privileges");
+        }
+        cmd.arg("--exclude-schema=pgferry")
+            .arg(format!("--lock-wait-timeout={lock_wait_ms}"))
+            .arg("--file")
+            .arg(&file);
         run(cmd, source, "pg_dump").await?;
         Ok(file)
     }
@@ -165,6 +169,73 @@ impl PgTools {
         .arg(format!("--dbname={}", target.dbname()))
         .arg(archive);
         run(cmd, target, "pg_restore (pre-data)").await
+    }
+
+    /// The source's roles as SQL (`pg_dumpall --roles-only
+    /// --no-role-passwords`, which needs no superuser), read through the
+    /// source database itself.
+    pub async fn roles_sql(&self, source: &Endpoint) -> Result<String, SchemaError> {
+        let mut cmd = Command::new(&self.pg_dumpall);
+        cmd.args(["--roles-only", "--no-role-passwords"])
+            .arg(format!("--database={}", source.dbname()))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(source.libpq_env())
+            .stdin(Stdio::null());
+        let out = cmd.output().await.map_err(|source| SchemaError::Spawn {
+            tool: "pg_dumpall".into(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(SchemaError::Failed {
+                tool: "pg_dumpall --roles-only".into(),
+                status: out.status,
+                stderr: tail(&out.stderr),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The SQL that restoring `entries` would run (`pg_restore --file=-`),
+    /// for callers that run it statement by statement.
+    pub async fn entries_sql(
+        &self,
+        archive: &Path,
+        entries: &[TocEntry],
+        step: &str,
+    ) -> Result<String, SchemaError> {
+        if entries.is_empty() {
+            return Ok(String::new());
+        }
+        let list = archive.with_extension(format!("{step}.list"));
+        let text: String = entries.iter().map(|e| format!("{}\n", e.line)).collect();
+        tokio::fs::write(&list, text)
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: format!("pg_restore ({step})"),
+                source,
+            })?;
+        let out = Command::new(&self.pg_restore)
+            .arg("--no-owner")
+            .arg("--use-list")
+            .arg(&list)
+            .arg("--file=-")
+            .arg(archive)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: format!("pg_restore ({step})"),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(SchemaError::Failed {
+                tool: format!("pg_restore ({step})"),
+                status: out.status,
+                stderr: tail(&out.stderr),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Restores exactly `entries` of the archive into the target, in one
@@ -255,6 +326,8 @@ fn tail(stderr: &[u8]) -> String {
 pub enum Step {
     /// At cutover, before writes move: policies, rules, comments, statistics.
     AtCutover,
+    /// At cutover, leniently: grants and default privileges.
+    Grants,
     /// Never by pg_restore: keys, indexes, foreign keys and triggers come from
     /// the catalog; publications, subscriptions and event triggers are not
     /// migrated.
@@ -280,6 +353,7 @@ const DESCS: &[(&str, Step)] = &[
     ("EVENT TRIGGER", Step::Never),
     ("SECURITY LABEL", Step::AtCutover),
     ("INDEX ATTACH", Step::Never),
+    ("DEFAULT ACL", Step::Grants),
     ("ROW SECURITY", Step::AtCutover),
     ("SUBSCRIPTION", Step::Never),
     ("PUBLICATION", Step::Never),
@@ -289,6 +363,7 @@ const DESCS: &[(&str, Step)] = &[
     ("COMMENT", Step::AtCutover),
     ("POLICY", Step::AtCutover),
     ("INDEX", Step::Never),
+    ("ACL", Step::Grants),
     ("RULE", Step::AtCutover),
 ];
 

@@ -105,6 +105,8 @@ pub struct CopyReport {
     pub index_secs: f64,
     /// Indexes built by this run.
     pub indexes_built: usize,
+    /// Roles recreated on the target (with `schema.recreate_roles`).
+    pub roles: Option<crate::roles::RoleReport>,
 }
 
 /// Runs the copy phase, resuming where an earlier run stopped.
@@ -135,15 +137,23 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         .tempdir()
         .map_err(CopyError::Scratch)?;
     let archive = tools
-        .dump_schema(&m.source, scratch.path(), m.cfg.source_limits.lock_timeout_ms)
+        .dump_schema(
+            &m.source,
+            scratch.path(),
+            m.cfg.source_limits.lock_timeout_ms,
+            false,
+        )
         .await?;
 
+    let mut report = CopyReport::default();
     if !run.pre_data_done {
+        if m.cfg.schema.recreate_roles {
+            report.roles = Some(crate::roles::recreate(m).await?);
+        }
         restore_pre_data(m, &tools, &archive, &tables).await?;
     }
     crate::failpoint::hit("copy.after_pre_data").await;
 
-    let mut report = CopyReport::default();
     let started = Instant::now();
     copy_tables(m, &tables, cancel, &mut report).await?;
     report.data_secs = started.elapsed().as_secs_f64();

@@ -78,6 +78,8 @@ pub struct CutoverReport {
     pub rows_verified: i64,
     /// Foreign keys that could not be validated after the switch.
     pub unvalidated_foreign_keys: Vec<String>,
+    /// Grants that could not be restored (typically: the role is missing).
+    pub grant_warnings: Vec<String>,
 }
 
 /// Runs (or resumes) the cutover.
@@ -252,7 +254,7 @@ async fn fenced(
     report.triggers = objects::create_triggers(&target, &triggers)
         .await
         .map_err(CutoverError::Target)?;
-    restore_cutover_entries(m).await?;
+    report.grant_warnings = restore_cutover_entries(m).await?;
     objects::refresh_materialized_views(&source, &target)
         .await
         .map_err(CutoverError::Target)?;
@@ -307,15 +309,22 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
     Ok(())
 }
 
-/// Restores policies, rules, comments and the like from a fresh schema dump.
-async fn restore_cutover_entries(m: &Migration) -> Result<(), crate::Error> {
+/// Restores policies, rules, comments and the like from a fresh schema dump,
+/// then (leniently) grants and default privileges; returns what failed of
+/// the latter.
+async fn restore_cutover_entries(m: &Migration) -> Result<Vec<String>, crate::Error> {
     let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
     let scratch = tempfile::Builder::new()
         .prefix("pgferry-schema-")
         .tempdir()
         .map_err(crate::copy::CopyError::Scratch)?;
     let archive = tools
-        .dump_schema(&m.source, scratch.path(), m.cfg.source_limits.lock_timeout_ms)
+        .dump_schema(
+            &m.source,
+            scratch.path(),
+            m.cfg.source_limits.lock_timeout_ms,
+            true,
+        )
         .await?;
     let entries: Vec<_> = tools
         .toc(&archive, "post-data")
@@ -326,7 +335,36 @@ async fn restore_cutover_entries(m: &Migration) -> Result<(), crate::Error> {
     tools
         .restore_entries(&m.target, &archive, &entries, "cutover")
         .await?;
-    Ok(())
+    if !m.cfg.schema.privileges {
+        return Ok(Vec::new());
+    }
+    let grants: Vec<_> = tools
+        .toc(&archive, "pre-data")
+        .await?
+        .into_iter()
+        .chain(tools.toc(&archive, "post-data").await?)
+        .filter(|e| e.step() == Step::Grants)
+        .collect();
+    // Statement by statement: pg_restore runs an object's grants as one
+    // query, so one grant to a role the target lacks would silently drop the
+    // grants after it. Each failure is reported with its statement.
+    let sql = tools.entries_sql(&archive, &grants, "grants").await?;
+    let target = m.target_conn().await?;
+    let mut warnings = Vec::new();
+    for statement in sql.lines().map(str::trim).filter(|l| {
+        l.starts_with("GRANT ") || l.starts_with("REVOKE ") || l.starts_with("ALTER DEFAULT PRIVILEGES ")
+    }) {
+        if let Err(e) = target.batch_execute(statement).await {
+            let why = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string());
+            warnings.push(format!("{statement} -- {why}"));
+        }
+    }
+    for w in &warnings {
+        tracing::warn!(warning = %w, "Grant not restored");
+    }
+    Ok(warnings)
 }
 
 /// Runs the operator's switch command; the target URL travels in its
