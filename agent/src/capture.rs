@@ -86,7 +86,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
         None => {
             let regs: Vec<Registration> = current
                 .iter()
-                .filter_map(plan::SourceTable::registration)
+                .filter_map(|t| t.registration(&m.cfg.copy_only))
                 .collect();
             state::register_tables(&**conn, &regs).await?;
             state::set_phase(&**conn, Phase::Installing).await?;
@@ -100,15 +100,24 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
         }
-        if has_capture(&conn, t.relid).await.map_err(CaptureError::Catalog)? {
+        if has_capture(&conn, t.relid, t.copy_only)
+            .await
+            .map_err(CaptureError::Catalog)?
+        {
             continue;
         }
+        // A copy_only table only needs the fence.
+        let install = if t.copy_only {
+            "SELECT pgferry.fence_install($1)"
+        } else {
+            "SELECT pgferry.capture_install($1)"
+        };
         let what = format!("install capture on {}", t.table.display_name());
         // A fresh session per attempt: the one that failed may be gone.
         retry_ddl(m, cancel, &what, || async move {
             m.source_conn()
                 .await?
-                .execute("SELECT pgferry.capture_install($1)", &[&t.id])
+                .execute(install, &[&t.id])
                 .await
                 .map_err(|source| CaptureError::Install {
                     table: t.table.display_name(),
@@ -154,10 +163,14 @@ async fn refresh(
                 remove(m, conn, cancel, t, false).await?;
                 state::unregister(conn, t).await?;
             }
-            Some(c) if c.table != t.table || c.key_columns.as_ref() != Some(&t.key_columns) => {
+            Some(c) if c.table != t.table || c.registered_key(&m.cfg.copy_only) != t.key_columns => {
                 remove(m, conn, cancel, t, true).await?;
                 state::unregister(conn, t).await?;
-                state::register_tables(conn, &c.registration().into_iter().collect::<Vec<_>>()).await?;
+                state::register_tables(
+                    conn,
+                    &c.registration(&m.cfg.copy_only).into_iter().collect::<Vec<_>>(),
+                )
+                .await?;
             }
             Some(c) if c.copy_columns != t.copy_columns => {
                 state::reregister_columns(conn, t.id, &c.copy_columns).await?;
@@ -170,7 +183,7 @@ async fn refresh(
     let new: Vec<Registration> = current
         .iter()
         .filter(|c| !registered.iter().any(|t| t.relid == c.relid))
-        .filter_map(plan::SourceTable::registration)
+        .filter_map(|t| t.registration(&m.cfg.copy_only))
         .collect();
     changed += new.len();
     state::register_tables(conn, &new).await?;
@@ -187,7 +200,11 @@ async fn remove(
     table_exists: bool,
 ) -> Result<(), crate::Error> {
     if table_exists {
-        let names: Vec<String> = SUFFIXES.iter().map(|s| format!("pgferry_capture_{s}")).collect();
+        let names: Vec<String> = SUFFIXES
+            .iter()
+            .map(|s| format!("pgferry_capture_{s}"))
+            .chain(std::iter::once("pgferry_fence".to_string()))
+            .collect();
         let relid_table: String = conn
             .query_one("SELECT $1::oid::regclass::text", &[&t.relid])
             .await
@@ -248,12 +265,22 @@ pub(crate) async fn drop_triggers(
     .await
 }
 
-/// True when all four capture triggers exist on the table.
-async fn has_capture(client: &tokio_postgres::Client, relid: u32) -> Result<bool, tokio_postgres::Error> {
+/// True when the table has all its triggers: the four capture triggers, or
+/// the fence trigger of a copy_only table.
+async fn has_capture(
+    client: &tokio_postgres::Client,
+    relid: u32,
+    copy_only: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    let (pattern, count): (&str, i64) = if copy_only {
+        ("pgferry\\_fence", 1)
+    } else {
+        ("pgferry\\_capture\\_%", 4)
+    };
     let row = client
         .query_one(
-            "SELECT count(*) = 4 FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE 'pgferry\\_capture\\_%'",
-            &[&relid],
+            "SELECT count(*) = $3 FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE $2",
+            &[&relid, &pattern, &count],
         )
         .await?;
     Ok(row.get(0))

@@ -61,6 +61,31 @@ pub struct Config {
     /// What of the schema beyond tables moves.
     #[serde(default)]
     pub schema: SchemaConfig,
+    /// Tables (`schema.table`) copied whole while writes are fenced instead of
+    /// synced: for tables without a primary key or unique NOT NULL index.
+    /// Their copy time is write downtime; `check` estimates it. A TOML list,
+    /// or comma-separated in `PGFERRY_COPY_ONLY`. Default none.
+    #[serde(default, deserialize_with = "list")]
+    pub copy_only: Vec<String>,
+}
+
+/// A list given as a sequence (TOML) or a comma-separated string (env).
+fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Seq(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Seq(v) => v,
+        Either::Text(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
 /// Roles and privileges.
@@ -444,6 +469,25 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("copy.workers"), "{text}");
         assert!(text.contains("lock_timeout_ms"), "{text}");
+    }
+
+    #[test]
+    fn lists_take_a_sequence_or_a_comma_separated_string() {
+        let f = write("copy_only = [\"public.a\", \"s.b\"]\n");
+        assert_eq!(
+            Config::load(Some(f.path()), Overrides::default())
+                .unwrap()
+                .copy_only,
+            ["public.a", "s.b"]
+        );
+        // What PGFERRY_COPY_ONLY=... arrives as.
+        let f = write("copy_only = \"public.a, s.b,\"\n");
+        assert_eq!(
+            Config::load(Some(f.path()), Overrides::default())
+                .unwrap()
+                .copy_only,
+            ["public.a", "s.b"]
+        );
     }
 
     #[test]

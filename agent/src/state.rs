@@ -19,6 +19,7 @@ pub const SCHEMA: &str = "pgferry";
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/0001_control.sql")),
     (2, include_str!("../../sql/0002_switch_marker.sql")),
+    (3, include_str!("../../sql/0003_copy_only.sql")),
 ];
 
 /// Control-schema failures.
@@ -160,6 +161,8 @@ pub struct TableState {
     pub applied_rows: i64,
     /// Seconds between now and the snapshot of the last completed batch.
     pub lag_secs: Option<f64>,
+    /// Copied whole under the fence instead of synced.
+    pub copy_only: bool,
 }
 
 impl TableState {
@@ -180,6 +183,8 @@ pub struct Registration {
     pub key_columns: Vec<String>,
     /// Columns to copy.
     pub copy_columns: Vec<String>,
+    /// Copied whole under the fence instead of synced (no usable key).
+    pub copy_only: bool,
 }
 
 /// True when the control schema exists on this database.
@@ -319,15 +324,9 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
     for r in regs {
         client
             .execute(
-                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (relid) DO NOTHING",
-                &[
-                    &r.relid,
-                    &r.table.schema,
-                    &r.table.name,
-                    &r.key_columns,
-                    &r.copy_columns,
-                ],
+                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (relid) DO NOTHING",
+                &[&r.relid, &r.table.schema, &r.table.name, &r.key_columns, &r.copy_columns, &r.copy_only],
             )
             .await
             .map_err(q("register a table"))?;
@@ -373,7 +372,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
         .query(
             "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
                     copied_rows, applied_rows,
-                    extract(epoch FROM clock_timestamp() - synced_through)::float8
+                    extract(epoch FROM clock_timestamp() - synced_through)::float8, copy_only
                FROM pgferry.tables ORDER BY id",
             &[],
         )
@@ -395,6 +394,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             copied_rows: r.get(7),
             applied_rows: r.get(8),
             lag_secs: r.get(9),
+            copy_only: r.get(10),
         })
         .collect())
 }

@@ -211,7 +211,7 @@ pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) ->
                 t.table.display_name(),
                 c.table.display_name()
             )),
-            Some(c) if c.key_columns.as_ref() != Some(&t.key_columns) => {
+            Some(c) if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) => {
                 changes.push(format!("table {}: its key changed", t.table.display_name()))
             }
             Some(c) if c.copy_columns != t.copy_columns => changes.push(format!(
@@ -271,7 +271,8 @@ pub async fn drain_pass(
 ) -> Result<SyncReport, crate::Error> {
     let permits = Arc::new(Semaphore::new(m.sync_workers()));
     let mut tasks = JoinSet::new();
-    for t in tables {
+    // copy_only tables are not synced: the cutover copies them whole.
+    for t in tables.iter().filter(|t| !t.copy_only) {
         let permit = permits
             .clone()
             .acquire_owned()

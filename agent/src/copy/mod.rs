@@ -292,6 +292,25 @@ async fn copy_tables(
     Ok(())
 }
 
+/// Copies one table again from scratch (a copy_only table under the
+/// fence), with the copy's retries.
+pub(crate) async fn recopy(m: &Migration, t: &TableState) -> Result<u64, crate::Error> {
+    let never = CancellationToken::new();
+    match retry(
+        m.retry_policy(),
+        "copy",
+        "copy a table under the fence",
+        &never,
+        || copy_table(m, t, 0),
+    )
+    .await
+    {
+        Ok((rows, _)) => Ok(rows),
+        Err(Gave::Up(e)) => Err(e.into()),
+        Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
+    }
+}
+
 /// On-disk size of each table (heap and TOAST), for progress estimates.
 async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<u64>, CopyError> {
     let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();

@@ -80,6 +80,8 @@ pub struct CutoverReport {
     pub unvalidated_foreign_keys: Vec<String>,
     /// Grants that could not be restored (typically: the role is missing).
     pub grant_warnings: Vec<String>,
+    /// copy_only tables copied while writes were fenced.
+    pub copied_under_fence: Vec<String>,
 }
 
 /// Runs (or resumes) the cutover.
@@ -213,6 +215,13 @@ async fn fenced(
         if pass.is_idle() {
             break;
         }
+    }
+    // Tables without a key are copied whole now that nothing can change them.
+    for t in tables.iter().filter(|t| t.copy_only) {
+        let rows = crate::copy::recopy(m, t).await?;
+        report
+            .copied_under_fence
+            .push(format!("{} ({rows} rows)", t.table.display_name()));
     }
     crate::failpoint::hit("cutover.after_final_drain").await;
     let mut source = m.source_conn().await?;

@@ -42,6 +42,17 @@ pub struct SideSummary {
     pub major_version: Option<u32>,
 }
 
+/// A copy_only table and the write downtime its copy costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyOnlyCost {
+    /// `schema.name`.
+    pub table: String,
+    /// Its size on the source.
+    pub bytes: i64,
+    /// Its size over the sampled read rate.
+    pub estimated_blocked_secs: Option<f64>,
+}
+
 /// The whole preflight result.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
@@ -59,6 +70,8 @@ pub struct CheckReport {
     pub total_bytes: i64,
     /// Storage, instance class and copy-time estimate for the target.
     pub sizing: Option<super::Sizing>,
+    /// Tables copied whole under the fence, and what that costs.
+    pub copy_only: Vec<CopyOnlyCost>,
     /// Everything found.
     pub problems: Vec<Problem>,
 }
@@ -200,6 +213,7 @@ pub async fn check(m: &Migration) -> CheckReport {
         estimated_rows: 0,
         total_bytes: 0,
         sizing: None,
+        copy_only: Vec::new(),
         problems: Vec::new(),
     };
     let (src, tgt) = tokio::join!(m.source.connect(), m.target.connect());
@@ -223,6 +237,20 @@ pub async fn check(m: &Migration) -> CheckReport {
             }
         }
         Err(e) => f.connect(Side::Target, e),
+    }
+    // What copy_only tables cost in write downtime, at the sampled rate.
+    let rate = report.sizing.as_ref().and_then(|s| s.sampled_read_bytes_per_sec);
+    for c in &mut report.copy_only {
+        c.estimated_blocked_secs = rate.map(|r| c.bytes as f64 / r);
+        f.add(
+            Severity::Warning,
+            &c.table,
+            format!(
+                "has no key and is listed under copy_only: it is copied whole while writes are fenced, adding {} to the cutover's write downtime",
+                c.estimated_blocked_secs.map_or("an unmeasured time".into(), |s| format!("about {s:.1} s"))
+            ),
+            "add a primary key to sync it instead, if that downtime is too long",
+        );
     }
     if let (Ok(s), Ok(t)) = (&src, &tgt) {
         if let Err(e) = super::compat::compare(s, t, &mut f).await {
@@ -314,13 +342,20 @@ async fn check_source(
                 "is part of a partitioned or inheritance hierarchy, which this version does not migrate yet",
                 "migrate it separately (pg_dump/pg_restore during a maintenance window), or wait for hierarchy support",
             );
+        } else if t.key_columns.is_none() && m.cfg.copy_only.contains(&name) {
+            report.copy_only.push(CopyOnlyCost {
+                table: name.clone(),
+                bytes: t.total_bytes,
+                estimated_blocked_secs: None,
+            });
         } else if t.key_columns.is_none() {
             f.add(
                 Severity::Blocker,
                 &name,
                 "has no primary key or unique NOT NULL index, so changed rows cannot be identified",
                 format!(
-                    "add one (ALTER TABLE {} ADD PRIMARY KEY (...)), then run check again",
+                    "add one (ALTER TABLE {} ADD PRIMARY KEY (...)), or list it under copy_only to copy it whole \
+                     while writes are fenced, then run check again",
                     t.table
                 ),
             );

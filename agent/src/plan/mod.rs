@@ -47,14 +47,31 @@ pub struct SourceTable {
 }
 
 impl SourceTable {
-    /// What capture registers for this table, when it is capturable.
-    pub fn registration(&self) -> Option<Registration> {
+    /// What capture registers for this table: synced by its key, or copied
+    /// whole under the fence when it is listed under `copy_only`; `None`
+    /// when it has no key and is not listed.
+    pub fn registration(&self, copy_only: &[String]) -> Option<Registration> {
+        let listed = copy_only.contains(&self.table.display_name());
         Some(Registration {
             relid: self.relid,
             table: self.table.clone(),
-            key_columns: self.key_columns.clone()?,
+            key_columns: if listed {
+                Vec::new()
+            } else {
+                self.key_columns.clone()?
+            },
             copy_columns: self.copy_columns.clone(),
+            copy_only: listed,
         })
+    }
+
+    /// The key as registered: none for a copy_only table.
+    pub fn registered_key(&self, copy_only: &[String]) -> Vec<String> {
+        if copy_only.contains(&self.table.display_name()) {
+            Vec::new()
+        } else {
+            self.key_columns.clone().unwrap_or_default()
+        }
     }
 }
 

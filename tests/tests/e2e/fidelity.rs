@@ -344,3 +344,64 @@ async fn grants_to_missing_roles_are_reported_not_fatal() {
     assert!(warnings.contains("TO writer2"), "{warnings}");
     assert_same_data(&env).await;
 }
+
+const LOG_OPS: &[&str] = &[
+    "INSERT INTO event_log (msg) VALUES ('w$N'), ('w$N again')",
+    "DELETE FROM event_log WHERE msg = 'seed ' || ($N % 500)",
+    "UPDATE event_log SET msg = msg || '!' WHERE msg = 'seed ' || ($N % 700)",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_tables_listed_copy_only_move_under_the_fence() {
+    let env = crate::seeded().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE event_log (at timestamptz NOT NULL DEFAULT clock_timestamp(), msg text);
+             INSERT INTO event_log (msg) SELECT 'seed ' || g FROM generate_series(1, 2000) g;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON event_log TO writer2;",
+        )
+        .await
+        .unwrap();
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("list it under copy_only"));
+
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "copy_only = [\"public.event_log\"]\n[sync]\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    let out = env.run(&["check", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "listed, it is a warning");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["copy_only"][0]["table"], "public.event_log");
+    assert!(
+        report["copy_only"][0]["estimated_blocked_secs"].as_f64() > Some(0.0),
+        "{report}"
+    );
+    assert!(report.to_string().contains("write downtime"));
+
+    let writers = Workload::start(&env, &[APP], crate::OPS).await;
+    let loggers = Workload::start(&env, &[WRITER], LOG_OPS).await;
+    writers.progress(50).await;
+    loggers.progress(50).await;
+    let gate = async {
+        writers.wait_all_fenced().await;
+        loggers.wait_all_fenced().await;
+        std::fs::write(&release, "").unwrap();
+    };
+    let out = env.run_alongside(&["migrate", "--cutover", "--json"], gate).await;
+    assert_eq!(out.status.code(), Some(0));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["cutover"]["copied_under_fence"]
+            .to_string()
+            .contains("public.event_log"),
+        "{report}"
+    );
+    writers.stop().await;
+    loggers.stop().await;
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+}

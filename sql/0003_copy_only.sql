@@ -1,0 +1,38 @@
+-- pgferry control schema, version 3: tables copied whole under the fence.
+--
+-- A table without a usable key cannot be synced by key; listed under
+-- copy_only it gets no capture, only this fence trigger, and is copied in
+-- full during the cutover, while writes are fenced.
+ALTER TABLE tables ADD COLUMN copy_only boolean NOT NULL DEFAULT false;
+
+CREATE FUNCTION fence_only() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $body$
+BEGIN
+    IF (SELECT last_value FROM pgferry.fence) <> 0 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '25006',
+            MESSAGE = format('pgferry: writes to %I.%I are blocked while the database moves to its new server', TG_TABLE_SCHEMA, TG_TABLE_NAME),
+            HINT = 'Retry against the new database once the cutover has finished.';
+    END IF;
+    RETURN NULL;
+END
+$body$;
+REVOKE ALL ON FUNCTION fence_only() FROM PUBLIC;
+
+-- Installs the fence trigger of a copy_only table. Idempotent.
+CREATE FUNCTION fence_install(p_table_id integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $install$
+DECLARE
+    rel regclass;
+BEGIN
+    SELECT relid::regclass INTO STRICT rel FROM pgferry.tables WHERE id = p_table_id AND copy_only;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgferry_fence') THEN
+        EXECUTE format('CREATE TRIGGER pgferry_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION pgferry.fence_only()', rel);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_fence', rel);
+    END IF;
+END
+$install$;
+REVOKE ALL ON FUNCTION fence_install(integer) FROM PUBLIC;
