@@ -207,14 +207,7 @@ impl PgTools {
         if entries.is_empty() {
             return Ok(String::new());
         }
-        let list = archive.with_extension(format!("{step}.list"));
-        let text: String = entries.iter().map(|e| format!("{}\n", e.line)).collect();
-        tokio::fs::write(&list, text)
-            .await
-            .map_err(|source| SchemaError::Spawn {
-                tool: format!("pg_restore ({step})"),
-                source,
-            })?;
+        let list = write_list(archive, entries, step).await?;
         let out = Command::new(&self.pg_restore)
             .arg("--no-owner")
             .arg("--use-list")
@@ -250,14 +243,7 @@ impl PgTools {
         if entries.is_empty() {
             return Ok(());
         }
-        let list = archive.with_extension(format!("{step}.list"));
-        let text: String = entries.iter().map(|e| format!("{}\n", e.line)).collect();
-        tokio::fs::write(&list, text)
-            .await
-            .map_err(|source| SchemaError::Spawn {
-                tool: format!("pg_restore ({step})"),
-                source,
-            })?;
+        let list = write_list(archive, entries, step).await?;
         let mut cmd = Command::new(&self.pg_restore);
         cmd.args([
             "--no-owner",
@@ -271,6 +257,19 @@ impl PgTools {
         .arg(archive);
         run(cmd, target, &format!("pg_restore ({step})")).await
     }
+}
+
+/// Writes the `--use-list` file selecting `entries` next to the archive.
+async fn write_list(archive: &Path, entries: &[TocEntry], step: &str) -> Result<PathBuf, SchemaError> {
+    let list = archive.with_extension(format!("{step}.list"));
+    let text: String = entries.iter().map(|e| format!("{}\n", e.line)).collect();
+    tokio::fs::write(&list, text)
+        .await
+        .map_err(|source| SchemaError::Spawn {
+            tool: format!("pg_restore ({step})"),
+            source,
+        })?;
+    Ok(list)
 }
 
 /// Where PostgreSQL binaries are looked for: `PATH`, then

@@ -127,7 +127,8 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
     Ok((indexes, constraints))
 }
 
-async fn constraint_exists(
+/// True when the target has a constraint of that name on that table.
+pub(crate) async fn constraint_exists(
     c: &tokio_postgres::Client,
     table: &QualifiedTable,
     name: &str,

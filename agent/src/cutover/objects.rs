@@ -100,20 +100,6 @@ pub async fn triggers(source: &mut Client) -> Result<Vec<Trigger>, tokio_postgre
         .collect())
 }
 
-async fn constraint_exists(
-    target: &Client,
-    table: &QualifiedTable,
-    name: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
-            &[&table.to_string(), &name],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
 async fn trigger_exists(
     target: &Client,
     table: &QualifiedTable,
@@ -136,7 +122,7 @@ pub async fn create_foreign_keys(
 ) -> Result<usize, tokio_postgres::Error> {
     let mut created = 0;
     for fk in fks {
-        if constraint_exists(target, &fk.table, &fk.name).await? {
+        if crate::copy::indexes::constraint_exists(target, &fk.table, &fk.name).await? {
             continue;
         }
         let not_valid = if fk.definition.ends_with("NOT VALID") {
