@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/0001_control.sql")),
     (2, include_str!("../../sql/0002_switch_marker.sql")),
     (3, include_str!("../../sql/0003_copy_only.sql")),
+    (4, include_str!("../../sql/0004_partitions.sql")),
 ];
 
 /// Control-schema failures.
@@ -163,9 +164,24 @@ pub struct TableState {
     pub lag_secs: Option<f64>,
     /// Copied whole under the fence instead of synced.
     pub copy_only: bool,
+    /// A partitioned table: read and written without ONLY.
+    pub partitioned: bool,
+    /// The root of its partition hierarchy: all its batches share one lock.
+    pub lock_relid: u32,
 }
 
 impl TableState {
+    /// The table as a FROM/UPDATE/DELETE target: `ONLY t` for a plain table or
+    /// a partition (its own rows), `t` for a partitioned table (all its
+    /// partitions' rows; ONLY would silently see none).
+    pub fn rel(&self) -> String {
+        if self.partitioned {
+            self.table.to_string()
+        } else {
+            format!("ONLY {}", self.table)
+        }
+    }
+
     /// The delta table holding this table's captured keys.
     pub fn delta_table(&self) -> QualifiedTable {
         QualifiedTable::new(SCHEMA, format!("d_{}", self.id))
@@ -185,6 +201,10 @@ pub struct Registration {
     pub copy_columns: Vec<String>,
     /// Copied whole under the fence instead of synced (no usable key).
     pub copy_only: bool,
+    /// A partitioned table (root or intermediate): read and written without ONLY.
+    pub partitioned: bool,
+    /// The root of its partition hierarchy (itself when not a partition).
+    pub lock_relid: u32,
 }
 
 /// True when the control schema exists on this database.
@@ -324,9 +344,19 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
     for r in regs {
         client
             .execute(
-                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (relid) DO NOTHING",
-                &[&r.relid, &r.table.schema, &r.table.name, &r.key_columns, &r.copy_columns, &r.copy_only],
+                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only,
+                                             partitioned, lock_relid)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (relid) DO NOTHING",
+                &[
+                    &r.relid,
+                    &r.table.schema,
+                    &r.table.name,
+                    &r.key_columns,
+                    &r.copy_columns,
+                    &r.copy_only,
+                    &r.partitioned,
+                    &r.lock_relid,
+                ],
             )
             .await
             .map_err(q("register a table"))?;
@@ -372,7 +402,8 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
         .query(
             "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
                     copied_rows, applied_rows,
-                    extract(epoch FROM clock_timestamp() - synced_through)::float8, copy_only
+                    extract(epoch FROM clock_timestamp() - synced_through)::float8, copy_only,
+                    partitioned, lock_relid
                FROM pgferry.tables ORDER BY id",
             &[],
         )
@@ -395,6 +426,8 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             applied_rows: r.get(8),
             lag_secs: r.get(9),
             copy_only: r.get(10),
+            partitioned: r.get(11),
+            lock_relid: r.get(12),
         })
         .collect())
 }

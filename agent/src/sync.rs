@@ -40,6 +40,14 @@ use crate::throttle::Throttle;
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
 
+/// The batch lock's key: the root of the table's partition hierarchy (the
+/// table itself when it is not a partition), so that a root batch and a
+/// partition batch, which may name the same row, never overlap.
+fn lock_key(t: &TableState) -> i32 {
+    // An OID as the lock's int4 key: the bits matter, not the sign.
+    t.lock_relid as i32
+}
+
 /// Drain failures.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -271,8 +279,17 @@ pub async fn drain_pass(
 ) -> Result<SyncReport, crate::Error> {
     let permits = Arc::new(Semaphore::new(m.sync_workers()));
     let mut tasks = JoinSet::new();
-    // copy_only tables are not synced: the cutover copies them whole.
+    // One task per partition hierarchy (a plain table is its own): its tables
+    // share one batch lock, so they take turns inside the task instead of
+    // finding each other busy. copy_only tables are not synced at all.
+    let mut groups: Vec<Vec<TableState>> = Vec::new();
     for t in tables.iter().filter(|t| !t.copy_only) {
+        match groups.iter_mut().find(|g| g[0].lock_relid == t.lock_relid) {
+            Some(g) => g.push(t.clone()),
+            None => groups.push(vec![t.clone()]),
+        }
+    }
+    for group in groups {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -281,18 +298,22 @@ pub async fn drain_pass(
         if cancel.is_cancelled() {
             break;
         }
-        let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
+        let (m, cancel) = (m.clone(), cancel.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
-                drain_table(&m, &t)
-            })
-            .await
-            {
-                Ok(stats) => Ok(stats),
-                Err(Gave::Up(e)) => Err(crate::Error::from(e)),
-                Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
+            let mut stats = Vec::with_capacity(group.len());
+            for t in &group {
+                match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
+                    drain_table(&m, t)
+                })
+                .await
+                {
+                    Ok(s) => stats.push(s),
+                    Err(Gave::Up(e)) => return Err(crate::Error::from(e)),
+                    Err(Gave::Cancelled) => return Err(crate::Error::Cancelled),
+                }
             }
+            Ok(stats)
         });
     }
     let mut report = SyncReport {
@@ -302,7 +323,7 @@ pub async fn drain_pass(
     let mut first_err = None;
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Ok(stats)) => report.add(&stats),
+            Ok(Ok(stats)) => stats.iter().for_each(|s| report.add(s)),
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -322,7 +343,10 @@ pub async fn drain_pass(
 async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncError> {
     let mut source = m.source_conn().await?;
     let locked: bool = source
-        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&BATCH_LOCK_CLASS, &t.id])
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&BATCH_LOCK_CLASS, &lock_key(t)],
+        )
         .await
         .map_err(|e| batch_err(t, Side::Source, e))?
         .get(0);
@@ -337,7 +361,10 @@ async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncEr
     match batch(m, &mut source, t).await {
         Ok(stats) => {
             source
-                .execute("SELECT pg_advisory_unlock($1, $2)", &[&BATCH_LOCK_CLASS, &t.id])
+                .execute(
+                    "SELECT pg_advisory_unlock($1, $2)",
+                    &[&BATCH_LOCK_CLASS, &lock_key(t)],
+                )
                 .await
                 .map_err(|e| batch_err(t, Side::Source, e))?;
             Ok(stats)
@@ -399,6 +426,8 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     let ttx = target.transaction().await.map_err(tgt_err)?;
     let cols = column_list(&t.copy_columns, None);
     let table = &t.table;
+    // ONLY for a plain table or a partition, not for a partitioned table.
+    let rel = t.rel();
     let pumped = |e| match e {
         Pumped::Source(e) => src_err(e),
         Pumped::Target(e) => tgt_err(e),
@@ -409,7 +438,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
     };
     if truncated {
         // Whole-table resynchronisation: the table as of S.
-        ttx.batch_execute(&format!("TRUNCATE ONLY {table}"))
+        ttx.batch_execute(&format!("TRUNCATE {rel}"))
             .await
             .map_err(tgt_err)?;
         let sink = ttx
@@ -418,7 +447,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             .map_err(tgt_err)?;
         let stream = stx
             .copy_out(&format!(
-                "COPY (SELECT {cols} FROM ONLY {table}) TO STDOUT (FORMAT binary)"
+                "COPY (SELECT {cols} FROM {rel}) TO STDOUT (FORMAT binary)"
             ))
             .await
             .map_err(src_err)?;
@@ -458,7 +487,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             .map_err(tgt_err)?;
         let stream = stx
             .copy_out(&format!(
-                "COPY (SELECT {cols} FROM ONLY {table} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
+                "COPY (SELECT {cols} FROM {rel} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
                  TO STDOUT (FORMAT binary)"
             ))
             .await
@@ -478,7 +507,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
         ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
         stats.rows_deleted = ttx
             .execute(
-                &format!("DELETE FROM ONLY {table} AS t USING pgferry_keys AS k WHERE {join}"),
+                &format!("DELETE FROM {rel} AS t USING pgferry_keys AS k WHERE {join}"),
                 &[],
             )
             .await

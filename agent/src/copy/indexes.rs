@@ -27,6 +27,9 @@ pub struct IndexDef {
     pub name: String,
     /// `CREATE [UNIQUE] INDEX ...`, names qualified.
     pub definition: String,
+    /// Build order: 0 for plain tables and partitions, then partitioned
+    /// tables from the deepest level up (each phase waits for the previous).
+    pub phase: i32,
     /// Constraint backed by this index: name and `PRIMARY KEY` / `UNIQUE`.
     pub constraint: Option<(String, &'static str, String)>,
 }
@@ -38,8 +41,10 @@ pub struct ConstraintDef {
     pub table: QualifiedTable,
     /// Constraint name.
     pub name: String,
-    /// `EXCLUDE ...` / `CHECK (...) NOT VALID`.
+    /// `EXCLUDE ...` / `CHECK (...) NOT VALID` / a partitioned key.
     pub definition: String,
+    /// `ALTER TABLE ONLY` (false for a partitioned table, where it recurses).
+    pub only: bool,
 }
 
 fn target_err(source: tokio_postgres::Error) -> CopyError {
@@ -64,7 +69,12 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
     let indexes = tx
         .query(
             "SELECT n.nspname::text, c.relname::text, ic.relname::text, pg_get_indexdef(i.indexrelid),
-                    con.conname::text, con.contype::text, con.condeferrable, con.condeferred
+                    con.conname::text, con.contype::text, con.condeferrable, con.condeferred,
+                    c.relkind = 'p',
+                    EXISTS (SELECT 1 FROM pg_inherits ih JOIN pg_constraint pc ON pc.conindid = ih.inhparent
+                             WHERE ih.inhrelid = i.indexrelid),
+                    CASE WHEN con.oid IS NOT NULL THEN pg_get_constraintdef(con.oid) END,
+                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4
                FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
                JOIN pg_class c ON c.oid = i.indrelid
@@ -91,8 +101,28 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
         .await
         .map_err(src)?;
     tx.commit().await.map_err(src)?;
+    let mut partitioned_keys = Vec::new();
     let indexes = indexes
         .iter()
+        // A partition's index under a partitioned key is made by that key.
+        .filter(|r| !r.get::<_, bool>(9))
+        .filter(|r| {
+            // A partitioned table's key: ALTER TABLE ... ADD CONSTRAINT on the
+            // root recurses to the partitions (USING INDEX cannot).
+            let partitioned: bool = r.get(8);
+            match (partitioned, r.get::<_, Option<String>>(4)) {
+                (true, Some(name)) => {
+                    partitioned_keys.push(ConstraintDef {
+                        table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                        name,
+                        definition: r.get::<_, Option<String>>(10).unwrap_or_default(),
+                        only: false,
+                    });
+                    false
+                }
+                _ => true,
+            }
+        })
         .map(|r| {
             let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
             let constraint = r.get::<_, Option<String>>(4).map(|name| {
@@ -108,21 +138,37 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
                 };
                 (name, kind, timing.to_string())
             });
+            let partitioned: bool = r.get(8);
+            let definition: String = r.get(3);
             IndexDef {
                 table,
                 name: r.get(2),
-                definition: r.get(3),
+                // Without ONLY, so it attaches the partitions' indexes
+                // (built before it, under their source names).
+                definition: if partitioned {
+                    definition.replacen(" ON ONLY ", " ON ", 1)
+                } else {
+                    definition
+                },
+                // Deepest partitioned tables first: a partitioned index attaches the
+                // ones below it, which must exist by then.
+                phase: if partitioned {
+                    1_000 - r.get::<_, i32>(11)
+                } else {
+                    0
+                },
                 constraint,
             }
         })
         .collect();
-    let constraints = constraints
-        .iter()
-        .map(|r| ConstraintDef {
+    let constraints = partitioned_keys
+        .into_iter()
+        .chain(constraints.iter().map(|r| ConstraintDef {
             table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
             name: r.get(2),
             definition: r.get(3),
-        })
+            only: true,
+        }))
         .collect();
     Ok((indexes, constraints))
 }
@@ -184,13 +230,8 @@ async fn build_one(m: &Migration, idx: &IndexDef) -> Result<bool, CopyError> {
     Ok(built)
 }
 
-/// Builds every missing index and constraint, `copy.workers` at a time.
-/// Returns how many indexes this run built.
-pub async fn build(
-    m: &Migration,
-    indexes: Vec<IndexDef>,
-    constraints: Vec<ConstraintDef>,
-) -> Result<usize, crate::Error> {
+/// Builds `indexes` in parallel, `copy.workers` at a time.
+async fn build_phase(m: &Migration, indexes: Vec<IndexDef>) -> Result<usize, crate::Error> {
     let permits = Arc::new(Semaphore::new(m.cfg.copy.workers));
     let mut tasks = JoinSet::new();
     for idx in indexes {
@@ -222,6 +263,26 @@ pub async fn build(
     if let Some(e) = first_err {
         return Err(e.into());
     }
+    Ok(built)
+}
+
+/// Builds every missing index and constraint, `copy.workers` at a time.
+/// Returns how many indexes this run built.
+pub async fn build(
+    m: &Migration,
+    indexes: Vec<IndexDef>,
+    constraints: Vec<ConstraintDef>,
+) -> Result<usize, crate::Error> {
+    let mut phases: std::collections::BTreeMap<i32, Vec<IndexDef>> = Default::default();
+    for i in indexes {
+        phases.entry(i.phase).or_default().push(i);
+    }
+    let mut built = 0;
+    // Partitions' indexes first, then the partitioned indexes that attach
+    // them, level by level up to the roots.
+    for (_, phase) in phases {
+        built += build_phase(m, phase).await?;
+    }
     let t = m.target_conn().await?;
     for c in constraints {
         if constraint_exists(&t, &c.table, &c.name)
@@ -231,7 +292,8 @@ pub async fn build(
             continue;
         }
         t.batch_execute(&format!(
-            "ALTER TABLE ONLY {} ADD CONSTRAINT {} {}",
+            "ALTER TABLE {}{} ADD CONSTRAINT {} {}",
+            if c.only { "ONLY " } else { "" },
             c.table,
             Ident(c.name.clone()),
             c.definition

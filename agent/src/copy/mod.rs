@@ -240,6 +240,12 @@ async fn copy_tables(
         .zip(sizes)
         .filter(|(t, _)| t.copy_state == CopyState::Pending)
     {
+        if t.partitioned {
+            // No rows of its own: its partitions are copied as tables.
+            let conn = m.source_conn().await?;
+            state::mark_copied(&**conn, t.id, 0).await?;
+            continue;
+        }
         let permit = permits
             .clone()
             .acquire_owned()

@@ -22,6 +22,9 @@ pub struct ForeignKey {
     pub definition: String,
     /// Validated on the source (so it is validated on the target too).
     pub validated: bool,
+    /// On a partitioned table: added without ONLY and valid at once
+    /// (PostgreSQL refuses NOT VALID foreign keys there).
+    pub partitioned: bool,
 }
 
 /// One of the application's triggers.
@@ -47,7 +50,8 @@ pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_
     let rows = tx
         .query(
             &format!(
-                "SELECT n.nspname::text, c.relname::text, con.conname::text, pg_get_constraintdef(con.oid), con.convalidated
+                "SELECT n.nspname::text, c.relname::text, con.conname::text, pg_get_constraintdef(con.oid), con.convalidated,
+                        c.relkind = 'p'
                    FROM pg_constraint con
                    JOIN pg_class c ON c.oid = con.conrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -65,6 +69,7 @@ pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_
             name: r.get(2),
             definition: r.get(3),
             validated: r.get(4),
+            partitioned: r.get(5),
         })
         .collect())
 }
@@ -125,14 +130,16 @@ pub async fn create_foreign_keys(
         if crate::copy::indexes::constraint_exists(target, &fk.table, &fk.name).await? {
             continue;
         }
-        let not_valid = if fk.definition.ends_with("NOT VALID") {
-            ""
+        let (only, not_valid) = if fk.partitioned {
+            ("", "")
+        } else if fk.definition.ends_with("NOT VALID") {
+            ("ONLY ", "")
         } else {
-            " NOT VALID"
+            ("ONLY ", " NOT VALID")
         };
         target
             .batch_execute(&format!(
-                "ALTER TABLE ONLY {} ADD CONSTRAINT {} {}{not_valid}",
+                "ALTER TABLE {only}{} ADD CONSTRAINT {} {}{not_valid}",
                 fk.table,
                 Ident(fk.name.clone()),
                 fk.definition
@@ -191,7 +198,8 @@ pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_pos
     let rows = target
         .query(
             &format!(
-                "SELECT format('ALTER TABLE ONLY %I.%I DROP CONSTRAINT IF EXISTS %I', n.nspname, c.relname, con.conname)
+                "SELECT format('ALTER TABLE %s%I.%I DROP CONSTRAINT IF EXISTS %I',
+                               CASE WHEN c.relkind = 'p' THEN '' ELSE 'ONLY ' END, n.nspname, c.relname, con.conname)
                    FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE con.contype = 'f' AND con.conparentid = 0 AND {USER_SCHEMA}
                  UNION ALL

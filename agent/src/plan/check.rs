@@ -335,12 +335,13 @@ async fn check_source(
     }
     for t in &tables {
         let name = t.table.display_name();
-        if t.relkind == "p" || t.in_hierarchy {
+        if t.inherits {
             f.add(
                 Severity::Blocker,
                 &name,
-                "is part of a partitioned or inheritance hierarchy, which this version does not migrate yet",
-                "migrate it separately (pg_dump/pg_restore during a maintenance window), or wait for hierarchy support",
+                "is part of a table inheritance hierarchy (INHERITS), which pgferry does not migrate yet \
+                 (declarative partitioning is supported)",
+                "convert it to declarative partitioning, or migrate it separately during a maintenance window",
             );
         } else if t.key_columns.is_none() && m.cfg.copy_only.contains(&name) {
             report.copy_only.push(CopyOnlyCost {

@@ -30,8 +30,12 @@ pub struct SourceTable {
     pub table: QualifiedTable,
     /// `r` plain table, `p` partitioned table.
     pub relkind: String,
-    /// A partition, an inheritance parent or child.
-    pub in_hierarchy: bool,
+    /// A partitioned table (root or intermediate).
+    pub partitioned: bool,
+    /// A parent or child in classic (non-partition) inheritance.
+    pub inherits: bool,
+    /// The root of its partition hierarchy (itself when not a partition).
+    pub lock_relid: u32,
     /// Key columns (primary key, else the narrowest unique NOT NULL index).
     pub key_columns: Option<Vec<String>>,
     /// Non-generated columns, in attribute order.
@@ -62,6 +66,8 @@ impl SourceTable {
             },
             copy_columns: self.copy_columns.clone(),
             copy_only: listed,
+            partitioned: self.partitioned,
+            lock_relid: self.lock_relid,
         })
     }
 
@@ -82,7 +88,10 @@ pub async fn source_tables(client: &impl GenericClient) -> Result<Vec<SourceTabl
         .query(
             r"
 SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
-       c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid),
+       c.relkind = 'p',
+       EXISTS (SELECT 1 FROM pg_inherits i
+                WHERE (i.inhrelid = c.oid AND NOT c.relispartition) OR (i.inhparent = c.oid AND c.relkind <> 'p')),
+       coalesce(pg_partition_root(c.oid)::oid, c.oid),
        key.cols,
        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
@@ -123,13 +132,15 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
             relid: r.get(0),
             table: QualifiedTable::new(r.get::<_, String>(1), r.get::<_, String>(2)),
             relkind: r.get(3),
-            in_hierarchy: r.get(4),
-            key_columns: r.get(5),
-            copy_columns: r.get(6),
-            est_rows: r.get(7),
-            total_bytes: r.get(8),
-            can_trigger: r.get(9),
-            can_select: r.get(10),
+            partitioned: r.get(4),
+            inherits: r.get(5),
+            lock_relid: r.get(6),
+            key_columns: r.get(7),
+            copy_columns: r.get(8),
+            est_rows: r.get(9),
+            total_bytes: r.get(10),
+            can_trigger: r.get(11),
+            can_select: r.get(12),
         })
         .collect())
 }

@@ -405,3 +405,93 @@ async fn keyless_tables_listed_copy_only_move_under_the_fence() {
     assert_same_data(&env).await;
     assert_no_leftovers(&env).await;
 }
+
+const PARTITIONS: &str = r#"
+CREATE TABLE devices (id int PRIMARY KEY, name text);
+CREATE TABLE readings (device int NOT NULL REFERENCES devices (id), at date NOT NULL, v numeric, note text,
+                       PRIMARY KEY (device, at)) PARTITION BY RANGE (at);
+CREATE TABLE readings_2023 PARTITION OF readings FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE readings_2024 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')
+    PARTITION BY RANGE (device);
+CREATE TABLE readings_2024_lo PARTITION OF readings_2024 FOR VALUES FROM (MINVALUE) TO (50);
+CREATE TABLE readings_2024_hi PARTITION OF readings_2024 FOR VALUES FROM (50) TO (MAXVALUE);
+CREATE TABLE readings_other PARTITION OF readings DEFAULT;
+CREATE INDEX readings_v_idx ON readings (v);
+CREATE INDEX readings_2023_note_idx ON readings_2023 (note);
+INSERT INTO devices SELECT g, 'd' || g FROM generate_series(1, 100) g;
+INSERT INTO readings SELECT 1 + g % 100, date '2023-01-01' + (g % 900), g, 'seed' FROM generate_series(1, 5000) g
+    ON CONFLICT DO NOTHING;
+"#;
+
+const PARTITION_OPS: &[&str] = &[
+    // Through the root, moving rows to another partition (2023 -> 2024 -> default).
+    "UPDATE readings SET at = at + 400 WHERE device = 1 + $N % 100
+        AND at = (SELECT min(at) FROM readings WHERE device = 1 + $N % 100)",
+    "INSERT INTO readings VALUES (1 + $N % 100, date '2023-01-01' + ($N % 1200), $N, 'root') ON CONFLICT DO NOTHING",
+    // Straight at partitions.
+    "INSERT INTO readings_2023 VALUES (1 + $N % 100, date '2023-06-01' + ($N % 100), $N, 'leaf') ON CONFLICT DO NOTHING",
+    "DELETE FROM readings_2024_hi WHERE device = 50 + $N % 50 AND v < $N",
+    "UPDATE readings SET v = v + 1 WHERE device = 1 + ($N * 7) % 100",
+    "TRUNCATE readings_other",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
+    let env = Env::new(crate::BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(PARTITIONS)
+        .await
+        .expect("seed partitions");
+    let out = env.run(&["check"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "declarative partitioning is supported"
+    );
+    let (_, release) = crate::gated_config(&env);
+    let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
+    writers.progress(100).await;
+    let gate = async {
+        writers.wait_all_fenced().await;
+        std::fs::write(&release, "").unwrap();
+    };
+    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    assert_eq!(out.status.code(), Some(0));
+    writers.stop().await;
+    assert_same_data(&env).await;
+    assert_same_schema(&env).await;
+    assert_no_leftovers(&env).await;
+    // Every partition holds exactly the source's rows (each row once), and
+    // the hierarchy is the same.
+    let (s, t) = (env.source_as(APP).await, env.target_client().await);
+    for q in [
+        "SELECT string_agg(tableoid::regclass::text || ':' || n, ',' ORDER BY tableoid::regclass::text)
+           FROM (SELECT tableoid, count(*) AS n FROM readings GROUP BY tableoid) x",
+        "SELECT string_agg(inhrelid::regclass::text || '<' || inhparent::regclass::text, ',' ORDER BY inhrelid::regclass::text)
+           FROM pg_inherits WHERE inhrelid::regclass::text LIKE 'readings%'",
+    ] {
+        let a: Option<String> = s.query_one(q, &[]).await.unwrap().get(0);
+        let b: Option<String> = t.query_one(q, &[]).await.unwrap().get(0);
+        assert_eq!(a, b, "{q}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_inheritance_is_refused_with_a_reason() {
+    let env = Env::new(crate::BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE base (id int PRIMARY KEY); CREATE TABLE child (extra text) INHERITS (base);",
+        )
+        .await
+        .unwrap();
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("public.child") && text.contains("INHERITS"),
+        "{text}"
+    );
+}
