@@ -143,6 +143,10 @@ INSERT INTO parents SELECT g, 'p' || g, 'c' || g FROM generate_series(1, 200) g;
 INSERT INTO children (parent, qty, note) SELECT 1 + g % 200, g % 7, 'n' FROM generate_series(1, 1000) g;
 INSERT INTO bookings SELECT g, g % 10, tstzrange('2024-01-01'::timestamptz + g * interval '1 day', '2024-01-01'::timestamptz + (g + 1) * interval '1 day') FROM generate_series(1, 100) g;
 INSERT INTO counters (v) SELECT 'c' FROM generate_series(1, 10);
+CREATE TABLE groups (id int PRIMARY KEY);
+CREATE TABLE members (id int PRIMARY KEY, grp int REFERENCES groups (id));
+INSERT INTO groups SELECT g FROM generate_series(1, 5) g;
+INSERT INTO members SELECT g, 1 + g % 5 FROM generate_series(1, 20) g;
 CREATE MATERIALIZED VIEW parent_names AS SELECT id, upper(name) AS shout FROM parents;
 "#;
 
@@ -157,6 +161,9 @@ const SHAPE_OPS: &[&str] = &[
     // The key is named: ON CONFLICT may not use the deferrable unique constraint.
     "INSERT INTO parents VALUES (1000 + $N, 'new', 'n$N') ON CONFLICT (id) DO NOTHING",
     "TRUNCATE counters RESTART IDENTITY; INSERT INTO counters (v) VALUES ('after $N'), ('again')",
+    // TRUNCATE ... CASCADE empties members too: each table's own trigger fires.
+    "BEGIN; TRUNCATE groups CASCADE; INSERT INTO groups SELECT g FROM generate_series(1, 1 + $N % 5) g;
+            INSERT INTO members SELECT g, 1 FROM generate_series(1, $N % 7) g; COMMIT",
     "INSERT INTO bookings VALUES (1000 + $N, 99, tstzrange(now() + $N * interval '1 hour', now() + ($N + 1) * interval '1 hour'))
        ON CONFLICT DO NOTHING",
 ];
