@@ -180,6 +180,21 @@ impl Env {
         }
     }
 
+    /// Runs the agent (a cutover) while `workloads` write. The switch
+    /// command of [`gated_switch`] in the config waits for the file
+    /// `release`, created here once every writer has been refused by the
+    /// fence: that is when the application "moves" to the target.
+    pub async fn cutover_while_writing(&self, args: &[&str], workloads: &[&Workload]) -> Output {
+        let release = self.path("release");
+        let gate = async {
+            for w in workloads {
+                w.wait_all_fenced().await;
+            }
+            std::fs::write(&release, "").expect("release the switch");
+        };
+        self.run_alongside(args, gate).await
+    }
+
     /// Runs the agent and asserts it succeeded; returns stdout.
     pub async fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args).await;

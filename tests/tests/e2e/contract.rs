@@ -10,17 +10,15 @@ use crate::{fence_is_up, gated_config, seeded, target_has, BIN, OPS};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_end_to_end() {
     let env = seeded().await;
-    let (_, release) = gated_config(&env);
+    gated_config(&env);
     let writers = Workload::start(&env, &[APP, WRITER, APP], OPS).await;
     writers.progress(100).await;
     let before = writers.committed();
     // The switch command waits until every writer (both roles) has been
     // refused by the fence: the application "moves" only then.
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").expect("release the switch");
-    };
-    let out = env.run_alongside(&["migrate", "--cutover", "--json"], gate).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(report["install"]["tables"], 7, "{report}");
@@ -323,12 +321,10 @@ async fn migrate_resumes_after_sigkill_in_install_copy_and_sync() {
         writers.progress(20).await;
     }
 
-    let (_, release) = gated_config(&env);
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    gated_config(&env);
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     writers.stop().await;
     assert_same_data(&env).await;

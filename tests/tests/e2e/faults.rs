@@ -130,12 +130,10 @@ async fn sigterm_is_a_clean_stop_and_the_next_run_continues() {
     sigterm(&agent);
     exits_ok_within(&mut agent, 10).await;
 
-    let (_, release) = crate::gated_config(&env);
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    crate::gated_config(&env);
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     writers.stop().await;
     assert_same_data(&env).await;

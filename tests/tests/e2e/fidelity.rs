@@ -91,14 +91,12 @@ async fn every_type_and_identifier_arrives_identical() {
     su.batch_execute("DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format('CREATE TYPE t%s AS ENUM (''a'')', i); END LOOP; END $$")
         .await
         .unwrap();
-    let (_, release) = crate::gated_config(&env);
+    crate::gated_config(&env);
     let writers = Workload::start(&env, &[APP], OPS).await;
     writers.progress(30).await;
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     let stats = writers.stop().await;
     assert!(stats[0].committed.load(std::sync::atomic::Ordering::Relaxed) > 30);
@@ -183,14 +181,12 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
         .batch_execute(SHAPES)
         .await
         .expect("seed the shapes");
-    let (_, release) = crate::gated_config(&env);
+    crate::gated_config(&env);
     let writers = Workload::start(&env, &[APP, APP], SHAPE_OPS).await;
     writers.progress(100).await;
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     writers.stop().await;
     // The audit rows on the target are exactly the source's: the trigger did
@@ -393,12 +389,9 @@ async fn keyless_tables_listed_copy_only_move_under_the_fence() {
     let loggers = Workload::start(&env, &[WRITER], LOG_OPS).await;
     writers.progress(50).await;
     loggers.progress(50).await;
-    let gate = async {
-        writers.wait_all_fenced().await;
-        loggers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover", "--json"], gate).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers, &loggers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -456,14 +449,12 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
         Some(0),
         "declarative partitioning is supported"
     );
-    let (_, release) = crate::gated_config(&env);
+    crate::gated_config(&env);
     let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
     writers.progress(100).await;
-    let gate = async {
-        writers.wait_all_fenced().await;
-        std::fs::write(&release, "").unwrap();
-    };
-    let out = env.run_alongside(&["migrate", "--cutover"], gate).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
     assert_eq!(out.status.code(), Some(0));
     writers.stop().await;
     assert_same_data(&env).await;
