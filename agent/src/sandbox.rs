@@ -56,10 +56,16 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
 
 /// Finds the directory with `initdb` and `pg_ctl`.
 fn server_bin() -> Result<PathBuf, SandboxError> {
-    crate::schema::search_dirs()
+    let dir = crate::schema::search_dirs()
         .into_iter()
         .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
-        .ok_or(SandboxError::NoServer)
+        .ok_or(SandboxError::NoServer)?;
+    // Where initdb really lives (PATH may hold symlinks to a few tools only),
+    // so the others (pgbench...) are found beside it.
+    Ok(std::fs::canonicalize(dir.join("initdb"))
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or(dir))
 }
 
 /// (uid, gid) of the `postgres` OS user, when this process runs as root.
@@ -145,6 +151,11 @@ impl Cluster {
     /// The directory holding the unix socket.
     pub fn socket_dir(&self) -> &Path {
         &self.base
+    }
+
+    /// The directory of the server binaries (initdb, pg_ctl, pgbench...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
     }
 
     /// The TCP port on 127.0.0.1.

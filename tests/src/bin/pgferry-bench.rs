@@ -1,0 +1,249 @@
+//! `pgferry-bench capture`: what capture costs the source, measured.
+//!
+//! On a throwaway cluster with pgbench's TPC-B-like workload, runs pgbench in
+//! three modes, alternating them in every round so that drift of the machine
+//! hits all alike: no triggers, pgferry's capture (statement-level triggers
+//! with transition tables, one delta table per table), and Bucardo's design
+//! (a row-level AFTER trigger inserting the key and now() into a per-table
+//! delta table indexed on both). Also times one 100k-row UPDATE per mode.
+//! Prints JSON: TPS per round, medians, the TPS loss of each design, and the
+//! ratio of pgferry's loss to Bucardo's.
+
+use std::time::Instant;
+
+use pgferry::sandbox::Cluster;
+use tokio_postgres::NoTls;
+
+const MODES: [&str; 3] = ["none", "pgferry", "bucardo"];
+const TABLES: [(&str, &str); 4] = [
+    ("pgbench_accounts", "aid int"),
+    ("pgbench_branches", "bid int"),
+    ("pgbench_tellers", "tid int"),
+    ("pgbench_history", "id bigint"),
+];
+
+struct Args {
+    scale: u32,
+    clients: u32,
+    secs: u32,
+    rounds: u32,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        scale: 10,
+        clients: 8,
+        secs: 15,
+        rounds: 3,
+    };
+    let v: Vec<String> = std::env::args().collect();
+    if v.get(1).map(String::as_str) != Some("capture") {
+        eprintln!("usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]");
+        std::process::exit(2);
+    }
+    for pair in v[2..].chunks(2) {
+        let n = pair.get(1).and_then(|x| x.parse().ok()).unwrap_or_else(|| {
+            eprintln!("{} needs a number", pair[0]);
+            std::process::exit(2)
+        });
+        match pair[0].as_str() {
+            "--scale" => a.scale = n,
+            "--clients" => a.clients = n,
+            "--secs" => a.secs = n,
+            "--rounds" => a.rounds = n,
+            other => {
+                eprintln!("unknown flag {other}");
+                std::process::exit(2)
+            }
+        }
+    }
+    a
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+async fn connect(port: u16, dbname: &str) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .password("bench")
+        .dbname(dbname);
+    let (c, conn) = cfg.connect(NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+/// Enables exactly the triggers of `mode` (pgferry's or Bucardo's), and
+/// empties both designs' delta tables so every run starts alike.
+async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
+    let mut sql = String::new();
+    for (t, _) in TABLES {
+        for (name, mine) in [
+            ("pgferry_capture_ins", mode == "pgferry"),
+            ("pgferry_capture_upd", mode == "pgferry"),
+            ("pgferry_capture_del", mode == "pgferry"),
+            ("pgferry_capture_trunc", mode == "pgferry"),
+            ("bucardo_delta", mode == "bucardo"),
+        ] {
+            let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
+            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
+        }
+        sql.push_str(&format!("TRUNCATE bucardo_delta_{t};"));
+    }
+    sql.push_str(
+        "DO $$ DECLARE r record; BEGIN
+           FOR r IN SELECT relname FROM pg_class WHERE relnamespace = 'pgferry'::regnamespace
+                     AND relname LIKE 'd\\_%' AND relkind = 'r' LOOP
+             EXECUTE format('TRUNCATE pgferry.%I', r.relname);
+           END LOOP; END $$;",
+    );
+    c.batch_execute(&sql).await.expect("select the mode");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    eprintln!("starting throwaway clusters");
+    let (source, target) =
+        tokio::try_join!(Cluster::start("bench-source"), Cluster::start("bench-target")).expect("clusters");
+    source
+        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
+        .await
+        .expect("role");
+    target
+        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE", Some("bench"))
+        .await
+        .expect("role");
+    let pgbench = source.bin_dir().join("pgbench");
+    let env = [
+        ("PGHOST", "127.0.0.1".to_string()),
+        ("PGPORT", source.port().to_string()),
+        ("PGUSER", "app".into()),
+        ("PGPASSWORD", "bench".into()),
+        ("PGDATABASE", "bench".into()),
+    ];
+    eprintln!("pgbench -i -s {}", a.scale);
+    let st = std::process::Command::new(&pgbench)
+        .args(["-i", "-q", "-s", &a.scale.to_string()])
+        .envs(env.clone())
+        .status()
+        .expect("pgbench -i");
+    assert!(st.success());
+    let c = connect(source.port(), "bench").await;
+    // pgferry (and Bucardo) need a key on every table.
+    c.batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+        .await
+        .expect("key");
+
+    // pgferry's capture, installed by pgferry itself.
+    let cfg = pgferry::config::Config {
+        source: Some(
+            format!(
+                "postgres://app:bench@127.0.0.1:{}/bench?sslmode=disable",
+                source.port()
+            )
+            .into(),
+        ),
+        target: Some(
+            format!(
+                "postgres://rds:bench@127.0.0.1:{}/bench?sslmode=disable",
+                target.port()
+            )
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let m = pgferry::Migration::new(cfg).expect("config");
+    pgferry::capture::install(&m, &tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("install capture");
+
+    // Bucardo's source-side design, reproduced.
+    for (t, key) in TABLES {
+        let col = key.split_whitespace().next().unwrap();
+        c.batch_execute(&format!(
+            "CREATE TABLE bucardo_delta_{t} ({key}, txntime timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX ON bucardo_delta_{t} ({col});
+             CREATE INDEX ON bucardo_delta_{t} (txntime);
+             CREATE FUNCTION bucardo_delta_{t}() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+               IF TG_OP = 'INSERT' THEN INSERT INTO bucardo_delta_{t} ({col}) VALUES (NEW.{col});
+               ELSIF TG_OP = 'UPDATE' THEN
+                 INSERT INTO bucardo_delta_{t} ({col}) VALUES (NEW.{col});
+                 IF NEW.{col} <> OLD.{col} THEN INSERT INTO bucardo_delta_{t} ({col}) VALUES (OLD.{col}); END IF;
+               ELSE INSERT INTO bucardo_delta_{t} ({col}) VALUES (OLD.{col});
+               END IF;
+               RETURN NULL;
+             END $f$;
+             CREATE TRIGGER bucardo_delta AFTER INSERT OR UPDATE OR DELETE ON {t}
+               FOR EACH ROW EXECUTE FUNCTION bucardo_delta_{t}();"
+        ))
+        .await
+        .expect("bucardo-style trigger");
+    }
+
+    let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut bulk: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for round in 0..a.rounds {
+        // Rotate the order each round.
+        for i in 0..MODES.len() {
+            let mode = MODES[(i + round as usize) % MODES.len()];
+            select_mode(&c, mode).await;
+            c.batch_execute("CHECKPOINT").await.ok();
+            let out = std::process::Command::new(&pgbench)
+                .args([
+                    "-n",
+                    "-c",
+                    &a.clients.to_string(),
+                    "-j",
+                    "2",
+                    "-T",
+                    &a.secs.to_string(),
+                ])
+                .envs(env.clone())
+                .output()
+                .expect("pgbench");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let t: f64 = text
+                .lines()
+                .find(|l| l.starts_with("tps = "))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no tps in pgbench output: {text}{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            eprintln!("round {round} {mode:>8}: {t:.0} tps");
+            tps.entry(mode).or_default().push(t);
+            let started = Instant::now();
+            c.batch_execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 100000")
+                .await
+                .expect("bulk update");
+            bulk.entry(mode)
+                .or_default()
+                .push(started.elapsed().as_secs_f64());
+        }
+    }
+    let med = |m: &str| median(&tps[m]);
+    let loss = |m: &str| 100.0 * (1.0 - med(m) / med("none"));
+    let report = serde_json::json!({
+        "benchmark": "capture overhead, pgbench TPC-B-like",
+        "scale": a.scale, "clients": a.clients, "threads": 2, "secs_per_run": a.secs, "rounds": a.rounds,
+        "tps": tps,
+        "tps_median": { "none": med("none"), "pgferry": med("pgferry"), "bucardo": med("bucardo") },
+        "tps_loss_pct": { "pgferry": loss("pgferry"), "bucardo": loss("bucardo") },
+        "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
+        "bulk_update_100k_secs_median": {
+            "none": median(&bulk["none"]), "pgferry": median(&bulk["pgferry"]), "bucardo": median(&bulk["bucardo"]),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    drop((source, target));
+}
