@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../sql/0002_switch_marker.sql")),
     (3, include_str!("../../sql/0003_copy_only.sql")),
     (4, include_str!("../../sql/0004_partitions.sql")),
+    (5, include_str!("../../sql/0005_inheritance.sql")),
 ];
 
 /// Control-schema failures.
@@ -166,8 +167,10 @@ pub struct TableState {
     pub copy_only: bool,
     /// A partitioned table: read and written without ONLY.
     pub partitioned: bool,
-    /// The root of its partition hierarchy: all its batches share one lock.
+    /// The root of its hierarchy: all its batches share one lock.
     pub lock_relid: u32,
+    /// Its parent in classic inheritance.
+    pub parent_relid: Option<u32>,
 }
 
 impl TableState {
@@ -203,8 +206,10 @@ pub struct Registration {
     pub copy_only: bool,
     /// A partitioned table (root or intermediate): read and written without ONLY.
     pub partitioned: bool,
-    /// The root of its partition hierarchy (itself when not a partition).
+    /// The root of its hierarchy (itself when it has no parent).
     pub lock_relid: u32,
+    /// Its parent in classic inheritance.
+    pub parent_relid: Option<u32>,
 }
 
 /// True when the control schema exists on this database.
@@ -345,8 +350,8 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
         client
             .execute(
                 "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only,
-                                             partitioned, lock_relid)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (relid) DO NOTHING",
+                                             partitioned, lock_relid, parent_relid)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (relid) DO NOTHING",
                 &[
                     &r.relid,
                     &r.table.schema,
@@ -356,6 +361,7 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
                     &r.copy_only,
                     &r.partitioned,
                     &r.lock_relid,
+                    &r.parent_relid,
                 ],
             )
             .await
@@ -403,7 +409,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
                     copied_rows, applied_rows,
                     extract(epoch FROM clock_timestamp() - synced_through)::float8, copy_only,
-                    partitioned, lock_relid
+                    partitioned, lock_relid, parent_relid
                FROM pgferry.tables ORDER BY id",
             &[],
         )
@@ -428,6 +434,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             copy_only: r.get(10),
             partitioned: r.get(11),
             lock_relid: r.get(12),
+            parent_relid: r.get(13),
         })
         .collect())
 }

@@ -304,7 +304,7 @@ pub async fn drain_pass(
             let mut stats = Vec::with_capacity(group.len());
             for t in &group {
                 match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
-                    drain_table(&m, t)
+                    drain_table(&m, t, &group)
                 })
                 .await
                 {
@@ -340,7 +340,7 @@ pub async fn drain_pass(
 
 /// Runs one batch for `t`. On any failure the source session is discarded
 /// rather than returned to the pool, which also releases its batch lock.
-async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncError> {
+async fn drain_table(m: &Migration, t: &TableState, group: &[TableState]) -> Result<BatchStats, SyncError> {
     let mut source = m.source_conn().await?;
     let locked: bool = source
         .query_one(
@@ -358,7 +358,7 @@ async fn drain_table(m: &Migration, t: &TableState) -> Result<BatchStats, SyncEr
             ..Default::default()
         });
     }
-    match batch(m, &mut source, t).await {
+    match batch(m, &mut source, t, group).await {
         Ok(stats) => {
             source
                 .execute(
@@ -384,7 +384,12 @@ fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncE
     }
 }
 
-async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<BatchStats, SyncError> {
+async fn batch(
+    m: &Migration,
+    source: &mut Object,
+    t: &TableState,
+    group: &[TableState],
+) -> Result<BatchStats, SyncError> {
     let src_err = |e| batch_err(t, Side::Source, e);
     let tgt_err = |e| batch_err(t, Side::Target, e);
     let delta = t.delta_table();
@@ -424,10 +429,19 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
 
     let mut target = m.target_conn().await?;
     let ttx = target.transaction().await.map_err(tgt_err)?;
-    let cols = column_list(&t.copy_columns, None);
     let table = &t.table;
-    // ONLY for a plain table or a partition, not for a partitioned table.
-    let rel = t.rel();
+    // The tables this batch rewrites: the table itself, or for an
+    // inheritance parent the parent and every table below it, since a
+    // statement on the parent changes its children's rows too (and fires only
+    // the parent's triggers). Each row is read from ONLY the table it lives in.
+    let members: Vec<&TableState> = std::iter::once(t).chain(below(t, group)).collect();
+    // What one DELETE or TRUNCATE covers: ONLY the table, the whole
+    // partitioned table, or the whole inheritance hierarchy below a parent.
+    let scope = if members.len() > 1 {
+        table.to_string()
+    } else {
+        t.rel()
+    };
     let pumped = |e| match e {
         Pumped::Source(e) => src_err(e),
         Pumped::Target(e) => tgt_err(e),
@@ -437,24 +451,31 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
         ..Default::default()
     };
     if truncated {
-        // Whole-table resynchronisation: the table as of S.
-        ttx.batch_execute(&format!("TRUNCATE {rel}"))
+        // Whole-table resynchronisation: the table (and what is below it) as of S.
+        ttx.batch_execute(&format!("TRUNCATE {scope}"))
             .await
             .map_err(tgt_err)?;
-        let sink = ttx
-            .copy_in(&format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)"))
-            .await
-            .map_err(tgt_err)?;
-        let stream = stx
-            .copy_out(&format!(
-                "COPY (SELECT {cols} FROM {rel}) TO STDOUT (FORMAT binary)"
-            ))
-            .await
-            .map_err(src_err)?;
-        let (rows, _) = pump(stream, sink, &Throttle::unlimited(), |_| {})
-            .await
-            .map_err(pumped)?;
-        stats.rows_written = rows;
+        for member in &members {
+            let cols = column_list(&member.copy_columns, None);
+            let sink = ttx
+                .copy_in(&format!(
+                    "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+                    member.table
+                ))
+                .await
+                .map_err(tgt_err)?;
+            let stream = stx
+                .copy_out(&format!(
+                    "COPY (SELECT {cols} FROM {}) TO STDOUT (FORMAT binary)",
+                    member.rel()
+                ))
+                .await
+                .map_err(src_err)?;
+            stats.rows_written += pump(stream, sink, &Throttle::unlimited(), |_| {})
+                .await
+                .map_err(pumped)?
+                .0;
+        }
     } else {
         let keys = column_list(&t.key_columns, None);
         let delta_keys = (1..=t.key_columns.len())
@@ -462,8 +483,7 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             .collect::<Vec<_>>()
             .join(", ");
         ttx.batch_execute(&format!(
-            "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA;
-             CREATE TEMP TABLE pgferry_rows ON COMMIT DROP AS SELECT {cols} FROM ONLY {table} WITH NO DATA;"
+            "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
         ))
         .await
         .map_err(tgt_err)?;
@@ -481,20 +501,30 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
             .await
             .map_err(pumped)?
             .0;
-        let sink = ttx
-            .copy_in("COPY pgferry_rows FROM STDIN (FORMAT binary)")
-            .await
-            .map_err(tgt_err)?;
-        let stream = stx
-            .copy_out(&format!(
-                "COPY (SELECT {cols} FROM {rel} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
-                 TO STDOUT (FORMAT binary)"
+        for (i, member) in members.iter().enumerate() {
+            let cols = column_list(&member.copy_columns, None);
+            ttx.batch_execute(&format!(
+                "CREATE TEMP TABLE pgferry_rows_{i} ON COMMIT DROP AS SELECT {cols} FROM ONLY {} WITH NO DATA",
+                member.table
             ))
             .await
-            .map_err(src_err)?;
-        pump(stream, sink, &Throttle::unlimited(), |_| {})
-            .await
-            .map_err(pumped)?;
+            .map_err(tgt_err)?;
+            let sink = ttx
+                .copy_in(&format!("COPY pgferry_rows_{i} FROM STDIN (FORMAT binary)"))
+                .await
+                .map_err(tgt_err)?;
+            let stream = stx
+                .copy_out(&format!(
+                    "COPY (SELECT {cols} FROM {} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
+                     TO STDOUT (FORMAT binary)",
+                    member.rel()
+                ))
+                .await
+                .map_err(src_err)?;
+            pump(stream, sink, &Throttle::unlimited(), |_| {})
+                .await
+                .map_err(pumped)?;
+        }
         let join = t
             .key_columns
             .iter()
@@ -507,20 +537,24 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
         ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
         stats.rows_deleted = ttx
             .execute(
-                &format!("DELETE FROM {rel} AS t USING pgferry_keys AS k WHERE {join}"),
+                &format!("DELETE FROM {scope} AS t USING pgferry_keys AS k WHERE {join}"),
                 &[],
             )
             .await
             .map_err(tgt_err)?;
-        stats.rows_written = ttx
-            .execute(
-                &format!(
-                    "INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows"
-                ),
-                &[],
-            )
-            .await
-            .map_err(tgt_err)?;
+        for (i, member) in members.iter().enumerate() {
+            let cols = column_list(&member.copy_columns, None);
+            stats.rows_written += ttx
+                .execute(
+                    &format!(
+                        "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows_{i}",
+                        member.table
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(tgt_err)?;
+        }
     }
     crate::failpoint::hit("sync.before_target_commit").await;
     ttx.commit().await.map_err(tgt_err)?;
@@ -562,6 +596,26 @@ async fn batch(m: &Migration, source: &mut Object, t: &TableState) -> Result<Bat
         "Batch applied"
     );
     Ok(stats)
+}
+
+/// The tables below `t` in classic inheritance (children, grandchildren...),
+/// among the tables of its hierarchy.
+fn below<'a>(t: &TableState, group: &'a [TableState]) -> impl Iterator<Item = &'a TableState> {
+    let mut found: Vec<u32> = vec![t.relid];
+    let mut out = Vec::new();
+    // Parents come before children in no particular order: repeat until stable.
+    loop {
+        let more: Vec<&TableState> = group
+            .iter()
+            .filter(|g| !found.contains(&g.relid) && g.parent_relid.is_some_and(|p| found.contains(&p)))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        found.extend(more.iter().map(|g| g.relid));
+        out.extend(more);
+    }
+    out.into_iter()
 }
 
 /// Unconsumed delta rows per table (TRUNCATE events count as one). A table

@@ -335,13 +335,12 @@ async fn check_source(
     }
     for t in &tables {
         let name = t.table.display_name();
-        if t.inherits {
+        if t.multiple_inheritance {
             f.add(
                 Severity::Blocker,
                 &name,
-                "is part of a table inheritance hierarchy (INHERITS), which pgferry does not migrate yet \
-                 (declarative partitioning is supported)",
-                "convert it to declarative partitioning, or migrate it separately during a maintenance window",
+                "inherits from more than one parent (multiple INHERITS), which pgferry does not migrate",
+                "migrate it separately during a maintenance window",
             );
         } else if t.key_columns.is_none() && m.cfg.copy_only.contains(&name) {
             report.copy_only.push(CopyOnlyCost {

@@ -32,8 +32,10 @@ pub struct SourceTable {
     pub relkind: String,
     /// A partitioned table (root or intermediate).
     pub partitioned: bool,
-    /// A parent or child in classic (non-partition) inheritance.
-    pub inherits: bool,
+    /// Inherits from more than one parent (not supported).
+    pub multiple_inheritance: bool,
+    /// Its parent in classic (non-partition) inheritance.
+    pub parent_relid: Option<u32>,
     /// The root of its partition hierarchy (itself when not a partition).
     pub lock_relid: u32,
     /// Key columns (primary key, else the narrowest unique NOT NULL index).
@@ -68,6 +70,7 @@ impl SourceTable {
             copy_only: listed,
             partitioned: self.partitioned,
             lock_relid: self.lock_relid,
+            parent_relid: self.parent_relid,
         })
     }
 
@@ -89,9 +92,10 @@ pub async fn source_tables(client: &impl GenericClient) -> Result<Vec<SourceTabl
             r"
 SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
        c.relkind = 'p',
-       EXISTS (SELECT 1 FROM pg_inherits i
-                WHERE (i.inhrelid = c.oid AND NOT c.relispartition) OR (i.inhparent = c.oid AND c.relkind <> 'p')),
-       coalesce(pg_partition_root(c.oid)::oid, c.oid),
+       (SELECT count(*) > 1 FROM pg_inherits i WHERE i.inhrelid = c.oid),
+       (SELECT i.inhparent FROM pg_inherits i WHERE i.inhrelid = c.oid AND NOT c.relispartition LIMIT 1),
+       (WITH RECURSIVE up(rel) AS (SELECT c.oid UNION SELECT i.inhparent FROM pg_inherits i JOIN up ON i.inhrelid = up.rel)
+        SELECT rel FROM up WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i2 WHERE i2.inhrelid = up.rel) LIMIT 1),
        key.cols,
        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
@@ -133,14 +137,15 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
             table: QualifiedTable::new(r.get::<_, String>(1), r.get::<_, String>(2)),
             relkind: r.get(3),
             partitioned: r.get(4),
-            inherits: r.get(5),
-            lock_relid: r.get(6),
-            key_columns: r.get(7),
-            copy_columns: r.get(8),
-            est_rows: r.get(9),
-            total_bytes: r.get(10),
-            can_trigger: r.get(11),
-            can_select: r.get(12),
+            multiple_inheritance: r.get(5),
+            parent_relid: r.get(6),
+            lock_relid: r.get(7),
+            key_columns: r.get(8),
+            copy_columns: r.get(9),
+            est_rows: r.get(10),
+            total_bytes: r.get(11),
+            can_trigger: r.get(12),
+            can_select: r.get(13),
         })
         .collect())
 }
