@@ -67,6 +67,11 @@ pub struct Config {
     /// or comma-separated in `PGFERRY_COPY_ONLY`. Default none.
     #[serde(default, deserialize_with = "list")]
     pub copy_only: Vec<String>,
+    /// Copy large objects (with their OIDs) during the cutover and verify
+    /// them. Their writes cannot be fenced: the application must not write
+    /// large objects during the cutover. Default false (check refuses them).
+    #[serde(default)]
+    pub large_objects: bool,
 }
 
 /// A list given as a sequence (TOML) or a comma-separated string (env).

@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod error;
 pub mod failpoint;
 pub mod ident;
+pub mod large_objects;
 pub mod migrate;
 pub mod migration;
 pub mod plan;

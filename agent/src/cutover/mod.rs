@@ -82,6 +82,8 @@ pub struct CutoverReport {
     pub grant_warnings: Vec<String>,
     /// copy_only tables copied while writes were fenced.
     pub copied_under_fence: Vec<String>,
+    /// Large objects copied while writes were fenced (with `large_objects`).
+    pub large_objects: Option<crate::large_objects::LargeObjectReport>,
 }
 
 /// Runs (or resumes) the cutover.
@@ -223,6 +225,16 @@ async fn fenced(
             .copied_under_fence
             .push(format!("{} ({rows} rows)", t.table.display_name()));
     }
+    if m.cfg.large_objects {
+        let lo = crate::large_objects::copy_all(m).await?;
+        tracing::info!(
+            copied = lo.copied,
+            bytes = lo.bytes,
+            removed = lo.removed,
+            "Large objects copied"
+        );
+        report.large_objects = Some(lo);
+    }
     crate::failpoint::hit("cutover.after_final_drain").await;
     let mut source = m.source_conn().await?;
     let mut target = m.target_conn().await?;
@@ -239,6 +251,12 @@ async fn fenced(
         })
         .collect();
     let verdict = verify::verify(m, subjects).await?;
+    if m.cfg.large_objects {
+        let diffs = crate::large_objects::differences(m).await?;
+        if !diffs.is_empty() {
+            return Err(CutoverError::Aborted(format!("large objects differ: {}", diffs.join(", "))).into());
+        }
+    }
     if verdict.mismatches > 0 {
         return Err(CutoverError::VerifyMismatch(Box::new(verdict)).into());
     }

@@ -111,16 +111,32 @@ pub(super) async fn source(
             "lower source_limits.max_connections if the application needs headroom",
         );
     }
-    let lo: i64 = c
-        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
-        .await?
-        .get(0);
-    if lo > 0 {
+    // Their size is read (which reads them all) only once they are opted in.
+    let sql = if m.cfg.large_objects {
+        "SELECT count(*), coalesce(sum(length(lo_get(oid))), 0)::int8 FROM pg_largeobject_metadata"
+    } else {
+        "SELECT count(*), NULL::int8 FROM pg_largeobject_metadata"
+    };
+    let lo = c.query_one(sql, &[]).await?;
+    let (count, bytes): (i64, Option<i64>) = (lo.get(0), lo.get(1));
+    let bytes = bytes.map_or_else(String::new, |b| format!(", {b} bytes"));
+    if count > 0 && !m.cfg.large_objects {
         f.add(
             Severity::Blocker,
             "source",
-            format!("the database holds {lo} large object(s), which pgferry does not migrate yet"),
-            "move them into bytea columns, or migrate them separately (pg_dump --large-objects) under a write freeze",
+            format!("the database holds {count} large object(s){bytes}"),
+            "set large_objects = true to copy them during the cutover (the application must not write large \
+             objects then), or move them into bytea columns",
+        );
+    } else if count > 0 {
+        f.add(
+            Severity::Warning,
+            "source",
+            format!(
+                "{count} large object(s){bytes} are copied during the cutover while writes are fenced; \
+                 large-object writes cannot be fenced"
+            ),
+            "keep the application from writing large objects during the cutover",
         );
     }
     let unlogged = c

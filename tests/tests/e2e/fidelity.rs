@@ -544,3 +544,42 @@ async fn multiple_inheritance_is_refused_with_a_reason() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_are_copied_under_the_fence_when_enabled() {
+    let env = crate::seeded().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "SELECT lo_from_bytea(0, decode(repeat('ab', 50000), 'hex')) FROM generate_series(1, 3);
+             SELECT lo_from_bytea(424242, convert_to('fixed oid ✓', 'UTF8'));",
+        )
+        .await
+        .unwrap();
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1), "refused unless enabled");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("large_objects = true"));
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "large_objects = true\n[sync]\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot be fenced"));
+    let writers = Workload::start(&env, &[APP], crate::OPS).await;
+    writers.progress(30).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0));
+    writers.stop().await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cutover"]["large_objects"]["copied"], 4, "{report}");
+    let q = "SELECT string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid) FROM pg_largeobject_metadata";
+    let a: String = env.source_as(APP).await.query_one(q, &[]).await.unwrap().get(0);
+    let b: String = env.target_client().await.query_one(q, &[]).await.unwrap().get(0);
+    assert_eq!(a, b);
+    assert!(a.contains("424242:"), "OIDs are kept: {a}");
+    assert_same_data(&env).await;
+}
