@@ -91,18 +91,7 @@ async fn every_type_and_identifier_arrives_identical() {
     su.batch_execute("DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format('CREATE TYPE t%s AS ENUM (''a'')', i); END LOOP; END $$")
         .await
         .unwrap();
-    crate::gated_config(&env);
-    let writers = Workload::start(&env, &[APP], OPS).await;
-    writers.progress(30).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0));
-    let stats = writers.stop().await;
-    assert!(stats[0].committed.load(std::sync::atomic::Ordering::Relaxed) > 30);
-    assert_same_data(&env).await;
-    assert_same_schema(&env).await;
-    assert_no_leftovers(&env).await;
+    crate::migrate_while_writing_then_compare(&env, &[APP], OPS, 30).await;
     let oid = |c: tokio_postgres::Client| async move {
         c.query_one("SELECT 'mood'::regtype::oid", &[])
             .await
@@ -181,19 +170,9 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
         .batch_execute(SHAPES)
         .await
         .expect("seed the shapes");
-    crate::gated_config(&env);
-    let writers = Workload::start(&env, &[APP, APP], SHAPE_OPS).await;
-    writers.progress(100).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0));
-    writers.stop().await;
     // The audit rows on the target are exactly the source's: the trigger did
     // not fire again when the drain applied children's changes.
-    assert_same_data(&env).await;
-    assert_same_schema(&env).await;
-    assert_no_leftovers(&env).await;
+    crate::migrate_while_writing_then_compare(&env, &[APP, APP], SHAPE_OPS, 100).await;
     let (s, t) = (env.source_as(APP).await, env.target_client().await);
     // A materialized view is refreshed at cutover: the target holds what its
     // query gives on the source now, not the source's older contents.
@@ -449,17 +428,7 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
         Some(0),
         "declarative partitioning is supported"
     );
-    crate::gated_config(&env);
-    let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
-    writers.progress(100).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0));
-    writers.stop().await;
-    assert_same_data(&env).await;
-    assert_same_schema(&env).await;
-    assert_no_leftovers(&env).await;
+    crate::migrate_while_writing_then_compare(&env, &[APP, APP], PARTITION_OPS, 100).await;
     // Every partition holds exactly the source's rows (each row once), and
     // the hierarchy is the same.
     let (s, t) = (env.source_as(APP).await, env.target_client().await);
@@ -511,18 +480,8 @@ async fn inheritance_hierarchies_arrive_with_changes_made_through_the_parent() {
         .expect("seed the hierarchy");
     let out = env.run(&["check"]).await;
     assert_eq!(out.status.code(), Some(0), "classic inheritance is supported");
-    crate::gated_config(&env);
-    let writers = Workload::start(&env, &[APP, APP], INHERITANCE_OPS).await;
-    writers.progress(100).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0));
-    writers.stop().await;
     // Every table compared with ONLY: each row is where the source has it.
-    assert_same_data(&env).await;
-    assert_same_schema(&env).await;
-    assert_no_leftovers(&env).await;
+    crate::migrate_while_writing_then_compare(&env, &[APP, APP], INHERITANCE_OPS, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

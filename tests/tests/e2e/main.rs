@@ -107,3 +107,31 @@ pub async fn target_has(env: &Env, sql: &str) -> bool {
         .expect(sql)
         .get(0)
 }
+
+/// The common end of a fidelity test: `migrate --cutover` while `roles` run
+/// `ops` (each writer commits `progress` transactions first), then the target
+/// must equal the source, row by row and schema object by schema object, and
+/// nothing of pgferry's may be left.
+pub async fn migrate_while_writing_then_compare(
+    env: &Env,
+    roles: &[(&'static str, &'static str)],
+    ops: &'static [&'static str],
+    progress: u64,
+) {
+    gated_config(env);
+    let writers = Workload::start(env, roles, ops).await;
+    writers.progress(progress).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    let stats = writers.stop().await;
+    let committed: u64 = stats
+        .iter()
+        .map(|s| s.committed.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(committed >= progress, "the writers wrote during the migration");
+    assert_same_data(env).await;
+    assert_same_schema(env).await;
+    assert_no_leftovers(env).await;
+}
