@@ -202,6 +202,61 @@ pub struct CopyConfig {
     /// Default 256 MB.
     #[serde(default = "default_index_maintenance_work_mem_mb")]
     pub index_maintenance_work_mem_mb: u32,
+    /// TOAST compression of the loading sessions (`default_toast_compression`
+    /// on the target): `lz4` (default; several times faster than pglz at
+    /// about the same size, PostgreSQL 14+ built with lz4, as on RDS),
+    /// `pglz`, or `server` to keep the target's setting. Columns with their
+    /// own COMPRESSION keep it. Falls back to the server's setting, with a
+    /// warning, where lz4 is not available.
+    #[serde(default = "default_toast_compression")]
+    pub toast_compression: ToastCompression,
+    /// Tables whose heap is larger than this are copied in parts (block
+    /// ranges read by TID range scans, PostgreSQL 14+ sources), so that one
+    /// big table keeps every worker busy. 0 never splits. Default 512.
+    #[serde(default = "default_split_tables_larger_than_mb")]
+    pub split_tables_larger_than_mb: u64,
+    /// Most parts one table is split into. Default: `workers`.
+    #[serde(default)]
+    pub max_parts: Option<usize>,
+    /// How the data travels: `stream` (default; COPY piped source to target,
+    /// no disk) or `dump` (`pg_dump -Fd -j` into a local directory, then
+    /// `pg_restore -j`, for staging on disk).
+    #[serde(default)]
+    pub method: CopyMethod,
+    /// Where the bulk data is read from, when not the source itself: for
+    /// example a Heroku fork of the source made after `install`. Capture and
+    /// everything else stay on the source. pgferry checks that this database
+    /// holds the same migration with capture installed, which proves it was
+    /// taken after the triggers committed (invariant 2).
+    #[serde(default)]
+    pub from: Option<SecretString>,
+    /// Staging directory for `method = "dump"`. Default: a temporary
+    /// directory, removed afterwards.
+    #[serde(default)]
+    pub dump_dir: Option<PathBuf>,
+}
+
+/// TOAST compression for the loading sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToastCompression {
+    /// lz4.
+    Lz4,
+    /// PostgreSQL's own pglz.
+    Pglz,
+    /// Whatever the target's `default_toast_compression` says.
+    Server,
+}
+
+/// How the bulk copy moves the data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMethod {
+    /// COPY streamed from the source straight into the target.
+    #[default]
+    Stream,
+    /// pg_dump -Fd -j N, then pg_restore -j N.
+    Dump,
 }
 
 /// Delta drain.
@@ -264,6 +319,12 @@ fn default_copy_workers() -> usize {
 fn default_index_maintenance_work_mem_mb() -> u32 {
     256
 }
+fn default_toast_compression() -> ToastCompression {
+    ToastCompression::Lz4
+}
+fn default_split_tables_larger_than_mb() -> u64 {
+    512
+}
 fn default_sync_workers() -> usize {
     2
 }
@@ -297,6 +358,12 @@ impl Default for CopyConfig {
             workers: default_copy_workers(),
             index_maintenance_work_mem_mb: default_index_maintenance_work_mem_mb(),
             rate_bytes_per_sec: None,
+            toast_compression: default_toast_compression(),
+            split_tables_larger_than_mb: default_split_tables_larger_than_mb(),
+            max_parts: None,
+            method: CopyMethod::Stream,
+            from: None,
+            dump_dir: None,
         }
     }
 }
@@ -388,6 +455,9 @@ impl Config {
         let mut problems = Vec::new();
         if self.copy.workers == 0 {
             problems.push("copy.workers must be at least 1");
+        }
+        if self.copy.max_parts == Some(0) {
+            problems.push("copy.max_parts must be at least 1");
         }
         if self.sync.workers == 0 {
             problems.push("sync.workers must be at least 1");

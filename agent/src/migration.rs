@@ -18,6 +18,8 @@ pub struct Migration {
     pub target: Endpoint,
     source_pool: Pool,
     target_pool: Pool,
+    /// `copy.from`: where the bulk data is read from instead of the source.
+    data: Option<(Endpoint, Pool)>,
     /// The copy's rate limit, shared by its workers.
     pub copy_throttle: std::sync::Arc<crate::throttle::Throttle>,
     /// The drain's rate limit, shared by its workers.
@@ -34,6 +36,14 @@ impl Migration {
         // connection per worker of the widest phase plus a control session.
         let source_pool = source.pool(cfg.source_limits.max_connections);
         let target_pool = target.pool(cfg.copy.workers.max(cfg.sync.workers) + 2);
+        let data = match &cfg.copy.from {
+            Some(url) => {
+                let ep = Endpoint::parse(url, Side::Source, lock_timeout)?;
+                let pool = ep.pool(cfg.source_limits.max_connections);
+                Some((ep, pool))
+            }
+            None => None,
+        };
         let copy_throttle = crate::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
         let sync_throttle = crate::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
         Ok(Self {
@@ -42,6 +52,7 @@ impl Migration {
             target,
             source_pool,
             target_pool,
+            data,
             copy_throttle,
             sync_throttle,
         })
@@ -50,6 +61,25 @@ impl Migration {
     /// A pooled source session.
     pub async fn source_conn(&self) -> Result<Object, ConnectError> {
         self.source.get(&self.source_pool).await
+    }
+
+    /// A session on the database the bulk data is read from: `copy.from`
+    /// when set, otherwise the source (sharing its budget).
+    pub async fn data_conn(&self) -> Result<Object, ConnectError> {
+        match &self.data {
+            Some((ep, pool)) => ep.get(pool).await,
+            None => self.source_conn().await,
+        }
+    }
+
+    /// The database the bulk data is read from.
+    pub fn data_endpoint(&self) -> &Endpoint {
+        self.data.as_ref().map_or(&self.source, |(ep, _)| ep)
+    }
+
+    /// True when the bulk data is read from `copy.from`, not the source.
+    pub fn reads_elsewhere(&self) -> bool {
+        self.data.is_some()
     }
 
     /// A pooled target session.

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../sql/0003_copy_only.sql")),
     (4, include_str!("../../sql/0004_partitions.sql")),
     (5, include_str!("../../sql/0005_inheritance.sql")),
+    (6, include_str!("../../sql/0006_copy_parts.sql")),
 ];
 
 /// Control-schema failures.
@@ -384,6 +385,10 @@ pub async fn reregister_columns(
         )
         .await
         .map_err(q("update a registration"))?;
+    client
+        .execute("DELETE FROM pgferry.copy_parts WHERE table_id = $1", &[&id])
+        .await
+        .map_err(q("forget a table's copy parts"))?;
     Ok(())
 }
 
@@ -448,6 +453,109 @@ pub async fn mark_copied(client: &impl GenericClient, id: i32, rows: i64) -> Res
         )
         .await
         .map_err(q("record a finished table copy"))?;
+    client
+        .execute("DELETE FROM pgferry.copy_parts WHERE table_id = $1", &[&id])
+        .await
+        .map_err(q("forget a table's copy parts"))?;
+    Ok(())
+}
+
+/// One block range of a table copied in parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPart {
+    /// Its number within the table, from 0.
+    pub part: i32,
+    /// First block of the range.
+    pub first_block: i64,
+    /// End of the range (exclusive); `None` runs to the end of the table.
+    pub end_block: Option<i64>,
+    /// The target transaction that loads it, once recorded.
+    pub target_xid: Option<String>,
+    /// Rows it loaded, recorded with `target_xid`.
+    pub rows: Option<i64>,
+    /// Its target transaction has committed.
+    pub done: bool,
+}
+
+/// The parts of a table being copied in parts, by part number (empty when
+/// none are planned).
+pub async fn copy_parts(client: &impl GenericClient, table_id: i32) -> Result<Vec<CopyPart>, StateError> {
+    let rows = client
+        .query(
+            "SELECT part, first_block, end_block, target_xid, rows, done
+               FROM pgferry.copy_parts WHERE table_id = $1 ORDER BY part",
+            &[&table_id],
+        )
+        .await
+        .map_err(q("read a table's copy parts"))?;
+    Ok(rows
+        .iter()
+        .map(|r| CopyPart {
+            part: r.get(0),
+            first_block: r.get(1),
+            end_block: r.get(2),
+            target_xid: r.get(3),
+            rows: r.get(4),
+            done: r.get(5),
+        })
+        .collect())
+}
+
+/// Plans a table's parts: block ranges `[first, end)`, the last one open.
+pub async fn plan_copy_parts(
+    client: &impl GenericClient,
+    table_id: i32,
+    ranges: &[(i64, Option<i64>)],
+) -> Result<(), StateError> {
+    let first: Vec<i64> = ranges.iter().map(|r| r.0).collect();
+    let end: Vec<Option<i64>> = ranges.iter().map(|r| r.1).collect();
+    client
+        .execute(
+            "INSERT INTO pgferry.copy_parts (table_id, part, first_block, end_block)
+             SELECT $1, o::int - 1, f, e FROM unnest($2::bigint[], $3::bigint[]) WITH ORDINALITY AS u(f, e, o)
+             ON CONFLICT DO NOTHING",
+            &[&table_id, &first, &end],
+        )
+        .await
+        .map_err(q("plan a table's copy parts"))?;
+    Ok(())
+}
+
+/// Records the target transaction loading a part, before it commits.
+pub async fn part_in_doubt(
+    client: &impl GenericClient,
+    table_id: i32,
+    part: i32,
+    target_xid: &str,
+    rows: i64,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.copy_parts SET target_xid = $3, rows = $4 WHERE table_id = $1 AND part = $2",
+            &[&table_id, &part, &target_xid, &rows],
+        )
+        .await
+        .map_err(q("record a part's target transaction"))?;
+    Ok(())
+}
+
+/// Settles a part: done when its target transaction committed, otherwise
+/// forgotten so that it is copied again.
+pub async fn settle_part(
+    client: &impl GenericClient,
+    table_id: i32,
+    part: i32,
+    committed: bool,
+) -> Result<(), StateError> {
+    let sql = if committed {
+        "UPDATE pgferry.copy_parts SET done = true WHERE table_id = $1 AND part = $2"
+    } else {
+        "UPDATE pgferry.copy_parts SET target_xid = NULL, rows = NULL WHERE table_id = $1 AND part = $2"
+    };
+    client
+        .execute(sql, &[&table_id, &part])
+        .await
+        .map_err(q("settle a copy part"))?;
     Ok(())
 }
 

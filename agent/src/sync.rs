@@ -429,6 +429,8 @@ async fn batch(
 
     let mut target = m.target_conn().await?;
     let ttx = target.transaction().await.map_err(tgt_err)?;
+    // Rows written by the drain are compressed like the copy's.
+    crate::copy::set_loading(m, &ttx).await.map_err(tgt_err)?;
     let table = &t.table;
     // The tables this batch rewrites: the table itself, or for an
     // inheritance parent the parent and every table below it, since a

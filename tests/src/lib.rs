@@ -152,7 +152,11 @@ impl Env {
 
     /// Runs the agent to completion.
     pub async fn run(&self, args: &[&str]) -> Output {
-        let out = tokio::time::timeout(Duration::from_secs(180), self.cmd(args).output())
+        let mut cmd = self.cmd(args);
+        if let Ok(f) = std::env::var("E2E_AGENT_LOG") {
+            cmd.stderr(std::fs::File::create(f).expect("agent log"));
+        }
+        let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
             .await
             .unwrap_or_else(|_| panic!("pgferry {args:?} did not finish in 180 s"))
             .expect("run pgferry");

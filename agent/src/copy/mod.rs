@@ -26,7 +26,9 @@ use crate::retry::{retry, Gave, Retryable};
 use crate::schema::PgTools;
 use crate::state::{self, CopyState, Phase, SchemaStep, TableState};
 
+mod dump;
 pub mod indexes;
+mod split;
 
 /// Writes to the target are batched to this size (see CRATES.md: per-chunk
 /// sends cost a third of the throughput).
@@ -69,6 +71,16 @@ pub enum CopyError {
     /// Recording progress failed.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// A part's target transaction stayed in progress after its agent left.
+    #[error("part {part} of {table} is in doubt: its target transaction {xid} is still in progress; end that session on the target (pg_terminate_backend) or wait, then run copy again")]
+    InDoubt {
+        /// The table.
+        table: String,
+        /// The part.
+        part: i32,
+        /// The target transaction.
+        xid: String,
+    },
     /// A worker task panicked.
     #[error("a copy worker stopped unexpectedly")]
     Worker(#[source] tokio::task::JoinError),
@@ -85,6 +97,7 @@ impl Retryable for CopyError {
             }
             CopyError::Connect(e) => e.is_retryable(),
             CopyError::State(e) => e.is_retryable(),
+            CopyError::InDoubt { .. } => true,
             _ => false,
         }
     }
@@ -105,6 +118,10 @@ pub struct CopyReport {
     pub index_secs: f64,
     /// Indexes built by this run.
     pub indexes_built: usize,
+    /// Parts of split tables copied by this run.
+    pub parts_copied: usize,
+    /// The agent's peak resident memory (Linux), at the end of the copy.
+    pub peak_rss_bytes: Option<u64>,
     /// Roles recreated on the target (with `schema.recreate_roles`).
     pub roles: Option<crate::roles::RoleReport>,
 }
@@ -130,6 +147,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     state::set_phase(&**conn, Phase::Copying).await?;
     let tables = state::tables(&**conn).await?;
     drop(conn);
+    check_copy_from(m, &tables).await?;
 
     let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
     let scratch = tempfile::Builder::new()
@@ -155,7 +173,10 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     crate::failpoint::hit("copy.after_pre_data").await;
 
     let started = Instant::now();
-    copy_tables(m, &tables, cancel, &mut report).await?;
+    match m.cfg.copy.method {
+        crate::config::CopyMethod::Stream => copy_tables(m, &tables, cancel, &mut report).await?,
+        crate::config::CopyMethod::Dump => dump::copy(m, &tools, &tables, &mut report).await?,
+    }
     report.data_secs = started.elapsed().as_secs_f64();
 
     // Always: the build skips what exists, and tables added by a later
@@ -185,7 +206,57 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         })?;
     let conn = m.source_conn().await?;
     state::set_phase(&**conn, Phase::Syncing).await?;
+    report.peak_rss_bytes = peak_rss_bytes();
     Ok(report)
+}
+
+/// The agent's peak resident set size so far (Linux), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// With `copy.from`, proves that database was taken from the source after
+/// capture was installed: it must hold the same migration (the same tables
+/// under the same ids and OIDs) at phase `installed` or later. A fork made
+/// earlier would miss changes that no delta records.
+async fn check_copy_from(m: &Migration, tables: &[TableState]) -> Result<(), crate::Error> {
+    if !m.reads_elsewhere() {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        crate::Error::Phase(format!(
+            "copy.from ({}) {why}: it must be a fork or replica of the source made after `pgferry install` finished",
+            m.data_endpoint().redacted()
+        ))
+    };
+    let conn = m.data_conn().await?;
+    match state::load(&**conn).await? {
+        None => return Err(refuse("holds no pgferry migration".into())),
+        Some(run) if run.phase < Phase::Installed => {
+            return Err(refuse(format!(
+                "was taken while capture was still being installed (phase {})",
+                run.phase.as_str()
+            )))
+        }
+        Some(_) => {}
+    }
+    let theirs = state::tables(&**conn).await?;
+    for t in tables {
+        if !theirs
+            .iter()
+            .any(|o| o.id == t.id && o.relid == t.relid && o.table == t.table)
+        {
+            return Err(refuse(format!(
+                "does not register {} as the source does (was it taken before that table was captured?)",
+                t.table.display_name()
+            )));
+        }
+    }
+    tracing::info!(from = %m.data_endpoint().redacted(), "Reading the bulk data from copy.from");
+    Ok(())
 }
 
 async fn restore_pre_data(
@@ -226,15 +297,23 @@ async fn restore_pre_data(
     Ok(())
 }
 
+/// One unit of copy work: a whole table, or one block range of a big one.
+enum Unit {
+    Whole(TableState),
+    Part(TableState, state::CopyPart),
+}
+
 async fn copy_tables(
     m: &Migration,
     tables: &[TableState],
     cancel: &CancellationToken,
     report: &mut CopyReport,
 ) -> Result<(), crate::Error> {
-    let permits = Arc::new(Semaphore::new(m.copy_workers()));
-    let mut tasks = JoinSet::new();
+    let workers = m.copy_workers();
     let sizes = table_sizes(m, tables).await?;
+    let can_split = split::supported(m).await?;
+    let mut units: Vec<(u64, Unit)> = Vec::new();
+    let mut split_tables: Vec<TableState> = Vec::new();
     for (t, size) in tables
         .iter()
         .zip(sizes)
@@ -246,6 +325,27 @@ async fn copy_tables(
             state::mark_copied(&**conn, t.id, 0).await?;
             continue;
         }
+        let parts = if can_split && split::splittable(t) {
+            split::part_count(&m.cfg.copy, workers, size.heap)
+        } else {
+            1
+        };
+        let planned = split::planned(m, t).await?;
+        if parts > 1 || !planned.is_empty() {
+            let todo = split::prepare(m, t, size.blocks, parts, planned).await?;
+            let share = size.total / todo.len().max(1) as u64;
+            units.extend(todo.into_iter().map(|p| (share, Unit::Part(t.clone(), p))));
+            split_tables.push(t.clone());
+        } else {
+            units.push((size.total, Unit::Whole(t.clone())));
+        }
+    }
+    // Largest first, so that the last unit to finish is a small one.
+    units.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+
+    let permits = Arc::new(Semaphore::new(workers));
+    let mut tasks = JoinSet::new();
+    for (size, unit) in units {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -254,13 +354,16 @@ async fn copy_tables(
         if cancel.is_cancelled() {
             break;
         }
-        let (m, t, cancel) = (m.clone(), t.clone(), cancel.clone());
+        let (m, cancel) = (m.clone(), cancel.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            // A signal abandons the table in hand: its target transaction
+            // A signal abandons the unit in hand: its target transaction
             // rolls back when the session closes, and it stays pending.
-            let copy = retry(m.retry_policy(), "copy", "copy a table", &cancel, || {
-                copy_table(&m, &t, size)
+            let copy = retry(m.retry_policy(), "copy", "copy a table", &cancel, || async {
+                match &unit {
+                    Unit::Whole(t) => copy_table(&m, t, size).await.map(|(r, b)| (r, b, true)),
+                    Unit::Part(t, p) => split::copy_part(&m, t, p, size).await.map(|(r, b)| (r, b, false)),
+                }
             });
             let res = tokio::select! {
                 res = copy => res,
@@ -276,8 +379,9 @@ async fn copy_tables(
     let mut first_err = None;
     while let Some(joined) = tasks.join_next().await {
         match joined.map_err(CopyError::Worker) {
-            Ok(Ok((rows, bytes))) => {
-                report.tables_copied += 1;
+            Ok(Ok((rows, bytes, whole))) => {
+                report.tables_copied += usize::from(whole);
+                report.parts_copied += usize::from(!whole);
                 report.rows += rows;
                 report.bytes += bytes;
             }
@@ -294,6 +398,10 @@ async fn copy_tables(
     }
     if cancel.is_cancelled() {
         return Err(crate::Error::Cancelled);
+    }
+    for t in &split_tables {
+        split::finish(m, t, tables).await?;
+        report.tables_copied += 1;
     }
     Ok(())
 }
@@ -317,14 +425,26 @@ pub(crate) async fn recopy(m: &Migration, t: &TableState) -> Result<u64, crate::
     }
 }
 
-/// On-disk size of each table (heap and TOAST), for progress estimates.
-async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<u64>, CopyError> {
+/// How big a table is on the source.
+#[derive(Debug, Clone, Copy, Default)]
+struct TableSize {
+    /// Heap and TOAST, for progress estimates and scheduling.
+    total: u64,
+    /// The heap alone, for the split decision.
+    heap: u64,
+    /// Blocks of the heap.
+    blocks: i64,
+}
+
+/// On-disk size of each table, read where the data is read from.
+async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<TableSize>, CopyError> {
     let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
-    let conn = m.source_conn().await?;
-    let row = conn
-        .query_one(
-            "SELECT coalesce(array_agg(coalesce(pg_table_size(r), 0) ORDER BY o), '{}')
-               FROM unnest($1::oid[]) WITH ORDINALITY AS u(r, o)",
+    let conn = m.data_conn().await?;
+    let rows = conn
+        .query(
+            "SELECT coalesce(pg_table_size(r), 0), coalesce(pg_relation_size(r), 0),
+                    coalesce(pg_relation_size(r), 0) / current_setting('block_size')::int
+               FROM unnest($1::oid[]) WITH ORDINALITY AS u(r, o) ORDER BY o",
             &[&relids],
         )
         .await
@@ -333,11 +453,34 @@ async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<u64>, C
             side: crate::endpoint::Side::Source,
             source,
         })?;
-    Ok(row
-        .get::<_, Vec<i64>>(0)
-        .into_iter()
-        .map(|b| b.max(0) as u64)
+    Ok(rows
+        .iter()
+        .map(|r| TableSize {
+            total: r.get::<_, i64>(0).max(0) as u64,
+            heap: r.get::<_, i64>(1).max(0) as u64,
+            blocks: r.get(2),
+        })
         .collect())
+}
+
+/// Sets the loading session's TOAST compression (`copy.toast_compression`)
+/// for the current transaction; lz4 only where the target has it.
+pub async fn set_loading(
+    m: &Migration,
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let method = match m.cfg.copy.toast_compression {
+        crate::config::ToastCompression::Server => return Ok(()),
+        crate::config::ToastCompression::Lz4 => "lz4",
+        crate::config::ToastCompression::Pglz => "pglz",
+    };
+    tx.execute(
+        "SELECT set_config('default_toast_compression', $1, true)
+           FROM pg_settings WHERE name = 'default_toast_compression' AND $1 = ANY (enumvals)",
+        &[&method],
+    )
+    .await
+    .map(drop)
 }
 
 /// Copies one table and marks it done. Returns rows and bytes.
@@ -354,7 +497,7 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
         side: crate::endpoint::Side::Target,
         source,
     };
-    let source = m.source_conn().await?;
+    let data = m.data_conn().await?;
     let mut target = m.target_conn().await?;
 
     let cols = column_list(&t.copy_columns, None);
@@ -364,11 +507,12 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
     // Not synchronous_commit = off: the table is marked done on the source
     // right after this commit, so the commit must be durable first.
     let tx = target.transaction().await.map_err(tgt_err)?;
+    set_loading(m, &tx).await.map_err(tgt_err)?;
     tx.batch_execute(&format!("TRUNCATE ONLY {}", t.table))
         .await
         .map_err(tgt_err)?;
     let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
-    let stream = source.copy_out(&out_sql).await.map_err(src_err)?;
+    let stream = data.copy_out(&out_sql).await.map_err(src_err)?;
     crate::failpoint::hit("copy.mid_table").await;
     let label = t.table.display_name();
     let bar = crate::progress::copy_bar(&label, estimated_bytes);
@@ -383,8 +527,12 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
             Pumped::Target(e) => tgt_err(e),
         })?;
     tx.commit().await.map_err(tgt_err)?;
+    // Back to the pool first: without copy.from it is the source session
+    // the mark below takes again.
+    drop(data);
     crate::failpoint::hit("copy.before_mark_done").await;
-    state::mark_copied(&**source, t.id, rows as i64).await?;
+    let control = m.source_conn().await?;
+    state::mark_copied(&**control, t.id, rows as i64).await?;
     crate::telemetry::table_copied(&label, rows);
     crate::progress::copy_done(&bar, rows);
     tracing::info!(

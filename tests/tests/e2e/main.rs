@@ -2,6 +2,7 @@
 //! operators run it: the correctness contract (DESIGN.md) and the failures a
 //! real migration meets.
 
+mod bulk;
 mod contract;
 mod faults;
 mod fidelity;
