@@ -32,10 +32,12 @@ impl Migration {
         let lock_timeout = cfg.source_limits.lock_timeout_ms;
         let source = Endpoint::parse(cfg.source_url()?, Side::Source, lock_timeout)?;
         let target = Endpoint::parse(cfg.target_url()?, Side::Target, lock_timeout)?;
-        // The source pool is the whole source budget; the target may take one
-        // connection per worker of the widest phase plus a control session.
+        // The source pool is the whole source budget; the target may take
+        // what the widest phase needs plus a control session.
         let source_pool = source.pool(cfg.source_limits.max_connections);
-        let target_pool = target.pool(cfg.copy.workers.max(cfg.sync.workers) + 2);
+        // The copy builds indexes (as many at a time as it copies) while
+        // it copies.
+        let target_pool = target.pool((2 * cfg.copy.workers).max(cfg.sync.workers) + 2);
         let data = match &cfg.copy.from {
             Some(url) => {
                 let ep = Endpoint::parse(url, Side::Source, lock_timeout)?;

@@ -48,6 +48,8 @@ pub struct Cluster {
     port: u16,
     run_as: Option<(u32, u32)>,
     stopped: bool,
+    /// Extra server options (`-c name=value ...`).
+    settings: String,
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
@@ -94,6 +96,12 @@ fn free_port() -> Result<u16, SandboxError> {
 impl Cluster {
     /// Creates and starts a cluster named `name` (used in its directory name).
     pub async fn start(name: &str) -> Result<Self, SandboxError> {
+        Self::start_with(name, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra server settings (`name=value`),
+    /// for benchmarks that need more memory or WAL than the tests.
+    pub async fn start_with(name: &str, settings: &[&str]) -> Result<Self, SandboxError> {
         let bin = server_bin()?;
         let run_as = run_as()?;
         let base = tempfile::Builder::new()
@@ -111,6 +119,7 @@ impl Cluster {
             port: 0,
             run_as,
             stopped: true,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         cluster
             .tool(
@@ -191,9 +200,10 @@ impl Cluster {
 
     async fn pg_ctl_start(&self) -> Result<(), SandboxError> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB{}",
             self.port,
-            self.base.display()
+            self.base.display(),
+            self.settings
         );
         self.tool(
             "pg_ctl",

@@ -230,9 +230,26 @@ async fn build_one(m: &Migration, idx: &IndexDef) -> Result<bool, CopyError> {
     Ok(built)
 }
 
+/// Builds one table's indexes (and the keys they back) right after its
+/// data, `permits` at a time across all tables. Returns how many it built.
+pub async fn build_table(
+    m: &Migration,
+    indexes: Vec<IndexDef>,
+    permits: Arc<Semaphore>,
+) -> Result<usize, crate::Error> {
+    build_with(m, indexes, permits).await
+}
+
 /// Builds `indexes` in parallel, `copy.workers` at a time.
 async fn build_phase(m: &Migration, indexes: Vec<IndexDef>) -> Result<usize, crate::Error> {
-    let permits = Arc::new(Semaphore::new(m.cfg.copy.workers));
+    build_with(m, indexes, Arc::new(Semaphore::new(m.cfg.copy.workers))).await
+}
+
+async fn build_with(
+    m: &Migration,
+    indexes: Vec<IndexDef>,
+    permits: Arc<Semaphore>,
+) -> Result<usize, crate::Error> {
     let mut tasks = JoinSet::new();
     for idx in indexes {
         let (m, permits) = (m.clone(), permits.clone());

@@ -190,7 +190,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
             constraints = constraints.len(),
             "Building keys and indexes"
         );
-        report.indexes_built = indexes::build(m, indexes, constraints).await?;
+        report.indexes_built += indexes::build(m, indexes, constraints).await?;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
         report.index_secs = started.elapsed().as_secs_f64();
@@ -312,8 +312,19 @@ async fn copy_tables(
     let workers = m.copy_workers();
     let sizes = table_sizes(m, tables).await?;
     let can_split = split::supported(m).await?;
+    // Each table's own indexes are built as soon as its data is in, while
+    // other tables are still copying (partitioned tables' indexes, and
+    // constraints, wait for the pass after the data).
+    let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+    let (defs, _) = indexes::read(m, &relids).await?;
+    let mut early: std::collections::HashMap<crate::ident::QualifiedTable, Vec<indexes::IndexDef>> =
+        Default::default();
+    for d in defs.into_iter().filter(|d| d.phase == 0) {
+        early.entry(d.table.clone()).or_default().push(d);
+    }
+
     let mut units: Vec<(u64, Unit)> = Vec::new();
-    let mut split_tables: Vec<TableState> = Vec::new();
+    let mut parts_left: std::collections::HashMap<i32, usize> = Default::default();
     for (t, size) in tables
         .iter()
         .zip(sizes)
@@ -334,8 +345,8 @@ async fn copy_tables(
         if parts > 1 || !planned.is_empty() {
             let todo = split::prepare(m, t, size.blocks, parts, planned).await?;
             let share = size.total / todo.len().max(1) as u64;
+            parts_left.insert(t.id, todo.len());
             units.extend(todo.into_iter().map(|p| (share, Unit::Part(t.clone(), p))));
-            split_tables.push(t.clone());
         } else {
             units.push((size.total, Unit::Whole(t.clone())));
         }
@@ -343,48 +354,102 @@ async fn copy_tables(
     // Largest first, so that the last unit to finish is a small one.
     units.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
 
-    let permits = Arc::new(Semaphore::new(workers));
-    let mut tasks = JoinSet::new();
-    for (size, unit) in units {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        if cancel.is_cancelled() {
-            break;
+    // Parts all done by an earlier run: only the finishing step is left.
+    let mut finished: Vec<TableState> = Vec::new();
+    for (id, left) in &parts_left {
+        if *left == 0 {
+            finished.extend(tables.iter().find(|t| t.id == *id).cloned());
         }
-        let (m, cancel) = (m.clone(), cancel.clone());
+    }
+
+    let permits = Arc::new(Semaphore::new(workers));
+    let index_permits = Arc::new(Semaphore::new(workers));
+    let mut tasks = JoinSet::new();
+    let mut index_tasks = JoinSet::new();
+    for (size, unit) in units {
+        let (m, cancel, permits) = (m.clone(), cancel.clone(), permits.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            // Tasks queue on the semaphore in spawn order: largest first.
+            let _permit = permits.acquire_owned().await.expect("never closed");
+            if cancel.is_cancelled() {
+                return (unit, Err(crate::Error::Cancelled));
+            }
             // A signal abandons the unit in hand: its target transaction
             // rolls back when the session closes, and it stays pending.
             let copy = retry(m.retry_policy(), "copy", "copy a table", &cancel, || async {
                 match &unit {
-                    Unit::Whole(t) => copy_table(&m, t, size).await.map(|(r, b)| (r, b, true)),
-                    Unit::Part(t, p) => split::copy_part(&m, t, p, size).await.map(|(r, b)| (r, b, false)),
+                    Unit::Whole(t) => copy_table(&m, t, size).await,
+                    Unit::Part(t, p) => split::copy_part(&m, t, p, size).await,
                 }
             });
             let res = tokio::select! {
                 res = copy => res,
                 () = cancel.cancelled() => Err(Gave::Cancelled),
             };
-            match res {
+            let res = match res {
                 Ok(stats) => Ok(stats),
                 Err(Gave::Up(e)) => Err(crate::Error::from(e)),
                 Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
-            }
+            };
+            (unit, res)
         });
     }
     let mut first_err = None;
+    let spawn_indexes = |t: &TableState, index_tasks: &mut JoinSet<Result<usize, crate::Error>>| {
+        let Some(defs) = early.get(&t.table) else {
+            return;
+        };
+        let (m, defs, permits) = (m.clone(), defs.clone(), index_permits.clone());
+        index_tasks.spawn(async move { indexes::build_table(&m, defs, permits).await });
+    };
+    for t in &finished {
+        split::finish(m, t, tables).await?;
+        report.tables_copied += 1;
+        spawn_indexes(t, &mut index_tasks);
+    }
     while let Some(joined) = tasks.join_next().await {
-        match joined.map_err(CopyError::Worker) {
-            Ok(Ok((rows, bytes, whole))) => {
-                report.tables_copied += usize::from(whole);
-                report.parts_copied += usize::from(!whole);
+        let (unit, res) = match joined {
+            Ok(r) => r,
+            Err(e) => {
+                first_err.get_or_insert(CopyError::Worker(e).into());
+                continue;
+            }
+        };
+        match res {
+            Ok((rows, bytes)) => {
                 report.rows += rows;
                 report.bytes += bytes;
+                match unit {
+                    Unit::Whole(t) => {
+                        report.tables_copied += 1;
+                        spawn_indexes(&t, &mut index_tasks);
+                    }
+                    Unit::Part(t, _) => {
+                        report.parts_copied += 1;
+                        let left = parts_left.get_mut(&t.id).expect("planned");
+                        *left -= 1;
+                        if *left == 0 && first_err.is_none() {
+                            match split::finish(m, &t, tables).await {
+                                Ok(()) => {
+                                    report.tables_copied += 1;
+                                    spawn_indexes(&t, &mut index_tasks);
+                                }
+                                Err(e) => {
+                                    first_err.get_or_insert(e.into());
+                                }
+                            }
+                        }
+                    }
+                }
             }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    while let Some(joined) = index_tasks.join_next().await {
+        match joined.map_err(CopyError::Worker) {
+            Ok(Ok(built)) => report.indexes_built += built,
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -398,10 +463,6 @@ async fn copy_tables(
     }
     if cancel.is_cancelled() {
         return Err(crate::Error::Cancelled);
-    }
-    for t in &split_tables {
-        split::finish(m, t, tables).await?;
-        report.tables_copied += 1;
     }
     Ok(())
 }

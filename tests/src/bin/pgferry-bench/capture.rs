@@ -11,8 +11,8 @@
 
 use std::time::Instant;
 
+use crate::{connect, median};
 use pgferry::sandbox::Cluster;
-use tokio_postgres::NoTls;
 
 const MODES: [&str; 3] = ["none", "pgferry", "bucardo"];
 const TABLES: [(&str, &str); 4] = [
@@ -29,53 +29,14 @@ struct Args {
     rounds: u32,
 }
 
-fn args() -> Args {
-    let mut a = Args {
-        scale: 10,
-        clients: 8,
-        secs: 15,
-        rounds: 3,
-    };
-    let v: Vec<String> = std::env::args().collect();
-    if v.get(1).map(String::as_str) != Some("capture") {
-        eprintln!("usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]");
-        std::process::exit(2);
+fn args(v: &[String]) -> Args {
+    let f = crate::flags(v, &["--scale", "--clients", "--secs", "--rounds"]);
+    Args {
+        scale: crate::num(&f, "--scale", 10),
+        clients: crate::num(&f, "--clients", 8),
+        secs: crate::num(&f, "--secs", 15),
+        rounds: crate::num(&f, "--rounds", 3),
     }
-    for pair in v[2..].chunks(2) {
-        let n = pair.get(1).and_then(|x| x.parse().ok()).unwrap_or_else(|| {
-            eprintln!("{} needs a number", pair[0]);
-            std::process::exit(2)
-        });
-        match pair[0].as_str() {
-            "--scale" => a.scale = n,
-            "--clients" => a.clients = n,
-            "--secs" => a.secs = n,
-            "--rounds" => a.rounds = n,
-            other => {
-                eprintln!("unknown flag {other}");
-                std::process::exit(2)
-            }
-        }
-    }
-    a
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
-async fn connect(port: u16, dbname: &str) -> tokio_postgres::Client {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(port)
-        .user("app")
-        .password("bench")
-        .dbname(dbname);
-    let (c, conn) = cfg.connect(NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    c
 }
 
 /// Enables exactly the triggers of `mode` (pgferry's or Bucardo's), and
@@ -105,9 +66,9 @@ async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
     c.batch_execute(&sql).await.expect("select the mode");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let a = args();
+/// Runs the capture benchmark and prints its JSON.
+pub async fn run(v: &[String]) {
+    let a = args(v);
     eprintln!("starting throwaway clusters");
     let (source, target) =
         tokio::try_join!(Cluster::start("bench-source"), Cluster::start("bench-target")).expect("clusters");
