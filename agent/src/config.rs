@@ -273,6 +273,20 @@ pub struct SyncConfig {
     /// Default: unlimited.
     #[serde(default)]
     pub rate_rows_per_sec: Option<u64>,
+    /// Back off when the source is under pressure: before each drain pass,
+    /// pgferry counts the source's sessions waiting on a lock and times that
+    /// query; above either limit it pauses, doubling the pause (up to 30 s)
+    /// while the pressure lasts. The application's work wins. Default true.
+    #[serde(default = "default_true")]
+    pub adaptive: bool,
+    /// Sessions of the source database waiting on locks (among those
+    /// pgferry's role may see) above which the drain pauses. Default 4.
+    #[serde(default = "default_max_lock_waiters")]
+    pub max_lock_waiters: i64,
+    /// Round trip of the pressure probe above which the drain pauses.
+    /// Default 250 ms.
+    #[serde(default = "default_max_probe_ms")]
+    pub max_probe_ms: u64,
 }
 
 /// Cutover.
@@ -325,6 +339,12 @@ fn default_toast_compression() -> ToastCompression {
 fn default_split_tables_larger_than_mb() -> u64 {
     512
 }
+fn default_max_lock_waiters() -> i64 {
+    4
+}
+fn default_max_probe_ms() -> u64 {
+    250
+}
 fn default_sync_workers() -> usize {
     2
 }
@@ -373,6 +393,9 @@ impl Default for SyncConfig {
             workers: default_sync_workers(),
             poll_interval_ms: default_poll_interval_ms(),
             rate_rows_per_sec: None,
+            adaptive: true,
+            max_lock_waiters: default_max_lock_waiters(),
+            max_probe_ms: default_max_probe_ms(),
         }
     }
 }

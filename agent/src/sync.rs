@@ -163,9 +163,18 @@ pub async fn run(
     let tables = syncable_tables(m).await?;
     let mut report = SyncReport::default();
     let line = crate::progress::sync_line();
+    let mut backoff = Backoff::default();
+    crate::telemetry::sync_backoff(0.0);
     loop {
         if cancel.is_cancelled() || migration_over(m).await? {
             return Ok(report);
+        }
+        if let Some(pause) = backoff.next(m).await? {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(report),
+                () = tokio::time::sleep(pause) => {}
+            }
+            continue;
         }
         check_drift(m, &tables).await?;
         let pass = drain_pass(m, &tables, cancel).await?;
@@ -194,6 +203,62 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The drain's adaptive pause: doubles while the source is under pressure
+/// (sessions waiting on locks, or a slow round trip), ends when it is not.
+#[derive(Debug, Default)]
+struct Backoff {
+    current: Option<Duration>,
+}
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Backoff {
+    /// Probes the source; returns how long to pause before the next pass,
+    /// or `None` to drain now.
+    async fn next(&mut self, m: &Migration) -> Result<Option<Duration>, SyncError> {
+        if !m.cfg.sync.adaptive {
+            return Ok(None);
+        }
+        let (waiters, probe) = pressure(m).await?;
+        let limit = Duration::from_millis(m.cfg.sync.max_probe_ms);
+        if waiters < m.cfg.sync.max_lock_waiters && probe <= limit {
+            if self.current.take().is_some() {
+                tracing::info!("Source pressure is over: draining again");
+                crate::telemetry::sync_backoff(0.0);
+            }
+            return Ok(None);
+        }
+        let pause = self.current.map_or(BACKOFF_FIRST, |p| (p * 2).min(BACKOFF_MAX));
+        self.current = Some(pause);
+        tracing::info!(
+            lock_waiters = waiters,
+            probe_ms = probe.as_millis() as u64,
+            pause_ms = pause.as_millis() as u64,
+            "The source is under pressure: the drain pauses"
+        );
+        crate::telemetry::sync_backoff(pause.as_secs_f64());
+        Ok(Some(pause))
+    }
+}
+
+/// Sessions of the source database waiting on a lock (those pgferry's role
+/// may see), and how long asking took.
+async fn pressure(m: &Migration) -> Result<(i64, Duration), SyncError> {
+    let conn = m.source_conn().await?;
+    let started = std::time::Instant::now();
+    let waiters: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(SyncError::Catalog)?
+        .get(0);
+    Ok((waiters, started.elapsed()))
 }
 
 /// True once the cutover is done or cleanup removed the control schema: a

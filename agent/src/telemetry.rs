@@ -53,6 +53,8 @@ pub const XMIN_AGE: &str = "pgferry_source_xmin_age_xids";
 pub const DELTA_BYTES: &str = "pgferry_delta_storage_bytes";
 /// Waits on the copy and drain rate limits (the sum is the time throttled).
 pub const THROTTLED: &str = "pgferry_rate_limit_wait_seconds";
+/// The drain's current pause for source pressure (0 when not paused).
+pub const SYNC_BACKOFF: &str = "pgferry_sync_backoff_seconds";
 /// 1 while the agent runs and samples the source; absent when it is down.
 pub const UP: &str = "pgferry_up";
 
@@ -77,6 +79,7 @@ pub const ALL: &[&str] = &[
     XMIN_AGE,
     DELTA_BYTES,
     THROTTLED,
+    SYNC_BACKOFF,
     UP,
 ];
 
@@ -162,6 +165,11 @@ pub fn install(listen: SocketAddr) {
         "Disk used by pgferry's objects on the source."
     );
     describe_gauge!(UP, "1 while the agent runs and samples the source.");
+    describe_gauge!(
+        SYNC_BACKOFF,
+        Unit::Seconds,
+        "The drain's current pause for pressure on the source (0: not paused)."
+    );
     describe_histogram!(
         THROTTLED,
         Unit::Seconds,
@@ -195,6 +203,11 @@ pub fn batch_applied(table: &str, deleted: u64, inserted: u64, resync: bool, too
         .increment(inserted);
     counter!(BATCHES, "table" => t, "outcome" => "applied").increment(1);
     histogram!(BATCH_SECONDS).record(took.as_secs_f64());
+}
+
+/// The drain's pause for source pressure changed (`secs` 0: running).
+pub fn sync_backoff(secs: f64) {
+    gauge!(SYNC_BACKOFF).set(secs);
 }
 
 /// A drain batch found nothing to do, or another agent held the table.

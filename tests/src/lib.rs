@@ -153,6 +153,8 @@ impl Env {
     /// Runs the agent to completion.
     pub async fn run(&self, args: &[&str]) -> Output {
         let mut cmd = self.cmd(args);
+        // Debugging aid: E2E_AGENT_LOG=/path keeps the agent's log of the
+        // latest run in a file (it is not printed then).
         if let Ok(f) = std::env::var("E2E_AGENT_LOG") {
             cmd.stderr(std::fs::File::create(f).expect("agent log"));
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{seeded, OPS};
+use crate::{seeded, target_has, OPS};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -448,4 +448,65 @@ async fn copy_and_drain_rate_limits_are_honoured() {
         rate >= 5000.0 * 0.5,
         "the drain ran at {rate:.0} rows/s, far below the limit 5000"
     );
+}
+
+/// The drain backs off while sessions of the source wait on locks: no pass
+/// runs while one waits (the pause doubles and shows in the metrics), and
+/// draining resumes once the lock is gone.
+#[tokio::test]
+async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
+    let env = seeded().await;
+    let port = free_port();
+    env.config("[sync]\npoll_interval_ms = 50\nmax_lock_waiters = 1\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    let mut agent = env
+        .cmd(&["sync"])
+        .env("PGFERRY_METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .spawn()
+        .expect("start sync");
+    let backoff = || async {
+        let text = http_get(port, "/metrics").await?;
+        metric_value(&text, "pgferry_sync_backoff_seconds", "")
+    };
+    wait_for("the drain to run", Duration::from_secs(60), || async {
+        backoff().await.filter(|b| *b == 0.0)
+    })
+    .await;
+
+    // One session holds a lock, another (pgferry's role may see it) waits.
+    let holder = env.source_as(APP).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("hold a lock");
+    let waiter = env.source_as(APP).await;
+    let waiting = tokio::spawn(async move { waiter.batch_execute("SELECT count(*) FROM scratch").await });
+    let first = wait_for("the drain to pause", Duration::from_secs(30), || async {
+        backoff().await.filter(|b| *b > 0.0)
+    })
+    .await;
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO accounts (name) VALUES ('written under pressure')")
+        .await
+        .expect("write");
+    // Later probes still find the waiter, so the pause keeps doubling and
+    // no pass runs: the row stays on the source only.
+    wait_for("the pause to grow", Duration::from_secs(30), || async {
+        backoff().await.filter(|b| *b >= 2.0 * first)
+    })
+    .await;
+    let has_row = "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'written under pressure')";
+    assert!(!target_has(&env, has_row).await, "a pass ran under pressure");
+
+    holder.batch_execute("COMMIT").await.expect("release the lock");
+    waiting.await.expect("waiter").expect("the waiter's query");
+    wait_for("the row on the target", Duration::from_secs(60), || async {
+        target_has(&env, has_row).await.then_some(())
+    })
+    .await;
+    assert_eq!(backoff().await, Some(0.0));
+    agent.start_kill().expect("stop the agent");
+    let _ = agent.wait().await;
 }

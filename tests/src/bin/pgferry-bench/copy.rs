@@ -7,10 +7,10 @@
 //! copies it into a fresh target database with each tool in turn, rotating
 //! the order every round: pgferry (`install`, then the timed `copy`: data,
 //! keys and indexes, ANALYZE), `pg_dump -Fc | pg_restore`, `pg_dump -Fd -jN`
-//! + `pg_restore -jN`, and `pgcopydb clone` when it is installed. Every run's
-//! row counts are checked against the source. Prints JSON: wall times, their
-//! medians and ratios to pgferry's, pgferry's data/index split and its peak
-//! RSS.
+//! then `pg_restore -jN`, and `pgcopydb clone` when it is installed. Every
+//! run's row counts are checked against the source. Prints JSON: wall and
+//! CPU times, their medians and ratios to pgferry's, pgferry's data/index
+//! split and its peak RSS.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -233,6 +233,11 @@ impl Bench {
 
     async fn run_tool(&self, tool: &str) -> Run {
         self.fresh_target().await;
+        // Every run starts with no dirty buffers left by the one before.
+        for c in [&self.source, &self.target] {
+            let admin = c.superuser("postgres").await.expect("superuser");
+            admin.batch_execute("CHECKPOINT").await.expect("checkpoint");
+        }
         let jobs = self.jobs.to_string();
         let sp = self.source.port().to_string();
         let tp = self.target.port().to_string();
