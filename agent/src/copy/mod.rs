@@ -112,10 +112,13 @@ pub struct CopyReport {
     pub rows: u64,
     /// Bytes streamed by this run (binary COPY format).
     pub bytes: u64,
-    /// Wall time of the data phase.
+    /// Wall time until the last table's data was in (index builds of the
+    /// tables done by then overlap it).
     pub data_secs: f64,
-    /// Wall time of the index phase.
+    /// Wall time from then until every key and index was built.
     pub index_secs: f64,
+    /// Wall time of the final ANALYZE.
+    pub analyze_secs: f64,
     /// Indexes built by this run.
     pub indexes_built: usize,
     /// Parts of split tables copied by this run.
@@ -177,12 +180,13 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         crate::config::CopyMethod::Stream => copy_tables(m, &tables, cancel, &mut report).await?,
         crate::config::CopyMethod::Dump => dump::copy(m, &tools, &tables, &mut report).await?,
     }
-    report.data_secs = started.elapsed().as_secs_f64();
+    if report.data_secs == 0.0 {
+        report.data_secs = started.elapsed().as_secs_f64();
+    }
 
     // Always: the build skips what exists, and tables added by a later
     // install need their keys and indexes too.
     {
-        let started = Instant::now();
         let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
         let (indexes, constraints) = indexes::read(m, &relids).await?;
         tracing::info!(
@@ -193,8 +197,9 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         report.indexes_built += indexes::build(m, indexes, constraints).await?;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
-        report.index_secs = started.elapsed().as_secs_f64();
+        report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;
     }
+    let analyzing = Instant::now();
     crate::failpoint::hit("copy.before_analyze").await;
     let target = m.target_conn().await?;
     target
@@ -204,6 +209,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
             what: "ANALYZE",
             source,
         })?;
+    report.analyze_secs = analyzing.elapsed().as_secs_f64();
     let conn = m.source_conn().await?;
     state::set_phase(&**conn, Phase::Syncing).await?;
     report.peak_rss_bytes = peak_rss_bytes();
@@ -309,6 +315,7 @@ async fn copy_tables(
     cancel: &CancellationToken,
     report: &mut CopyReport,
 ) -> Result<(), crate::Error> {
+    let started = Instant::now();
     let workers = m.copy_workers();
     let sizes = table_sizes(m, tables).await?;
     let can_split = split::supported(m).await?;
@@ -447,6 +454,7 @@ async fn copy_tables(
             }
         }
     }
+    report.data_secs = started.elapsed().as_secs_f64();
     while let Some(joined) = index_tasks.join_next().await {
         match joined.map_err(CopyError::Worker) {
             Ok(Ok(built)) => report.indexes_built += built,

@@ -513,6 +513,7 @@ pub async fn run(v: &[String]) {
     let mut secs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut data_secs = Vec::new();
     let mut index_secs = Vec::new();
+    let mut analyze_secs = Vec::new();
     let mut peak_rss: u64 = 0;
     let mut cpu: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
     let mut toast: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -553,6 +554,7 @@ pub async fn run(v: &[String]) {
             if let Some(r) = run.report {
                 data_secs.push(r["data_secs"].as_f64().unwrap_or(0.0));
                 index_secs.push(r["index_secs"].as_f64().unwrap_or(0.0));
+                analyze_secs.push(r["analyze_secs"].as_f64().unwrap_or(0.0));
                 peak_rss = peak_rss.max(r["peak_rss_bytes"].as_u64().unwrap_or(0));
             }
         }
@@ -592,6 +594,7 @@ pub async fn run(v: &[String]) {
         "pgferry": {
             "data_secs_median": (!data_secs.is_empty()).then(|| median(&data_secs)),
             "index_secs_median": (!index_secs.is_empty()).then(|| median(&index_secs)),
+            "analyze_secs_median": (!analyze_secs.is_empty()).then(|| median(&analyze_secs)),
             "peak_rss_bytes": peak_rss,
         },
     });
