@@ -22,7 +22,11 @@ use serde_json::json;
 use crate::{connect, connect_as, median};
 
 const TOOLS: [&str; 4] = ["pgferry", "pg_dump_restore", "pg_dump_dir_jobs", "pgcopydb"];
-const SERVER: [&str; 5] = [
+/// Server settings of the benchmark clusters. New WAL segments are not
+/// zero-filled, so that the first run (a fresh cluster creates its WAL
+/// files) costs what the later ones (which recycle them) do.
+pub(crate) const SERVER: [&str; 6] = [
+    "wal_init_zero=off",
     "shared_buffers=1GB",
     "max_wal_size=8GB",
     "checkpoint_timeout=30min",
@@ -419,9 +423,8 @@ fn version(cmd: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Runs the copy benchmark and prints its JSON.
-pub async fn run(v: &[String]) {
-    let mut a = args(v);
+/// The pgferry binary built beside this one.
+pub(crate) fn pgferry_binary() -> PathBuf {
     let pgferry = std::env::current_exe()
         .expect("own path")
         .with_file_name("pgferry");
@@ -432,6 +435,13 @@ pub async fn run(v: &[String]) {
         );
         std::process::exit(2);
     }
+    pgferry
+}
+
+/// Runs the copy benchmark and prints its JSON.
+pub async fn run(v: &[String]) {
+    let mut a = args(v);
+    let pgferry = pgferry_binary();
     if a.tools.iter().any(|t| t == "pgcopydb") && !which("pgcopydb") {
         eprintln!("pgcopydb is not installed (Debian package pgcopydb): leaving it out");
         a.tools.retain(|t| t != "pgcopydb");

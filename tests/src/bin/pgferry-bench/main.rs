@@ -5,15 +5,23 @@
 //! - `capture`: what capture costs the source (pgbench TPS, a bulk UPDATE),
 //!   against Bucardo's trigger design;
 //! - `copy`: the bulk copy's wall time against `pg_dump | pg_restore`,
-//!   `pg_dump -Fd -j` + `pg_restore -j` and `pgcopydb clone`.
+//!   `pg_dump -Fd -j` + `pg_restore -j` and `pgcopydb clone`;
+//! - `drain`: how fast a backlog of changed rows is applied, against
+//!   Bucardo's apply done the simple way;
+//! - `lag`: end-to-end lag (a heartbeat) and delta storage under a fixed
+//!   pgbench rate, then a burst.
 
 use std::collections::HashMap;
 
 mod capture;
 mod copy;
+mod drain;
+mod lag;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]
-       pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]";
+       pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
+       pgferry-bench drain [--rows N] [--rounds N] [--workers N]
+       pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]";
 
 /// Parses `--name value` pairs, allowing only `known` names.
 pub(crate) fn flags(v: &[String], known: &[&str]) -> HashMap<String, String> {
@@ -69,6 +77,8 @@ async fn main() {
     match v.get(1).map(String::as_str) {
         Some("capture") => capture::run(&v[2..]).await,
         Some("copy") => copy::run(&v[2..]).await,
+        Some("drain") => drain::run(&v[2..]).await,
+        Some("lag") => lag::run(&v[2..]).await,
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);

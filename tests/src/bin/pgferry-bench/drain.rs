@@ -1,0 +1,243 @@
+//! `pgferry-bench drain`: how fast a backlog of changed rows reaches the
+//! target, pgferry's drain against Bucardo's apply done the simple way.
+//!
+//! Three tables of `--rows` rows each are copied to the target by pgferry.
+//! Each round, every row of every table is updated once, with only one
+//! design's triggers enabled, and that backlog is applied:
+//! - pgferry: `pgferry sync --until-caught-up` (set-based: keys and rows
+//!   staged by COPY, DELETE ... USING, INSERT ... SELECT, tables in
+//!   parallel);
+//! - Bucardo-style: the distinct keys of its delta table, then per chunk of
+//!   10,000 keys, `DELETE ... WHERE id = ANY(...)` on the target and COPY of
+//!   the current source rows for those keys, one table after the other.
+//!
+//! After each apply the target must equal the source (row count and a sum).
+//! Prints JSON: changed rows per second for each design and their ratio.
+
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use pgferry::sandbox::Cluster;
+use serde_json::json;
+
+use crate::{connect, connect_as, median};
+
+const TABLES: [&str; 3] = ["t1", "t2", "t3"];
+const CHUNK: usize = 10_000;
+
+/// Bucardo's source-side design, reproduced (see `capture`). Its delta
+/// tables get a serial key so that pgferry accepts them, as `copy_only`
+/// tables (copied, never drained).
+fn bucardo_sql(t: &str) -> String {
+    format!(
+        "CREATE TABLE bucardo_delta_{t} (seq bigserial PRIMARY KEY, k int, txntime timestamptz NOT NULL DEFAULT now());
+         CREATE INDEX ON bucardo_delta_{t} (k);
+         CREATE INDEX ON bucardo_delta_{t} (txntime);
+         CREATE FUNCTION bucardo_delta_{t}() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           IF TG_OP = 'DELETE' THEN INSERT INTO bucardo_delta_{t} (k) VALUES (OLD.id);
+           ELSE INSERT INTO bucardo_delta_{t} (k) VALUES (NEW.id); END IF;
+           RETURN NULL;
+         END $f$;
+         CREATE TRIGGER bucardo_delta AFTER INSERT OR UPDATE OR DELETE ON {t}
+           FOR EACH ROW EXECUTE FUNCTION bucardo_delta_{t}();"
+    )
+}
+
+/// Enables one design's triggers only.
+async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
+    let mut sql = String::new();
+    for t in TABLES {
+        for (name, mine) in [
+            ("pgferry_capture_ins", mode == "pgferry"),
+            ("pgferry_capture_upd", mode == "pgferry"),
+            ("pgferry_capture_del", mode == "pgferry"),
+            ("pgferry_capture_trunc", mode == "pgferry"),
+            ("bucardo_delta", mode == "bucardo"),
+        ] {
+            let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
+            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
+        }
+    }
+    c.batch_execute(&sql).await.expect("select the mode");
+}
+
+/// Bucardo's apply, the simple way. Returns the keys applied.
+async fn bucardo_apply(src: &tokio_postgres::Client, dst: &mut tokio_postgres::Client) -> u64 {
+    let mut applied = 0;
+    for t in TABLES {
+        let keys: Vec<i32> = src
+            .query(&format!("SELECT DISTINCT k FROM bucardo_delta_{t}"), &[])
+            .await
+            .expect("read keys")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for chunk in keys.chunks(CHUNK) {
+            let list = chunk.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+            let tx = dst.transaction().await.expect("target tx");
+            tx.execute(&format!("DELETE FROM {t} WHERE id = ANY($1)"), &[&chunk])
+                .await
+                .expect("delete keys");
+            let sink = tx
+                .copy_in(&format!("COPY {t} FROM STDIN"))
+                .await
+                .expect("copy in");
+            let stream = src
+                .copy_out(&format!(
+                    "COPY (SELECT * FROM {t} WHERE id = ANY('{{{list}}}'::int[])) TO STDOUT"
+                ))
+                .await
+                .expect("copy out");
+            futures_util::pin_mut!(sink);
+            futures_util::pin_mut!(stream);
+            while let Some(chunk) = stream.next().await {
+                sink.send(chunk.expect("read rows")).await.expect("write rows");
+            }
+            sink.finish().await.expect("finish copy");
+            tx.commit().await.expect("commit");
+            src.execute(
+                &format!("DELETE FROM bucardo_delta_{t} WHERE k = ANY($1)"),
+                &[&chunk],
+            )
+            .await
+            .expect("forget deltas");
+            applied += chunk.len() as u64;
+        }
+    }
+    applied
+}
+
+/// Row count and sum of `v` over all tables.
+async fn fingerprint(c: &tokio_postgres::Client) -> (i64, i64) {
+    let mut out = (0, 0);
+    for t in TABLES {
+        let r = c
+            .query_one(
+                &format!("SELECT count(*), coalesce(sum(v), 0)::bigint FROM {t}"),
+                &[],
+            )
+            .await
+            .expect("fingerprint");
+        out.0 += r.get::<_, i64>(0);
+        out.1 += r.get::<_, i64>(1);
+    }
+    out
+}
+
+/// Runs the drain benchmark and prints its JSON.
+pub async fn run(v: &[String]) {
+    let f = crate::flags(v, &["--rows", "--rounds", "--workers"]);
+    let rows: i64 = crate::num(&f, "--rows", 400_000);
+    let rounds: usize = crate::num(&f, "--rounds", 2);
+    let workers: usize = crate::num(&f, "--workers", 2);
+    let pgferry = crate::copy::pgferry_binary();
+    eprintln!("starting throwaway clusters");
+    let (source, target) = tokio::try_join!(
+        Cluster::start_with("bench-drain-source", &crate::copy::SERVER),
+        Cluster::start_with("bench-drain-target", &crate::copy::SERVER)
+    )
+    .expect("clusters");
+    source
+        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
+        .await
+        .expect("role");
+    target
+        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE CREATEDB", Some("bench"))
+        .await
+        .expect("role");
+    let src = connect(source.port(), "bench").await;
+    for t in TABLES {
+        src.batch_execute(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, v int NOT NULL, at timestamptz NOT NULL, pad text NOT NULL);
+             INSERT INTO {t} SELECT g, 0, now(), md5(g::text) FROM generate_series(1, {rows}) g;
+             {}",
+            bucardo_sql(t)
+        ))
+        .await
+        .expect("tables");
+    }
+    let agent = |args: &[&str]| {
+        let mut c = std::process::Command::new(&pgferry);
+        c.args(args)
+            .env(
+                "PGFERRY_SOURCE",
+                format!(
+                    "postgres://app:bench@127.0.0.1:{}/bench?sslmode=disable",
+                    source.port()
+                ),
+            )
+            .env(
+                "PGFERRY_TARGET",
+                format!(
+                    "postgres://rds:bench@127.0.0.1:{}/bench?sslmode=disable",
+                    target.port()
+                ),
+            )
+            .env("PGFERRY_METRICS__LISTEN", "off")
+            .env("PGFERRY_LOG", "warn")
+            .env("PGFERRY_SYNC__WORKERS", workers.to_string())
+            .env(
+                "PGFERRY_COPY_ONLY",
+                TABLES.map(|t| format!("public.bucardo_delta_{t}")).join(","),
+            )
+            .env(
+                "PGFERRY_SOURCE_LIMITS__MAX_CONNECTIONS",
+                (workers + 3).to_string(),
+            );
+        let st = c
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run pgferry");
+        assert!(st.success(), "pgferry {args:?} failed");
+    };
+    eprintln!("pgferry install + copy of {} rows", rows * 3);
+    agent(&["install"]);
+    agent(&["copy"]);
+    let mut dst = connect_as(target.port(), "rds", "bench").await;
+
+    let mut rate: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for round in 0..rounds {
+        for i in 0..2 {
+            let mode = ["pgferry", "bucardo"][(i + round) % 2];
+            select_mode(&src, mode).await;
+            for t in TABLES {
+                src.batch_execute(&format!("UPDATE {t} SET v = v + 1, at = now()"))
+                    .await
+                    .expect("change every row");
+            }
+            src.batch_execute("CHECKPOINT").await.ok();
+            let changed = (rows * 3) as f64;
+            let started = Instant::now();
+            if mode == "pgferry" {
+                agent(&["sync", "--until-caught-up"]);
+            } else {
+                let applied = bucardo_apply(&src, &mut dst).await;
+                assert_eq!(applied as f64, changed, "every key applied");
+            }
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!(
+                fingerprint(&dst).await,
+                fingerprint(&src).await,
+                "{mode}: the target equals the source"
+            );
+            eprintln!(
+                "round {round}: {mode:>8} {changed} rows in {secs:.1} s: {:.0} rows/s",
+                changed / secs
+            );
+            rate.entry(mode).or_default().push(changed / secs);
+        }
+    }
+    let med = |m: &str| median(&rate[m]);
+    let report = json!({
+        "benchmark": "drain throughput: every row of 3 tables changed once, applied to an equal target",
+        "changed_rows_per_round": rows * 3,
+        "sync_workers": workers,
+        "rounds": rounds,
+        "rows_per_sec": rate,
+        "rows_per_sec_median": { "pgferry": med("pgferry"), "bucardo_style": med("bucardo") },
+        "pgferry_over_bucardo_style": med("pgferry") / med("bucardo"),
+        "target_min": 3.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
