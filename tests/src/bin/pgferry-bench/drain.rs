@@ -129,7 +129,7 @@ async fn fingerprint(c: &tokio_postgres::Client) -> (i64, i64) {
 pub async fn run(v: &[String]) {
     let f = crate::flags(v, &["--rows", "--rounds", "--workers"]);
     let rows: i64 = crate::num(&f, "--rows", 400_000);
-    let rounds: usize = crate::num(&f, "--rounds", 2);
+    let rounds: usize = crate::num(&f, "--rounds", 3);
     let workers: usize = crate::num(&f, "--workers", 2);
     let pgferry = crate::copy::pgferry_binary();
     eprintln!("starting throwaway clusters");

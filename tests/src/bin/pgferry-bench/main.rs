@@ -47,10 +47,16 @@ pub(crate) fn num<T: std::str::FromStr>(f: &HashMap<String, String>, name: &str,
     }
 }
 
+/// The median; for an even count, the mean of the two middle values.
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
+    let n = s.len();
+    if n % 2 == 0 {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    } else {
+        s[n / 2]
+    }
 }
 
 /// A session as `app` (password `bench`) on 127.0.0.1.
