@@ -44,6 +44,18 @@ async fn with_big() -> Env {
     env
 }
 
+/// `migrate --cutover` while `writers` write, then the target must equal
+/// the source and nothing of pgferry's may be left.
+async fn cutover_then_compare(env: &Env, writers: Workload) {
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    writers.stop().await;
+    assert_same_data(env).await;
+    assert_no_leftovers(env).await;
+}
+
 async fn parts_planned(env: &Env) -> i64 {
     env.source_as(APP)
         .await
@@ -93,13 +105,7 @@ async fn a_big_table_is_copied_in_parts_and_rows_moving_between_them_are_not_dou
     );
     let writers = Workload::start(&env, &[APP, WRITER], BIG_OPS).await;
     writers.progress(300).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
-    writers.stop().await;
-    assert_same_data(&env).await;
-    assert_no_leftovers(&env).await;
+    cutover_then_compare(&env, writers).await;
 }
 
 /// Killed after a part's target transaction id was recorded but before it
@@ -118,13 +124,7 @@ async fn a_part_in_doubt_after_a_kill_is_settled_by_the_target() {
         writers.progress(100).await;
         agent.kill().await.expect("SIGKILL the agent");
     }
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
-    writers.stop().await;
-    assert_same_data(&env).await;
-    assert_no_leftovers(&env).await;
+    cutover_then_compare(&env, writers).await;
 }
 
 /// The bulk data comes from a copy of the source made after install (as a
@@ -175,13 +175,7 @@ async fn copy_from_a_fork_made_after_install_ends_equal_and_an_unrelated_one_is_
     ));
     let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
     writers.progress(300).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
-    writers.stop().await;
-    assert_same_data(&env).await;
-    assert_no_leftovers(&env).await;
+    cutover_then_compare(&env, writers).await;
     // The fork was read: its accounts table was scanned.
     let fork = env.source.superuser("fork").await.expect("fork session");
     wait_for("the fork's statistics", Duration::from_secs(30), || async {

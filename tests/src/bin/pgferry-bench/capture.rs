@@ -81,25 +81,10 @@ pub async fn run(v: &[String]) {
         .await
         .expect("role");
     let pgbench = source.bin_dir().join("pgbench");
-    let env = [
-        ("PGHOST", "127.0.0.1".to_string()),
-        ("PGPORT", source.port().to_string()),
-        ("PGUSER", "app".into()),
-        ("PGPASSWORD", "bench".into()),
-        ("PGDATABASE", "bench".into()),
-    ];
+    let env = crate::pgbench_env(&source);
     eprintln!("pgbench -i -s {}", a.scale);
-    let st = std::process::Command::new(&pgbench)
-        .args(["-i", "-q", "-s", &a.scale.to_string()])
-        .envs(env.clone())
-        .status()
-        .expect("pgbench -i");
-    assert!(st.success());
+    crate::pgbench_init(&source, a.scale).await;
     let c = connect(source.port(), "bench").await;
-    // pgferry (and Bucardo) need a key on every table.
-    c.batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
-        .await
-        .expect("key");
 
     // pgferry's capture, installed by pgferry itself.
     let cfg = pgferry::config::Config {

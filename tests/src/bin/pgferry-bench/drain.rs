@@ -17,7 +17,6 @@
 use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
-use pgferry::sandbox::Cluster;
 use serde_json::json;
 
 use crate::{connect, connect_as, median};
@@ -132,20 +131,7 @@ pub async fn run(v: &[String]) {
     let rounds: usize = crate::num(&f, "--rounds", 3);
     let workers: usize = crate::num(&f, "--workers", 2);
     let pgferry = crate::copy::pgferry_binary();
-    eprintln!("starting throwaway clusters");
-    let (source, target) = tokio::try_join!(
-        Cluster::start_with("bench-drain-source", &crate::copy::SERVER),
-        Cluster::start_with("bench-drain-target", &crate::copy::SERVER)
-    )
-    .expect("clusters");
-    source
-        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
-        .await
-        .expect("role");
-    target
-        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE CREATEDB", Some("bench"))
-        .await
-        .expect("role");
+    let (source, target) = crate::clusters("bench-drain").await;
     let src = connect(source.port(), "bench").await;
     for t in TABLES {
         src.batch_execute(&format!(
@@ -158,25 +144,8 @@ pub async fn run(v: &[String]) {
         .expect("tables");
     }
     let agent = |args: &[&str]| {
-        let mut c = std::process::Command::new(&pgferry);
-        c.args(args)
-            .env(
-                "PGFERRY_SOURCE",
-                format!(
-                    "postgres://app:bench@127.0.0.1:{}/bench?sslmode=disable",
-                    source.port()
-                ),
-            )
-            .env(
-                "PGFERRY_TARGET",
-                format!(
-                    "postgres://rds:bench@127.0.0.1:{}/bench?sslmode=disable",
-                    target.port()
-                ),
-            )
-            .env("PGFERRY_METRICS__LISTEN", "off")
-            .env("PGFERRY_LOG", "warn")
-            .env("PGFERRY_SYNC__WORKERS", workers.to_string())
+        let mut c = crate::pgferry_command(&pgferry, &source, &target, args);
+        c.env("PGFERRY_SYNC__WORKERS", workers.to_string())
             .env(
                 "PGFERRY_COPY_ONLY",
                 TABLES.map(|t| format!("public.bucardo_delta_{t}")).join(","),
@@ -185,15 +154,13 @@ pub async fn run(v: &[String]) {
                 "PGFERRY_SOURCE_LIMITS__MAX_CONNECTIONS",
                 (workers + 3).to_string(),
             );
-        let st = c
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run pgferry");
-        assert!(st.success(), "pgferry {args:?} failed");
+        c
     };
     eprintln!("pgferry install + copy of {} rows", rows * 3);
-    agent(&["install"]);
-    agent(&["copy"]);
+    for step in ["install", "copy"] {
+        let st = agent(&[step]).status().await.expect("pgferry");
+        assert!(st.success(), "pgferry {step} failed");
+    }
     let mut dst = connect_as(target.port(), "rds", "bench").await;
 
     let mut rate: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
@@ -210,7 +177,11 @@ pub async fn run(v: &[String]) {
             let changed = (rows * 3) as f64;
             let started = Instant::now();
             if mode == "pgferry" {
-                agent(&["sync", "--until-caught-up"]);
+                let st = agent(&["sync", "--until-caught-up"])
+                    .status()
+                    .await
+                    .expect("pgferry sync");
+                assert!(st.success(), "pgferry sync failed");
             } else {
                 let applied = bucardo_apply(&src, &mut dst).await;
                 assert_eq!(applied as f64, changed, "every key applied");

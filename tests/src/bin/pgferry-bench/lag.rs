@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgferry::sandbox::Cluster;
 use serde_json::json;
 
 use crate::{connect, connect_as};
@@ -62,65 +61,21 @@ pub async fn run(v: &[String]) {
     let recovery_secs = 30;
     let pgferry = crate::copy::pgferry_binary();
 
-    eprintln!("starting throwaway clusters");
-    let (source, target) = tokio::try_join!(
-        Cluster::start_with("bench-lag-source", &crate::copy::SERVER),
-        Cluster::start_with("bench-lag-target", &crate::copy::SERVER)
-    )
-    .expect("clusters");
-    source
-        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
-        .await
-        .expect("role");
-    target
-        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE CREATEDB", Some("bench"))
-        .await
-        .expect("role");
+    let (source, target) = crate::clusters("bench-lag").await;
     let pgbench = source.bin_dir().join("pgbench");
-    let env = [
-        ("PGHOST", "127.0.0.1".to_string()),
-        ("PGPORT", source.port().to_string()),
-        ("PGUSER", "app".into()),
-        ("PGPASSWORD", "bench".into()),
-        ("PGDATABASE", "bench".into()),
-    ];
-    let st = std::process::Command::new(&pgbench)
-        .args(["-i", "-q", "-s", &scale.to_string()])
-        .envs(env.clone())
-        .status()
-        .expect("pgbench -i");
-    assert!(st.success());
+    let env = crate::pgbench_env(&source);
+    crate::pgbench_init(&source, scale).await;
     let src = connect(source.port(), "bench").await;
     src.batch_execute(
-        "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY;
-         CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
+        "CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
          INSERT INTO heartbeat VALUES (1, clock_timestamp());",
     )
     .await
     .expect("heartbeat table");
 
     let agent = |args: &[&str]| {
-        let mut c = tokio::process::Command::new(&pgferry);
-        c.args(args)
-            .env(
-                "PGFERRY_SOURCE",
-                format!(
-                    "postgres://app:bench@127.0.0.1:{}/bench?sslmode=disable",
-                    source.port()
-                ),
-            )
-            .env(
-                "PGFERRY_TARGET",
-                format!(
-                    "postgres://rds:bench@127.0.0.1:{}/bench?sslmode=disable",
-                    target.port()
-                ),
-            )
-            .env("PGFERRY_METRICS__LISTEN", "off")
-            .env("PGFERRY_LOG", "warn")
-            .env("PGFERRY_SYNC__POLL_INTERVAL_MS", poll_ms.to_string())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true);
+        let mut c = crate::pgferry_command(&pgferry, &source, &target, args);
+        c.env("PGFERRY_SYNC__POLL_INTERVAL_MS", poll_ms.to_string());
         c
     };
     for step in ["install", "copy"] {

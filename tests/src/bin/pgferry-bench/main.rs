@@ -59,6 +59,87 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// A source cluster (owner `app`, like Heroku's) and a target cluster
+/// (`rds`, CREATEROLE, like RDS's master user), each with a database
+/// `bench`; every password is `bench`.
+pub(crate) async fn clusters(name: &str) -> (pgferry::sandbox::Cluster, pgferry::sandbox::Cluster) {
+    eprintln!("starting throwaway clusters");
+    let (s, t) = (format!("{name}-source"), format!("{name}-target"));
+    let (source, target) = tokio::try_join!(
+        pgferry::sandbox::Cluster::start_with(&s, &copy::SERVER),
+        pgferry::sandbox::Cluster::start_with(&t, &copy::SERVER)
+    )
+    .expect("clusters");
+    source
+        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
+        .await
+        .expect("role");
+    target
+        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE CREATEDB", Some("bench"))
+        .await
+        .expect("role");
+    (source, target)
+}
+
+/// pgferry from `source` to `target` (see [`clusters`]), quiet: URLs in the
+/// environment, metrics off, warnings only, no JSON on stdout.
+pub(crate) fn pgferry_command(
+    pgferry: &std::path::Path,
+    source: &pgferry::sandbox::Cluster,
+    target: &pgferry::sandbox::Cluster,
+    args: &[&str],
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(pgferry);
+    c.args(args)
+        .env(
+            "PGFERRY_SOURCE",
+            format!(
+                "postgres://app:bench@127.0.0.1:{}/bench?sslmode=disable",
+                source.port()
+            ),
+        )
+        .env(
+            "PGFERRY_TARGET",
+            format!(
+                "postgres://rds:bench@127.0.0.1:{}/bench?sslmode=disable",
+                target.port()
+            ),
+        )
+        .env("PGFERRY_METRICS__LISTEN", "off")
+        .env("PGFERRY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// libpq's environment for pgbench against the source's `bench` as `app`.
+pub(crate) fn pgbench_env(source: &pgferry::sandbox::Cluster) -> [(&'static str, String); 5] {
+    [
+        ("PGHOST", "127.0.0.1".to_string()),
+        ("PGPORT", source.port().to_string()),
+        ("PGUSER", "app".into()),
+        ("PGPASSWORD", "bench".into()),
+        ("PGDATABASE", "bench".into()),
+    ]
+}
+
+/// `pgbench -i` at `scale` on the source, with the key pgferry (and
+/// Bucardo) need on pgbench_history.
+pub(crate) async fn pgbench_init(source: &pgferry::sandbox::Cluster, scale: u32) {
+    let st = tokio::process::Command::new(source.bin_dir().join("pgbench"))
+        .args(["-i", "-q", "-s", &scale.to_string()])
+        .envs(pgbench_env(source))
+        .status()
+        .await
+        .expect("pgbench -i");
+    assert!(st.success(), "pgbench -i failed");
+    connect(source.port(), "bench")
+        .await
+        .batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+        .await
+        .expect("a key on pgbench_history");
+}
+
 /// A session as `app` (password `bench`) on 127.0.0.1.
 pub(crate) async fn connect(port: u16, dbname: &str) -> tokio_postgres::Client {
     connect_as(port, "app", dbname).await
