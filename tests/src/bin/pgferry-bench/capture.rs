@@ -42,18 +42,8 @@ fn args(v: &[String]) -> Args {
 /// Enables exactly the triggers of `mode` (pgferry's or Bucardo's), and
 /// empties both designs' delta tables so every run starts alike.
 async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
-    let mut sql = String::new();
+    let mut sql = crate::triggers_for(TABLES.map(|(t, _)| t), mode);
     for (t, _) in TABLES {
-        for (name, mine) in [
-            ("pgferry_capture_ins", mode == "pgferry"),
-            ("pgferry_capture_upd", mode == "pgferry"),
-            ("pgferry_capture_del", mode == "pgferry"),
-            ("pgferry_capture_trunc", mode == "pgferry"),
-            ("bucardo_delta", mode == "bucardo"),
-        ] {
-            let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
-            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
-        }
         sql.push_str(&format!("TRUNCATE bucardo_delta_{t};"));
     }
     sql.push_str(

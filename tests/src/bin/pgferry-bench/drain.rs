@@ -43,24 +43,6 @@ fn bucardo_sql(t: &str) -> String {
     )
 }
 
-/// Enables one design's triggers only.
-async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
-    let mut sql = String::new();
-    for t in TABLES {
-        for (name, mine) in [
-            ("pgferry_capture_ins", mode == "pgferry"),
-            ("pgferry_capture_upd", mode == "pgferry"),
-            ("pgferry_capture_del", mode == "pgferry"),
-            ("pgferry_capture_trunc", mode == "pgferry"),
-            ("bucardo_delta", mode == "bucardo"),
-        ] {
-            let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
-            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
-        }
-    }
-    c.batch_execute(&sql).await.expect("select the mode");
-}
-
 /// Bucardo's apply, the simple way. Returns the keys applied.
 async fn bucardo_apply(src: &tokio_postgres::Client, dst: &mut tokio_postgres::Client) -> u64 {
     let mut applied = 0;
@@ -167,7 +149,9 @@ pub async fn run(v: &[String]) {
     for round in 0..rounds {
         for i in 0..2 {
             let mode = ["pgferry", "bucardo"][(i + round) % 2];
-            select_mode(&src, mode).await;
+            src.batch_execute(&crate::triggers_for(TABLES, mode))
+                .await
+                .expect("select the mode");
             for t in TABLES {
                 src.batch_execute(&format!("UPDATE {t} SET v = v + 1, at = now()"))
                     .await

@@ -140,6 +140,26 @@ pub(crate) async fn pgbench_init(source: &pgferry::sandbox::Cluster, scale: u32)
         .expect("a key on pgbench_history");
 }
 
+/// SQL that enables exactly the triggers of `mode` (pgferry's capture or
+/// the reproduced Bucardo trigger, both named as installed) on `tables`,
+/// disabling the other design's and leaving none for "none".
+pub(crate) fn triggers_for(tables: impl IntoIterator<Item = &'static str>, mode: &str) -> String {
+    let mut sql = String::new();
+    for t in tables {
+        for (name, mine) in [
+            ("pgferry_capture_ins", mode == "pgferry"),
+            ("pgferry_capture_upd", mode == "pgferry"),
+            ("pgferry_capture_del", mode == "pgferry"),
+            ("pgferry_capture_trunc", mode == "pgferry"),
+            ("bucardo_delta", mode == "bucardo"),
+        ] {
+            let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
+            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
+        }
+    }
+    sql
+}
+
 /// A session as `app` (password `bench`) on 127.0.0.1.
 pub(crate) async fn connect(port: u16, dbname: &str) -> tokio_postgres::Client {
     connect_as(port, "app", dbname).await
