@@ -561,17 +561,18 @@ pub async fn settle_part(
 }
 
 /// Records a committed drain batch: the table is on the target as of
-/// `snapshot_epoch` (seconds since the epoch, source clock).
+/// `snapshot_epoch` (seconds since the epoch, source clock), when given; a
+/// batch of only part of the table's keys adds its rows and says nothing.
 pub async fn record_batch(
     client: &impl GenericClient,
     id: i32,
-    snapshot_epoch: f64,
+    snapshot_epoch: Option<f64>,
     applied_rows: i64,
 ) -> Result<(), StateError> {
     client
         .execute(
             "UPDATE pgferry.tables
-                SET synced_through = to_timestamp($2), applied_rows = applied_rows + $3
+                SET synced_through = coalesce(to_timestamp($2), synced_through), applied_rows = applied_rows + $3
               WHERE id = $1",
             &[&id, &snapshot_epoch, &applied_rows],
         )

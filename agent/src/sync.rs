@@ -48,6 +48,40 @@ fn lock_key(t: &TableState) -> i32 {
     t.lock_relid as i32
 }
 
+/// A table's backlog is drained in [`PARTS`] parallel batches, one per
+/// hash of the key, once its delta table holds at least this many rows.
+const SPLIT_FROM_ROWS: i64 = 50_000;
+
+/// How many parts a large backlog is split into. Every agent must agree on
+/// it (parts are locked by number), so it is a constant, not a setting.
+const PARTS: u32 = 4;
+
+/// One part of a table's backlog: the delta rows whose key hashes to it.
+/// `hash_record` uses each key type's default hash, so every session agrees
+/// on which part a key belongs to.
+#[derive(Debug, Clone, Copy)]
+struct Part(u32);
+
+impl Part {
+    /// The predicate selecting this part's delta rows (columns `k1`...).
+    fn predicate(self, t: &TableState) -> String {
+        format!(
+            "(hash_record(ROW({})) & {}) = {}",
+            delta_key_list(t),
+            PARTS - 1,
+            self.0
+        )
+    }
+}
+
+/// The delta table's key columns: `k1, k2, ...`.
+fn delta_key_list(t: &TableState) -> String {
+    (1..=t.key_columns.len())
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Drain failures.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -127,6 +161,8 @@ pub struct SyncReport {
     pub truncates_applied: u64,
     /// Batches skipped because another agent was draining the table.
     pub busy: u64,
+    /// Batches that applied one part of a large backlog (see [`PARTS`]).
+    pub parts: u64,
 }
 
 impl SyncReport {
@@ -140,6 +176,7 @@ impl SyncReport {
         self.rows_written += b.rows_written;
         self.truncates_applied += u64::from(b.truncated);
         self.busy += u64::from(b.busy);
+        self.parts += u64::from(b.part);
     }
 }
 
@@ -152,6 +189,8 @@ struct BatchStats {
     truncated: bool,
     /// Another agent held the table's batch lock.
     busy: bool,
+    /// The batch applied one part of the table's keys.
+    part: bool,
 }
 
 /// Drains until cancelled, or until caught up when asked.
@@ -184,6 +223,7 @@ pub async fn run(
         report.rows_written += pass.rows_written;
         report.truncates_applied += pass.truncates_applied;
         report.busy += pass.busy;
+        report.parts += pass.parts;
         if crate::progress::enabled() {
             let conn = m.source_conn().await?;
             let backlog: i64 = backlog(&conn, &tables).await?.iter().sum();
@@ -354,7 +394,17 @@ pub async fn drain_pass(
             None => groups.push(vec![t.clone()]),
         }
     }
+    // A plain table with a large backlog is drained in parts, in parallel.
+    let large = large_backlogs(m, &groups).await?;
+    let mut units: Vec<(Vec<TableState>, Option<Part>)> = Vec::new();
     for group in groups {
+        if large.contains(&group[0].id) && splittable(m, &group[0]).await? {
+            units.extend((0..PARTS).map(|i| (group.clone(), Some(Part(i)))));
+        } else {
+            units.push((group, None));
+        }
+    }
+    for (group, part) in units {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -369,7 +419,7 @@ pub async fn drain_pass(
             let mut stats = Vec::with_capacity(group.len());
             for t in &group {
                 match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
-                    drain_table(&m, t, &group)
+                    drain_table(&m, t, &group, part)
                 })
                 .await
                 {
@@ -403,35 +453,122 @@ pub async fn drain_pass(
     }
 }
 
-/// Runs one batch for `t`. On any failure the source session is discarded
-/// rather than returned to the pool, which also releases its batch lock.
-async fn drain_table(m: &Migration, t: &TableState, group: &[TableState]) -> Result<BatchStats, SyncError> {
-    let mut source = m.source_conn().await?;
-    let locked: bool = source
+/// The plain tables (not partitioned, alone in their group) whose delta
+/// table holds at least [`SPLIT_FROM_ROWS`] rows, found in one round trip
+/// that reads no more than that many rows of each.
+async fn large_backlogs(m: &Migration, groups: &[Vec<TableState>]) -> Result<Vec<i32>, SyncError> {
+    let counts: Vec<String> = groups
+        .iter()
+        .filter(|g| g.len() == 1 && !g[0].partitioned)
+        .map(|g| {
+            format!(
+                "SELECT {} AS id FROM (SELECT FROM {} LIMIT {SPLIT_FROM_ROWS}) d HAVING count(*) >= {SPLIT_FROM_ROWS}",
+                g[0].id,
+                g[0].delta_table()
+            )
+        })
+        .collect();
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let source = m.source_conn().await?;
+    let rows = source
+        .query(&counts.join(" UNION ALL "), &[])
+        .await
+        .map_err(|source| SyncError::Backlog {
+            table: "pgferry".into(),
+            source,
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Whether `t`'s large backlog can be drained in parts: its key types can
+/// be hashed (PostgreSQL 14+ has `hash_record`), and on the target its key
+/// is its only unique index or constraint, so that parts applying different
+/// keys at the same time never collide on another unique value moving
+/// between rows.
+async fn splittable(m: &Migration, t: &TableState) -> Result<bool, SyncError> {
+    let source = m.source_conn().await?;
+    let hashable = source
+        .query(
+            &format!("SELECT {} FROM {} LIMIT 1", Part(0).predicate(t), t.delta_table()),
+            &[],
+        )
+        .await;
+    match hashable {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_FUNCTION) => return Ok(false),
+        Err(e) => return Err(batch_err(t, Side::Source, e)),
+    }
+    let target = m.target_conn().await?;
+    let unique: i64 = target
         .query_one(
-            "SELECT pg_try_advisory_lock($1, $2)",
-            &[&BATCH_LOCK_CLASS, &lock_key(t)],
+            "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass($1) AND (indisunique OR indisexclusion)",
+            &[&t.table.to_string()],
         )
         .await
-        .map_err(|e| batch_err(t, Side::Source, e))?
+        .map_err(|e| batch_err(t, Side::Target, e))?
         .get(0);
-    if !locked {
+    Ok(unique <= 1)
+}
+
+/// Runs one batch for `t` (or one part of its backlog). On any failure the
+/// source session is discarded rather than returned to the pool, which also
+/// releases its batch locks.
+///
+/// A whole batch holds the table's batch lock exclusively. A part holds it
+/// shared, plus its part's own lock: parts run side by side, never beside a
+/// whole batch or the same part elsewhere.
+async fn drain_table(
+    m: &Migration,
+    t: &TableState,
+    group: &[TableState],
+    part: Option<Part>,
+) -> Result<BatchStats, SyncError> {
+    let mut source = m.source_conn().await?;
+    let locks = match part {
+        None => vec![("", BATCH_LOCK_CLASS)],
+        Some(Part(i)) => vec![
+            ("_shared", BATCH_LOCK_CLASS),
+            ("", BATCH_LOCK_CLASS + 1 + i as i32),
+        ],
+    };
+    let mut held = 0;
+    for (mode, class) in &locks {
+        let locked: bool = source
+            .query_one(
+                &format!("SELECT pg_try_advisory_lock{mode}($1, $2)"),
+                &[class, &lock_key(t)],
+            )
+            .await
+            .map_err(|e| batch_err(t, Side::Source, e))?
+            .get(0);
+        if !locked {
+            break;
+        }
+        held += 1;
+    }
+    let outcome = if held < locks.len() {
         tracing::debug!(table = %t.table.display_name(), "Another agent is draining this table");
         crate::telemetry::batch_idle(&t.table.display_name(), true);
-        return Ok(BatchStats {
+        Ok(BatchStats {
             busy: true,
             ..Default::default()
-        });
-    }
-    match batch(m, &mut source, t, group).await {
+        })
+    } else {
+        batch(m, &mut source, t, group, part).await
+    };
+    match outcome {
         Ok(stats) => {
-            source
-                .execute(
-                    "SELECT pg_advisory_unlock($1, $2)",
-                    &[&BATCH_LOCK_CLASS, &lock_key(t)],
-                )
-                .await
-                .map_err(|e| batch_err(t, Side::Source, e))?;
+            for (mode, class) in &locks[..held] {
+                source
+                    .execute(
+                        &format!("SELECT pg_advisory_unlock{mode}($1, $2)"),
+                        &[class, &lock_key(t)],
+                    )
+                    .await
+                    .map_err(|e| batch_err(t, Side::Source, e))?;
+            }
             Ok(stats)
         }
         Err(e) => {
@@ -454,6 +591,7 @@ async fn batch(
     source: &mut Object,
     t: &TableState,
     group: &[TableState],
+    part: Option<Part>,
 ) -> Result<BatchStats, SyncError> {
     let src_err = |e| batch_err(t, Side::Source, e);
     let tgt_err = |e| batch_err(t, Side::Target, e);
@@ -470,24 +608,35 @@ async fn batch(
         .start()
         .await
         .map_err(src_err)?;
+    // A part applies only its keys; a TRUNCATE waits for a whole batch (what
+    // a part applies is the state as of S for its keys all the same).
+    let (mine, also) = match part {
+        None => (String::new(), String::new()),
+        Some(p) => (
+            format!("WHERE {}", p.predicate(t)),
+            format!("AND {}", p.predicate(t)),
+        ),
+    };
     let row = stx
         .query_one(
             &format!(
                 "SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8,
-                        EXISTS (SELECT 1 FROM {delta}),
-                        EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1)"
+                        EXISTS (SELECT 1 FROM {delta} {mine}),
+                        $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1)"
             ),
-            &[&t.id],
+            &[&t.id, &part.is_none()],
         )
         .await
         .map_err(src_err)?;
     let snapshot: String = row.get(0);
     let snapshot_epoch: f64 = row.get(1);
+    // A part does not say the table is synced through S: other parts may not be.
+    let whole = |epoch: f64| part.is_none().then_some(epoch);
     let has_deltas: bool = row.get(2);
     let truncated: bool = row.get(3);
     if !has_deltas && !truncated {
         stx.commit().await.map_err(src_err)?;
-        state::record_batch(&***source, t.id, snapshot_epoch, 0).await?;
+        state::record_batch(&***source, t.id, whole(snapshot_epoch), 0).await?;
         crate::telemetry::batch_idle(&t.table.display_name(), false);
         return Ok(BatchStats::default());
     }
@@ -515,6 +664,7 @@ async fn batch(
     };
     let mut stats = BatchStats {
         truncated,
+        part: part.is_some(),
         ..Default::default()
     };
     if truncated {
@@ -523,32 +673,11 @@ async fn batch(
             .await
             .map_err(tgt_err)?;
         for member in &members {
-            let cols = column_list(&member.copy_columns, None);
-            let sink = ttx
-                .copy_in(&format!(
-                    "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
-                    member.table
-                ))
-                .await
-                .map_err(tgt_err)?;
-            let stream = stx
-                .copy_out(&format!(
-                    "COPY (SELECT {cols} FROM {}) TO STDOUT (FORMAT binary)",
-                    member.rel()
-                ))
-                .await
-                .map_err(src_err)?;
-            stats.rows_written += pump(stream, sink, &Throttle::unlimited(), |_| {})
-                .await
-                .map_err(pumped)?
-                .0;
+            stats.rows_written += copy_rows(&stx, &ttx, member, "").await.map_err(pumped)?;
         }
     } else {
         let keys = column_list(&t.key_columns, None);
-        let delta_keys = (1..=t.key_columns.len())
-            .map(|i| format!("k{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let delta_keys = delta_key_list(t);
         ttx.batch_execute(&format!(
             "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
         ))
@@ -560,7 +689,7 @@ async fn batch(
             .map_err(tgt_err)?;
         let stream = stx
             .copy_out(&format!(
-                "COPY (SELECT DISTINCT {delta_keys} FROM {delta}) TO STDOUT (FORMAT binary)"
+                "COPY (SELECT DISTINCT {delta_keys} FROM {delta} {mine}) TO STDOUT (FORMAT binary)"
             ))
             .await
             .map_err(src_err)?;
@@ -568,30 +697,6 @@ async fn batch(
             .await
             .map_err(pumped)?
             .0;
-        for (i, member) in members.iter().enumerate() {
-            let cols = column_list(&member.copy_columns, None);
-            ttx.batch_execute(&format!(
-                "CREATE TEMP TABLE pgferry_rows_{i} ON COMMIT DROP AS SELECT {cols} FROM ONLY {} WITH NO DATA",
-                member.table
-            ))
-            .await
-            .map_err(tgt_err)?;
-            let sink = ttx
-                .copy_in(&format!("COPY pgferry_rows_{i} FROM STDIN (FORMAT binary)"))
-                .await
-                .map_err(tgt_err)?;
-            let stream = stx
-                .copy_out(&format!(
-                    "COPY (SELECT {cols} FROM {} WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta}))
-                     TO STDOUT (FORMAT binary)",
-                    member.rel()
-                ))
-                .await
-                .map_err(src_err)?;
-            pump(stream, sink, &Throttle::unlimited(), |_| {})
-                .await
-                .map_err(pumped)?;
-        }
         let join = t
             .key_columns
             .iter()
@@ -609,29 +714,25 @@ async fn batch(
             )
             .await
             .map_err(tgt_err)?;
-        for (i, member) in members.iter().enumerate() {
-            let cols = column_list(&member.copy_columns, None);
-            stats.rows_written += ttx
-                .execute(
-                    &format!(
-                        "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_rows_{i}",
-                        member.table
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(tgt_err)?;
+        // The rows as of S go straight into the table they live in, by
+        // binary COPY: no staging table, so each row is written once.
+        let changed = format!("WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta} {mine})");
+        for member in &members {
+            stats.rows_written += copy_rows(&stx, &ttx, member, &changed).await.map_err(pumped)?;
         }
     }
     crate::failpoint::hit("sync.before_target_commit").await;
     ttx.commit().await.map_err(tgt_err)?;
     crate::failpoint::hit("sync.after_target_commit").await;
+    if part.is_some() {
+        crate::failpoint::hit("sync.part_applied").await;
+    }
     stx.commit().await.map_err(src_err)?;
 
     // Only now, with the target durable, forget exactly what S saw.
     source
         .execute(
-            &format!("DELETE FROM {delta} WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot)"),
+            &format!("DELETE FROM {delta} WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot) {also}"),
             &[&snapshot],
         )
         .await
@@ -647,7 +748,7 @@ async fn batch(
             .map_err(src_err)?;
     }
     crate::failpoint::hit("sync.after_delta_delete").await;
-    state::record_batch(&***source, t.id, snapshot_epoch, stats.rows_written as i64).await?;
+    state::record_batch(&***source, t.id, whole(snapshot_epoch), stats.rows_written as i64).await?;
     crate::telemetry::batch_applied(
         &t.table.display_name(),
         stats.rows_deleted,
@@ -663,6 +764,33 @@ async fn batch(
         "Batch applied"
     );
     Ok(stats)
+}
+
+/// Copies `member`'s rows as of the source transaction's snapshot, those
+/// matching `filter` (a WHERE clause, or nothing for all), straight into the
+/// same table on the target by binary COPY. Returns the rows written.
+async fn copy_rows(
+    stx: &tokio_postgres::Transaction<'_>,
+    ttx: &tokio_postgres::Transaction<'_>,
+    member: &TableState,
+    filter: &str,
+) -> Result<u64, Pumped> {
+    let cols = column_list(&member.copy_columns, None);
+    let sink = ttx
+        .copy_in(&format!(
+            "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+            member.table
+        ))
+        .await
+        .map_err(Pumped::Target)?;
+    let stream = stx
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT binary)",
+            member.rel()
+        ))
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(pump(stream, sink, &Throttle::unlimited(), |_| {}).await?.0)
 }
 
 /// The tables below `t` in classic inheritance (children, grandchildren...),

@@ -209,14 +209,14 @@ impl Env {
     }
 
     /// Starts the agent with failpoints armed and waits until it freezes at
-    /// one; returns the frozen child. Kill it with SIGKILL, or create
-    /// [`Env::failpoint_release`] to let it carry on.
+    /// one; returns the frozen child (its stdout piped). Kill it with
+    /// SIGKILL, or create [`Env::failpoint_release`] to let it carry on.
     pub async fn run_until_failpoint(&self, args: &[&str], failpoint: &str) -> Child {
         let mut cmd = self.cmd(args);
         cmd.env("PGFERRY_FAILPOINTS", failpoint)
             .env("PGFERRY_FAILPOINT_RELEASE", self.failpoint_release())
             .stderr(Stdio::piped())
-            .stdout(Stdio::null());
+            .stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn pgferry");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let name = failpoint.split('@').next().unwrap_or(failpoint).to_string();

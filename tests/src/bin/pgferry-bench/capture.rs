@@ -130,7 +130,7 @@ pub async fn run(v: &[String]) {
         for i in 0..MODES.len() {
             let mode = MODES[(i + round as usize) % MODES.len()];
             select_mode(&c, mode).await;
-            c.batch_execute("CHECKPOINT").await.ok();
+            crate::settle(&[&source], &TABLES.map(|(t, _)| t).join(", ")).await;
             let out = std::process::Command::new(&pgbench)
                 .args([
                     "-n",

@@ -1,18 +1,20 @@
 //! `pgferry-bench drain`: how fast a backlog of changed rows reaches the
 //! target, pgferry's drain against Bucardo's apply done the simple way.
 //!
-//! Three tables of `--rows` rows each are copied to the target by pgferry.
-//! Each round, every row of every table is updated once, with only one
-//! design's triggers enabled, and that backlog is applied:
-//! - pgferry: `pgferry sync --until-caught-up` (set-based: keys and rows
-//!   staged by COPY, DELETE ... USING, INSERT ... SELECT, tables in
-//!   parallel);
+//! `--tables` tables (default 3) of `--rows` rows each are copied to the
+//! target by pgferry. Each round, every row of every table is updated once,
+//! with only one design's triggers enabled, and that backlog is applied:
+//! - pgferry: `pgferry sync --until-caught-up` (set-based: keys staged by
+//!   COPY, DELETE ... USING, the rows by binary COPY; tables in parallel, a
+//!   large table's backlog in parallel parts by key hash);
 //! - Bucardo-style: the distinct keys of its delta table, then per chunk of
 //!   10,000 keys, `DELETE ... WHERE id = ANY(...)` on the target and COPY of
 //!   the current source rows for those keys, one table after the other.
 //!
-//! After each apply the target must equal the source (row count and a sum).
-//! Prints JSON: changed rows per second for each design and their ratio.
+//! Before each timed apply both clusters are vacuumed and checkpointed, so
+//! that neither design pays for the other's leftovers. After each apply the
+//! target must equal the source (row count and a sum). Prints JSON: changed
+//! rows per second for each design and their ratio.
 
 use std::time::Instant;
 
@@ -21,7 +23,6 @@ use serde_json::json;
 
 use crate::{connect, connect_as, median};
 
-const TABLES: [&str; 3] = ["t1", "t2", "t3"];
 const CHUNK: usize = 10_000;
 
 /// Bucardo's source-side design, reproduced (see `capture`). Its delta
@@ -44,9 +45,13 @@ fn bucardo_sql(t: &str) -> String {
 }
 
 /// Bucardo's apply, the simple way. Returns the keys applied.
-async fn bucardo_apply(src: &tokio_postgres::Client, dst: &mut tokio_postgres::Client) -> u64 {
+async fn bucardo_apply(
+    tables: &[String],
+    src: &tokio_postgres::Client,
+    dst: &mut tokio_postgres::Client,
+) -> u64 {
     let mut applied = 0;
-    for t in TABLES {
+    for t in tables {
         let keys: Vec<i32> = src
             .query(&format!("SELECT DISTINCT k FROM bucardo_delta_{t}"), &[])
             .await
@@ -90,9 +95,9 @@ async fn bucardo_apply(src: &tokio_postgres::Client, dst: &mut tokio_postgres::C
 }
 
 /// Row count and sum of `v` over all tables.
-async fn fingerprint(c: &tokio_postgres::Client) -> (i64, i64) {
+async fn fingerprint(tables: &[String], c: &tokio_postgres::Client) -> (i64, i64) {
     let mut out = (0, 0);
-    for t in TABLES {
+    for t in tables {
         let r = c
             .query_one(
                 &format!("SELECT count(*), coalesce(sum(v), 0)::bigint FROM {t}"),
@@ -108,14 +113,17 @@ async fn fingerprint(c: &tokio_postgres::Client) -> (i64, i64) {
 
 /// Runs the drain benchmark and prints its JSON.
 pub async fn run(v: &[String]) {
-    let f = crate::flags(v, &["--rows", "--rounds", "--workers"]);
+    let f = crate::flags(v, &["--rows", "--tables", "--rounds", "--workers"]);
     let rows: i64 = crate::num(&f, "--rows", 400_000);
     let rounds: usize = crate::num(&f, "--rounds", 3);
     let workers: usize = crate::num(&f, "--workers", 2);
+    let tables: Vec<String> = (1..=crate::num(&f, "--tables", 3))
+        .map(|i: usize| format!("t{i}"))
+        .collect();
     let pgferry = crate::copy::pgferry_binary();
     let (source, target) = crate::clusters("bench-drain").await;
     let src = connect(source.port(), "bench").await;
-    for t in TABLES {
+    for t in &tables {
         src.batch_execute(&format!(
             "CREATE TABLE {t} (id int PRIMARY KEY, v int NOT NULL, at timestamptz NOT NULL, pad text NOT NULL);
              INSERT INTO {t} SELECT g, 0, now(), md5(g::text) FROM generate_series(1, {rows}) g;
@@ -130,7 +138,11 @@ pub async fn run(v: &[String]) {
         c.env("PGFERRY_SYNC__WORKERS", workers.to_string())
             .env(
                 "PGFERRY_COPY_ONLY",
-                TABLES.map(|t| format!("public.bucardo_delta_{t}")).join(","),
+                tables
+                    .iter()
+                    .map(|t| format!("public.bucardo_delta_{t}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             )
             .env(
                 "PGFERRY_SOURCE_LIMITS__MAX_CONNECTIONS",
@@ -138,7 +150,7 @@ pub async fn run(v: &[String]) {
             );
         c
     };
-    eprintln!("pgferry install + copy of {} rows", rows * 3);
+    eprintln!("pgferry install + copy of {} rows", rows * tables.len() as i64);
     for step in ["install", "copy"] {
         let st = agent(&[step]).status().await.expect("pgferry");
         assert!(st.success(), "pgferry {step} failed");
@@ -149,16 +161,16 @@ pub async fn run(v: &[String]) {
     for round in 0..rounds {
         for i in 0..2 {
             let mode = ["pgferry", "bucardo"][(i + round) % 2];
-            src.batch_execute(&crate::triggers_for(TABLES, mode))
+            src.batch_execute(&crate::triggers_for(&tables, mode))
                 .await
                 .expect("select the mode");
-            for t in TABLES {
+            for t in &tables {
                 src.batch_execute(&format!("UPDATE {t} SET v = v + 1, at = now()"))
                     .await
                     .expect("change every row");
             }
-            src.batch_execute("CHECKPOINT").await.ok();
-            let changed = (rows * 3) as f64;
+            crate::settle(&[&source, &target], &tables.join(", ")).await;
+            let changed = (rows * tables.len() as i64) as f64;
             let started = Instant::now();
             if mode == "pgferry" {
                 let st = agent(&["sync", "--until-caught-up"])
@@ -167,13 +179,13 @@ pub async fn run(v: &[String]) {
                     .expect("pgferry sync");
                 assert!(st.success(), "pgferry sync failed");
             } else {
-                let applied = bucardo_apply(&src, &mut dst).await;
+                let applied = bucardo_apply(&tables, &src, &mut dst).await;
                 assert_eq!(applied as f64, changed, "every key applied");
             }
             let secs = started.elapsed().as_secs_f64();
             assert_eq!(
-                fingerprint(&dst).await,
-                fingerprint(&src).await,
+                fingerprint(&tables, &dst).await,
+                fingerprint(&tables, &src).await,
                 "{mode}: the target equals the source"
             );
             eprintln!(
@@ -185,8 +197,9 @@ pub async fn run(v: &[String]) {
     }
     let med = |m: &str| median(&rate[m]);
     let report = json!({
-        "benchmark": "drain throughput: every row of 3 tables changed once, applied to an equal target",
-        "changed_rows_per_round": rows * 3,
+        "benchmark": "drain throughput: every row of every table changed once, applied to an equal target",
+        "tables": tables.len(),
+        "changed_rows_per_round": rows * tables.len() as i64,
         "sync_workers": workers,
         "rounds": rounds,
         "rows_per_sec": rate,

@@ -20,7 +20,7 @@ mod lag;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]
        pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
-       pgferry-bench drain [--rows N] [--rounds N] [--workers N]
+       pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]";
 
 /// Parses `--name value` pairs, allowing only `known` names.
@@ -56,6 +56,20 @@ pub(crate) fn median(v: &[f64]) -> f64 {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     } else {
         s[n / 2]
+    }
+}
+
+/// Before a timed run: VACUUM `vacuum` (so no autovacuum of the last run's
+/// dead rows runs during this one) and CHECKPOINT (no dirty buffers left
+/// behind), as the superuser, in database `bench` of each cluster.
+pub(crate) async fn settle(clusters: &[&pgferry::sandbox::Cluster], vacuum: &str) {
+    for c in clusters {
+        let admin = c.superuser("bench").await.expect("superuser");
+        admin
+            .batch_execute(&format!("VACUUM {vacuum}"))
+            .await
+            .expect("vacuum");
+        admin.batch_execute("CHECKPOINT").await.expect("checkpoint");
     }
 }
 
@@ -143,7 +157,7 @@ pub(crate) async fn pgbench_init(source: &pgferry::sandbox::Cluster, scale: u32)
 /// SQL that enables exactly the triggers of `mode` (pgferry's capture or
 /// the reproduced Bucardo trigger, both named as installed) on `tables`,
 /// disabling the other design's and leaving none for "none".
-pub(crate) fn triggers_for(tables: impl IntoIterator<Item = &'static str>, mode: &str) -> String {
+pub(crate) fn triggers_for<T: std::fmt::Display>(tables: impl IntoIterator<Item = T>, mode: &str) -> String {
     let mut sql = String::new();
     for t in tables {
         for (name, mine) in [
