@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../../sql/0005_inheritance.sql")),
     (6, include_str!("../../sql/0006_copy_parts.sql")),
     (7, include_str!("../../sql/0007_cheaper_capture.sql")),
+    (8, include_str!("../../sql/0008_qualified_capture.sql")),
 ];
 
 /// Control-schema failures.

@@ -557,3 +557,61 @@ async fn the_demo_runs_a_live_migration() {
         "{summary}"
     );
 }
+
+/// The capture and fence functions run as the migration's owner (SECURITY
+/// DEFINER) with no SET clause, which made capture cheaper. A writer whose
+/// search_path puts its own schema before pg_catalog, holding an operator
+/// and functions named like those the capture calls, must run none of them
+/// as the owner, and its writes must be captured, or refused by the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_search_path_cannot_hijack_the_capture() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    let admin = env.source.superuser(DB).await.expect("superuser");
+    admin
+        .batch_execute("CREATE SCHEMA evil AUTHORIZATION writer2")
+        .await
+        .expect("the writer's schema");
+    let writer = env.source_as(WRITER).await;
+    writer
+        .batch_execute(
+            "CREATE TABLE evil.calls (who text, what text);
+             GRANT USAGE ON SCHEMA evil TO PUBLIC;
+             GRANT INSERT ON evil.calls TO PUBLIC;
+             CREATE FUNCTION evil.gt(bigint, integer) RETURNS boolean LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO evil.calls VALUES (current_user, '>'); RETURN false; END $$;
+             CREATE OPERATOR evil.> (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = evil.gt);
+             CREATE FUNCTION evil.pg_sequence_last_value(regclass) RETURNS bigint LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO evil.calls VALUES (current_user, 'fence'); RETURN 0; END $$;
+             CREATE FUNCTION evil.pg_current_xact_id() RETURNS xid8 LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO evil.calls VALUES (current_user, 'xid'); RETURN '1'; END $$;
+             SET search_path = evil, pg_catalog, public;",
+        )
+        .await
+        .expect("the writer's traps");
+    let writes = "UPDATE accounts SET balance = balance + 1 WHERE id = 1;
+                  INSERT INTO scratch VALUES (1000, 'x');
+                  DELETE FROM scratch WHERE id = 1";
+    writer.batch_execute(writes).await.expect("the writer's writes");
+    let status = env.status().await;
+    assert!(
+        status["backlog_rows"].as_i64() >= Some(3),
+        "the writes were captured: {status}"
+    );
+    // The fence holds too, whatever the writer's search_path.
+    let app = env.source_as(APP).await;
+    app.batch_execute("SELECT setval('pgferry.fence', 1)")
+        .await
+        .expect("raise the fence");
+    let refused = writer.batch_execute(writes).await.expect_err("fenced");
+    assert!(is_fenced(&refused), "refused by the fence: {refused}");
+    app.batch_execute("SELECT setval('pgferry.fence', 0)")
+        .await
+        .expect("lower the fence");
+    let calls: i64 = admin
+        .query_one("SELECT count(*) FROM evil.calls", &[])
+        .await
+        .expect("read the traps")
+        .get(0);
+    assert_eq!(calls, 0, "no trap ran");
+}

@@ -1,20 +1,28 @@
 //! `pgferry-bench capture`: what capture costs the source, measured.
 //!
 //! On a throwaway cluster with pgbench's TPC-B-like workload, runs pgbench in
-//! three modes, alternating them in every round so that drift of the machine
-//! hits all alike: no triggers, pgferry's capture (statement-level triggers
-//! with transition tables, one delta table per table), and Bucardo's design
-//! (a row-level AFTER trigger inserting the key and now() into a per-table
-//! delta table indexed on both). Also times one 100k-row UPDATE per mode.
-//! Prints JSON: TPS per round, medians, the TPS loss of each design, and the
-//! ratio of pgferry's loss to Bucardo's.
+//! five modes, alternating them in every round so that drift of the machine
+//! hits all alike:
+//! - `none`: no triggers;
+//! - `floor`: a row-level AFTER trigger that only checks pgferry's fence and
+//!   writes nothing, the least any trigger-based capture can cost;
+//! - `row`: pgferry's delta rows written by a row-level trigger instead (the
+//!   design pgferry does not use, measured for the choice);
+//! - `pgferry`: pgferry's capture as installed by pgferry (statement-level
+//!   triggers with transition tables, one unindexed delta table per table);
+//! - `bucardo`: Bucardo's design (a row-level AFTER trigger inserting the key
+//!   and now() into a per-table delta table indexed on both).
+//!
+//! Also times one 100k-row UPDATE per mode. Prints JSON: TPS per round,
+//! medians, the TPS loss of each mode, and the ratio of pgferry's loss (and
+//! of the floor's) to Bucardo's.
 
 use std::time::Instant;
 
 use crate::{connect, median};
 use pgferry::sandbox::Cluster;
 
-const MODES: [&str; 3] = ["none", "pgferry", "bucardo"];
+const MODES: [&str; 5] = ["none", "floor", "row", "pgferry", "bucardo"];
 const TABLES: [(&str, &str); 4] = [
     ("pgbench_accounts", "aid int"),
     ("pgbench_branches", "bid int"),
@@ -44,7 +52,11 @@ fn args(v: &[String]) -> Args {
 async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
     let mut sql = crate::triggers_for(TABLES.map(|(t, _)| t), mode);
     for (t, _) in TABLES {
-        sql.push_str(&format!("TRUNCATE bucardo_delta_{t};"));
+        for design in ["floor", "row"] {
+            let how = if mode == design { "ENABLE" } else { "DISABLE" };
+            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER bench_{design};"));
+        }
+        sql.push_str(&format!("TRUNCATE bucardo_delta_{t}, row_delta_{t};"));
     }
     sql.push_str(
         "DO $$ DECLARE r record; BEGIN
@@ -123,6 +135,41 @@ pub async fn run(v: &[String]) {
         .expect("bucardo-style trigger");
     }
 
+    // The floor, and pgferry's delta rows written row by row (into tables
+    // stored like pgferry's).
+    let storage: String = c
+        .query_one("SELECT pgferry.delta_storage()", &[])
+        .await
+        .expect("delta storage")
+        .get(0);
+    for (t, key) in TABLES {
+        let col = key.split_whitespace().next().unwrap();
+        c.batch_execute(&format!(
+            "CREATE FUNCTION bench_floor_{t}() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+               IF pg_sequence_last_value('pgferry.fence'::regclass) > 0 THEN RAISE EXCEPTION 'fenced'; END IF;
+               RETURN NULL;
+             END $f$;
+             CREATE TRIGGER bench_floor AFTER INSERT OR UPDATE OR DELETE ON {t}
+               FOR EACH ROW EXECUTE FUNCTION bench_floor_{t}();
+             CREATE TABLE row_delta_{t} (xid xid8 NOT NULL, {key} NOT NULL) WITH ({storage});
+             CREATE FUNCTION bench_row_{t}() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN
+               IF pg_sequence_last_value('pgferry.fence'::regclass) > 0 THEN RAISE EXCEPTION 'fenced'; END IF;
+               IF TG_OP = 'DELETE' THEN INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), OLD.{col}); RETURN NULL; END IF;
+               INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), NEW.{col});
+               IF TG_OP = 'UPDATE' AND NEW.{col} IS DISTINCT FROM OLD.{col} THEN
+                 INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), OLD.{col});
+               END IF;
+               RETURN NULL;
+             END $f$;
+             CREATE TRIGGER bench_row AFTER INSERT OR UPDATE OR DELETE ON {t}
+               FOR EACH ROW EXECUTE FUNCTION bench_row_{t}();",
+        ))
+        .await
+        .expect("floor and row-level triggers");
+    }
+
     let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut bulk: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..a.rounds {
@@ -169,16 +216,18 @@ pub async fn run(v: &[String]) {
     }
     let med = |m: &str| median(&tps[m]);
     let loss = |m: &str| 100.0 * (1.0 - med(m) / med("none"));
+    let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
+        MODES.iter().map(|m| (m.to_string(), f(m).into())).collect()
+    };
     let report = serde_json::json!({
         "benchmark": "capture overhead, pgbench TPC-B-like",
         "scale": a.scale, "clients": a.clients, "threads": 2, "secs_per_run": a.secs, "rounds": a.rounds,
         "tps": tps,
-        "tps_median": { "none": med("none"), "pgferry": med("pgferry"), "bucardo": med("bucardo") },
-        "tps_loss_pct": { "pgferry": loss("pgferry"), "bucardo": loss("bucardo") },
+        "tps_median": per_mode(&med),
+        "tps_loss_pct": per_mode(&|m: &str| if m == "none" { 0.0 } else { loss(m) }),
         "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
-        "bulk_update_100k_secs_median": {
-            "none": median(&bulk["none"]), "pgferry": median(&bulk["pgferry"]), "bucardo": median(&bulk["bucardo"]),
-        },
+        "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
+        "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     drop((source, target));
