@@ -49,7 +49,8 @@ fn lock_key(t: &TableState) -> i32 {
 }
 
 /// A table's backlog is drained in [`PARTS`] parallel batches, one per
-/// hash of the key, once its delta table holds at least this many rows.
+/// hash of the key, once its delta table holds at least this many rows (and
+/// fewer tables than workers have deltas).
 const SPLIT_FROM_ROWS: i64 = 50_000;
 
 /// How many parts a large backlog is split into. Every agent must agree on
@@ -394,11 +395,17 @@ pub async fn drain_pass(
             None => groups.push(vec![t.clone()]),
         }
     }
-    // A plain table with a large backlog is drained in parts, in parallel.
-    let large = large_backlogs(m, &groups).await?;
+    // A plain table with a large backlog is drained in parts, in parallel,
+    // when fewer tables have deltas than there are workers: parts cost every
+    // part a read of the table's deltas and changed rows, which pays only
+    // when workers would otherwise be idle.
+    let sample = sampled_backlogs(m, tables).await?;
+    let backlog = |t: &TableState| sample.get(&t.id).copied().unwrap_or(0);
+    let busy = groups.iter().filter(|g| g.iter().any(|t| backlog(t) > 0)).count();
     let mut units: Vec<(Vec<TableState>, Option<Part>)> = Vec::new();
     for group in groups {
-        if large.contains(&group[0].id) && splittable(m, &group[0]).await? {
+        let large = group.len() == 1 && !group[0].partitioned && backlog(&group[0]) >= SPLIT_FROM_ROWS;
+        if large && busy < m.sync_workers() && splittable(m, &group[0]).await? {
             units.extend((0..PARTS).map(|i| (group.clone(), Some(Part(i)))));
         } else {
             units.push((group, None));
@@ -453,23 +460,26 @@ pub async fn drain_pass(
     }
 }
 
-/// The plain tables (not partitioned, alone in their group) whose delta
-/// table holds at least [`SPLIT_FROM_ROWS`] rows, found in one round trip
-/// that reads no more than that many rows of each.
-async fn large_backlogs(m: &Migration, groups: &[Vec<TableState>]) -> Result<Vec<i32>, SyncError> {
-    let counts: Vec<String> = groups
+/// The delta rows of each captured table, counted up to
+/// [`SPLIT_FROM_ROWS`], in one round trip that reads no more than that many
+/// rows of each.
+async fn sampled_backlogs(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<std::collections::HashMap<i32, i64>, SyncError> {
+    let counts: Vec<String> = tables
         .iter()
-        .filter(|g| g.len() == 1 && !g[0].partitioned)
-        .map(|g| {
+        .filter(|t| !t.copy_only)
+        .map(|t| {
             format!(
-                "SELECT {} AS id FROM (SELECT FROM {} LIMIT {SPLIT_FROM_ROWS}) d HAVING count(*) >= {SPLIT_FROM_ROWS}",
-                g[0].id,
-                g[0].delta_table()
+                "SELECT {}, count(*) FROM (SELECT FROM {} LIMIT {SPLIT_FROM_ROWS}) d",
+                t.id,
+                t.delta_table()
             )
         })
         .collect();
     if counts.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
     let source = m.source_conn().await?;
     let rows = source
@@ -479,7 +489,7 @@ async fn large_backlogs(m: &Migration, groups: &[Vec<TableState>]) -> Result<Vec
             table: "pgferry".into(),
             source,
         })?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Whether `t`'s large backlog can be drained in parts: its key types can

@@ -242,9 +242,10 @@ const BACKLOG_OPS: &[&str] = &[
 ];
 
 /// A backlog of 60,000 changed rows in a table is applied in parallel parts
-/// (one per hash of the key), with writes going on while the parts read; a
-/// table with another unique column is applied whole (parts applying
-/// different keys could collide on it). Each part forgets only its own
+/// (one per hash of the key; two tables with deltas leave one of the three
+/// workers idle), with writes going on while the parts read; a table with
+/// another unique column is applied whole (parts applying different keys
+/// could collide on it). Each part forgets only its own
 /// deltas: the agent stops after the first part's commit, and the parts
 /// after it must still find theirs.
 #[tokio::test]
@@ -254,7 +255,7 @@ async fn a_large_drain_backlog_is_applied_in_parts_with_writes_going_on() {
     app.batch_execute(BACKLOG).await.expect("seed the tables");
     let (started, release) = (env.path("switch-started"), env.path("release"));
     env.config(&format!(
-        "[sync]\nworkers = 2\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        "[sync]\nworkers = 3\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
         gated_switch(&started, &release)
     ));
     env.ok(&["install"]).await;
