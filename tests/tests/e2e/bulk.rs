@@ -57,6 +57,19 @@ async fn cutover_then_compare(env: &Env, writers: Workload) {
     assert_no_leftovers(env).await;
 }
 
+/// The big table's TOASTed documents arrived compressed with lz4.
+async fn assert_lz4_documents(env: &Env) {
+    assert!(
+        target_has(
+            env,
+            "SELECT bool_and(pg_column_compression(doc) = 'lz4') AND count(*) > 0 FROM big
+              WHERE pg_column_compression(doc) IS NOT NULL"
+        )
+        .await,
+        "the documents are compressed with lz4 on the target"
+    );
+}
+
 async fn parts_planned(env: &Env) -> i64 {
     env.source_as(APP)
         .await
@@ -96,14 +109,7 @@ async fn a_big_table_is_copied_in_parts_and_rows_moving_between_them_are_not_dou
         .await
     );
     // The loading sessions compress TOASTed values with lz4.
-    assert!(
-        target_has(
-            &env,
-            "SELECT bool_and(pg_column_compression(doc) = 'lz4') AND count(*) > 0 FROM big
-              WHERE pg_column_compression(doc) IS NOT NULL"
-        )
-        .await
-    );
+    assert_lz4_documents(&env).await;
     let writers = Workload::start(&env, &[APP, WRITER], BIG_OPS).await;
     writers.progress(300).await;
     cutover_then_compare(&env, writers).await;
@@ -214,14 +220,7 @@ async fn the_dump_method_ends_equal_with_writes_running() {
     assert_same_data(&env).await;
     assert_same_schema(&env).await;
     assert_no_leftovers(&env).await;
-    assert!(
-        target_has(
-            &env,
-            "SELECT bool_and(pg_column_compression(doc) = 'lz4') AND count(*) > 0 FROM big
-              WHERE pg_column_compression(doc) IS NOT NULL"
-        )
-        .await
-    );
+    assert_lz4_documents(&env).await;
 }
 
 /// Two tables of 60,000 rows; `many_codes` has a unique column besides its
