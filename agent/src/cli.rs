@@ -62,7 +62,9 @@ pub enum Command {
     Copy,
     /// Drain deltas until stopped (SIGINT/SIGTERM) or caught up.
     Sync {
-        /// Stop after the first pass that finds nothing to apply.
+        /// Stop once caught up: after a pass that leaves nothing, or at most
+        /// cutover.max_backlog_rows delta rows and no fewer than the pass
+        /// before (what writes add while one pass runs).
         #[arg(long)]
         until_caught_up: bool,
     },

@@ -145,7 +145,13 @@ impl Retryable for SyncError {
 /// How `sync` should end.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SyncOptions {
-    /// Stop after the first pass that finds no delta at all.
+    /// Stop once caught up. A pass applies every change committed before it
+    /// began, so what it leaves behind was written while it ran. The drain
+    /// stops after a pass (shared with no other agent) that left nothing,
+    /// or that left at most `cutover.max_backlog_rows` delta rows and no
+    /// fewer than the pass before it: it no longer gains ground, what is
+    /// left is what the writes add while one pass runs. So it ends under
+    /// steady writes, and once they stop, only with nothing left.
     pub until_caught_up: bool,
 }
 
@@ -164,6 +170,10 @@ pub struct SyncReport {
     pub busy: u64,
     /// Batches that applied one part of a large backlog (see [`PARTS`]).
     pub parts: u64,
+    /// Delta rows left when `--until-caught-up` stopped (written while the
+    /// last pass ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog_left: Option<i64>,
 }
 
 impl SyncReport {
@@ -204,6 +214,8 @@ pub async fn run(
     let mut report = SyncReport::default();
     let line = crate::progress::sync_line();
     let mut backoff = Backoff::default();
+    // Delta rows left after the previous pass (for --until-caught-up).
+    let mut prev_left: Option<i64> = None;
     crate::telemetry::sync_backoff(0.0);
     loop {
         if cancel.is_cancelled() || migration_over(m).await? {
@@ -225,17 +237,28 @@ pub async fn run(
         report.truncates_applied += pass.truncates_applied;
         report.busy += pass.busy;
         report.parts += pass.parts;
-        if crate::progress::enabled() {
+        if idle && opts.until_caught_up {
+            report.backlog_left = Some(0);
+            return Ok(report);
+        }
+        if crate::progress::enabled() || opts.until_caught_up {
             let conn = m.source_conn().await?;
-            let backlog: i64 = backlog(&conn, &tables).await?.iter().sum();
+            let left: i64 = backlog(&conn, &tables).await?.iter().sum();
             line.set_message(format!(
-                "{} passes, {} keys applied, backlog {backlog} rows",
+                "{} passes, {} keys applied, backlog {left} rows",
                 report.passes, report.keys_applied
             ));
             line.tick();
-        }
-        if idle && opts.until_caught_up {
-            return Ok(report);
+            let steady = left <= m.cfg.cutover.max_backlog_rows && prev_left.is_some_and(|p| left >= p);
+            if opts.until_caught_up && pass.busy == 0 && (left == 0 || steady) {
+                tracing::info!(
+                    backlog_rows = left,
+                    "Caught up: the last pass left only what was written while it ran"
+                );
+                report.backlog_left = Some(left);
+                return Ok(report);
+            }
+            prev_left = Some(left);
         }
         if idle {
             tokio::select! {
@@ -248,8 +271,9 @@ pub async fn run(
 
 /// The drain's adaptive pause: doubles while the source is under pressure
 /// (sessions waiting on locks, or a slow round trip), ends when it is not.
+/// `sync` and the cutover's catch-up before the fence both go through it.
 #[derive(Debug, Default)]
-struct Backoff {
+pub(crate) struct Backoff {
     current: Option<Duration>,
 }
 
@@ -259,7 +283,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 impl Backoff {
     /// Probes the source; returns how long to pause before the next pass,
     /// or `None` to drain now.
-    async fn next(&mut self, m: &Migration) -> Result<Option<Duration>, SyncError> {
+    pub(crate) async fn next(&mut self, m: &Migration) -> Result<Option<Duration>, SyncError> {
         if !m.cfg.sync.adaptive {
             return Ok(None);
         }

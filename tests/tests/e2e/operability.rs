@@ -510,3 +510,49 @@ async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
     agent.start_kill().expect("stop the agent");
     let _ = agent.wait().await;
 }
+
+/// `sync --until-caught-up` ends while the application keeps writing, once
+/// passes leave behind only what was written while they ran (at most
+/// `cutover.max_backlog_rows`, no longer shrinking). Waiting for a pass that
+/// finds nothing, as it once did, never ends under steady writes: that
+/// version fails here by timeout. What was committed before the sync began
+/// is on the target when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_until_caught_up_ends_while_writes_go_on() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    env.ok(&["copy"]).await;
+    writers.progress(50).await;
+    // Ids above 3001 are beyond the writers' deletes and updates.
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO accounts (name) VALUES ('committed before sync')")
+        .await
+        .unwrap();
+    let before = writers.committed();
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        env.run(&["sync", "--until-caught-up", "--json"]),
+    )
+    .await
+    .expect("sync --until-caught-up ends while the writers keep writing");
+    assert!(out.status.success());
+    let during = writers.committed() - before;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left = report["backlog_left"].as_i64().expect("backlog_left");
+    assert!((0..=10_000).contains(&left), "{report}");
+    assert!(during > 0, "the writers kept writing while sync ran");
+    assert!(
+        target_has(
+            &env,
+            "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'committed before sync')"
+        )
+        .await,
+        "a change committed before the sync began is on the target when it ends"
+    );
+    writers.stop().await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+}
