@@ -168,16 +168,40 @@ pub async fn run(
     }
 }
 
-/// Drains until the backlog is small enough to fence on.
+/// Drains until the backlog is small enough to fence on. Like `sync`, it
+/// pauses while the source is under pressure (`sync.adaptive`): the source's
+/// own work wins, and the fence is not raised then. Pressure that outlasts
+/// `cutover.catch_up_timeout_ms` gives the cutover up, the fence never
+/// raised.
 async fn catch_up(
     m: &Migration,
     tables: &[TableState],
     cancel: &CancellationToken,
 ) -> Result<(), crate::Error> {
     let started = Instant::now();
+    let timeout = Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms);
+    let mut backoff = sync::Backoff::default();
     loop {
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
+        }
+        if let Some(pause) = backoff.next(m).await? {
+            if started.elapsed() + pause > timeout {
+                crate::telemetry::sync_backoff(0.0);
+                return Err(CutoverError::Aborted(format!(
+                    "the source stayed under pressure (sessions waiting on locks, or slow to answer) for {} s \
+                     of catching up (limit {} ms); the fence was not raised: cut over at a quieter time, \
+                     or raise sync.max_lock_waiters / sync.max_probe_ms",
+                    started.elapsed().as_secs(),
+                    m.cfg.cutover.catch_up_timeout_ms
+                ))
+                .into());
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+                () = tokio::time::sleep(pause) => {}
+            }
+            continue;
         }
         sync::check_drift(m, tables).await?;
         sync::drain_pass(m, tables, cancel).await?;
@@ -187,7 +211,7 @@ async fn catch_up(
             backlog_rows: backlog,
             max_backlog_rows: m.cfg.cutover.max_backlog_rows,
             catching_up_for: started.elapsed(),
-            catch_up_timeout: Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms),
+            catch_up_timeout: timeout,
         });
         match d {
             decision::Decision::Fence => return Ok(()),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{seeded, target_has, OPS};
+use crate::{fence_is_up, seeded, target_has, OPS};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -509,6 +509,67 @@ async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
     assert_eq!(backoff().await, Some(0.0));
     agent.start_kill().expect("stop the agent");
     let _ = agent.wait().await;
+}
+
+/// The cutover's catch-up pauses like `sync` does: while a source session
+/// waits on a lock (an advisory one here, so that nothing of pgferry's waits
+/// too), no pass runs and the fence is not raised. Pressure that outlasts
+/// `cutover.catch_up_timeout_ms` gives the cutover up (exit 3), the source
+/// still writable and the migration still syncing; once the lock is gone
+/// the drain goes on.
+#[tokio::test]
+async fn the_cutover_does_not_fence_while_source_sessions_wait_on_locks() {
+    let env = seeded().await;
+    env.config(
+        "[sync]\npoll_interval_ms = 50\nmax_lock_waiters = 1\n[cutover]\ncatch_up_timeout_ms = 3000\n",
+    );
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    let holder = env.source_as(APP).await;
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .expect("hold a lock");
+    let waiter = env.source_as(APP).await;
+    let waiting = tokio::spawn(async move { waiter.batch_execute("SELECT pg_advisory_lock(4242)").await });
+    let probe = env.source_as(APP).await;
+    wait_for("a session waiting on the lock", Duration::from_secs(30), || async {
+        let n: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    let has_row = "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'written under pressure')";
+    probe
+        .batch_execute("INSERT INTO accounts (name) VALUES ('written under pressure')")
+        .await
+        .unwrap();
+
+    let out = env.run(&["cutover"]).await;
+    assert_eq!(out.status.code(), Some(3), "the cutover gives up under pressure");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("under pressure"), "{stderr}");
+    assert!(!target_has(&env, has_row).await, "a pass ran under pressure");
+    assert!(!fence_is_up(&env).await, "the fence was raised under pressure");
+    probe
+        .batch_execute("INSERT INTO accounts (name) VALUES ('still writable')")
+        .await
+        .expect("the source still takes writes");
+    assert_eq!(env.status().await["phase"], "syncing");
+
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("release the lock");
+    waiting.await.expect("waiter").expect("the waiter's lock");
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert!(target_has(&env, has_row).await);
 }
 
 /// `sync --until-caught-up` ends while the application keeps writing, once
