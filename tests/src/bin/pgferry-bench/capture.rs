@@ -10,19 +10,32 @@
 //!   design pgferry does not use, measured for the choice);
 //! - `pgferry`: pgferry's capture as installed by pgferry (statement-level
 //!   triggers with transition tables, one unindexed delta table per table);
-//! - `bucardo`: Bucardo's design (a row-level AFTER trigger inserting the key
-//!   and now() into a per-table delta table indexed on both).
+//! - `bucardo_style`: Bucardo's delta design as the issue describes it,
+//!   reproduced here (a row-level AFTER trigger inserting the key and now()
+//!   into a per-table delta table indexed on both);
+//! - `bucardo`: Bucardo itself. The Debian package's `bucardo` command
+//!   installs its control database on the throwaway cluster and adds a sync
+//!   from the source, which puts on each table what Bucardo 5.6 puts there
+//!   in production: its SECURITY DEFINER delta trigger, the statement-level
+//!   trigger that NOTIFYs its daemon (autokick, its default), and its
+//!   TRUNCATE trigger. Its daemon is not started: only the triggers' cost is
+//!   measured, as for pgferry.
 //!
-//! Also times one 100k-row UPDATE per mode. Prints JSON: TPS per round,
-//! medians, the TPS loss of each mode, and the ratio of pgferry's loss (and
-//! of the floor's) to Bucardo's.
+//! Also times one 100k-row UPDATE per mode, and measures what one
+//! single-row UPDATE costs the server's CPU, alone in its transaction
+//! (`MICRO_TXNS` of them in one session, CPU time of that backend): the
+//! capture's cost per statement without the noise of concurrency.
+//!
+//! Prints JSON: TPS per round, medians, the TPS loss of each mode, the ratio
+//! of pgferry's loss (and of the floor's) to Bucardo's and to the
+//! reproduction's, the bulk UPDATE's time and the CPU per single-row UPDATE.
 
 use std::time::Instant;
 
 use crate::{connect, median};
 use pgferry::sandbox::Cluster;
 
-const MODES: [&str; 5] = ["none", "floor", "row", "pgferry", "bucardo"];
+const MODES: [&str; 6] = ["none", "floor", "row", "pgferry", "bucardo_style", "bucardo"];
 const TABLES: [(&str, &str); 4] = [
     ("pgbench_accounts", "aid int"),
     ("pgbench_branches", "bid int"),
@@ -47,8 +60,12 @@ fn args(v: &[String]) -> Args {
     }
 }
 
-/// Enables exactly the triggers of `mode` (pgferry's or Bucardo's), and
-/// empties both designs' delta tables so every run starts alike.
+/// The sync the `bucardo` command adds; its triggers are named after it.
+const BUCARDO_SYNC: &str = "bench";
+
+/// Enables exactly the triggers of `mode`, and empties every design's delta
+/// tables so every run starts alike (as the superuser, who may touch
+/// Bucardo's objects).
 async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
     let mut sql = crate::triggers_for(TABLES.map(|(t, _)| t), mode);
     for (t, _) in TABLES {
@@ -56,7 +73,17 @@ async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
             let how = if mode == design { "ENABLE" } else { "DISABLE" };
             sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER bench_{design};"));
         }
-        sql.push_str(&format!("TRUNCATE bucardo_delta_{t}, row_delta_{t};"));
+        let how = if mode == "bucardo" { "ENABLE" } else { "DISABLE" };
+        for trigger in [
+            "bucardo_delta".to_string(),
+            format!("bucardo_kick_{BUCARDO_SYNC}"),
+            format!("bucardo_note_trunc_{BUCARDO_SYNC}"),
+        ] {
+            sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {trigger};"));
+        }
+        sql.push_str(&format!(
+            "TRUNCATE bucardo_delta_{t}, row_delta_{t}, bucardo.delta_public_{t};"
+        ));
     }
     sql.push_str(
         "DO $$ DECLARE r record; BEGIN
@@ -111,7 +138,7 @@ pub async fn run(v: &[String]) {
         .await
         .expect("install capture");
 
-    // Bucardo's source-side design, reproduced.
+    // Bucardo's delta design, reproduced.
     for (t, key) in TABLES {
         let col = key.split_whitespace().next().unwrap();
         c.batch_execute(&format!(
@@ -128,12 +155,16 @@ pub async fn run(v: &[String]) {
                END IF;
                RETURN NULL;
              END $f$;
-             CREATE TRIGGER bucardo_delta AFTER INSERT OR UPDATE OR DELETE ON {t}
+             CREATE TRIGGER bucardo_style AFTER INSERT OR UPDATE OR DELETE ON {t}
                FOR EACH ROW EXECUTE FUNCTION bucardo_delta_{t}();"
         ))
         .await
         .expect("bucardo-style trigger");
     }
+
+    install_bucardo(&source).await;
+    // Bucardo's objects belong to the superuser: modes are switched as it.
+    let admin = source.superuser("bench").await.expect("superuser");
 
     // The floor, and pgferry's delta rows written row by row (into tables
     // stored like pgferry's).
@@ -172,11 +203,13 @@ pub async fn run(v: &[String]) {
 
     let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut bulk: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut cpu: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let ticks = clock_ticks();
     for round in 0..a.rounds {
         // Rotate the order each round.
         for i in 0..MODES.len() {
             let mode = MODES[(i + round as usize) % MODES.len()];
-            select_mode(&c, mode).await;
+            select_mode(&admin, mode).await;
             crate::settle(&[&source], &TABLES.map(|(t, _)| t).join(", ")).await;
             let out = std::process::Command::new(&pgbench)
                 .args([
@@ -212,6 +245,9 @@ pub async fn run(v: &[String]) {
             bulk.entry(mode)
                 .or_default()
                 .push(started.elapsed().as_secs_f64());
+            cpu.entry(mode)
+                .or_default()
+                .push(cpu_per_update(&admin, ticks, a.scale * 10).await);
         }
     }
     let med = |m: &str| median(&tps[m]);
@@ -226,9 +262,169 @@ pub async fn run(v: &[String]) {
         "tps_median": per_mode(&med),
         "tps_loss_pct": per_mode(&|m: &str| if m == "none" { 0.0 } else { loss(m) }),
         "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
+        "pgferry_loss_vs_bucardo_style_loss": loss("pgferry") / loss("bucardo_style"),
         "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
+        "cpu_us_per_single_row_update_median": per_mode(&|m: &str| median(&cpu[m])),
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     drop((source, target));
+}
+
+/// Bucardo's own source-side objects, put there by the `bucardo` command of
+/// the Debian package (5.6): its control database `bucardo` on the same
+/// throwaway cluster, the source database and a stand-in target database
+/// with pgbench's tables, and a sync between them. Adding the sync is what
+/// installs Bucardo's triggers on the source's tables.
+async fn install_bucardo(source: &Cluster) {
+    let socket = source.socket_dir().display().to_string();
+    let port = source.port().to_string();
+    let admin = source.superuser("postgres").await.expect("superuser");
+    admin
+        .batch_execute("CREATE DATABASE bucardo_target")
+        .await
+        .expect("bucardo's target database");
+    let st = std::process::Command::new(source.bin_dir().join("pgbench"))
+        .args([
+            "-i",
+            "-q",
+            "-I",
+            "dtp",
+            "-h",
+            &socket,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "bucardo_target",
+        ])
+        .status()
+        .expect("pgbench -i for bucardo's target");
+    assert!(st.success(), "pgbench -i on bucardo_target failed");
+    source
+        .superuser("bucardo_target")
+        .await
+        .expect("superuser")
+        .batch_execute("ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY")
+        .await
+        .expect("a key on bucardo_target's pgbench_history");
+
+    let piddir = source.socket_dir().join("bucardo-run");
+    std::fs::create_dir_all(&piddir).expect("bucardo's pid directory");
+    let bucardo = |args: &[&str]| {
+        let out = std::process::Command::new("bucardo")
+            .args(["--dbhost", &socket, "--dbport", &port, "--piddir"])
+            .arg(&piddir)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("bucardo (Debian package bucardo; scripts/bench installs it): {e}"));
+        assert!(
+            out.status.success(),
+            "bucardo {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    eprintln!("installing Bucardo's triggers with the bucardo command");
+    bucardo(&["--dbuser", "postgres", "--batch", "install"]);
+    let db = |name: &str, dbname: &str| {
+        bucardo(&[
+            "--dbuser",
+            "bucardo",
+            "--dbname",
+            "bucardo",
+            "add",
+            "db",
+            name,
+            &format!("dbname={dbname}"),
+            &format!("host={socket}"),
+            &format!("port={port}"),
+            "user=postgres",
+        ])
+    };
+    db("src", "bench");
+    db("tgt", "bucardo_target");
+    let mut add_tables = vec!["--dbuser", "bucardo", "--dbname", "bucardo", "add", "table"];
+    let names: Vec<String> = TABLES.iter().map(|(t, _)| format!("public.{t}")).collect();
+    add_tables.extend(names.iter().map(String::as_str));
+    add_tables.extend(["db=src", "relgroup=bench"]);
+    bucardo(&add_tables);
+    bucardo(&[
+        "--dbuser",
+        "bucardo",
+        "--dbname",
+        "bucardo",
+        "add",
+        "sync",
+        BUCARDO_SYNC,
+        "relgroup=bench",
+        "dbs=src:source,tgt:target",
+        "autokick=1",
+    ]);
+    let installed: i64 = source
+        .superuser("bench")
+        .await
+        .expect("superuser")
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'bucardo_delta' AND tgfoid::regproc::text LIKE 'bucardo.%'",
+            &[],
+        )
+        .await
+        .expect("bucardo's triggers")
+        .get(0);
+    assert_eq!(
+        installed,
+        TABLES.len() as i64,
+        "Bucardo put its delta trigger on every table"
+    );
+}
+
+/// Single-row UPDATE transactions per CPU measurement.
+const MICRO_TXNS: u32 = 40_000;
+
+/// The kernel's clock ticks per second, the unit of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf CLK_TCK");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("clock ticks per second")
+}
+
+/// CPU time (user + system) that `MICRO_TXNS` single-row UPDATEs of
+/// pgbench_tellers (`tellers` rows), each in its own transaction, cost the backend of
+/// `admin`'s session, in µs per transaction. The backend reads its own
+/// /proc entry (the superuser may).
+async fn cpu_per_update(admin: &tokio_postgres::Client, ticks: f64, tellers: u32) -> f64 {
+    let cpu = || async {
+        let stat: String = admin
+            .query_one("SELECT pg_read_file('/proc/self/stat')", &[])
+            .await
+            .expect("the backend's /proc/self/stat")
+            .get(0);
+        // Fields 14 and 15, counted after the command name's parenthesis.
+        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().expect("cpu ticks"))
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu().await;
+    // Alone in its query string: COMMIT inside DO needs no outer transaction.
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{MICRO_TXNS} LOOP
+               UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = i % {tellers} + 1;
+               COMMIT;
+             END LOOP; END $$"
+        ))
+        .await
+        .expect("single-row updates");
+    (cpu().await - before) / ticks * 1e6 / f64::from(MICRO_TXNS)
 }

@@ -39,7 +39,7 @@ fn bucardo_sql(t: &str) -> String {
            ELSE INSERT INTO bucardo_delta_{t} (k) VALUES (NEW.id); END IF;
            RETURN NULL;
          END $f$;
-         CREATE TRIGGER bucardo_delta AFTER INSERT OR UPDATE OR DELETE ON {t}
+         CREATE TRIGGER bucardo_style AFTER INSERT OR UPDATE OR DELETE ON {t}
            FOR EACH ROW EXECUTE FUNCTION bucardo_delta_{t}();"
     )
 }
@@ -160,7 +160,7 @@ pub async fn run(v: &[String]) {
     let mut rate: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..rounds {
         for i in 0..2 {
-            let mode = ["pgferry", "bucardo"][(i + round) % 2];
+            let mode = ["pgferry", "bucardo_style"][(i + round) % 2];
             src.batch_execute(&crate::triggers_for(&tables, mode))
                 .await
                 .expect("select the mode");
@@ -203,8 +203,8 @@ pub async fn run(v: &[String]) {
         "sync_workers": workers,
         "rounds": rounds,
         "rows_per_sec": rate,
-        "rows_per_sec_median": { "pgferry": med("pgferry"), "bucardo_style": med("bucardo") },
-        "pgferry_over_bucardo_style": med("pgferry") / med("bucardo"),
+        "rows_per_sec_median": { "pgferry": med("pgferry"), "bucardo_style": med("bucardo_style") },
+        "pgferry_over_bucardo_style": med("pgferry") / med("bucardo_style"),
         "target_min": 3.0,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

@@ -154,9 +154,10 @@ pub(crate) async fn pgbench_init(source: &pgferry::sandbox::Cluster, scale: u32)
         .expect("a key on pgbench_history");
 }
 
-/// SQL that enables exactly the triggers of `mode` (pgferry's capture or
-/// the reproduced Bucardo trigger, both named as installed) on `tables`,
-/// disabling the other design's and leaving none for "none".
+/// SQL that enables exactly the triggers of `mode` (pgferry's capture, or
+/// the benchmark's reproduction of Bucardo's delta trigger, named
+/// `bucardo_style` so that it never stands in for Bucardo's own) on
+/// `tables`, disabling the other design's and leaving none for "none".
 pub(crate) fn triggers_for<T: std::fmt::Display>(tables: impl IntoIterator<Item = T>, mode: &str) -> String {
     let mut sql = String::new();
     for t in tables {
@@ -165,7 +166,7 @@ pub(crate) fn triggers_for<T: std::fmt::Display>(tables: impl IntoIterator<Item 
             ("pgferry_capture_upd", mode == "pgferry"),
             ("pgferry_capture_del", mode == "pgferry"),
             ("pgferry_capture_trunc", mode == "pgferry"),
-            ("bucardo_delta", mode == "bucardo"),
+            ("bucardo_style", mode == "bucardo_style"),
         ] {
             let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
             sql.push_str(&format!("ALTER TABLE {t} {how} TRIGGER {name};"));
