@@ -195,7 +195,8 @@ pub struct CopyConfig {
     #[serde(default = "default_copy_workers")]
     pub workers: usize,
     /// Most bytes per second the copy reads from the source, all workers
-    /// together. Default: unlimited.
+    /// together; also what sync's whole-table copy after a TRUNCATE may
+    /// read. Default: unlimited.
     #[serde(default)]
     pub rate_bytes_per_sec: Option<u64>,
     /// `maintenance_work_mem` of each index-building session on the target.

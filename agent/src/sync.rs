@@ -706,8 +706,11 @@ async fn batch(
         ttx.batch_execute(&format!("TRUNCATE {scope}"))
             .await
             .map_err(tgt_err)?;
+        // A whole-table copy from the source: limited like the bulk copy.
         for member in &members {
-            stats.rows_written += copy_rows(&stx, &ttx, member, "").await.map_err(pumped)?;
+            stats.rows_written += copy_rows(&stx, &ttx, member, "", &m.copy_throttle)
+                .await
+                .map_err(pumped)?;
         }
     } else {
         let keys = column_list(&t.key_columns, None);
@@ -751,8 +754,12 @@ async fn batch(
         // The rows as of S go straight into the table they live in, by
         // binary COPY: no staging table, so each row is written once.
         let changed = format!("WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta} {mine})");
+        // Already limited: the rows counted by the keys above.
+        let unlimited = Throttle::unlimited();
         for member in &members {
-            stats.rows_written += copy_rows(&stx, &ttx, member, &changed).await.map_err(pumped)?;
+            stats.rows_written += copy_rows(&stx, &ttx, member, &changed, &unlimited)
+                .await
+                .map_err(pumped)?;
         }
     }
     crate::failpoint::hit("sync.before_target_commit").await;
@@ -802,12 +809,14 @@ async fn batch(
 
 /// Copies `member`'s rows as of the source transaction's snapshot, those
 /// matching `filter` (a WHERE clause, or nothing for all), straight into the
-/// same table on the target by binary COPY. Returns the rows written.
+/// same table on the target by binary COPY, at most as fast as `throttle`
+/// lets bytes through. Returns the rows written.
 async fn copy_rows(
     stx: &tokio_postgres::Transaction<'_>,
     ttx: &tokio_postgres::Transaction<'_>,
     member: &TableState,
     filter: &str,
+    throttle: &Throttle,
 ) -> Result<u64, Pumped> {
     let cols = column_list(&member.copy_columns, None);
     let sink = ttx
@@ -824,7 +833,7 @@ async fn copy_rows(
         ))
         .await
         .map_err(Pumped::Source)?;
-    Ok(pump(stream, sink, &Throttle::unlimited(), |_| {}).await?.0)
+    Ok(pump(stream, sink, throttle, |_| {}).await?.0)
 }
 
 /// The tables below `t` in classic inheritance (children, grandchildren...),

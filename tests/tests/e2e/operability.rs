@@ -448,6 +448,27 @@ async fn copy_and_drain_rate_limits_are_honoured() {
         rate >= 5000.0 * 0.5,
         "the drain ran at {rate:.0} rows/s, far below the limit 5000"
     );
+
+    // A TRUNCATE is applied by copying the whole table again: a bulk copy
+    // from the source, held to copy.rate_bytes_per_sec like the first one.
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "TRUNCATE blob; INSERT INTO blob SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 15000) g",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["sync", "--until-caught-up", "--json"]).await).unwrap();
+    assert_eq!(report["truncates_applied"], 1, "{report}");
+    // 15,000 rows of 192 characters stream as at least 2.88 MB.
+    let floor = 0.95 * 2_880_000.0 / bytes_limit;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(
+        secs >= floor,
+        "the table was copied again in {secs:.1} s, faster than {bytes_limit} B/s allows ({floor:.1} s)"
+    );
 }
 
 /// The drain backs off while sessions of the source wait on locks: no pass
