@@ -196,14 +196,31 @@ pub(crate) async fn connect_as(port: u16, user: &str, dbname: &str) -> tokio_pos
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let v: Vec<String> = std::env::args().collect();
-    match v.get(1).map(String::as_str) {
-        Some("capture") => capture::run(&v[2..]).await,
-        Some("copy") => copy::run(&v[2..]).await,
-        Some("drain") => drain::run(&v[2..]).await,
-        Some("lag") => lag::run(&v[2..]).await,
-        _ => {
-            eprintln!("{USAGE}");
-            std::process::exit(2);
+    let bench = async {
+        match v.get(1).map(String::as_str) {
+            Some("capture") => capture::run(&v[2..]).await,
+            Some("copy") => copy::run(&v[2..]).await,
+            Some("drain") => drain::run(&v[2..]).await,
+            Some("lag") => lag::run(&v[2..]).await,
+            _ => {
+                eprintln!("{USAGE}");
+                std::process::exit(2);
+            }
         }
+    };
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    // SIGINT or SIGTERM drops the benchmark where it waits (a pgbench or
+    // tool run in progress finishes first): dropping its throwaway clusters
+    // stops their servers and removes their directories, which an exit
+    // straight from the signal would leave behind.
+    let interrupted = tokio::select! {
+        () = bench => false,
+        _ = tokio::signal::ctrl_c() => true,
+        _ = term.recv() => true,
+    };
+    if interrupted {
+        eprintln!("interrupted: the throwaway clusters are stopped and removed");
+        std::process::exit(130);
     }
 }
