@@ -327,12 +327,10 @@ async fn install_bucardo(source: &Cluster) {
     };
     eprintln!("installing Bucardo's triggers with the bucardo command");
     bucardo(&["--dbuser", "postgres", "--batch", "install"]);
-    let db = |name: &str, dbname: &str| {
-        bucardo(&[
-            "--dbuser",
-            "bucardo",
-            "--dbname",
-            "bucardo",
+    // Every later command works on Bucardo's control database, as its user.
+    let control = |args: &[&str]| bucardo(&[&["--dbuser", "bucardo", "--dbname", "bucardo"], args].concat());
+    for (name, dbname) in [("src", "bench"), ("tgt", "bucardo_target")] {
+        control(&[
             "add",
             "db",
             name,
@@ -340,20 +338,14 @@ async fn install_bucardo(source: &Cluster) {
             &format!("host={socket}"),
             &format!("port={port}"),
             "user=postgres",
-        ])
-    };
-    db("src", "bench");
-    db("tgt", "bucardo_target");
-    let mut add_tables = vec!["--dbuser", "bucardo", "--dbname", "bucardo", "add", "table"];
+        ]);
+    }
     let names: Vec<String> = TABLES.iter().map(|(t, _)| format!("public.{t}")).collect();
+    let mut add_tables = vec!["add", "table"];
     add_tables.extend(names.iter().map(String::as_str));
     add_tables.extend(["db=src", "relgroup=bench"]);
-    bucardo(&add_tables);
-    bucardo(&[
-        "--dbuser",
-        "bucardo",
-        "--dbname",
-        "bucardo",
+    control(&add_tables);
+    control(&[
         "add",
         "sync",
         BUCARDO_SYNC,
