@@ -471,6 +471,26 @@ async fn copy_and_drain_rate_limits_are_honoured() {
     );
 }
 
+/// Source pressure: one session (the application's role) runs `hold` and
+/// keeps what it locked; a second one runs `wait` in the background, which
+/// waits on that lock. Returns the holder and the waiter's task.
+async fn lock_and_wait(
+    env: &Env,
+    hold: &str,
+    wait: &'static str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let holder = env.source_as(APP).await;
+    holder.batch_execute(hold).await.expect("hold a lock");
+    let waiter = env.source_as(APP).await;
+    (
+        holder,
+        tokio::spawn(async move { waiter.batch_execute(wait).await }),
+    )
+}
+
 /// The drain backs off while sessions of the source wait on locks: no pass
 /// runs while one waits (the pause doubles and shows in the metrics), and
 /// draining resumes once the lock is gone.
@@ -496,13 +516,12 @@ async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
     .await;
 
     // One session holds a lock, another (pgferry's role may see it) waits.
-    let holder = env.source_as(APP).await;
-    holder
-        .batch_execute("BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("hold a lock");
-    let waiter = env.source_as(APP).await;
-    let waiting = tokio::spawn(async move { waiter.batch_execute("SELECT count(*) FROM scratch").await });
+    let (holder, waiting) = lock_and_wait(
+        &env,
+        "BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE",
+        "SELECT count(*) FROM scratch",
+    )
+    .await;
     let first = wait_for("the drain to pause", Duration::from_secs(30), || async {
         backoff().await.filter(|b| *b > 0.0)
     })
@@ -546,13 +565,12 @@ async fn the_cutover_does_not_fence_while_source_sessions_wait_on_locks() {
     );
     env.ok(&["install"]).await;
     env.ok(&["copy"]).await;
-    let holder = env.source_as(APP).await;
-    holder
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .await
-        .expect("hold a lock");
-    let waiter = env.source_as(APP).await;
-    let waiting = tokio::spawn(async move { waiter.batch_execute("SELECT pg_advisory_lock(4242)").await });
+    let (holder, waiting) = lock_and_wait(
+        &env,
+        "SELECT pg_advisory_lock(4242)",
+        "SELECT pg_advisory_lock(4242)",
+    )
+    .await;
     let probe = env.source_as(APP).await;
     wait_for("a session waiting on the lock", Duration::from_secs(30), || async {
         let n: i64 = probe
