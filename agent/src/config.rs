@@ -280,8 +280,8 @@ pub struct SyncConfig {
     /// while the pressure lasts. The application's work wins. Default true.
     #[serde(default = "default_true")]
     pub adaptive: bool,
-    /// Sessions of the source database waiting on locks (among those
-    /// pgferry's role may see) above which the drain pauses. Default 4.
+    /// Sessions of the source database waiting on locks, of any role, from
+    /// which on the drain pauses. Default 4.
     #[serde(default = "default_max_lock_waiters")]
     pub max_lock_waiters: i64,
     /// Round trip of the pressure probe above which the drain pauses.

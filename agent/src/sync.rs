@@ -309,15 +309,18 @@ impl Backoff {
     }
 }
 
-/// Sessions of the source database waiting on a lock (those pgferry's role
-/// may see), and how long asking took.
+/// Sessions of the source database waiting on a lock, whatever their role,
+/// and how long asking took. `pg_locks` shows every session's locks to any
+/// role, where `pg_stat_activity` hides the wait events of other roles'
+/// sessions from a role without `pg_read_all_stats` (an application's
+/// second credential, say); it still names every session's database.
 async fn pressure(m: &Migration) -> Result<(i64, Duration), SyncError> {
     let conn = m.source_conn().await?;
     let started = std::time::Instant::now();
     let waiters: i64 = conn
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE NOT l.granted AND a.datname = current_database() AND l.pid <> pg_backend_pid()",
             &[],
         )
         .await

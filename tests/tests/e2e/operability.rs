@@ -472,11 +472,13 @@ async fn copy_and_drain_rate_limits_are_honoured() {
 }
 
 /// Source pressure: one session (the application's role) runs `hold` and
-/// keeps what it locked; a second one runs `wait` in the background, which
-/// waits on that lock. Returns the holder and the waiter's task.
+/// keeps what it locked; a second one, of `waiter_role`, runs `wait` in the
+/// background, which waits on that lock. Returns the holder and the
+/// waiter's task.
 async fn lock_and_wait(
     env: &Env,
     hold: &str,
+    waiter_role: (&str, &str),
     wait: &'static str,
 ) -> (
     tokio_postgres::Client,
@@ -484,7 +486,7 @@ async fn lock_and_wait(
 ) {
     let holder = env.source_as(APP).await;
     holder.batch_execute(hold).await.expect("hold a lock");
-    let waiter = env.source_as(APP).await;
+    let waiter = env.source_as(waiter_role).await;
     (
         holder,
         tokio::spawn(async move { waiter.batch_execute(wait).await }),
@@ -515,10 +517,11 @@ async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
     })
     .await;
 
-    // One session holds a lock, another (pgferry's role may see it) waits.
+    // One session holds a lock, another of the same role waits.
     let (holder, waiting) = lock_and_wait(
         &env,
         "BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE",
+        APP,
         "SELECT count(*) FROM scratch",
     )
     .await;
@@ -553,7 +556,9 @@ async fn the_drain_pauses_while_source_sessions_wait_on_locks() {
 
 /// The cutover's catch-up pauses like `sync` does: while a source session
 /// waits on a lock (an advisory one here, so that nothing of pgferry's waits
-/// too), no pass runs and the fence is not raised. Pressure that outlasts
+/// too), no pass runs and the fence is not raised. The waiter is the
+/// application's second role, whose wait events `pg_stat_activity` hides
+/// from pgferry's role: the pressure must be seen all the same. Pressure that outlasts
 /// `cutover.catch_up_timeout_ms` gives the cutover up (exit 3), the source
 /// still writable and the migration still syncing; once the lock is gone
 /// the drain goes on.
@@ -568,21 +573,26 @@ async fn the_cutover_does_not_fence_while_source_sessions_wait_on_locks() {
     let (holder, waiting) = lock_and_wait(
         &env,
         "SELECT pg_advisory_lock(4242)",
+        WRITER,
         "SELECT pg_advisory_lock(4242)",
     )
     .await;
     let probe = env.source_as(APP).await;
-    wait_for("a session waiting on the lock", Duration::from_secs(30), || async {
-        let n: i64 = probe
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n > 0).then_some(())
-    })
+    wait_for(
+        "a session waiting on the lock",
+        Duration::from_secs(30),
+        || async {
+            let n: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        },
+    )
     .await;
     let has_row = "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'written under pressure')";
     probe
