@@ -2,8 +2,11 @@
 //!
 //! On entry: the preflight has no blockers. On exit: every planned table has
 //! its four statement-level capture triggers (INSERT, UPDATE, DELETE,
-//! TRUNCATE) committed, and the phase is `installed`, so any snapshot taken
-//! from now on misses nothing that the delta tables do not hold.
+//! TRUNCATE) committed, and a plain table also the row trigger that records
+//! an UPDATE's old key when the key changes (see
+//! `sql/0009_key_change_trigger.sql`), and the phase is `installed`, so any
+//! snapshot taken from now on misses nothing that the delta tables do not
+//! hold.
 //!
 //! Each table is handled in its own short transaction with the source's
 //! `lock_timeout`; a timeout is retried with backoff, so the application never
@@ -145,7 +148,8 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
 }
 
 /// Brings the registrations in line with the source schema: dropped tables
-/// are forgotten, renamed tables and tables whose key changed are captured
+/// are forgotten, renamed tables, tables whose key changed and tables whose
+/// key column trigger a new BEFORE UPDATE trigger bypasses are captured
 /// afresh, tables whose columns changed are marked for a fresh copy, new
 /// tables are registered. Returns how many tables changed.
 async fn refresh(
@@ -155,6 +159,7 @@ async fn refresh(
     current: &[plan::SourceTable],
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
+    let bypassed = key_trigger_bypassed(conn).await.map_err(CaptureError::Catalog)?;
     let mut changed = 0;
     for t in &registered {
         let now = current.iter().find(|c| c.relid == t.relid);
@@ -163,7 +168,11 @@ async fn refresh(
                 remove(m, conn, cancel, t, false).await?;
                 state::unregister(conn, t).await?;
             }
-            Some(c) if c.table != t.table || c.registered_key(&m.cfg.copy_only) != t.key_columns => {
+            Some(c)
+                if c.table != t.table
+                    || c.registered_key(&m.cfg.copy_only) != t.key_columns
+                    || bypassed.contains(&t.relid) =>
+            {
                 remove(m, conn, cancel, t, true).await?;
                 state::unregister(conn, t).await?;
                 state::register_tables(
@@ -227,8 +236,9 @@ async fn remove(
     Ok(())
 }
 
-/// The four capture events, as they appear in trigger and function names.
-const SUFFIXES: [&str; 4] = ["ins", "upd", "del", "trunc"];
+/// The capture triggers and functions, by the suffix of their names: the
+/// four events, and the key column trigger of plain tables.
+const SUFFIXES: [&str; 5] = ["ins", "upd", "del", "trunc", "key"];
 
 /// Drops the named triggers of one table in one short transaction, under the
 /// source's lock timeout and retries. `table` is SQL text for the table: a
@@ -265,6 +275,36 @@ pub(crate) async fn drop_triggers(
     .await
 }
 
+/// The registered tables whose UPDATE capture takes old keys from the key
+/// column trigger and that have since got a BEFORE UPDATE row trigger of
+/// their own: a key that such a trigger changes goes unseen by the column
+/// trigger, so these tables must be captured (and copied) afresh.
+/// None before control schema version 9, which brought the key column
+/// trigger.
+pub(crate) async fn key_trigger_bypassed(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<u32>, tokio_postgres::Error> {
+    let v9: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pgferry.schema_migrations WHERE version = 9)",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !v9 {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT t.relid FROM pgferry.tables t
+              WHERE t.key_trigger AND NOT pgferry.key_trigger_fits(t.relid)
+                AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// True when the table has all its triggers: the four capture triggers, or
 /// the fence trigger of a copy_only table.
 async fn has_capture(
@@ -272,6 +312,8 @@ async fn has_capture(
     relid: u32,
     copy_only: bool,
 ) -> Result<bool, tokio_postgres::Error> {
+    // A table's capture is installed in one statement: all of it or nothing
+    // (four triggers, or five with the key column trigger).
     let (pattern, count): (&str, i64) = if copy_only {
         ("pgferry\\_fence", 1)
     } else {
@@ -279,7 +321,7 @@ async fn has_capture(
     };
     let row = client
         .query_one(
-            "SELECT count(*) = $3 FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE $2",
+            "SELECT count(*) >= $3 FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE $2",
             &[&relid, &pattern, &count],
         )
         .await?;

@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../../sql/0006_copy_parts.sql")),
     (7, include_str!("../../sql/0007_cheaper_capture.sql")),
     (8, include_str!("../../sql/0008_qualified_capture.sql")),
+    (9, include_str!("../../sql/0009_key_change_trigger.sql")),
 ];
 
 /// Control-schema failures.

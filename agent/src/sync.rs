@@ -375,13 +375,39 @@ pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) ->
     changes
 }
 
+/// [`drift`], plus the tables whose key column trigger a BEFORE UPDATE row
+/// trigger created since install could bypass.
+pub async fn schema_changes(
+    client: &impl tokio_postgres::GenericClient,
+    registered: &[TableState],
+    current: &[crate::plan::SourceTable],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut changes = drift(registered, current);
+    let bypassed = crate::capture::key_trigger_bypassed(client).await?;
+    changes.extend(
+        registered
+            .iter()
+            .filter(|t| bypassed.contains(&t.relid))
+            .map(|t| {
+                format!(
+            "table {}: a BEFORE UPDATE row trigger was created after install, and the capture of key \
+             changes cannot see what such a trigger changes",
+            t.table.display_name()
+        )
+            }),
+    );
+    Ok(changes)
+}
+
 /// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
 pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), SyncError> {
     let conn = m.source_conn().await?;
     let current = crate::plan::source_tables(&**conn)
         .await
         .map_err(SyncError::Catalog)?;
-    let changes = drift(tables, &current);
+    let changes = schema_changes(&**conn, tables, &current)
+        .await
+        .map_err(SyncError::Catalog)?;
     if changes.is_empty() {
         Ok(())
     } else {

@@ -319,6 +319,61 @@ async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
     assert_no_leftovers(&env).await;
 }
 
+/// A plain table's UPDATE capture takes old keys from a trigger on its key
+/// columns, which cannot see a key that a BEFORE UPDATE trigger changes. So
+/// such a trigger created after install is schema drift: sync stops and
+/// names the table; `install` captures it afresh (with old keys from every
+/// UPDATE, as for any table with such a trigger) and `copy` copies it again.
+/// Without the drift check, sync goes on and the row whose key the trigger
+/// moved stays on the target under its old key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_before_update_trigger_created_after_install_is_drift() {
+    let env = seeded().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let renumber = "CREATE FUNCTION renumber() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.v = 'move' THEN NEW.id := NEW.id + 1000; NEW.v := 'moved'; END IF;
+            RETURN NEW;
+        END $$;";
+    let app = env.source_as(APP).await;
+    app.batch_execute(&format!(
+        "{renumber}
+         CREATE TRIGGER renumber BEFORE UPDATE ON scratch FOR EACH ROW EXECUTE FUNCTION renumber();
+         UPDATE scratch SET v = 'move' WHERE id = 1;"
+    ))
+    .await
+    .unwrap();
+    let out = env.run(&["sync", "--until-caught-up"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("table public.scratch: a BEFORE UPDATE row trigger was created after install"),
+        "{err}"
+    );
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1), "check reports the drift too");
+
+    // The operator creates the function on the target (the trigger itself
+    // arrives at cutover), then install + copy.
+    env.target_client().await.batch_execute(renumber).await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["install", "--json"]).await).unwrap();
+    assert_eq!(report["refreshed"], 1, "{report}");
+    app.batch_execute("UPDATE scratch SET v = 'move' WHERE id = 2")
+        .await
+        .unwrap();
+    env.ok(&["copy"]).await;
+    app.batch_execute("UPDATE scratch SET v = 'move' WHERE id = 3")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_target_privilege_consumes_nothing() {
     let env = seeded().await;
@@ -425,8 +480,11 @@ async fn install_and_cleanup_never_queue_the_application_behind_a_blocker() {
         let writes = measure_writes(&env, &["scratch", "codes", "accounts"], stop.clone());
         let agent = async {
             let mut child = env.cmd(&[phase]).spawn().unwrap();
-            // The agent gets every other table done and keeps retrying these two.
-            let want: i64 = if phase == "install" { 0 } else { 4 };
+            // The agent gets every other table done and keeps retrying these
+            // two. Scratch's capture is five triggers: four statement
+            // triggers and the key column trigger; accounts has no key
+            // column trigger (it has a BEFORE UPDATE trigger of its own).
+            let want: i64 = if phase == "install" { 0 } else { 5 };
             wait_for("the other tables", Duration::from_secs(60), || async {
                 let accounts = blocked_tables(&env, "accounts").await;
                 let done = if phase == "install" { accounts == 4 } else { accounts == 0 };
