@@ -9,7 +9,9 @@
 //! - `row`: pgferry's delta rows written by a row-level trigger instead (the
 //!   design pgferry does not use, measured for the choice);
 //! - `pgferry`: pgferry's capture as installed by pgferry (statement-level
-//!   triggers with transition tables, one unindexed delta table per table);
+//!   triggers with transition tables, one unindexed delta table per table,
+//!   and the row trigger on the key columns that records an UPDATE's old key
+//!   when the key changes);
 //! - `bucardo_style`: Bucardo's delta design as the issue describes it,
 //!   reproduced here (a row-level AFTER trigger inserting the key and now()
 //!   into a per-table delta table indexed on both);
