@@ -288,6 +288,13 @@ pub struct SyncConfig {
     /// Default 250 ms.
     #[serde(default = "default_max_probe_ms")]
     pub max_probe_ms: u64,
+    /// A table's batch whose distinct changed keys reach this fraction of
+    /// the table's estimated rows copies the whole table again instead
+    /// (TRUNCATE and COPY on the target, as after a captured TRUNCATE):
+    /// rewriting most rows one key at a time costs the target more than
+    /// loading the table afresh. 0 never does. Default 0.5.
+    #[serde(default = "default_recopy_fraction")]
+    pub recopy_fraction: f64,
 }
 
 /// Cutover.
@@ -346,6 +353,9 @@ fn default_max_lock_waiters() -> i64 {
 fn default_max_probe_ms() -> u64 {
     250
 }
+fn default_recopy_fraction() -> f64 {
+    0.5
+}
 fn default_sync_workers() -> usize {
     2
 }
@@ -397,6 +407,7 @@ impl Default for SyncConfig {
             adaptive: true,
             max_lock_waiters: default_max_lock_waiters(),
             max_probe_ms: default_max_probe_ms(),
+            recopy_fraction: default_recopy_fraction(),
         }
     }
 }
@@ -483,6 +494,9 @@ impl Config {
         if self.copy.max_parts == Some(0) {
             problems.push("copy.max_parts must be at least 1");
         }
+        if self.sync.recopy_fraction.is_nan() || self.sync.recopy_fraction < 0.0 {
+            problems.push("sync.recopy_fraction must be 0 (never) or more");
+        }
         if self.sync.workers == 0 {
             problems.push("sync.workers must be at least 1");
         }
@@ -563,10 +577,13 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        let f = write("[copy]\nworkers = 0\n[source_limits]\nlock_timeout_ms = 0\n");
+        let f = write(
+            "[copy]\nworkers = 0\n[sync]\nrecopy_fraction = -1.0\n[source_limits]\nlock_timeout_ms = 0\n",
+        );
         let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("copy.workers"), "{text}");
+        assert!(text.contains("sync.recopy_fraction"), "{text}");
         assert!(text.contains("lock_timeout_ms"), "{text}");
     }
 

@@ -166,6 +166,9 @@ pub struct SyncReport {
     pub rows_written: u64,
     /// Whole-table resynchronisations after TRUNCATE.
     pub truncates_applied: u64,
+    /// Whole-table copies made because most of a table's rows changed (see
+    /// `sync.recopy_fraction`).
+    pub recopies: u64,
     /// Batches skipped because another agent was draining the table.
     pub busy: u64,
     /// Batches that applied one part of a large backlog (see [`PARTS`]).
@@ -182,10 +185,22 @@ impl SyncReport {
         self.keys_applied == 0 && self.truncates_applied == 0 && self.busy == 0
     }
 
+    /// Adds up a pass's counts into the report of the whole run.
+    fn merge(&mut self, pass: &SyncReport) {
+        self.passes += pass.passes;
+        self.keys_applied += pass.keys_applied;
+        self.rows_written += pass.rows_written;
+        self.truncates_applied += pass.truncates_applied;
+        self.recopies += pass.recopies;
+        self.busy += pass.busy;
+        self.parts += pass.parts;
+    }
+
     fn add(&mut self, b: &BatchStats) {
         self.keys_applied += b.keys;
         self.rows_written += b.rows_written;
         self.truncates_applied += u64::from(b.truncated);
+        self.recopies += u64::from(b.recopied);
         self.busy += u64::from(b.busy);
         self.parts += u64::from(b.part);
     }
@@ -198,6 +213,8 @@ struct BatchStats {
     rows_deleted: u64,
     rows_written: u64,
     truncated: bool,
+    /// Most of the table changed: copied whole instead of key by key.
+    recopied: bool,
     /// Another agent held the table's batch lock.
     busy: bool,
     /// The batch applied one part of the table's keys.
@@ -230,13 +247,8 @@ pub async fn run(
         }
         check_drift(m, &tables).await?;
         let pass = drain_pass(m, &tables, cancel).await?;
-        report.passes += 1;
         let idle = pass.is_idle();
-        report.keys_applied += pass.keys_applied;
-        report.rows_written += pass.rows_written;
-        report.truncates_applied += pass.truncates_applied;
-        report.busy += pass.busy;
-        report.parts += pass.parts;
+        report.merge(&pass);
         if idle && opts.until_caught_up {
             report.backlog_left = Some(0);
             return Ok(report);
@@ -772,23 +784,42 @@ async fn batch(
         // The rate limit counts changed rows; the source transaction stays
         // open while waiting, which only holds back its snapshot.
         m.sync_throttle.take(stats.keys).await;
-        ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
-        stats.rows_deleted = ttx
-            .execute(
-                &format!("DELETE FROM {scope} AS t USING pgferry_keys AS k WHERE {join}"),
-                &[],
-            )
-            .await
-            .map_err(tgt_err)?;
-        // The rows as of S go straight into the table they live in, by
-        // binary COPY: no staging table, so each row is written once.
-        let changed = format!("WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta} {mine})");
-        // Already limited: the rows counted by the keys above.
-        let unlimited = Throttle::unlimited();
-        for member in &members {
-            stats.rows_written += copy_rows(&stx, &ttx, member, &changed, &unlimited)
+        if part.is_none()
+            && !t.partitioned
+            && recopy_pays(m, &stx, &members, stats.keys)
                 .await
-                .map_err(pumped)?;
+                .map_err(src_err)?
+        {
+            // Most rows changed: the table as of S, whole, as after a
+            // TRUNCATE (and limited like it).
+            stats.recopied = true;
+            ttx.batch_execute(&format!("TRUNCATE {scope}"))
+                .await
+                .map_err(tgt_err)?;
+            for member in &members {
+                stats.rows_written += copy_rows(&stx, &ttx, member, "", &m.copy_throttle)
+                    .await
+                    .map_err(pumped)?;
+            }
+        } else {
+            ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
+            stats.rows_deleted = ttx
+                .execute(
+                    &format!("DELETE FROM {scope} AS t USING pgferry_keys AS k WHERE {join}"),
+                    &[],
+                )
+                .await
+                .map_err(tgt_err)?;
+            // The rows as of S go straight into the table they live in, by
+            // binary COPY: no staging table, so each row is written once.
+            let changed = format!("WHERE ({keys}) IN (SELECT {delta_keys} FROM {delta} {mine})");
+            // Already limited: the rows counted by the keys above.
+            let unlimited = Throttle::unlimited();
+            for member in &members {
+                stats.rows_written += copy_rows(&stx, &ttx, member, &changed, &unlimited)
+                    .await
+                    .map_err(pumped)?;
+            }
         }
     }
     crate::failpoint::hit("sync.before_target_commit").await;
@@ -823,7 +854,7 @@ async fn batch(
         &t.table.display_name(),
         stats.rows_deleted,
         stats.rows_written,
-        truncated,
+        truncated || stats.recopied,
         started.elapsed(),
     );
     tracing::debug!(
@@ -831,9 +862,45 @@ async fn batch(
         keys = stats.keys,
         rows = stats.rows_written,
         truncated,
+        recopied = stats.recopied,
         "Batch applied"
     );
     Ok(stats)
+}
+
+/// Distinct changed keys from which a batch weighs copying the whole table
+/// instead: below it the estimate costs a round trip for little to gain.
+const RECOPY_FROM_KEYS: u64 = 10_000;
+
+/// Whether `keys` distinct changed keys reach `sync.recopy_fraction` of the
+/// rows of `members` (the table, or an inheritance parent and the tables
+/// below it), by their row estimates as of their last VACUUM or ANALYZE
+/// (`reltuples`, which autovacuum keeps current). Not the planner's
+/// estimate, which scales them to the relations' size and so counts the
+/// dead rows of a table that was just updated throughout; nor the
+/// statistics system's live rows, which count a table's first rows twice
+/// when an ANALYZE reports before its loading transaction's counts do.
+/// Never for a table without an estimate.
+async fn recopy_pays(
+    m: &Migration,
+    stx: &tokio_postgres::Transaction<'_>,
+    members: &[&TableState],
+    keys: u64,
+) -> Result<bool, tokio_postgres::Error> {
+    let fraction = m.cfg.sync.recopy_fraction;
+    if fraction <= 0.0 || keys < RECOPY_FROM_KEYS {
+        return Ok(false);
+    }
+    let relids: Vec<u32> = members.iter().map(|t| t.relid).collect();
+    let rows: f64 = stx
+        .query_one(
+            "SELECT CASE WHEN bool_or(reltuples < 0) THEN -1 ELSE sum(reltuples) END::float8
+               FROM pg_class WHERE oid = ANY($1)",
+            &[&relids],
+        )
+        .await?
+        .get(0);
+    Ok(rows > 0.0 && keys as f64 >= fraction * rows)
 }
 
 /// Copies `member`'s rows as of the source transaction's snapshot, those

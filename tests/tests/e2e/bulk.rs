@@ -253,8 +253,10 @@ async fn a_large_drain_backlog_is_applied_in_parts_with_writes_going_on() {
     let app = env.source_as(APP).await;
     app.batch_execute(BACKLOG).await.expect("seed the tables");
     let (started, release) = (env.path("switch-started"), env.path("release"));
+    // Whole batches here apply key by key, never by copying the table again.
     env.config(&format!(
-        "[sync]\nworkers = 3\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        "[sync]\nworkers = 3\npoll_interval_ms = 50\nrecopy_fraction = 0\n\
+         [cutover]\nswitch_command = '''{}'''\n",
         gated_switch(&started, &release)
     ));
     env.ok(&["install"]).await;
@@ -282,5 +284,37 @@ async fn a_large_drain_backlog_is_applied_in_parts_with_writes_going_on() {
     );
     let writers = Workload::start(&env, &[APP, WRITER], BACKLOG_OPS).await;
     writers.progress(100).await;
+    cutover_then_compare(&env, writers).await;
+}
+
+/// A backlog that names most of a table's rows (every row of `many`
+/// updated, 60,000 keys) is applied by copying the table again, as of the
+/// batch's snapshot, while writers keep changing it (keys too); what they
+/// change meanwhile arrives by the usual key-by-key batches after it.
+#[tokio::test]
+async fn a_backlog_naming_most_rows_copies_the_table_again_with_writes_going_on() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(BACKLOG).await.expect("seed the tables");
+    // The estimate the choice is made on, as autovacuum would keep it.
+    app.batch_execute("ANALYZE many, many_codes")
+        .await
+        .expect("analyze");
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "[sync]\nworkers = 1\npoll_interval_ms = 50\n[cutover]\nswitch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    app.batch_execute("UPDATE many SET v = v + 1")
+        .await
+        .expect("the backlog");
+    let writers = Workload::start(&env, &[APP, WRITER], BACKLOG_OPS).await;
+    writers.progress(200).await;
+    let out = env.ok(&["sync", "--until-caught-up", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(&out).expect("sync's JSON report");
+    assert_eq!(report["recopies"], 1, "many is copied again, once: {report}");
+    writers.progress(200).await;
     cutover_then_compare(&env, writers).await;
 }

@@ -6,7 +6,11 @@
 //! with only one design's triggers enabled, and that backlog is applied:
 //! - pgferry: `pgferry sync --until-caught-up` (set-based: keys staged by
 //!   COPY, DELETE ... USING, the rows by binary COPY; tables in parallel, a
-//!   large table's backlog in parallel parts by key hash);
+//!   large table's backlog in parallel parts by key hash). Every row
+//!   changed is past `sync.recopy_fraction`, so each table is copied again
+//!   whole;
+//! - pgferry_by_key: the same with `sync.recopy_fraction = 0`, so that
+//!   every table is applied key by key, as a smaller backlog would be;
 //! - Bucardo-style: the distinct keys of its delta table, then per chunk of
 //!   10,000 keys, `DELETE ... WHERE id = ANY(...)` on the target and COPY of
 //!   the current source rows for those keys, one table after the other.
@@ -158,10 +162,12 @@ pub async fn run(v: &[String]) {
     let mut dst = connect_as(target.port(), "rds", "bench").await;
 
     let mut rate: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    const MODES: [&str; 3] = ["pgferry", "pgferry_by_key", "bucardo_style"];
     for round in 0..rounds {
-        for i in 0..2 {
-            let mode = ["pgferry", "bucardo_style"][(i + round) % 2];
-            src.batch_execute(&crate::triggers_for(&tables, mode))
+        for i in 0..MODES.len() {
+            let mode = MODES[(i + round) % MODES.len()];
+            let triggers = if mode == "bucardo_style" { mode } else { "pgferry" };
+            src.batch_execute(&crate::triggers_for(&tables, triggers))
                 .await
                 .expect("select the mode");
             for t in &tables {
@@ -172,11 +178,12 @@ pub async fn run(v: &[String]) {
             crate::settle(&[&source, &target], &tables.join(", ")).await;
             let changed = (rows * tables.len() as i64) as f64;
             let started = Instant::now();
-            if mode == "pgferry" {
-                let st = agent(&["sync", "--until-caught-up"])
-                    .status()
-                    .await
-                    .expect("pgferry sync");
+            if mode != "bucardo_style" {
+                let mut sync = agent(&["sync", "--until-caught-up"]);
+                if mode == "pgferry_by_key" {
+                    sync.env("PGFERRY_SYNC__RECOPY_FRACTION", "0");
+                }
+                let st = sync.status().await.expect("pgferry sync");
                 assert!(st.success(), "pgferry sync failed");
             } else {
                 let applied = bucardo_apply(&tables, &src, &mut dst).await;
@@ -203,8 +210,13 @@ pub async fn run(v: &[String]) {
         "sync_workers": workers,
         "rounds": rounds,
         "rows_per_sec": rate,
-        "rows_per_sec_median": { "pgferry": med("pgferry"), "bucardo_style": med("bucardo_style") },
+        "rows_per_sec_median": {
+            "pgferry": med("pgferry"),
+            "pgferry_by_key": med("pgferry_by_key"),
+            "bucardo_style": med("bucardo_style"),
+        },
         "pgferry_over_bucardo_style": med("pgferry") / med("bucardo_style"),
+        "pgferry_by_key_over_bucardo_style": med("pgferry_by_key") / med("bucardo_style"),
         "target_min": 3.0,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
