@@ -744,15 +744,9 @@ async fn batch(
     };
     if truncated {
         // Whole-table resynchronisation: the table (and what is below it) as of S.
-        ttx.batch_execute(&format!("TRUNCATE {scope}"))
+        stats.rows_written = copy_whole(m, &stx, &ttx, &scope, &members)
             .await
-            .map_err(tgt_err)?;
-        // A whole-table copy from the source: limited like the bulk copy.
-        for member in &members {
-            stats.rows_written += copy_rows(&stx, &ttx, member, "", &m.copy_throttle)
-                .await
-                .map_err(pumped)?;
-        }
+            .map_err(pumped)?;
     } else {
         let keys = column_list(&t.key_columns, None);
         let delta_keys = delta_key_list(t);
@@ -790,17 +784,11 @@ async fn batch(
                 .await
                 .map_err(src_err)?
         {
-            // Most rows changed: the table as of S, whole, as after a
-            // TRUNCATE (and limited like it).
+            // Most rows changed: the table as of S, whole, as after a TRUNCATE.
             stats.recopied = true;
-            ttx.batch_execute(&format!("TRUNCATE {scope}"))
+            stats.rows_written = copy_whole(m, &stx, &ttx, &scope, &members)
                 .await
-                .map_err(tgt_err)?;
-            for member in &members {
-                stats.rows_written += copy_rows(&stx, &ttx, member, "", &m.copy_throttle)
-                    .await
-                    .map_err(pumped)?;
-            }
+                .map_err(pumped)?;
         } else {
             ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
             stats.rows_deleted = ttx
@@ -901,6 +889,27 @@ async fn recopy_pays(
         .await?
         .get(0);
     Ok(rows > 0.0 && keys as f64 >= fraction * rows)
+}
+
+/// Replaces what the target holds under `scope` with `members` whole as of
+/// the source transaction's snapshot: TRUNCATE, then each member's rows by
+/// binary COPY, limited like the bulk copy (`copy.rate_bytes_per_sec`).
+/// Returns the rows written.
+async fn copy_whole(
+    m: &Migration,
+    stx: &tokio_postgres::Transaction<'_>,
+    ttx: &tokio_postgres::Transaction<'_>,
+    scope: &str,
+    members: &[&TableState],
+) -> Result<u64, Pumped> {
+    ttx.batch_execute(&format!("TRUNCATE {scope}"))
+        .await
+        .map_err(Pumped::Target)?;
+    let mut written = 0;
+    for member in members {
+        written += copy_rows(stx, ttx, member, "", &m.copy_throttle).await?;
+    }
+    Ok(written)
 }
 
 /// Copies `member`'s rows as of the source transaction's snapshot, those

@@ -258,13 +258,20 @@ async fn server_restarts_are_survived() {
     assert_same_data(&env).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
+/// The seeded world installed, copied and synced once (drain passes 50 ms
+/// apart).
+async fn synced() -> Env {
     let env = seeded().await;
     env.config("[sync]\npoll_interval_ms = 50\n");
     env.ok(&["install"]).await;
     env.ok(&["copy"]).await;
     env.ok(&["sync", "--until-caught-up"]).await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
+    let env = synced().await;
     let app = env.source_as(APP).await;
     app.batch_execute(
         "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
@@ -328,11 +335,7 @@ async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
 /// moved stays on the target under its old key too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_before_update_trigger_created_after_install_is_drift() {
-    let env = seeded().await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    env.ok(&["install"]).await;
-    env.ok(&["copy"]).await;
-    env.ok(&["sync", "--until-caught-up"]).await;
+    let env = synced().await;
     let renumber = "CREATE FUNCTION renumber() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF NEW.v = 'move' THEN NEW.id := NEW.id + 1000; NEW.v := 'moved'; END IF;
