@@ -396,18 +396,13 @@ pub async fn schema_changes(
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let mut changes = drift(registered, current);
     let bypassed = crate::capture::key_trigger_bypassed(client).await?;
-    changes.extend(
-        registered
-            .iter()
-            .filter(|t| bypassed.contains(&t.relid))
-            .map(|t| {
-                format!(
-            "table {}: a BEFORE UPDATE row trigger was created after install, and the capture of key \
-             changes cannot see what such a trigger changes",
+    for t in registered.iter().filter(|t| bypassed.contains(&t.relid)) {
+        changes.push(format!(
+            "table {}: a BEFORE UPDATE row trigger was created after install, and the capture of \
+             key changes cannot see what such a trigger changes",
             t.table.display_name()
-        )
-            }),
-    );
+        ));
+    }
     Ok(changes)
 }
 
