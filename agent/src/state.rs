@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../../sql/0007_cheaper_capture.sql")),
     (8, include_str!("../../sql/0008_qualified_capture.sql")),
     (9, include_str!("../../sql/0009_key_change_trigger.sql")),
+    (10, include_str!("../../sql/0010_fence_in_bodies.sql")),
 ];
 
 /// Control-schema failures.

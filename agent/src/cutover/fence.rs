@@ -1,12 +1,17 @@
 //! The write fence (invariant 6).
 //!
-//! Every capture trigger checks `pgferry.fence` before recording a change and
-//! raises SQLSTATE 25006 when it is set. The flag is a sequence: `setval` is
-//! not transactional and reading a sequence ignores MVCC, so the fence holds
-//! for every session and role at once, including transactions whose snapshot
-//! was taken before it went up. Writers that passed the check before the
-//! fence are waited for with a SHARE lock per table (it conflicts with the
-//! ROW EXCLUSIVE lock every writer holds until it ends).
+//! Raising it replaces, in one transaction, the body of every capture
+//! function (and of the copy_only tables' `fence_only()`) by one that raises
+//! SQLSTATE 25006; lifting it puts the capturing bodies back
+//! (`sql/0010_fence_in_bodies.sql`). So the capture checks nothing in the
+//! statements it records, and the fence holds for every session and role at
+//! once: PL/pgSQL revalidates a function's catalog row at every call, and a
+//! session reads the catalog afresh whenever it takes a lock it did not hold,
+//! as every write does on its table, whatever its snapshot. Writers that held
+//! that lock before the fence are waited for with a SHARE lock per table (it
+//! conflicts with the ROW EXCLUSIVE lock every writer holds until it ends).
+//! The sequence `pgferry.fence` is the flag: set in the same transaction, and
+//! before control schema version 10 what the capture functions read.
 
 use std::time::{Duration, Instant};
 
@@ -19,14 +24,30 @@ use crate::state::TableState;
 
 /// Raises the fence: from now on no write to a captured table can commit.
 pub async fn raise(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    client.execute("SELECT setval('pgferry.fence', 1)", &[]).await?;
-    Ok(())
+    set(client, true).await
 }
 
 /// Lifts the fence: writes are accepted (and captured) again.
 pub async fn lift(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    client.execute("SELECT setval('pgferry.fence', 0)", &[]).await?;
-    Ok(())
+    set(client, false).await
+}
+
+/// Sets the fence in one transaction. A control schema from before version
+/// 10 (a migration that began under an older pgferry and has not run
+/// `install` since) has only the flag, which its capture functions read.
+async fn set(client: &tokio_postgres::Client, raised: bool) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF pg_catalog.to_regprocedure('pgferry.fence_set(boolean)') IS NULL THEN
+                 PERFORM pg_catalog.setval('pgferry.fence', {flag});
+               ELSE
+                 PERFORM pgferry.fence_set({raised});
+               END IF;
+             END $$",
+            flag = u8::from(raised)
+        ))
+        .await
 }
 
 /// Whether the fence is up.

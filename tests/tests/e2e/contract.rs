@@ -191,7 +191,17 @@ async fn fence_blocks_every_writer_and_waits_for_inflight_ones() {
             let err = other.batch_execute(sql).await.unwrap_err();
             assert!(is_fenced(&err), "{sql} by a second role must be fenced: {err}");
         }
-        // The writer from before the fence may finish; its change must arrive.
+        // The writer from before the fence may finish, but not start on a
+        // table it had not written; its change must arrive.
+        let err = inflight
+            .batch_execute("SAVEPOINT s; INSERT INTO scratch VALUES (776, 'w')")
+            .await
+            .unwrap_err();
+        assert!(
+            is_fenced(&err),
+            "an open writer must not write a new table through the fence: {err}"
+        );
+        inflight.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
         assert!(!started.exists(), "the cutover must wait for the open writer");
         inflight
             .batch_execute("COMMIT")
@@ -338,7 +348,7 @@ async fn cleanup_removes_everything_without_local_state() {
     // A fence left up by a crashed cutover must not survive cleanup either.
     env.source_as(APP)
         .await
-        .batch_execute("SELECT setval('pgferry.fence', 1)")
+        .batch_execute("SELECT pgferry.fence_set(true)")
         .await
         .unwrap();
     // Cleanup run from a "fresh machine": a new process, another working
@@ -602,12 +612,12 @@ async fn a_writers_search_path_cannot_hijack_the_capture() {
     );
     // The fence holds too, whatever the writer's search_path.
     let app = env.source_as(APP).await;
-    app.batch_execute("SELECT setval('pgferry.fence', 1)")
+    app.batch_execute("SELECT pgferry.fence_set(true)")
         .await
         .expect("raise the fence");
     let refused = writer.batch_execute(writes).await.expect_err("fenced");
     assert!(is_fenced(&refused), "refused by the fence: {refused}");
-    app.batch_execute("SELECT setval('pgferry.fence', 0)")
+    app.batch_execute("SELECT pgferry.fence_set(false)")
         .await
         .expect("lower the fence");
     let calls: i64 = admin
