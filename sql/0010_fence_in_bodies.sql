@@ -3,8 +3,9 @@
 --
 -- Measured (`pgferry-bench capture`, pgbench TPC-B-like, 8 clients): reading
 -- the fence sequence in every captured statement cost 0.9 µs of the capture's
--- 4 µs per single-row UPDATE, and without it pgferry's TPS loss fell from
--- 0.57-0.64 of Bucardo's to 0.46. So the capture functions now check nothing:
+-- 4 µs per single-row UPDATE; without it pgferry's TPS loss was 0.41-0.58
+-- of Bucardo's in four runs, where it had been 0.57-0.64. So the capture
+-- functions now check nothing:
 -- raising the fence (`fence_set(true)`) replaces, in one transaction, the
 -- body of every capture function and of `fence_only()` by one that refuses
 -- the write (SQLSTATE 25006), and lifting it puts the capturing bodies back.
