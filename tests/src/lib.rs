@@ -208,6 +208,13 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs the agent and asserts it exited with `code`; returns stderr.
+    pub async fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args).await;
+        assert_eq!(out.status.code(), Some(code), "pgferry {args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// Starts the agent with failpoints armed and waits until it freezes at
     /// one; returns the frozen child (its stdout piped). Kill it with
     /// SIGKILL, or create [`Env::failpoint_release`] to let it carry on.

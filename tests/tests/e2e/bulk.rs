@@ -160,9 +160,7 @@ async fn copy_from_a_fork_made_after_install_ends_equal_and_an_unrelated_one_is_
     let (started, release) = (env.path("switch-started"), env.path("release"));
     let switch = gated_switch(&started, &release);
     env.config(&format!("[copy]\nfrom = \"{}\"\n", url("unrelated")));
-    let out = env.run(&["copy"]).await;
-    assert_eq!(out.status.code(), Some(3));
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = env.fails(&["copy"], 3).await;
     assert!(
         text.contains("copy.from") && text.contains("holds no pgferry migration"),
         "{text}"

@@ -281,9 +281,7 @@ async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
     )
     .await
     .unwrap();
-    let out = env.run(&["sync", "--until-caught-up"]).await;
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
     assert!(err.contains("table public.accounts: columns changed"), "{err}");
     assert!(
         err.contains("table public.fresh was created after install"),
@@ -349,9 +347,7 @@ async fn a_before_update_trigger_created_after_install_is_drift() {
     ))
     .await
     .unwrap();
-    let out = env.run(&["sync", "--until-caught-up"]).await;
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
     assert!(
         err.contains("table public.scratch: a BEFORE UPDATE row trigger was created after install"),
         "{err}"
@@ -392,9 +388,7 @@ async fn a_revoked_target_privilege_consumes_nothing() {
         .batch_execute("INSERT INTO scratch VALUES (600000, 'needs insert')")
         .await
         .unwrap();
-    let out = env.run(&["sync", "--until-caught-up"]).await;
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
     assert!(
         err.contains("public.scratch") && err.contains("permission denied"),
         "{err}"
