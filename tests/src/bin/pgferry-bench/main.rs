@@ -166,6 +166,7 @@ pub(crate) fn triggers_for<T: std::fmt::Display>(tables: impl IntoIterator<Item 
             ("pgferry_capture_upd", mode == "pgferry"),
             ("pgferry_capture_del", mode == "pgferry"),
             ("pgferry_capture_trunc", mode == "pgferry"),
+            ("pgferry_capture_key", mode == "pgferry"),
             ("bucardo_style", mode == "bucardo_style"),
         ] {
             let how = if mine { "ENABLE ALWAYS" } else { "DISABLE" };
