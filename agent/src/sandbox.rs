@@ -338,6 +338,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Makes `cmd` run as the OS user that owns the cluster's files (the
+    /// `postgres` user when this process runs as root), in the cluster's
+    /// directory: for running server binaries on a stopped cluster, such as
+    /// `postgres --single`.
+    pub fn as_owner<'a>(&self, cmd: &'a mut std::process::Command) -> &'a mut std::process::Command {
+        use std::os::unix::process::CommandExt;
+        cmd.current_dir(&self.base);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
     /// A libpq URL for `user` over TCP.
     pub fn url(&self, user: &str, password: &str, dbname: &str) -> String {
         format!(

@@ -26,11 +26,16 @@
 //! Also times one 100k-row UPDATE per mode, and measures what one
 //! single-row UPDATE costs the server's CPU, alone in its transaction
 //! (`MICRO_TXNS` of them in one session, CPU time of that backend): the
-//! capture's cost per statement without the noise of concurrency.
+//! capture's cost per statement without the noise of concurrency. Last,
+//! with the source stopped, counts the instructions of the same UPDATE in
+//! every mode under valgrind: a figure that does not move with the
+//! machine's load, as TPS and CPU time do.
 //!
 //! Prints JSON: TPS per round, medians, the TPS loss of each mode, the ratio
 //! of pgferry's loss (and of the floor's) to Bucardo's and to the
-//! reproduction's, the bulk UPDATE's time and the CPU per single-row UPDATE.
+//! reproduction's, the bulk UPDATE's time, the CPU per single-row UPDATE
+//! and its instructions, with the ratio of those pgferry adds to those
+//! Bucardo adds.
 
 use std::time::Instant;
 
@@ -69,6 +74,11 @@ const BUCARDO_SYNC: &str = "bench";
 /// tables so every run starts alike (as the superuser, who may touch
 /// Bucardo's objects).
 async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
+    c.batch_execute(&mode_sql(mode)).await.expect("select the mode");
+}
+
+/// The statements of [`select_mode`], one query string without blank lines.
+fn mode_sql(mode: &str) -> String {
     let mut sql = crate::triggers_for(TABLES.map(|(t, _)| t), mode);
     for (t, _) in TABLES {
         for design in ["floor", "row"] {
@@ -94,14 +104,14 @@ async fn select_mode(c: &tokio_postgres::Client, mode: &str) {
              EXECUTE format('TRUNCATE pgferry.%I', r.relname);
            END LOOP; END $$;",
     );
-    c.batch_execute(&sql).await.expect("select the mode");
+    sql
 }
 
 /// Runs the capture benchmark and prints its JSON.
 pub async fn run(v: &[String]) {
     let a = args(v);
     eprintln!("starting throwaway clusters");
-    let (source, target) =
+    let (mut source, target) =
         tokio::try_join!(Cluster::start("bench-source"), Cluster::start("bench-target")).expect("clusters");
     source
         .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
@@ -252,6 +262,14 @@ pub async fn run(v: &[String]) {
                 .push(cpu_per_update(&admin, ticks, a.scale * 10).await);
         }
     }
+    // The same single-row UPDATEs counted in instructions, on the stopped
+    // source.
+    source.stop("fast").await.expect("stop the source");
+    let instructions: std::collections::BTreeMap<&str, f64> = MODES
+        .iter()
+        .map(|m| (*m, instructions_per_update(&source, m, a.scale * 10)))
+        .collect();
+    let added = |m: &str| instructions[m] - instructions["none"];
     let med = |m: &str| median(&tps[m]);
     let loss = |m: &str| 100.0 * (1.0 - med(m) / med("none"));
     let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
@@ -268,6 +286,10 @@ pub async fn run(v: &[String]) {
         "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
         "cpu_us_per_single_row_update_median": per_mode(&|m: &str| median(&cpu[m])),
+        "instructions_per_single_row_update": instructions,
+        "instructions_added_per_single_row_update": per_mode(&added),
+        "pgferry_instructions_added_vs_bucardo": added("pgferry") / added("bucardo"),
+        "pgferry_instructions_added_vs_bucardo_style": added("pgferry") / added("bucardo_style"),
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     drop((source, target));
@@ -412,13 +434,77 @@ async fn cpu_per_update(admin: &tokio_postgres::Client, ticks: f64, tellers: u32
     let before = cpu().await;
     // Alone in its query string: COMMIT inside DO needs no outer transaction.
     admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN FOR i IN 1..{MICRO_TXNS} LOOP
-               UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = i % {tellers} + 1;
-               COMMIT;
-             END LOOP; END $$"
-        ))
+        .batch_execute(&update_loop(MICRO_TXNS, tellers))
         .await
         .expect("single-row updates");
     (cpu().await - before) / ticks * 1e6 / f64::from(MICRO_TXNS)
+}
+
+/// `txns` single-row UPDATEs of pgbench_tellers (`tellers` rows), each in
+/// its own transaction, in one DO statement on one line.
+fn update_loop(txns: u32, tellers: u32) -> String {
+    format!(
+        "DO $$ BEGIN FOR i IN 1..{txns} LOOP \
+         UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = i % {tellers} + 1; \
+         COMMIT; END LOOP; END $$"
+    )
+}
+
+/// The lengths, in transactions, of the two instruction counts whose
+/// difference is taken.
+const COUNTED_TXNS: [u32; 2] = [1_000, 5_000];
+
+/// Machine instructions that one single-row UPDATE transaction of
+/// pgbench_tellers (`tellers` rows) costs the server in `mode`. The stopped
+/// source runs in single-user mode under valgrind's callgrind, which counts
+/// the instructions executed: the same count whatever else the machine is
+/// doing, where CPU time moved by half the capture's cost between runs. Two
+/// runs of different length, so that starting the server and selecting the
+/// mode cancel out in their difference.
+fn instructions_per_update(source: &Cluster, mode: &str, tellers: u32) -> f64 {
+    use std::io::Write;
+    let count = |txns: u32| -> f64 {
+        // `-j`: a statement ends at a semicolon followed by a blank line.
+        let script = format!(
+            "{}\n\nVACUUM FULL pgbench_tellers;\n\n{};\n\n",
+            mode_sql(mode),
+            update_loop(txns, tellers)
+        );
+        let mut cmd = std::process::Command::new("valgrind");
+        cmd.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(source.bin_dir().join("postgres"))
+            .args(["--single", "-j", "-D"])
+            .arg(source.data_dir())
+            .arg("bench")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = source
+            .as_owner(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("valgrind (Debian package valgrind; scripts/bench installs it): {e}"));
+        // Small enough for the pipe: written whole before reading the output.
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("the single-user script");
+        let out = child.wait_with_output().expect("valgrind");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !text.contains("ERROR:"),
+            "single-user run in mode {mode} failed: {text}"
+        );
+        text.lines()
+            .find_map(|l| l.split("Collected :").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no instruction count from callgrind: {text}"))
+    };
+    let [short, long] = COUNTED_TXNS;
+    (count(long) - count(short)) / f64::from(long - short)
 }
