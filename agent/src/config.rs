@@ -318,6 +318,12 @@ pub struct CutoverConfig {
     /// `PGFERRY_TARGET_URL`. A non-zero exit aborts the cutover. Default none.
     #[serde(default)]
     pub switch_command: Option<String>,
+    /// Whether the work done with the fence up (the final drain and the copy
+    /// of `copy_only` tables) keeps `sync.rate_rows_per_sec` and
+    /// `copy.rate_bytes_per_sec`. Default false: the application cannot
+    /// write then, and every second of that work is write downtime.
+    #[serde(default)]
+    pub rate_limited: bool,
 }
 
 fn default_source_connections() -> usize {
@@ -418,6 +424,7 @@ impl Default for CutoverConfig {
             catch_up_timeout_ms: default_catch_up_timeout_ms(),
             writer_wait_ms: default_writer_wait_ms(),
             switch_command: None,
+            rate_limited: false,
         }
     }
 }

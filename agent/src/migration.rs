@@ -60,6 +60,16 @@ impl Migration {
         })
     }
 
+    /// The same migration, same pools, without the copy's and the drain's
+    /// rate limits.
+    pub fn without_rate_limits(&self) -> Self {
+        Self {
+            copy_throttle: crate::throttle::Throttle::unlimited().into(),
+            sync_throttle: crate::throttle::Throttle::unlimited().into(),
+            ..self.clone()
+        }
+    }
+
     /// A pooled source session.
     pub async fn source_conn(&self) -> Result<Object, ConnectError> {
         self.source.get(&self.source_pool).await

@@ -229,6 +229,16 @@ async fn fenced(
     cancel: &CancellationToken,
 ) -> Result<CutoverReport, crate::Error> {
     let mut report = CutoverReport::default();
+    // Nothing can write now, and every second from here is downtime: the
+    // rate limits that kept the source its headroom are off, unless the
+    // operator keeps them (`cutover.rate_limited`).
+    let unlimited;
+    let m = if m.cfg.cutover.rate_limited {
+        m
+    } else {
+        unlimited = m.without_rate_limits();
+        &unlimited
+    };
     fence::wait_for_writers(m, tables, cancel).await?;
     crate::failpoint::hit("cutover.after_writers").await;
     sync::check_drift(m, tables).await?;

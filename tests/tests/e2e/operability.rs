@@ -471,6 +471,39 @@ async fn copy_and_drain_rate_limits_are_honoured() {
     );
 }
 
+/// With the fence up the application cannot write, and every second is
+/// downtime: the final drain does not keep `sync.rate_rows_per_sec` (unless
+/// `cutover.rate_limited`). 3,000 changes made after the catch-up, at 100
+/// rows/s, would hold the fence for 30 s; unlimited, they take a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_drain_under_the_fence_is_not_rate_limited() {
+    let env = seeded().await;
+    env.config("[sync]\nrate_rows_per_sec = 100\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let agent = env
+        .run_until_failpoint(&["cutover", "--json"], "cutover.before_fence")
+        .await;
+    // Caught up, not yet fenced: these are the final drain's.
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET balance = balance + 1")
+        .await
+        .unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let out = agent.wait_with_output().await.expect("the cutover's exit");
+    assert!(out.status.success(), "cutover failed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["final_drain_keys"], 3000, "{report}");
+    let blocked = report["writes_blocked_ms"].as_i64().unwrap();
+    assert!(
+        blocked < 15_000,
+        "writes were blocked for {blocked} ms: the final drain kept the 100 rows/s limit (30 s)"
+    );
+    assert_same_rows(&env).await;
+}
+
 /// Source pressure: one session (the application's role) runs `hold` and
 /// keeps what it locked; a second one, of `waiter_role`, runs `wait` in the
 /// background, which waits on that lock. Returns the holder and the
