@@ -238,8 +238,12 @@ pub async fn check(m: &Migration) -> CheckReport {
         }
         Err(e) => f.connect(Side::Target, e),
     }
-    // What copy_only tables cost in write downtime, at the sampled rate.
-    let rate = report.sizing.as_ref().and_then(|s| s.sampled_read_bytes_per_sec);
+    // What copy_only tables cost in write downtime, at the sampled rate, or
+    // at the copy's rate limit when the cutover keeps it.
+    let mut rate = report.sizing.as_ref().and_then(|s| s.sampled_read_bytes_per_sec);
+    if let (true, Some(limit)) = (m.cfg.cutover.rate_limited, m.cfg.copy.rate_bytes_per_sec) {
+        rate = Some(rate.map_or(limit as f64, |r| r.min(limit as f64)));
+    }
     for c in &mut report.copy_only {
         c.estimated_blocked_secs = rate.map(|r| c.bytes as f64 / r);
         f.add(

@@ -363,6 +363,21 @@ async fn keyless_tables_listed_copy_only_move_under_the_fence() {
         "{report}"
     );
     assert!(report.to_string().contains("write downtime"));
+    // A cutover that keeps the copy's rate limit copies it no faster.
+    let out = env
+        .cmd(&["check", "--json"])
+        .env("PGFERRY_CUTOVER__RATE_LIMITED", "true")
+        .env("PGFERRY_COPY__RATE_BYTES_PER_SEC", "1000")
+        .output()
+        .await
+        .unwrap();
+    let limited: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = limited["copy_only"][0]["bytes"].as_f64().unwrap();
+    assert_eq!(
+        limited["copy_only"][0]["estimated_blocked_secs"].as_f64(),
+        Some(bytes / 1000.0),
+        "{limited}"
+    );
 
     let writers = Workload::start(&env, &[APP], crate::OPS).await;
     let loggers = Workload::start(&env, &[WRITER], LOG_OPS).await;
