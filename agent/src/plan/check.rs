@@ -256,6 +256,15 @@ pub async fn check(m: &Migration) -> CheckReport {
             "add a primary key to sync it instead, if that downtime is too long",
         );
     }
+    let cc = &m.cfg.copy;
+    if cc.method == crate::config::CopyMethod::Dump && cc.rate_bytes_per_sec.is_some() && cc.from.is_none() {
+        f.add(
+            Severity::Warning,
+            "copy",
+            "copy.rate_bytes_per_sec does not hold back pg_dump: with copy.method = \"dump\" the bulk copy reads the source at full speed (the limit still holds sync's whole-table copies)",
+            "use copy.method = \"stream\" to keep the limit on the bulk copy, or dump a fork of the source (copy.from)",
+        );
+    }
     if let (Ok(s), Ok(t)) = (&src, &tgt) {
         if let Err(e) = super::compat::compare(s, t, &mut f).await {
             f.query(Side::Target, &e);

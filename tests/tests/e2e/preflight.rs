@@ -48,6 +48,8 @@ async fn check_reports_health_compatibility_and_sizing() {
         &[
             ("PGFERRY_TARGET", &latin),
             ("PGFERRY_SOURCE_LIMITS__MAX_CONNECTIONS", "500"),
+            ("PGFERRY_COPY__METHOD", "dump"),
+            ("PGFERRY_COPY__RATE_BYTES_PER_SEC", "1000000"),
         ],
         &[],
     )
@@ -65,6 +67,8 @@ async fn check_reports_health_compatibility_and_sizing() {
     assert_eq!(w["severity"], "warning");
     let w = problem(&report, "UNLOGGED").expect("unlogged warning");
     assert_eq!(w["subject"], "public.sessions");
+    let w = problem(&report, "does not hold back pg_dump").expect("unlimited dump warning");
+    assert_eq!(w["severity"], "warning");
     let sizing = &report["sizing"];
     assert_eq!(sizing["recommended_storage_gb"], 20, "{sizing}");
     assert_eq!(sizing["suggested_instance_class"], "db.t4g.medium");
@@ -78,6 +82,7 @@ async fn check_reports_health_compatibility_and_sizing() {
     let (code, report) = check_json(&env, &[], &[]).await;
     assert_eq!(code, 0, "{report}");
     assert!(problem(&report, "UNLOGGED").is_some());
+    assert!(problem(&report, "pg_dump").is_none(), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
