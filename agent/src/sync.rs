@@ -399,7 +399,8 @@ pub async fn schema_changes(
     for t in registered.iter().filter(|t| bypassed.contains(&t.relid)) {
         changes.push(format!(
             "table {}: a BEFORE UPDATE row trigger was created after install, and the capture of \
-             key changes cannot see what such a trigger changes",
+             key changes cannot see what such a trigger changes (on the target, create only the \
+             function it calls, if the target lacks it: pgferry creates the trigger there at cutover)",
             t.table.display_name()
         ));
     }

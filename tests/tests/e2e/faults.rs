@@ -352,6 +352,10 @@ async fn a_before_update_trigger_created_after_install_is_drift() {
         err.contains("table public.scratch: a BEFORE UPDATE row trigger was created after install"),
         "{err}"
     );
+    assert!(
+        err.contains("create only the function it calls, if the target lacks it"),
+        "{err}"
+    );
     let out = env.run(&["check"]).await;
     assert_eq!(out.status.code(), Some(1), "check reports the drift too");
 
