@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{fence_is_up, gated_config, seeded, target_has, BIN, OPS};
+use crate::{fence_is_up, gated_config, seeded, synced, target_has, BIN, OPS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_end_to_end() {
@@ -70,11 +70,7 @@ async fn live_migration_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_commits_lose_nothing() {
-    let env = seeded().await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    env.ok(&["install"]).await;
-    env.ok(&["copy"]).await;
-    env.ok(&["sync", "--until-caught-up"]).await;
+    let env = synced().await;
 
     // T1 writes first (lower xid) and stays open; T2 writes later and commits.
     let t1 = env.source_as(APP).await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{fence_is_up, seeded, target_has, OPS};
+use crate::{fence_is_up, seeded, synced, target_has, OPS};
 
 /// Every kill point, in the order the migration reaches them. `@n` is the
 /// n-th time the agent passes there in that run.
@@ -256,17 +256,6 @@ async fn server_restarts_are_survived() {
     }
     env.ok(&["cutover"]).await;
     assert_same_data(&env).await;
-}
-
-/// The seeded world installed, copied and synced once (drain passes 50 ms
-/// apart).
-async fn synced() -> Env {
-    let env = seeded().await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    env.ok(&["install"]).await;
-    env.ok(&["copy"]).await;
-    env.ok(&["sync", "--until-caught-up"]).await;
-    env
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,22 @@ pub async fn seeded() -> Env {
     env
 }
 
+/// The seeded world installed, copied and synced once (drain passes 50 ms
+/// apart).
+pub async fn synced() -> Env {
+    synced_with("[sync]\npoll_interval_ms = 50\n").await
+}
+
+/// [`synced`] with this configuration.
+pub async fn synced_with(config: &str) -> Env {
+    let env = seeded().await;
+    env.config(config);
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env
+}
+
 /// Config with a fast drain and a switch command gated by the test.
 pub fn gated_config(env: &Env) -> (std::path::PathBuf, std::path::PathBuf) {
     let (started, release) = (env.path("switch-started"), env.path("release"));

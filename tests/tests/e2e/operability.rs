@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{fence_is_up, seeded, target_has, OPS};
+use crate::{fence_is_up, seeded, synced_with, target_has, OPS};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -477,11 +477,7 @@ async fn copy_and_drain_rate_limits_are_honoured() {
 /// rows/s, would hold the fence for 30 s; unlimited, they take a moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_final_drain_under_the_fence_is_not_rate_limited() {
-    let env = seeded().await;
-    env.config("[sync]\nrate_rows_per_sec = 100\npoll_interval_ms = 50\n");
-    env.ok(&["install"]).await;
-    env.ok(&["copy"]).await;
-    env.ok(&["sync", "--until-caught-up"]).await;
+    let env = synced_with("[sync]\nrate_rows_per_sec = 100\npoll_interval_ms = 50\n").await;
     let agent = env
         .run_until_failpoint(&["cutover", "--json"], "cutover.before_fence")
         .await;
