@@ -31,9 +31,11 @@
 //! every mode under valgrind: a figure that does not move with the
 //! machine's load, as TPS and CPU time do.
 //!
-//! Prints JSON: TPS per round, medians, the TPS loss of each mode, the ratio
-//! of pgferry's loss (and of the floor's) to Bucardo's and to the
-//! reproduction's, the bulk UPDATE's time, the CPU per single-row UPDATE
+//! Prints JSON: TPS per round, medians, the TPS loss of each mode (from the
+//! medians, and paired: the median of each round's loss against that
+//! round's no-trigger run, which the machine's drift between rounds does
+//! not move), the ratio of pgferry's loss (and of the floor's) to
+//! Bucardo's and to the reproduction's, the bulk UPDATE's time, the CPU per single-row UPDATE
 //! and its instructions, with the ratio of those pgferry adds to those
 //! Bucardo adds.
 
@@ -272,6 +274,16 @@ pub async fn run(v: &[String]) {
     let added = |m: &str| instructions[m] - instructions["none"];
     let med = |m: &str| median(&tps[m]);
     let loss = |m: &str| 100.0 * (1.0 - med(m) / med("none"));
+    // Paired: each round's loss against that round's no-trigger run, so
+    // that the machine's drift from round to round cancels out.
+    let paired = |m: &str| {
+        let per_round: Vec<f64> = tps[m]
+            .iter()
+            .zip(&tps["none"])
+            .map(|(t, none)| 100.0 * (1.0 - t / none))
+            .collect();
+        median(&per_round)
+    };
     let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
         MODES.iter().map(|m| (m.to_string(), f(m).into())).collect()
     };
@@ -282,6 +294,8 @@ pub async fn run(v: &[String]) {
         "tps_median": per_mode(&med),
         "tps_loss_pct": per_mode(&|m: &str| if m == "none" { 0.0 } else { loss(m) }),
         "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
+        "tps_loss_pct_paired_median": per_mode(&paired),
+        "pgferry_paired_loss_vs_bucardo": paired("pgferry") / paired("bucardo"),
         "pgferry_loss_vs_bucardo_style_loss": loss("pgferry") / loss("bucardo_style"),
         "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
