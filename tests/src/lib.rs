@@ -387,6 +387,16 @@ pub fn is_fenced(e: &tokio_postgres::Error) -> bool {
     e.code().map(|c| c.code()) == Some("25006")
 }
 
+/// Runs `sql` on `c` and asserts the fence refused it; `what` says why it
+/// must be.
+pub async fn assert_fenced(c: &Client, sql: &str, what: &str) {
+    let err = c
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{what}: `{sql}` went through"));
+    assert!(is_fenced(&err), "{what}: {err}");
+}
+
 /// What one writer saw.
 #[derive(Debug, Default)]
 pub struct WriterStats {

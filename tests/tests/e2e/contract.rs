@@ -170,33 +170,28 @@ async fn fence_blocks_every_writer_and_waits_for_inflight_ones() {
             fence_is_up(&env).await.then_some(())
         })
         .await;
-        let err = rr
-            .batch_execute("UPDATE accounts SET name = 'rr' WHERE id = 3")
-            .await
-            .unwrap_err();
-        assert!(
-            is_fenced(&err),
-            "old snapshot must not write through the fence: {err}"
-        );
+        assert_fenced(
+            &rr,
+            "UPDATE accounts SET name = 'rr' WHERE id = 3",
+            "old snapshot must not write through the fence",
+        )
+        .await;
         let other = env.source_as(WRITER).await;
         for sql in [
             "INSERT INTO scratch VALUES (777, 'x')",
             "TRUNCATE scratch",
             "DELETE FROM codes",
         ] {
-            let err = other.batch_execute(sql).await.unwrap_err();
-            assert!(is_fenced(&err), "{sql} by a second role must be fenced: {err}");
+            assert_fenced(&other, sql, &format!("{sql} by a second role must be fenced")).await;
         }
         // The writer from before the fence may finish, but not start on a
         // table it had not written; its change must arrive.
-        let err = inflight
-            .batch_execute("SAVEPOINT s; INSERT INTO scratch VALUES (776, 'w')")
-            .await
-            .unwrap_err();
-        assert!(
-            is_fenced(&err),
-            "an open writer must not write a new table through the fence: {err}"
-        );
+        assert_fenced(
+            &inflight,
+            "SAVEPOINT s; INSERT INTO scratch VALUES (776, 'w')",
+            "an open writer must not write a new table through the fence",
+        )
+        .await;
         inflight.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
         assert!(!started.exists(), "the cutover must wait for the open writer");
         inflight
@@ -208,13 +203,12 @@ async fn fence_blocks_every_writer_and_waits_for_inflight_ones() {
         })
         .await;
         assert!(target_has(&env, "SELECT name = 'in flight' FROM accounts WHERE id = 2").await);
-        let err = env
-            .source_as(APP)
-            .await
-            .batch_execute("INSERT INTO scratch VALUES (778, 'y')")
-            .await
-            .unwrap_err();
-        assert!(is_fenced(&err), "still fenced during the switch: {err}");
+        assert_fenced(
+            &env.source_as(APP).await,
+            "INSERT INTO scratch VALUES (778, 'y')",
+            "still fenced during the switch",
+        )
+        .await;
         std::fs::write(&release, "").unwrap();
     };
     let out = env.run_alongside(&["cutover"], steps).await;
@@ -609,8 +603,7 @@ async fn a_writers_search_path_cannot_hijack_the_capture() {
     app.batch_execute("SELECT pgferry.fence_set(true)")
         .await
         .expect("raise the fence");
-    let refused = writer.batch_execute(writes).await.expect_err("fenced");
-    assert!(is_fenced(&refused), "refused by the fence: {refused}");
+    assert_fenced(&writer, writes, "refused by the fence").await;
     app.batch_execute("SELECT pgferry.fence_set(false)")
         .await
         .expect("lower the fence");
