@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("../../sql/0008_qualified_capture.sql")),
     (9, include_str!("../../sql/0009_key_change_trigger.sql")),
     (10, include_str!("../../sql/0010_fence_in_bodies.sql")),
+    (11, include_str!("../../sql/0011_keys_only_deltas.sql")),
 ];
 
 /// Control-schema failures.

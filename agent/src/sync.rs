@@ -13,9 +13,10 @@
 //!    re-applying changes nothing, invariant 3); a TRUNCATE delta replaces the
 //!    whole table with its contents as of S;
 //! 4. only after the target commit, deletes on the source exactly the delta
-//!    rows visible in S, by `pg_visible_in_snapshot(xid, S)` (PgQ style): a
-//!    transaction that committed after S keeps its deltas for the next batch,
-//!    whatever its xid or commit order.
+//!    rows visible in S: in the source transaction of step 2 itself, which
+//!    commits last. A transaction that committed after S keeps its deltas
+//!    for the next batch, whatever its xid or commit order; a delta row needs
+//!    no transaction id or other watermark (control schema v11).
 //!
 //! A crash anywhere leaves deltas that are re-applied harmlessly. Workers stop
 //! between batches, never inside one.
@@ -671,27 +672,24 @@ async fn batch(
 
     // The snapshot is taken by the first statement of this transaction, after
     // the batch lock is held (a snapshot taken before it could be older than a
-    // batch that committed meanwhile).
+    // batch that committed meanwhile). Its only write is the removal of the
+    // deltas it consumed, after the target commit.
     let stx = source
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
         .start()
         .await
         .map_err(src_err)?;
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
-    let (mine, also) = match part {
-        None => (String::new(), String::new()),
-        Some(p) => (
-            format!("WHERE {}", p.predicate(t)),
-            format!("AND {}", p.predicate(t)),
-        ),
+    let mine = match part {
+        None => String::new(),
+        Some(p) => format!("WHERE {}", p.predicate(t)),
     };
     let row = stx
         .query_one(
             &format!(
-                "SELECT pg_current_snapshot()::text, extract(epoch FROM now())::float8,
+                "SELECT extract(epoch FROM now())::float8,
                         EXISTS (SELECT 1 FROM {delta} {mine}),
                         $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1)"
             ),
@@ -699,12 +697,11 @@ async fn batch(
         )
         .await
         .map_err(src_err)?;
-    let snapshot: String = row.get(0);
-    let snapshot_epoch: f64 = row.get(1);
+    let snapshot_epoch: f64 = row.get(0);
     // A part does not say the table is synced through S: other parts may not be.
     let whole = |epoch: f64| part.is_none().then_some(epoch);
-    let has_deltas: bool = row.get(2);
-    let truncated: bool = row.get(3);
+    let has_deltas: bool = row.get(1);
+    let truncated: bool = row.get(2);
     if !has_deltas && !truncated {
         stx.commit().await.map_err(src_err)?;
         state::record_batch(&***source, t.id, whole(snapshot_epoch), 0).await?;
@@ -812,26 +809,19 @@ async fn batch(
     if part.is_some() {
         crate::failpoint::hit("sync.part_applied").await;
     }
-    stx.commit().await.map_err(src_err)?;
 
-    // Only now, with the target durable, forget exactly what S saw.
-    source
-        .execute(
-            &format!("DELETE FROM {delta} WHERE pg_visible_in_snapshot(xid, $1::text::pg_snapshot) {also}"),
-            &[&snapshot],
-        )
+    // Only now, with the target durable, forget exactly what S saw: in S
+    // itself, so a row committed after S is not touched, and durably only
+    // once this transaction commits.
+    stx.execute(&format!("DELETE FROM {delta} {mine}"), &[])
         .await
         .map_err(src_err)?;
     if truncated {
-        source
-            .execute(
-                "DELETE FROM pgferry.truncates
-                  WHERE table_id = $1 AND pg_visible_in_snapshot(xid, $2::text::pg_snapshot)",
-                &[&t.id, &snapshot],
-            )
+        stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
             .await
             .map_err(src_err)?;
     }
+    stx.commit().await.map_err(src_err)?;
     crate::failpoint::hit("sync.after_delta_delete").await;
     state::record_batch(&***source, t.id, whole(snapshot_epoch), stats.rows_written as i64).await?;
     crate::telemetry::batch_applied(

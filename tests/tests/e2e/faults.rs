@@ -366,6 +366,80 @@ async fn a_before_update_trigger_created_after_install_is_drift() {
     assert_same_data(&env).await;
 }
 
+/// A table captured before control schema v11 keeps the transaction id
+/// column in its delta table (dropping it would lock out every writer), so
+/// its capture functions must go on filling it, also once the fence is
+/// lifted again; the drain does not read it. A table captured since has a
+/// delta table of its key columns only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_table_from_before_v11_still_captures_and_drains() {
+    let env = synced().await;
+    let app = env.source_as(APP).await;
+    let delta_columns = |table: &'static str| {
+        let app = &app;
+        async move {
+            let row = app
+                .query_one(
+                    "SELECT d.id, array_agg(a.attname::text ORDER BY a.attnum)
+                       FROM pgferry.tables d
+                       JOIN pg_attribute a ON a.attrelid = format('pgferry.d_%s', d.id)::regclass
+                      WHERE d.table_name = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                      GROUP BY d.id",
+                    &[&table],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i32>(0), row.get::<_, Vec<String>>(1))
+        }
+    };
+    assert_eq!(delta_columns("accounts").await.1, ["k1"], "keys only since v11");
+
+    // scratch's delta table as version 10 made it, and its functions made
+    // again for it.
+    let (id, _) = delta_columns("scratch").await;
+    app.batch_execute(&format!(
+        "DROP TABLE pgferry.d_{id};
+         CREATE TABLE pgferry.d_{id} (xid xid8 NOT NULL, k1 integer NOT NULL);
+         SELECT pgferry.capture_functions({id});"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(delta_columns("scratch").await.1, ["xid", "k1"]);
+    // An INSERT, an UPDATE moving a key (the key column trigger) and a
+    // DELETE: each would break the NOT NULL on xid without it.
+    let writes = |i: i32| {
+        format!(
+            "INSERT INTO scratch VALUES (700000 + {i}, 'legacy delta');
+             UPDATE scratch SET id = 700100 + {i} WHERE id = 10 + {i};
+             DELETE FROM scratch WHERE id = 50 + {i};"
+        )
+    };
+    app.batch_execute(&writes(0)).await.unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+
+    app.batch_execute("SELECT pgferry.fence_set(true)").await.unwrap();
+    assert_fenced(&app, &writes(1), "refused by the fence").await;
+    app.batch_execute("SELECT pgferry.fence_set(false)")
+        .await
+        .unwrap();
+    app.batch_execute(&writes(2)).await.unwrap();
+    let left: i64 = app
+        .query_one(
+            &format!("SELECT count(*) FROM pgferry.d_{id} WHERE xid IS NOT NULL"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        left, 4,
+        "the new key, the old key, the insert and the delete, with their transaction id"
+    );
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_target_privilege_consumes_nothing() {
     let env = seeded().await;

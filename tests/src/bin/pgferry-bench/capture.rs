@@ -9,9 +9,9 @@
 //! - `row`: pgferry's delta rows written by a row-level trigger instead (the
 //!   design pgferry does not use, measured for the choice);
 //! - `pgferry`: pgferry's capture as installed by pgferry (statement-level
-//!   triggers with transition tables, one unindexed delta table per table,
-//!   and the row trigger on the key columns that records an UPDATE's old key
-//!   when the key changes);
+//!   triggers with transition tables, one unindexed delta table of key
+//!   columns per table, and the row trigger on the key columns that records
+//!   an UPDATE's old key when the key changes);
 //! - `bucardo_style`: Bucardo's delta design as the issue describes it,
 //!   reproduced here (a row-level AFTER trigger inserting the key and now()
 //!   into a per-table delta table indexed on both);
@@ -198,13 +198,13 @@ pub async fn run(v: &[String]) {
              END $f$;
              CREATE TRIGGER bench_floor AFTER INSERT OR UPDATE OR DELETE ON {t}
                FOR EACH STATEMENT EXECUTE FUNCTION bench_floor_{t}();
-             CREATE TABLE row_delta_{t} (xid xid8 NOT NULL, {key} NOT NULL) WITH ({storage});
+             CREATE TABLE row_delta_{t} ({key} NOT NULL) WITH ({storage});
              CREATE FUNCTION bench_row_{t}() RETURNS trigger LANGUAGE plpgsql AS $f$
              BEGIN
-               IF TG_OP = 'DELETE' THEN INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), OLD.{col}); RETURN NULL; END IF;
-               INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), NEW.{col});
+               IF TG_OP = 'DELETE' THEN INSERT INTO row_delta_{t} VALUES (OLD.{col}); RETURN NULL; END IF;
+               INSERT INTO row_delta_{t} VALUES (NEW.{col});
                IF TG_OP = 'UPDATE' AND NEW.{col} IS DISTINCT FROM OLD.{col} THEN
-                 INSERT INTO row_delta_{t} VALUES (pg_current_xact_id(), OLD.{col});
+                 INSERT INTO row_delta_{t} VALUES (OLD.{col});
                END IF;
                RETURN NULL;
              END $f$;
