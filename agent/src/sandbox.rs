@@ -48,8 +48,8 @@ pub struct Cluster {
     port: u16,
     run_as: Option<(u32, u32)>,
     stopped: bool,
-    /// Extra server options (`-c name=value ...`).
-    settings: String,
+    /// Extra server settings (`name=value`).
+    settings: Vec<String>,
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
@@ -119,7 +119,7 @@ impl Cluster {
             port: 0,
             run_as,
             stopped: true,
-            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         cluster
             .tool(
@@ -198,13 +198,36 @@ impl Cluster {
         }
     }
 
+    /// The options the server runs with (`postgres` arguments): its port,
+    /// socket directory and settings, for starting it some other way than
+    /// with `pg_ctl`, e.g. under a profiler.
+    pub fn server_options(&self) -> Vec<String> {
+        let mut opts = vec![
+            "-p".to_string(),
+            self.port.to_string(),
+            "-k".to_string(),
+            self.base.display().to_string(),
+        ];
+        let defaults = [
+            "listen_addresses=127.0.0.1",
+            "fsync=off",
+            "full_page_writes=off",
+            "max_connections=200",
+            "shared_buffers=64MB",
+        ];
+        for setting in defaults
+            .iter()
+            .copied()
+            .chain(self.settings.iter().map(String::as_str))
+        {
+            opts.extend(["-c".to_string(), setting.to_string()]);
+        }
+        opts
+    }
+
     async fn pg_ctl_start(&self) -> Result<(), SandboxError> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB{}",
-            self.port,
-            self.base.display(),
-            self.settings
-        );
+        // The socket directory is a temporary directory: no spaces to quote.
+        let opts = self.server_options().join(" ");
         self.tool(
             "pg_ctl",
             &[
