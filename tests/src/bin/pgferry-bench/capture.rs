@@ -484,9 +484,8 @@ fn single_user(source: &Cluster, script: &str, counted: bool) -> String {
     use std::io::Write;
     let postgres = source.bin_dir().join("postgres");
     let mut cmd = if counted {
-        let mut c = std::process::Command::new("valgrind");
-        c.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
-            .arg(postgres);
+        let mut c = callgrind();
+        c.arg(postgres);
         c
     } else {
         std::process::Command::new(postgres)
@@ -500,7 +499,7 @@ fn single_user(source: &Cluster, script: &str, counted: bool) -> String {
     let mut child = source
         .as_owner(&mut cmd)
         .spawn()
-        .unwrap_or_else(|e| panic!("valgrind (Debian package valgrind; scripts/bench installs it): {e}"));
+        .unwrap_or_else(|e| panic!("{}: {e}", if counted { NO_VALGRIND } else { "postgres --single" }));
     // Small enough for the pipe: written whole before reading the output.
     child
         .stdin
@@ -520,6 +519,17 @@ fn single_user(source: &Cluster, script: &str, counted: bool) -> String {
     );
     text
 }
+
+/// valgrind counting instructions with callgrind (the count is read from
+/// its log, so no output file).
+fn callgrind() -> std::process::Command {
+    let mut c = std::process::Command::new("valgrind");
+    c.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"]);
+    c
+}
+
+/// What failed to start, for a panic message.
+const NO_VALGRIND: &str = "valgrind (Debian package valgrind; scripts/bench installs it)";
 
 /// The instruction count callgrind reports in `text` (`Collected : N`).
 fn collected(text: &str) -> Option<f64> {
@@ -578,24 +588,23 @@ fn tpcb_instructions(source: &Cluster, mode: &str) -> f64 {
     };
     let server_log = std::fs::File::create(source.socket_dir().join(format!("{prefix}server.out")))
         .expect("the counted server's log");
-    let mut cmd = std::process::Command::new("valgrind");
-    cmd.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
-        .arg(format!(
-            "--log-file={}",
-            source.socket_dir().join(format!("{prefix}%p.log")).display()
-        ))
-        .arg(source.bin_dir().join("postgres"))
-        .arg("-D")
-        .arg(source.data_dir())
-        .args(source.server_options())
-        .args(["-c", "autovacuum=off"])
-        .stdin(std::process::Stdio::null())
-        .stdout(server_log.try_clone().expect("log"))
-        .stderr(server_log);
+    let mut cmd = callgrind();
+    cmd.arg(format!(
+        "--log-file={}",
+        source.socket_dir().join(format!("{prefix}%p.log")).display()
+    ))
+    .arg(source.bin_dir().join("postgres"))
+    .arg("-D")
+    .arg(source.data_dir())
+    .args(source.server_options())
+    .args(["-c", "autovacuum=off"])
+    .stdin(std::process::Stdio::null())
+    .stdout(server_log.try_clone().expect("log"))
+    .stderr(server_log);
     let mut server = source
         .as_owner(&mut cmd)
         .spawn()
-        .unwrap_or_else(|e| panic!("valgrind (Debian package valgrind; scripts/bench installs it): {e}"));
+        .unwrap_or_else(|e| panic!("{NO_VALGRIND}: {e}"));
     let env = crate::pgbench_env(source);
     let until = |what: &str, done: &mut dyn FnMut() -> bool| {
         let deadline = Instant::now() + std::time::Duration::from_secs(300);
