@@ -855,6 +855,12 @@ const RECOPY_FROM_KEYS: u64 = 10_000;
 /// statistics system's live rows, which count a table's first rows twice
 /// when an ANALYZE reports before its loading transaction's counts do.
 /// Never for a table without an estimate.
+///
+/// An estimate gone stale low (a table that grew many times over since it
+/// was last analyzed, autovacuum off) must not copy a big table whole, the
+/// more so under the fence: each member counts at least half the rows its
+/// present size holds at its last known density (half, so that the dead
+/// rows of a table just updated throughout do not stop its recopy).
 async fn recopy_pays(
     m: &Migration,
     stx: &tokio_postgres::Transaction<'_>,
@@ -868,7 +874,10 @@ async fn recopy_pays(
     let relids: Vec<u32> = members.iter().map(|t| t.relid).collect();
     let rows: f64 = stx
         .query_one(
-            "SELECT CASE WHEN bool_or(reltuples < 0) THEN -1 ELSE sum(reltuples) END::float8
+            "SELECT CASE WHEN bool_or(reltuples < 0) THEN -1 ELSE sum(greatest(reltuples::float8,
+                      reltuples::float8 / nullif(relpages, 0)
+                        * pg_relation_size(oid) / current_setting('block_size')::int / 2))
+                    END::float8
                FROM pg_class WHERE oid = ANY($1)",
             &[&relids],
         )

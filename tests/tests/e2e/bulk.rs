@@ -316,3 +316,41 @@ async fn a_backlog_naming_most_rows_copies_the_table_again_with_writes_going_on(
     writers.progress(200).await;
     cutover_then_compare(&env, writers).await;
 }
+
+/// A row estimate gone stale low does not copy a big table whole: `grown`
+/// was analyzed at 1,000 rows, then (autovacuum off for it) grew to 60,000.
+/// Its 12,000 changed keys are past `sync.recopy_fraction` of the stale
+/// estimate, not of the table: they are applied key by key.
+#[tokio::test]
+async fn a_stale_low_row_estimate_does_not_copy_a_big_table_again() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE grown (id int PRIMARY KEY, v int NOT NULL) WITH (autovacuum_enabled = false);
+         INSERT INTO grown SELECT g, 0 FROM generate_series(1, 1000) g;
+         ANALYZE grown;
+         INSERT INTO grown SELECT g, 0 FROM generate_series(1001, 60000) g;",
+    )
+    .await
+    .expect("a table grown since its last ANALYZE");
+    env.config("[sync]\nworkers = 1\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    app.batch_execute("UPDATE grown SET v = v + 1 WHERE id <= 12000")
+        .await
+        .expect("the backlog");
+    let stale: f32 = app
+        .query_one(
+            "SELECT reltuples FROM pg_class WHERE oid = 'grown'::regclass",
+            &[],
+        )
+        .await
+        .expect("estimate")
+        .get(0);
+    assert_eq!(stale, 1000.0, "the estimate is still the stale one");
+    let out = env.ok(&["sync", "--until-caught-up", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(&out).expect("sync's JSON report");
+    assert_eq!(report["recopies"], 0, "grown is applied key by key: {report}");
+    assert_eq!(report["keys_applied"], 12000, "{report}");
+    assert_same_rows(&env).await;
+}
