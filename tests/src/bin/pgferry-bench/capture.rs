@@ -23,6 +23,11 @@
 //!   TRUNCATE trigger. Its daemon is not started: only the triggers' cost is
 //!   measured, as for pgferry.
 //!
+//! Around each pgbench run, reads the server's CPU time from /proc (the
+//! postmaster's, its exited backends' and its live children's, user and
+//! system): the CPU one transaction costs the server in each mode, with
+//! the kernel's share that instruction counts miss.
+//!
 //! Also times one 100k-row UPDATE per mode, and measures what one
 //! single-row UPDATE costs the server's CPU, alone in its transaction
 //! (`MICRO_TXNS` of them in one session, CPU time of that backend): the
@@ -113,8 +118,13 @@ fn mode_sql(mode: &str) -> String {
 pub async fn run(v: &[String]) {
     let a = args(v);
     eprintln!("starting throwaway clusters");
-    let (mut source, target) =
-        tokio::try_join!(Cluster::start("bench-source"), Cluster::start("bench-target")).expect("clusters");
+    // The other benchmarks' server settings: pgbench's tables fit in
+    // shared_buffers, as a production server's working set does.
+    let (mut source, target) = tokio::try_join!(
+        Cluster::start_with("bench-source", &crate::copy::SERVER),
+        Cluster::start_with("bench-target", &crate::copy::SERVER)
+    )
+    .expect("clusters");
     source
         .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
         .await
@@ -218,13 +228,17 @@ pub async fn run(v: &[String]) {
     let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut bulk: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut cpu: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut server_cpu_us: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut server_system_us: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let ticks = clock_ticks();
+    let postmaster = postmaster_pid(&source);
     for round in 0..a.rounds {
         // Rotate the order each round.
         for i in 0..MODES.len() {
             let mode = MODES[(i + round as usize) % MODES.len()];
             select_mode(&admin, mode).await;
             crate::settle(&[&source], &TABLES.map(|(t, _)| t).join(", ")).await;
+            let (cpu_before, sessions) = server_cpu(postmaster);
             let out = std::process::Command::new(&pgbench)
                 .args([
                     "-n",
@@ -250,8 +264,23 @@ pub async fn run(v: &[String]) {
                         String::from_utf8_lossy(&out.stderr)
                     )
                 });
-            eprintln!("round {round} {mode:>8}: {t:.0} tps");
+            let txns: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|n| n.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no transaction count in pgbench output: {text}"));
+            await_backends_gone(postmaster, &sessions);
+            let ((user, system), _) = server_cpu(postmaster);
+            let per_txn = |t: f64| t / ticks * 1e6 / txns;
+            let (user, system) = (per_txn(user - cpu_before.0), per_txn(system - cpu_before.1));
+            eprintln!(
+                "round {round} {mode:>8}: {t:.0} tps, server CPU {:.1} µs per transaction ({system:.1} system)",
+                user + system
+            );
             tps.entry(mode).or_default().push(t);
+            server_cpu_us.entry(mode).or_default().push(user + system);
+            server_system_us.entry(mode).or_default().push(system);
             let started = Instant::now();
             c.batch_execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 100000")
                 .await
@@ -289,6 +318,12 @@ pub async fn run(v: &[String]) {
             .collect();
         median(&per_round)
     };
+    // The server's CPU per transaction in the TPS rounds: `1 - none/mode`
+    // is the TPS loss of a CPU-bound server, with what instructions do not
+    // show (the kernel's share, cache misses) and without the run-to-run
+    // swings of TPS on a shared host.
+    let cpu_med = |m: &str| median(&server_cpu_us[m]);
+    let cpu_loss = |m: &str| 100.0 * (1.0 - cpu_med("none") / cpu_med(m));
     let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
         MODES.iter().map(|m| (m.to_string(), f(m).into())).collect()
     };
@@ -303,6 +338,12 @@ pub async fn run(v: &[String]) {
         "pgferry_paired_loss_vs_bucardo": paired("pgferry") / paired("bucardo"),
         "pgferry_loss_vs_bucardo_style_loss": loss("pgferry") / loss("bucardo_style"),
         "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
+        "server_cpu_us_per_txn": server_cpu_us,
+        "server_cpu_us_per_txn_median": per_mode(&cpu_med),
+        "server_system_cpu_us_per_txn_median": per_mode(&|m: &str| median(&server_system_us[m])),
+        "server_cpu_loss_pct": per_mode(&cpu_loss),
+        "pgferry_server_cpu_loss_vs_bucardo": cpu_loss("pgferry") / cpu_loss("bucardo"),
+        "pgferry_server_cpu_loss_vs_bucardo_style": cpu_loss("pgferry") / cpu_loss("bucardo_style"),
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
         "cpu_us_per_single_row_update_median": per_mode(&|m: &str| median(&cpu[m])),
         "instructions_per_single_row_update": instructions,
@@ -444,15 +485,8 @@ async fn cpu_per_update(admin: &tokio_postgres::Client, ticks: f64, tellers: u32
             .await
             .expect("the backend's /proc/self/stat")
             .get(0);
-        // Fields 14 and 15, counted after the command name's parenthesis.
-        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|x| x.parse().expect("cpu ticks"))
-            .collect();
-        f[0] + f[1]
+        let t = cpu_times(&stat);
+        t.user + t.system
     };
     let before = cpu().await;
     // Alone in its query string: COMMIT inside DO needs no outer transaction.
@@ -461,6 +495,99 @@ async fn cpu_per_update(admin: &tokio_postgres::Client, ticks: f64, tellers: u32
         .await
         .expect("single-row updates");
     (cpu().await - before) / ticks * 1e6 / f64::from(MICRO_TXNS)
+}
+
+/// What a /proc/PID/stat line says of a process.
+struct Stat {
+    ppid: u32,
+    /// CPU time in clock ticks: the process's own...
+    user: f64,
+    system: f64,
+    /// ...and that of its children it has waited for (exited backends, for
+    /// the postmaster).
+    children_user: f64,
+    children_system: f64,
+}
+
+/// Parses a /proc/PID/stat line (fields 4 and 14 to 17, counted after the
+/// command name's parenthesis, which may hold spaces).
+fn cpu_times(stat: &str) -> Stat {
+    let f: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
+        .split_whitespace()
+        .collect();
+    let n = |i: usize| -> f64 { f[i].parse().expect("cpu ticks") };
+    Stat {
+        ppid: f[1].parse().expect("ppid"),
+        user: n(11),
+        system: n(12),
+        children_user: n(13),
+        children_system: n(14),
+    }
+}
+
+/// The server's CPU time so far, (user, system) in clock ticks: the
+/// postmaster's own, that of its children that have exited, and that of
+/// its live children (background processes, sessions); with the live
+/// children's PIDs.
+fn server_cpu(postmaster: u32) -> ((f64, f64), std::collections::BTreeSet<u32>) {
+    let read = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let pm = cpu_times(&read(postmaster).expect("the postmaster's /proc entry"));
+    let (mut user, mut system) = (pm.user + pm.children_user, pm.system + pm.children_system);
+    let mut children = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Some(pid) = entry
+            .expect("a /proc entry")
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that exited meanwhile has no entry left: skipped.
+        if let Some(t) = read(pid).map(|s| cpu_times(&s)).filter(|t| t.ppid == postmaster) {
+            user += t.user;
+            system += t.system;
+            children.insert(pid);
+        }
+    }
+    ((user, system), children)
+}
+
+/// The postmaster's PID, from the first line of `postmaster.pid`.
+fn postmaster_pid(source: &Cluster) -> u32 {
+    std::fs::read_to_string(source.data_dir().join("postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the postmaster's PID")
+}
+
+/// Waits until the backends the server started after `before` (its live
+/// children then) have exited and been waited for, autovacuum workers
+/// aside, so that their CPU time is in the postmaster's children's.
+fn await_backends_gone(postmaster: u32, before: &std::collections::BTreeSet<u32>) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, now) = server_cpu(postmaster);
+        let left: Vec<u32> = now
+            .difference(before)
+            .copied()
+            .filter(|pid| {
+                !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .unwrap_or_default()
+                    .contains("autovacuum")
+            })
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgbench's backends {left:?} still there 30 s after it ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `txns` single-row UPDATEs of pgbench_tellers (`tellers` rows), each in
