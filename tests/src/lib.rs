@@ -140,6 +140,9 @@ impl Env {
             .env("PGFERRY_TARGET", self.target_url())
             .env("PGFERRY_LOG", "info")
             .env("PGFERRY_METRICS__LISTEN", "off")
+            // The agent's scratch (schema dumps) goes with the test's: an
+            // agent killed on purpose cannot remove its own.
+            .env("TMPDIR", self.dir.path())
             .env_remove("PGFERRY_FAILPOINTS")
             .stdin(Stdio::null())
             .kill_on_drop(true);
