@@ -40,9 +40,11 @@
 //! medians, and paired: the median of each round's loss against that
 //! round's no-trigger run, which the machine's drift between rounds does
 //! not move), the ratio of pgferry's loss (and of the floor's) to
-//! Bucardo's and to the reproduction's, the bulk UPDATE's time, the CPU per single-row UPDATE
-//! and its instructions, with the ratio of those pgferry adds to those
-//! Bucardo adds.
+//! Bucardo's and to the reproduction's, the same runs as time added per
+//! transaction (1/TPS) with pgferry's share of Bucardo's and the share a
+//! capture losing half Bucardo's TPS would have, the bulk UPDATE's time,
+//! the CPU per single-row UPDATE and its instructions, with the ratio of
+//! those pgferry adds to those Bucardo adds.
 
 use std::time::Instant;
 
@@ -324,6 +326,18 @@ pub async fn run(v: &[String]) {
     // swings of TPS on a shared host.
     let cpu_med = |m: &str| median(&server_cpu_us[m]);
     let cpu_loss = |m: &str| 100.0 * (1.0 - cpu_med("none") / cpu_med(m));
+    // The same runs as time: the machine's µs per transaction (1/TPS) and
+    // what each mode adds to it. A loss ratio is not a cost ratio: a loss
+    // cannot pass 100%, so the larger loss is squeezed more. At Bucardo's
+    // loss L, a capture whose loss is L/2 adds this fraction of Bucardo's
+    // time per transaction: (1/(1 - L/2) - 1) / (1/(1 - L) - 1).
+    let machine_us = |m: &str| 1e6 / med(m);
+    let time_added = |m: &str| machine_us(m) - machine_us("none");
+    let cpu_added = |m: &str| cpu_med(m) - cpu_med("none");
+    let half_loss_time_ratio = {
+        let l = loss("bucardo") / 100.0;
+        (1.0 / (1.0 - l / 2.0) - 1.0) / (1.0 / (1.0 - l) - 1.0)
+    };
     let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
         MODES.iter().map(|m| (m.to_string(), f(m).into())).collect()
     };
@@ -344,6 +358,12 @@ pub async fn run(v: &[String]) {
         "server_cpu_loss_pct": per_mode(&cpu_loss),
         "pgferry_server_cpu_loss_vs_bucardo": cpu_loss("pgferry") / cpu_loss("bucardo"),
         "pgferry_server_cpu_loss_vs_bucardo_style": cpu_loss("pgferry") / cpu_loss("bucardo_style"),
+        "machine_us_per_txn_median": per_mode(&machine_us),
+        "time_added_us_per_txn": per_mode(&time_added),
+        "pgferry_time_added_vs_bucardo": time_added("pgferry") / time_added("bucardo"),
+        "pgferry_time_added_vs_bucardo_style": time_added("pgferry") / time_added("bucardo_style"),
+        "pgferry_server_cpu_added_vs_bucardo": cpu_added("pgferry") / cpu_added("bucardo"),
+        "time_added_vs_bucardo_at_half_its_loss": half_loss_time_ratio,
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
         "cpu_us_per_single_row_update_median": per_mode(&|m: &str| median(&cpu[m])),
         "instructions_per_single_row_update": instructions,
