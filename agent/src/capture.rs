@@ -95,7 +95,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             state::set_phase(&**conn, Phase::Installing).await?;
             crate::failpoint::hit("install.after_register").await;
         }
-        Some(_) => refreshed = refresh(m, &conn, cancel, &current).await?,
+        Some(run) => refreshed = refresh(m, &conn, cancel, &current, run.phase).await?,
     }
     let tables = state::tables(&**conn).await?;
     let mut installed_now = 0;
@@ -148,18 +148,27 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
 }
 
 /// Brings the registrations in line with the source schema: dropped tables
-/// are forgotten, renamed tables, tables whose key changed and tables whose
-/// key column trigger a new BEFORE UPDATE trigger bypasses are captured
-/// afresh, tables whose columns changed are marked for a fresh copy, new
-/// tables are registered. Returns how many tables changed.
+/// are forgotten; renamed tables, tables whose key changed, tables whose
+/// key column trigger a new BEFORE UPDATE trigger bypasses and tables whose
+/// capture was disabled or dropped are captured afresh; tables whose columns
+/// changed are marked for a fresh copy; new tables are registered. Returns
+/// how many tables changed.
 async fn refresh(
     m: &Migration,
     conn: &tokio_postgres::Client,
     cancel: &CancellationToken,
     current: &[plan::SourceTable],
+    phase: Phase,
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
     let bypassed = key_trigger_bypassed(conn).await.map_err(CaptureError::Catalog)?;
+    // Before the first install has finished, a table without its triggers
+    // is one it has yet to reach, not one whose capture was taken away.
+    let lost = if phase >= Phase::Installed {
+        capture_lost(conn).await.map_err(CaptureError::Catalog)?
+    } else {
+        Vec::new()
+    };
     let mut changed = 0;
     for t in &registered {
         let now = current.iter().find(|c| c.relid == t.relid);
@@ -171,7 +180,8 @@ async fn refresh(
             Some(c)
                 if c.table != t.table
                     || c.registered_key(&m.cfg.copy_only) != t.key_columns
-                    || bypassed.contains(&t.relid) =>
+                    || bypassed.contains(&t.relid)
+                    || lost.contains(&t.relid) =>
             {
                 remove(m, conn, cancel, t, true).await?;
                 state::unregister(conn, t).await?;
@@ -299,6 +309,39 @@ pub(crate) async fn key_trigger_bypassed(
             "SELECT t.relid FROM pgferry.tables t
               WHERE t.key_trigger AND NOT pgferry.key_trigger_fits(t.relid)
                 AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The registered tables (still on the source) whose capture is not all
+/// there and enabled: a capture trigger (or a copy_only table's fence
+/// trigger) dropped, or disabled (`ALTER TABLE ... DISABLE TRIGGER`, which
+/// the table's owner may run). pgferry's triggers are `ENABLE ALWAYS`, so
+/// `session_replication_role` does not bypass them, and one disabled and
+/// enabled again the plain way (`ENABLE TRIGGER`) shows here too. Writes
+/// made meanwhile may have gone uncaptured, so these tables must be captured
+/// and copied afresh.
+pub(crate) async fn capture_lost(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<u32>, tokio_postgres::Error> {
+    // `key_trigger` arrived with control schema version 9; read through
+    // jsonb so that an older schema reads as "no key column trigger".
+    let rows = client
+        .query(
+            r"SELECT t.relid FROM pgferry.tables t
+               CROSS JOIN LATERAL (
+                 SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS enabled
+                   FROM pg_trigger g
+                  WHERE g.tgrelid = t.relid
+                    AND g.tgname LIKE CASE WHEN t.copy_only THEN 'pgferry\_fence' ELSE 'pgferry\_capture\_%' END
+               ) g
+              WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
+                AND (g.enabled < g.present
+                     OR g.present < CASE WHEN t.copy_only THEN 1
+                                         WHEN coalesce((to_jsonb(t) ->> 'key_trigger')::boolean, false) THEN 5
+                                         ELSE 4 END)",
             &[],
         )
         .await?;

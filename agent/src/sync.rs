@@ -388,14 +388,24 @@ pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) ->
     changes
 }
 
-/// [`drift`], plus the tables whose key column trigger a BEFORE UPDATE row
-/// trigger created since install could bypass.
+/// [`drift`], plus the tables whose capture was disabled or dropped, and
+/// those whose key column trigger a BEFORE UPDATE row trigger created since
+/// install could bypass.
 pub async fn schema_changes(
     client: &impl tokio_postgres::GenericClient,
     registered: &[TableState],
     current: &[crate::plan::SourceTable],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let mut changes = drift(registered, current);
+    let lost = crate::capture::capture_lost(client).await?;
+    for t in registered.iter().filter(|t| lost.contains(&t.relid)) {
+        changes.push(format!(
+            "table {}: a capture trigger of pgferry's was disabled or dropped, so writes made since may \
+             not have been captured (nothing to change on the target: `install` captures the table \
+             afresh and `copy` copies it again)",
+            t.table.display_name()
+        ));
+    }
     let bypassed = crate::capture::key_trigger_bypassed(client).await?;
     for t in registered.iter().filter(|t| bypassed.contains(&t.relid)) {
         changes.push(format!(

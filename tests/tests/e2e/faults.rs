@@ -366,6 +366,60 @@ async fn a_before_update_trigger_created_after_install_is_drift() {
     assert_same_data(&env).await;
 }
 
+/// A capture trigger that the table's owner disables (or drops) after
+/// install lets writes through uncaptured, so it is drift: sync stops and
+/// names the table, and `install` captures it afresh (enabled) for `copy` to
+/// copy again. Disabling only the key column trigger counts too: with it
+/// off, a key change leaves the row under its old key on the target. So
+/// does a capture trigger disabled and enabled again the plain way (it was
+/// `ENABLE ALWAYS`). Without the check, sync goes on and the cutover's verification is the
+/// first to notice, with the fence up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_capture_trigger_is_drift() {
+    let env = synced().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        r#"ALTER TABLE "; drop table accounts; --" DISABLE TRIGGER pgferry_capture_key;
+           UPDATE "; drop table accounts; --" SET id = -id WHERE id = 5;
+           ALTER TABLE codes DISABLE TRIGGER USER;
+           INSERT INTO codes VALUES ('unseen', 1);
+           ALTER TABLE codes ENABLE TRIGGER USER;"#,
+    )
+    .await
+    .unwrap();
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
+    for table in ["public.; drop table accounts; --", "public.codes"] {
+        assert!(
+            err.contains(&format!(
+                "table {table}: a capture trigger of pgferry's was disabled or dropped"
+            )),
+            "{err}"
+        );
+    }
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1), "check reports it too");
+    let out = env.run(&["cutover"]).await;
+    assert_ne!(out.status.code(), Some(0), "no cutover with capture off");
+    assert!(!fence_is_up(&env).await);
+
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["install", "--json"]).await).unwrap();
+    assert_eq!(report["refreshed"], 2, "{report}");
+    assert_eq!(env.status().await["phase"], "copying");
+    app.batch_execute(
+        r#"UPDATE "; drop table accounts; --" SET id = -id WHERE id = 6;
+           INSERT INTO codes VALUES ('seen', 2);"#,
+    )
+    .await
+    .unwrap();
+    env.ok(&["copy"]).await;
+    app.batch_execute(r#"UPDATE "; drop table accounts; --" SET id = -id WHERE id = 7"#)
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 /// A table captured before control schema v11 keeps the transaction id
 /// column in its delta table (dropping it would lock out every writer), so
 /// its capture functions must go on filling it, also once the fence is
