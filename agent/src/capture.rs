@@ -95,7 +95,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             state::set_phase(&**conn, Phase::Installing).await?;
             crate::failpoint::hit("install.after_register").await;
         }
-        Some(run) => refreshed = refresh(m, &conn, cancel, &current, run.phase).await?,
+        Some(_) => refreshed = refresh(m, &conn, cancel, &current).await?,
     }
     let tables = state::tables(&**conn).await?;
     let mut installed_now = 0;
@@ -158,17 +158,10 @@ async fn refresh(
     conn: &tokio_postgres::Client,
     cancel: &CancellationToken,
     current: &[plan::SourceTable],
-    phase: Phase,
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
     let bypassed = key_trigger_bypassed(conn).await.map_err(CaptureError::Catalog)?;
-    // Before the first install has finished, a table without its triggers
-    // is one it has yet to reach, not one whose capture was taken away.
-    let lost = if phase >= Phase::Installed {
-        capture_lost(conn).await.map_err(CaptureError::Catalog)?
-    } else {
-        Vec::new()
-    };
+    let lost = capture_lost(conn).await.map_err(CaptureError::Catalog)?;
     let mut changed = 0;
     for t in &registered {
         let now = current.iter().find(|c| c.relid == t.relid);
@@ -322,7 +315,8 @@ pub(crate) async fn key_trigger_bypassed(
 /// `session_replication_role` does not bypass them, and one disabled and
 /// enabled again the plain way (`ENABLE TRIGGER`) shows here too. Writes
 /// made meanwhile may have gone uncaptured, so these tables must be captured
-/// and copied afresh.
+/// and copied afresh. None while the first install is still under way: a
+/// table it has yet to reach has no triggers.
 pub(crate) async fn capture_lost(
     client: &impl tokio_postgres::GenericClient,
 ) -> Result<Vec<u32>, tokio_postgres::Error> {
@@ -338,6 +332,7 @@ pub(crate) async fn capture_lost(
                     AND g.tgname LIKE CASE WHEN t.copy_only THEN 'pgferry\_fence' ELSE 'pgferry\_capture\_%' END
                ) g
               WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
+                AND (SELECT phase FROM pgferry.run) <> 'installing'
                 AND (g.enabled < g.present
                      OR g.present < CASE WHEN t.copy_only THEN 1
                                          WHEN coalesce((to_jsonb(t) ->> 'key_trigger')::boolean, false) THEN 5
