@@ -297,6 +297,12 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
                     eprint!("{}", v.render());
                     return Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v)));
                 }
+                Err(Error::Cutover(crate::cutover::CutoverError::MismatchBeforeFence(v))) => {
+                    eprint!("{}", v.render());
+                    return Err(Error::Cutover(crate::cutover::CutoverError::MismatchBeforeFence(
+                        v,
+                    )));
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -324,6 +324,26 @@ pub struct CutoverConfig {
     /// write then, and every second of that work is write downtime.
     #[serde(default)]
     pub rate_limited: bool,
+    /// What the verification reads with the fence up. `full` (the default)
+    /// compares every row of every table, so the write downtime grows with
+    /// the database. `changed` compares each table in full before the
+    /// fence, in the snapshot of a drain batch, and then with the fence up
+    /// only the rows whose keys changed since (tables in a partition or
+    /// inheritance hierarchy, and tables truncated or copied whole since,
+    /// are still compared in full).
+    #[serde(default)]
+    pub verify: VerifyScope,
+}
+
+/// What the cutover's verification compares with the fence up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyScope {
+    /// Every row.
+    #[default]
+    Full,
+    /// The rows changed since a full comparison made before the fence.
+    Changed,
 }
 
 fn default_source_connections() -> usize {
@@ -425,6 +445,7 @@ impl Default for CutoverConfig {
             writer_wait_ms: default_writer_wait_ms(),
             switch_command: None,
             rate_limited: false,
+            verify: VerifyScope::Full,
         }
     }
 }
@@ -571,8 +592,18 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.copy.workers, 3);
         assert_eq!(cfg.sync.workers, 2);
+        assert_eq!(cfg.cutover.verify, VerifyScope::Full);
         assert_eq!(cfg.source.unwrap().expose_secret(), "postgres://a@h/db");
         assert_eq!(cfg.target.unwrap().expose_secret(), "postgres://t@h/db");
+    }
+
+    #[test]
+    fn the_verification_scope_is_full_or_changed() {
+        let f = write("[cutover]\nverify = \"changed\"\n");
+        let cfg = Config::load(Some(f.path()), Overrides::default()).unwrap();
+        assert_eq!(cfg.cutover.verify, VerifyScope::Changed);
+        let f = write("[cutover]\nverify = \"some\"\n");
+        assert!(Config::load(Some(f.path()), Overrides::default()).is_err());
     }
 
     #[test]

@@ -81,7 +81,10 @@ impl Error {
         match self {
             Error::Config(_) | Error::Rds(crate::rds::RdsError::Invalid(_)) => ExitCode::Usage,
             Error::CheckFailed(_) | Error::VerifyMismatch(_) | Error::Connect(_) => ExitCode::CheckFailed,
-            Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(_)) => ExitCode::CheckFailed,
+            Error::Cutover(
+                crate::cutover::CutoverError::VerifyMismatch(_)
+                | crate::cutover::CutoverError::MismatchBeforeFence(_),
+            ) => ExitCode::CheckFailed,
             // SIGTERM is a normal stop (systemd): state is consistent and a
             // re-run continues.
             Error::Cancelled => ExitCode::Done,

@@ -195,6 +195,13 @@ impl TableState {
     pub fn delta_table(&self) -> QualifiedTable {
         QualifiedTable::new(SCHEMA, format!("d_{}", self.id))
     }
+
+    /// Its ledger: the keys of the deltas consumed since the table was
+    /// last verified equal before the fence (`cutover.verify = "changed"`).
+    /// It exists only while that verification holds.
+    pub fn ledger_table(&self) -> QualifiedTable {
+        QualifiedTable::new(SCHEMA, format!("v_{}", self.id))
+    }
 }
 
 /// What the plan registers for capture.
@@ -403,13 +410,37 @@ pub async fn unregister(client: &impl GenericClient, t: &TableState) -> Result<(
         .batch_execute(&format!(
             "DELETE FROM pgferry.truncates WHERE table_id = {id};
              DELETE FROM pgferry.tables WHERE id = {id};
-             DROP TABLE IF EXISTS {delta};",
+             DROP TABLE IF EXISTS {delta};
+             DROP TABLE IF EXISTS {ledger};",
             id = t.id,
-            delta = t.delta_table()
+            delta = t.delta_table(),
+            ledger = t.ledger_table()
         ))
         .await
         .map_err(q("unregister a table"))?;
     Ok(())
+}
+
+/// The ids of the tables that have a ledger (see
+/// [`TableState::ledger_table`]).
+pub async fn ledgers(client: &impl GenericClient) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT substr(relname, 3)::int FROM pg_class
+              WHERE relnamespace = to_regnamespace('pgferry') AND relkind = 'r' AND relname ~ '^v_[0-9]+$'",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Forgets that the table was verified before the fence: its next cutover
+/// compares it in full, or verifies it afresh first.
+pub async fn drop_ledger(client: &impl GenericClient, t: &TableState) -> Result<(), StateError> {
+    client
+        .batch_execute(&format!("DROP TABLE IF EXISTS {}", t.ledger_table()))
+        .await
+        .map_err(q("drop a ledger"))
 }
 
 /// Every registered table with its progress, in id order.

@@ -37,6 +37,7 @@ use crate::migration::Migration;
 use crate::retry::{retry, Gave, Retryable};
 use crate::state::{self, Phase, TableState};
 use crate::throttle::Throttle;
+use crate::verify::TableVerdict;
 
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
@@ -77,7 +78,7 @@ impl Part {
 }
 
 /// The delta table's key columns: `k1, k2, ...`.
-fn delta_key_list(t: &TableState) -> String {
+pub(crate) fn delta_key_list(t: &TableState) -> String {
     (1..=t.key_columns.len())
         .map(|i| format!("k{i}"))
         .collect::<Vec<_>>()
@@ -127,6 +128,9 @@ pub enum SyncError {
     /// Reading the source catalog for drift failed.
     #[error("could not read the source catalog")]
     Catalog(#[source] tokio_postgres::Error),
+    /// Comparing a table before the fence failed.
+    #[error(transparent)]
+    Verify(Box<crate::verify::VerifyError>),
 }
 
 impl Retryable for SyncError {
@@ -138,7 +142,7 @@ impl Retryable for SyncError {
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
             SyncError::Catalog(source) => crate::error::is_retryable(source),
-            SyncError::Worker(_) | SyncError::SchemaDrift(_) => false,
+            SyncError::Worker(_) | SyncError::SchemaDrift(_) | SyncError::Verify(_) => false,
         }
     }
 }
@@ -208,7 +212,7 @@ impl SyncReport {
 }
 
 /// One batch's outcome.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct BatchStats {
     keys: u64,
     rows_deleted: u64,
@@ -220,6 +224,8 @@ struct BatchStats {
     busy: bool,
     /// The batch applied one part of the table's keys.
     part: bool,
+    /// The table compared in full in the batch's snapshot, when asked.
+    verified: Option<Box<TableVerdict>>,
 }
 
 /// Drains until cancelled, or until caught up when asked.
@@ -498,7 +504,7 @@ pub async fn drain_pass(
             let mut stats = Vec::with_capacity(group.len());
             for t in &group {
                 match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
-                    drain_table(&m, t, &group, part)
+                    drain_table(&m, t, &group, part, false)
                 })
                 .await
                 {
@@ -606,6 +612,7 @@ async fn drain_table(
     t: &TableState,
     group: &[TableState],
     part: Option<Part>,
+    verify: bool,
 ) -> Result<BatchStats, SyncError> {
     let mut source = m.source_conn().await?;
     let locks = match part {
@@ -638,7 +645,7 @@ async fn drain_table(
             ..Default::default()
         })
     } else {
-        batch(m, &mut source, t, group, part).await
+        batch(m, &mut source, t, group, part, verify).await
     };
     match outcome {
         Ok(stats) => {
@@ -668,16 +675,21 @@ fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncE
     }
 }
 
+/// One batch of `t` (or of one part of its keys). With `verify` (a whole
+/// batch of a table alone in its hierarchy), it then compares the table in
+/// full in the batch's snapshot, and creates its ledger when they are equal.
 async fn batch(
     m: &Migration,
     source: &mut Object,
     t: &TableState,
     group: &[TableState],
     part: Option<Part>,
+    verify: bool,
 ) -> Result<BatchStats, SyncError> {
     let src_err = |e| batch_err(t, Side::Source, e);
     let tgt_err = |e| batch_err(t, Side::Target, e);
     let delta = t.delta_table();
+    let ledger = t.ledger_table();
     let started = std::time::Instant::now();
 
     // The snapshot is taken by the first statement of this transaction, after
@@ -701,9 +713,11 @@ async fn batch(
             &format!(
                 "SELECT extract(epoch FROM now())::float8,
                         EXISTS (SELECT 1 FROM {delta} {mine}),
-                        $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1)"
+                        $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1),
+                        EXISTS (SELECT 1 FROM pg_class
+                                 WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3)"
             ),
-            &[&t.id, &part.is_none()],
+            &[&t.id, &part.is_none(), &ledger.name],
         )
         .await
         .map_err(src_err)?;
@@ -712,7 +726,8 @@ async fn batch(
     let whole = |epoch: f64| part.is_none().then_some(epoch);
     let has_deltas: bool = row.get(1);
     let truncated: bool = row.get(2);
-    if !has_deltas && !truncated {
+    let has_ledger: bool = row.get(3);
+    if !has_deltas && !truncated && !verify {
         stx.commit().await.map_err(src_err)?;
         state::record_batch(&***source, t.id, whole(snapshot_epoch), 0).await?;
         crate::telemetry::batch_idle(&t.table.display_name(), false);
@@ -750,7 +765,7 @@ async fn batch(
         stats.rows_written = copy_whole(m, &stx, &ttx, &scope, &members)
             .await
             .map_err(pumped)?;
-    } else {
+    } else if has_deltas {
         let keys = column_list(&t.key_columns, None);
         let delta_keys = delta_key_list(t);
         ttx.batch_execute(&format!(
@@ -820,12 +835,70 @@ async fn batch(
         crate::failpoint::hit("sync.part_applied").await;
     }
 
+    if verify {
+        // The target now holds the table as of S, and nothing else writes it
+        // while this batch holds the table's lock.
+        let subject = crate::verify::Subject {
+            table: t.table.clone(),
+            key_columns: t.key_columns.clone(),
+        };
+        let verdict = crate::verify::compare_on(&*stx, &**target, &subject, crate::verify::Rows::All)
+            .await
+            .map_err(|e| match e {
+                crate::verify::VerifyError::Query { side, source, .. } => batch_err(t, side, source),
+                other => SyncError::Verify(Box::new(other)),
+            })?;
+        let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
+        if verdict.equal {
+            sql += &format!(
+                "CREATE TABLE {ledger} AS SELECT {} FROM {delta} WITH NO DATA;",
+                delta_key_list(t)
+            );
+        }
+        stx.batch_execute(&sql).await.map_err(src_err)?;
+        stats.verified = Some(Box::new(verdict));
+    }
+
     // Only now, with the target durable, forget exactly what S saw: in S
     // itself, so a row committed after S is not touched, and durably only
-    // once this transaction commits.
-    stx.execute(&format!("DELETE FROM {delta} {mine}"), &[])
+    // once this transaction commits. The ledger, while there is one, keeps
+    // their keys: the rows the cutover compares again. A table rewritten
+    // whole is no longer the one verified.
+    if has_ledger && !verify && (truncated || stats.recopied) {
+        stx.execute(&format!("DROP TABLE {ledger}"), &[])
+            .await
+            .map_err(src_err)?;
+    }
+    if has_ledger && !verify && !truncated && !stats.recopied {
+        let keys = delta_key_list(t);
+        stx.execute(
+            &format!(
+                "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
+                 INSERT INTO {ledger} ({keys}) SELECT {keys} FROM gone"
+            ),
+            &[],
+        )
         .await
         .map_err(src_err)?;
+        // Past this size, comparing the table in full costs less.
+        let size: i64 = stx
+            .query_one(
+                "SELECT pg_relation_size($1::text::regclass)",
+                &[&ledger.to_string()],
+            )
+            .await
+            .map_err(src_err)?
+            .get(0);
+        if size > LEDGER_MAX_BYTES {
+            stx.execute(&format!("DROP TABLE {ledger}"), &[])
+                .await
+                .map_err(src_err)?;
+        }
+    } else {
+        stx.execute(&format!("DELETE FROM {delta} {mine}"), &[])
+            .await
+            .map_err(src_err)?;
+    }
     if truncated {
         stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
             .await
@@ -850,6 +923,60 @@ async fn batch(
         "Batch applied"
     );
     Ok(stats)
+}
+
+/// A ledger bigger than this is dropped: its table is compared in full
+/// again, which then costs about as much as reading that many keys' rows.
+const LEDGER_MAX_BYTES: i64 = 64 << 20;
+
+/// Verifies `t` ahead of the fence (`cutover.verify = "changed"`): a whole
+/// batch of it, then in that batch's snapshot S the table compared in full
+/// with the target, which the batch has just made equal to the table as of
+/// S, with its lock held so that nothing else writes it. When they are
+/// equal, the batch also creates the table's ledger in S, and from then on
+/// each batch moves the deltas it consumes there instead of deleting them:
+/// every key that changed since S. With the fence up, the cutover then
+/// compares only those keys' rows. Waits while another agent drains the
+/// table. For a table alone in its hierarchy (see [`verifiable_ahead`]).
+pub async fn verify_ahead(
+    m: &Migration,
+    t: &TableState,
+    cancel: &CancellationToken,
+) -> Result<TableVerdict, crate::Error> {
+    let group = [t.clone()];
+    loop {
+        let stats = match retry(
+            m.retry_policy(),
+            "batch",
+            "verify a table ahead of the fence",
+            cancel,
+            || drain_table(m, t, &group, None, true),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(Gave::Up(e)) => return Err(e.into()),
+            Err(Gave::Cancelled) => return Err(crate::Error::Cancelled),
+        };
+        if let Some(v) = stats.verified {
+            return Ok(*v);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(Duration::from_millis(m.cfg.sync.poll_interval_ms)) => {}
+        }
+    }
+}
+
+/// Whether `t` can be verified ahead of the fence: a synced table with no
+/// partition or inheritance relatives, whose rows change only through its
+/// own statements, so that its own deltas name every key that changed.
+pub fn verifiable_ahead(t: &TableState, all: &[TableState]) -> bool {
+    !t.copy_only
+        && !t.partitioned
+        && t.parent_relid.is_none()
+        && t.lock_relid == t.relid
+        && !all.iter().any(|o| o.parent_relid == Some(t.relid))
 }
 
 /// Distinct changed keys from which a batch weighs copying the whole table

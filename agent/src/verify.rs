@@ -11,10 +11,13 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tokio::task::JoinSet;
+use tokio_postgres::GenericClient;
 
+pub use crate::config::VerifyScope;
 use crate::endpoint::Side;
 use crate::ident::{column_list, QualifiedTable};
 use crate::migration::Migration;
+use crate::state::TableState;
 
 /// Above this many rows a differing table is reported without its keys.
 const MAX_ROWS_FOR_KEY_DIFF: i64 = 1_000_000;
@@ -68,6 +71,10 @@ pub struct TableVerdict {
     pub equal: bool,
     /// Keys whose rows differ or exist on one side only (first few).
     pub differing_keys: Vec<String>,
+    /// Which rows were compared: all (`full`), or those whose keys changed
+    /// since the table was verified before the fence (`changed`); the row
+    /// counts are then of those rows.
+    pub scope: VerifyScope,
 }
 
 /// The whole comparison.
@@ -97,15 +104,57 @@ pub async fn verify_all(m: &Migration) -> Result<VerifyReport, VerifyError> {
     verify(m, subjects).await
 }
 
-/// Compares the given tables, a few at a time.
+/// Compares the given tables in full, a few at a time.
 pub async fn verify(m: &Migration, subjects: Vec<Subject>) -> Result<VerifyReport, VerifyError> {
+    run(m, subjects.into_iter().map(Job::Full).collect()).await
+}
+
+/// With the fence up, after [`crate::sync::verify_ahead`]: each table that
+/// still has its ledger compared over the rows whose keys changed since it
+/// was verified, every other table in full.
+pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<VerifyReport, VerifyError> {
+    let conn = m.source_conn().await?;
+    let ledgers = crate::state::ledgers(&**conn)
+        .await
+        .map_err(VerifyError::Catalog)?;
+    drop(conn);
+    let jobs = tables
+        .iter()
+        .map(|t| {
+            if crate::sync::verifiable_ahead(t, tables) && ledgers.contains(&t.id) {
+                Job::Changed(t.clone())
+            } else {
+                Job::Full(Subject {
+                    table: t.table.clone(),
+                    key_columns: t.key_columns.clone(),
+                })
+            }
+        })
+        .collect();
+    run(m, jobs).await
+}
+
+/// One table to compare.
+enum Job {
+    /// Every row.
+    Full(Subject),
+    /// The rows its ledger names.
+    Changed(TableState),
+}
+
+/// Runs the jobs, `sync.workers` at a time.
+async fn run(m: &Migration, jobs: Vec<Job>) -> Result<VerifyReport, VerifyError> {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(m.sync_workers()));
     let mut tasks = JoinSet::new();
-    for (i, s) in subjects.into_iter().enumerate() {
+    for (i, job) in jobs.into_iter().enumerate() {
         let (m, permits) = (m.clone(), permits.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.expect("never closed");
-            compare(&m, &s).await.map(|v| (i, v))
+            match job {
+                Job::Full(s) => compare(&m, &s).await,
+                Job::Changed(t) => compare_changed(&m, &t).await,
+            }
+            .map(|v| (i, v))
         });
     }
     let mut verdicts = Vec::new();
@@ -122,27 +171,126 @@ pub async fn verify(m: &Migration, subjects: Vec<Subject>) -> Result<VerifyRepor
 }
 
 async fn compare(m: &Migration, s: &Subject) -> Result<TableVerdict, VerifyError> {
-    let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended(ROW(r.*)::text, 0)::numeric), 0)::text FROM ONLY {} AS r",
-        s.table
-    );
     let (src, tgt) = (m.source_conn().await?, m.target_conn().await?);
+    compare_on(&**src, &**tgt, s, Rows::All).await
+}
+
+/// Compares the rows of `t` whose keys its ledger (or its delta table)
+/// names: the keys go from the source into a temporary table on the target,
+/// and each side sums the rows with those keys.
+async fn compare_changed(m: &Migration, t: &TableState) -> Result<TableVerdict, VerifyError> {
+    let err = |side| {
+        let table = t.table.display_name();
+        move |source| VerifyError::Query { table, side, source }
+    };
+    let src = m.source_conn().await?;
+    let mut tgt = m.target_conn().await?;
+    let ttx = tgt.transaction().await.map_err(err(Side::Target))?;
+    let keys = column_list(&t.key_columns, None);
+    let stored = crate::sync::delta_key_list(t);
+    let changed = format!(
+        "SELECT {stored} FROM {} UNION SELECT {stored} FROM {}",
+        t.ledger_table(),
+        t.delta_table()
+    );
+    ttx.batch_execute(&format!(
+        "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {} WITH NO DATA",
+        t.table
+    ))
+    .await
+    .map_err(err(Side::Target))?;
+    let sink = ttx
+        .copy_in("COPY pgferry_keys FROM STDIN (FORMAT binary)")
+        .await
+        .map_err(err(Side::Target))?;
+    let stream = src
+        .copy_out(&format!("COPY ({changed}) TO STDOUT (FORMAT binary)"))
+        .await
+        .map_err(err(Side::Source))?;
+    crate::copy::pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
+        .await
+        .map_err(|e| match e {
+            crate::copy::Pumped::Source(e) => err(Side::Source)(e),
+            crate::copy::Pumped::Target(e) => err(Side::Target)(e),
+        })?;
+    ttx.batch_execute("ANALYZE pgferry_keys")
+        .await
+        .map_err(err(Side::Target))?;
+    let mine = column_list(&t.key_columns, Some("r"));
+    let (source, target) = (
+        format!("WHERE ({mine}) IN ({changed})"),
+        format!("WHERE ({mine}) IN (SELECT {keys} FROM pgferry_keys)"),
+    );
+    let subject = Subject {
+        table: t.table.clone(),
+        key_columns: t.key_columns.clone(),
+    };
+    let verdict = compare_on(
+        &**src,
+        &*ttx,
+        &subject,
+        Rows::Where {
+            source: &source,
+            target: &target,
+        },
+    )
+    .await?;
+    ttx.commit().await.map_err(err(Side::Target))?;
+    Ok(verdict)
+}
+
+/// Which rows of a table [`compare_on`] compares.
+pub(crate) enum Rows<'a> {
+    /// Every row.
+    All,
+    /// The rows each side's WHERE clause keeps (alias `r` for the table).
+    Where {
+        /// On the source.
+        source: &'a str,
+        /// On the target.
+        target: &'a str,
+    },
+}
+
+/// Compares `s` as two sessions (or transactions) see it: row count and
+/// checksum, then the differing keys when the table differs and the rows
+/// are few enough to list.
+pub(crate) async fn compare_on(
+    src: &impl GenericClient,
+    tgt: &impl GenericClient,
+    s: &Subject,
+    rows: Rows<'_>,
+) -> Result<TableVerdict, VerifyError> {
+    let (src_filter, tgt_filter, scope) = match rows {
+        Rows::All => ("", "", VerifyScope::Full),
+        Rows::Where { source, target } => (source, target, VerifyScope::Changed),
+    };
+    let sql = |filter: &str| {
+        format!(
+            "SELECT count(*), coalesce(sum(hashtextextended(ROW(r.*)::text, 0)::numeric), 0)::text FROM ONLY {} AS r {filter}",
+            s.table
+        )
+    };
     let err = |side| {
         let table = s.table.display_name();
         move |source| VerifyError::Query { table, side, source }
     };
-    let (a, b) = tokio::join!(src.query_one(&sql, &[]), tgt.query_one(&sql, &[]));
+    let (sa, sb) = (sql(src_filter), sql(tgt_filter));
+    let (a, b) = tokio::join!(src.query_one(&sa, &[]), tgt.query_one(&sb, &[]));
     let (a, b) = (a.map_err(err(Side::Source))?, b.map_err(err(Side::Target))?);
     let (source_rows, target_rows): (i64, i64) = (a.get(0), b.get(0));
     let equal = source_rows == target_rows && a.get::<_, String>(1) == b.get::<_, String>(1);
     let mut differing_keys = Vec::new();
     if !equal && !s.key_columns.is_empty() && source_rows.max(target_rows) <= MAX_ROWS_FOR_KEY_DIFF {
         let keys = column_list(&s.key_columns, Some("r"));
-        let sql = format!(
-            "SELECT ROW({keys})::text, hashtextextended(ROW(r.*)::text, 0) FROM ONLY {} AS r",
-            s.table
-        );
-        let (a, b) = tokio::join!(src.query(&sql, &[]), tgt.query(&sql, &[]));
+        let sql = |filter: &str| {
+            format!(
+                "SELECT ROW({keys})::text, hashtextextended(ROW(r.*)::text, 0) FROM ONLY {} AS r {filter}",
+                s.table
+            )
+        };
+        let (sa, sb) = (sql(src_filter), sql(tgt_filter));
+        let (a, b) = tokio::join!(src.query(&sa, &[]), tgt.query(&sb, &[]));
         let (a, b) = (a.map_err(err(Side::Source))?, b.map_err(err(Side::Target))?);
         let mut theirs: HashMap<String, i64> = b.iter().map(|r| (r.get(0), r.get(1))).collect();
         for r in &a {
@@ -163,6 +311,7 @@ async fn compare(m: &Migration, s: &Subject) -> Result<TableVerdict, VerifyError
         target_rows,
         equal,
         differing_keys,
+        scope,
     })
 }
 
@@ -173,9 +322,13 @@ impl VerifyReport {
         let mut out = String::new();
         for t in &self.tables {
             let verdict = if t.equal { "equal" } else { "DIFFERS" };
+            let rows = match t.scope {
+                VerifyScope::Full => "rows",
+                VerifyScope::Changed => "changed rows",
+            };
             let _ = writeln!(
                 out,
-                "{verdict:<8} {} (source {} rows, target {} rows)",
+                "{verdict:<8} {} (source {} {rows}, target {} {rows})",
                 t.table, t.source_rows, t.target_rows
             );
             for k in &t.differing_keys {

@@ -149,6 +149,10 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     }
     state::set_phase(&**conn, Phase::Copying).await?;
     let tables = state::tables(&**conn).await?;
+    // A table copied again is no longer the one verified before the fence.
+    for t in tables.iter().filter(|t| t.copy_state == CopyState::Pending) {
+        state::drop_ledger(&**conn, t).await?;
+    }
     drop(conn);
     check_copy_from(m, &tables).await?;
 

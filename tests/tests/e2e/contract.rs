@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{fence_is_up, gated_config, seeded, synced, target_has, BIN, OPS};
+use crate::{fence_is_up, gated_config, seeded, synced, synced_with, target_has, BIN, OPS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_end_to_end() {
@@ -613,4 +613,109 @@ async fn a_writers_search_path_cannot_hijack_the_capture() {
         .expect("read the traps")
         .get(0);
     assert_eq!(calls, 0, "no trap ran");
+}
+
+/// `cutover.verify = "changed"`: each table is compared in full ahead of
+/// the fence, in the snapshot of one of its drain batches, while the
+/// application writes; with the fence up only the rows whose keys changed
+/// since are compared. A table truncated since (the workload truncates
+/// `scratch`) is compared in full again. The data ends equal and nothing
+/// is left behind (the ledgers live in pgferry's schema).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_changed_compares_the_rows_changed_since_a_verification_ahead_of_the_fence() {
+    let env = seeded().await;
+    env.config(&format!(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nswitch_command = '''{}'''\n",
+        gated_switch(&env.path("switch-started"), &env.path("release"))
+    ));
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(100).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    writers.stop().await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let cutover = &report["cutover"];
+    assert_eq!(cutover["verify_scope"], "changed", "{cutover}");
+    assert_eq!(
+        cutover["verified_ahead"], 7,
+        "every table is alone in its hierarchy: {cutover}"
+    );
+    let by_changes = cutover["tables_verified_by_changes"].as_u64().unwrap();
+    assert!(
+        by_changes >= 6,
+        "only a truncated table is compared in full again: {cutover}"
+    );
+    assert_eq!(cutover["tables_verified"], 7, "{cutover}");
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// A difference found ahead of the fence ends the cutover before the fence
+/// goes up (exit 1, the differing key listed). A difference in a row whose
+/// key changed after that verification is found with the fence up, and the
+/// cutover aborts as with a full verification. A table verified ahead stays
+/// verified through a stopped cutover (its ledger is on the source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_changed_finds_a_difference_ahead_of_the_fence_and_under_it() {
+    let env = synced_with("[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\n").await;
+    let (app, target) = (env.source_as(APP).await, env.target_client().await);
+    // Ahead of the fence: a row the target lost.
+    target
+        .batch_execute("DELETE FROM ledger WHERE account_id = 8 AND seq = 2")
+        .await
+        .unwrap();
+    let err = env.fails(&["cutover"], 1).await;
+    assert!(err.contains("the fence was never raised"), "{err}");
+    assert!(err.contains("key (8,2) missing on target"), "{err}");
+    assert!(!fence_is_up(&env).await);
+    assert_eq!(env.status().await["phase"], "syncing");
+    // The operator repairs it (here: the source rewrites the row).
+    app.batch_execute("UPDATE ledger SET note = 'again' WHERE account_id = 8 AND seq = 2")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+
+    // Every table verified ahead, then the agent stops before the fence.
+    let mut agent = env
+        .run_until_failpoint(&["cutover"], "cutover.before_fence")
+        .await;
+    agent.kill().await.expect("SIGKILL the agent");
+    std::fs::remove_file(env.failpoint_release()).ok();
+    // A key that changes afterwards is in accounts' ledger once drained; then
+    // its row goes wrong on the target.
+    app.batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    target
+        .batch_execute("UPDATE accounts SET name = 'tampered' WHERE id = 7")
+        .await
+        .unwrap();
+    let out = env.run(&["cutover", "--json"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writes resumed on the source"), "{err}");
+    assert!(err.contains("(7) differs"), "{err}");
+    assert!(err.contains("changed rows"), "{err}");
+    assert!(!fence_is_up(&env).await);
+
+    // The source rewrites the row; the next cutover ends equal. A table
+    // truncated since its verification is compared in full.
+    app.batch_execute(
+        "UPDATE accounts SET balance = balance + 1 WHERE id = 7;
+         BEGIN; TRUNCATE scratch; INSERT INTO scratch VALUES (1, 'after'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(
+        report["verified_ahead"], 0,
+        "the ledgers outlived the aborts: {report}"
+    );
+    assert_eq!(report["tables_verified_by_changes"], 6, "{report}");
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
 }

@@ -15,11 +15,13 @@ use std::collections::HashMap;
 
 mod capture;
 mod copy;
+mod cutover;
 mod drain;
 mod lag;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]
        pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
+       pgferry-bench cutover [--scale N] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]";
 
@@ -201,6 +203,7 @@ async fn main() {
         match v.get(1).map(String::as_str) {
             Some("capture") => capture::run(&v[2..]).await,
             Some("copy") => copy::run(&v[2..]).await,
+            Some("cutover") => cutover::run(&v[2..]).await,
             Some("drain") => drain::run(&v[2..]).await,
             Some("lag") => lag::run(&v[2..]).await,
             _ => {
