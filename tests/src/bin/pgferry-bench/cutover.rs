@@ -43,10 +43,12 @@ pub async fn run(v: &[String]) {
             eprintln!("round {}: cutover.verify = {scope}", round + 1);
             // A fresh, empty target database each time.
             let admin = target.superuser("postgres").await.expect("superuser");
-            admin
-                .batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE); CREATE DATABASE bench OWNER rds")
-                .await
-                .expect("fresh target database");
+            for sql in [
+                "DROP DATABASE IF EXISTS bench WITH (FORCE)",
+                "CREATE DATABASE bench OWNER rds",
+            ] {
+                admin.batch_execute(sql).await.expect("fresh target database");
+            }
             let agent = |args: &[&str]| {
                 let mut c = crate::pgferry_command(&pgferry, &source, &target, args);
                 c.env("PGFERRY_CUTOVER__VERIFY", scope)
