@@ -864,12 +864,14 @@ async fn batch(
     // once this transaction commits. The ledger, while there is one, keeps
     // their keys: the rows the cutover compares again. A table rewritten
     // whole is no longer the one verified.
-    if has_ledger && !verify && (truncated || stats.recopied) {
+    let ledger_kept = has_ledger && !verify;
+    let rewritten = truncated || stats.recopied;
+    if ledger_kept && rewritten {
         stx.execute(&format!("DROP TABLE {ledger}"), &[])
             .await
             .map_err(src_err)?;
     }
-    if has_ledger && !verify && !truncated && !stats.recopied {
+    if ledger_kept && !rewritten {
         let keys = delta_key_list(t);
         stx.execute(
             &format!(
