@@ -328,9 +328,10 @@ pub struct CutoverConfig {
     /// compares every row of every table, so the write downtime grows with
     /// the database. `changed` compares each table in full before the
     /// fence, in the snapshot of a drain batch, and then with the fence up
-    /// only the rows whose keys changed since (tables in a partition or
-    /// inheritance hierarchy, and tables truncated or copied whole since,
-    /// are still compared in full).
+    /// only the rows whose keys changed since (a partitioned table with all
+    /// its partitions together; tables in a classic inheritance hierarchy,
+    /// and tables truncated or copied whole since, are still compared in
+    /// full).
     #[serde(default)]
     pub verify: VerifyScope,
 }

@@ -224,8 +224,8 @@ struct BatchStats {
     busy: bool,
     /// The batch applied one part of the table's keys.
     part: bool,
-    /// The table compared in full in the batch's snapshot, when asked.
-    verified: Option<Box<TableVerdict>>,
+    /// The tables compared in full in the batch's snapshot, when asked.
+    verified: Option<Vec<TableVerdict>>,
 }
 
 /// Drains until cancelled, or until caught up when asked.
@@ -606,7 +606,8 @@ async fn splittable(m: &Migration, t: &TableState) -> Result<bool, SyncError> {
 ///
 /// A whole batch holds the table's batch lock exclusively. A part holds it
 /// shared, plus its part's own lock: parts run side by side, never beside a
-/// whole batch or the same part elsewhere.
+/// whole batch or the same part elsewhere. With `verify`, the batch is a
+/// [`verify_batch`] of the unit `group`, whose first table is `t`.
 async fn drain_table(
     m: &Migration,
     t: &TableState,
@@ -645,7 +646,11 @@ async fn drain_table(
             ..Default::default()
         })
     } else {
-        batch(m, &mut source, t, group, part, verify).await
+        if verify {
+            verify_batch(m, &mut source, group).await
+        } else {
+            batch(m, &mut source, t, group, part).await
+        }
     };
     match outcome {
         Ok(stats) => {
@@ -675,26 +680,69 @@ fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncE
     }
 }
 
-/// One batch of `t` (or of one part of its keys). With `verify` (a whole
-/// batch of a table alone in its hierarchy), it then compares the table in
-/// full in the batch's snapshot, and creates its ledger when they are equal.
+/// What a batch's snapshot shows of one table.
+struct Seen {
+    /// The snapshot's time (the lag it ends).
+    epoch: f64,
+    /// The table has deltas (of this part).
+    deltas: bool,
+    /// A TRUNCATE of the table waits (for a whole batch only).
+    truncated: bool,
+    /// The table has its ledger (`cutover.verify = "changed"`).
+    ledger: bool,
+}
+
+/// Reads what the batch's snapshot shows of `t`. The first statement of a
+/// batch, so the one that takes the snapshot.
+async fn seen(
+    stx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    part: Option<Part>,
+) -> Result<Seen, tokio_postgres::Error> {
+    let row = stx
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM now())::float8,
+                        EXISTS (SELECT 1 FROM {} {}),
+                        $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1),
+                        EXISTS (SELECT 1 FROM pg_class
+                                 WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3)",
+                t.delta_table(),
+                part_filter(t, part)
+            ),
+            &[&t.id, &part.is_none(), &t.ledger_table().name],
+        )
+        .await?;
+    Ok(Seen {
+        epoch: row.get(0),
+        deltas: row.get(1),
+        truncated: row.get(2),
+        ledger: row.get(3),
+    })
+}
+
+/// The WHERE clause selecting a part's delta rows; nothing for a whole batch.
+fn part_filter(t: &TableState, part: Option<Part>) -> String {
+    match part {
+        None => String::new(),
+        Some(p) => format!("WHERE {}", p.predicate(t)),
+    }
+}
+
+/// One batch of `t` (or of one part of its keys).
 async fn batch(
     m: &Migration,
     source: &mut Object,
     t: &TableState,
     group: &[TableState],
     part: Option<Part>,
-    verify: bool,
 ) -> Result<BatchStats, SyncError> {
     let src_err = |e| batch_err(t, Side::Source, e);
-    let tgt_err = |e| batch_err(t, Side::Target, e);
-    let delta = t.delta_table();
-    let ledger = t.ledger_table();
     let started = std::time::Instant::now();
 
     // The snapshot is taken by the first statement of this transaction, after
     // the batch lock is held (a snapshot taken before it could be older than a
-    // batch that committed meanwhile). Its only write is the removal of the
+    // batch that committed meanwhile). Its only writes are the removal of the
     // deltas it consumed, after the target commit.
     let stx = source
         .build_transaction()
@@ -704,40 +752,60 @@ async fn batch(
         .map_err(src_err)?;
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
-    let mine = match part {
-        None => String::new(),
-        Some(p) => format!("WHERE {}", p.predicate(t)),
-    };
-    let row = stx
-        .query_one(
-            &format!(
-                "SELECT extract(epoch FROM now())::float8,
-                        EXISTS (SELECT 1 FROM {delta} {mine}),
-                        $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1),
-                        EXISTS (SELECT 1 FROM pg_class
-                                 WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3)"
-            ),
-            &[&t.id, &part.is_none(), &ledger.name],
-        )
-        .await
-        .map_err(src_err)?;
-    let snapshot_epoch: f64 = row.get(0);
-    // A part does not say the table is synced through S: other parts may not be.
-    let whole = |epoch: f64| part.is_none().then_some(epoch);
-    let has_deltas: bool = row.get(1);
-    let truncated: bool = row.get(2);
-    let has_ledger: bool = row.get(3);
-    if !has_deltas && !truncated && !verify {
+    let seen = seen(&stx, t, part).await.map_err(src_err)?;
+    if !seen.deltas && !seen.truncated {
         stx.commit().await.map_err(src_err)?;
-        state::record_batch(&***source, t.id, whole(snapshot_epoch), 0).await?;
-        crate::telemetry::batch_idle(&t.table.display_name(), false);
-        return Ok(BatchStats::default());
+        let stats = BatchStats::default();
+        return record(source, t, part, &seen, &stats, started)
+            .await
+            .map(|()| stats);
     }
-
     let mut target = m.target_conn().await?;
-    let ttx = target.transaction().await.map_err(tgt_err)?;
+    let ttx = target
+        .transaction()
+        .await
+        .map_err(|e| batch_err(t, Side::Target, e))?;
+    let stats = apply(m, &stx, &ttx, t, group, part, &seen).await?;
+    crate::failpoint::hit("sync.before_target_commit").await;
+    ttx.commit().await.map_err(|e| batch_err(t, Side::Target, e))?;
+    crate::failpoint::hit("sync.after_target_commit").await;
+    if part.is_some() {
+        crate::failpoint::hit("sync.part_applied").await;
+    }
+    consume(
+        &stx,
+        t,
+        part,
+        &seen,
+        seen.ledger,
+        stats.truncated || stats.recopied,
+    )
+    .await
+    .map_err(src_err)?;
+    stx.commit().await.map_err(src_err)?;
+    crate::failpoint::hit("sync.after_delta_delete").await;
+    record(source, t, part, &seen, &stats, started).await?;
+    Ok(stats)
+}
+
+/// Makes `t` on the target, in `ttx`, what it is in the source snapshot
+/// `stx` for the keys that snapshot's deltas of `t` name (of `part`), or
+/// whole after a TRUNCATE or when most of its rows changed.
+async fn apply(
+    m: &Migration,
+    stx: &tokio_postgres::Transaction<'_>,
+    ttx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    group: &[TableState],
+    part: Option<Part>,
+    seen: &Seen,
+) -> Result<BatchStats, SyncError> {
+    let src_err = |e| batch_err(t, Side::Source, e);
+    let tgt_err = |e| batch_err(t, Side::Target, e);
+    let delta = t.delta_table();
+    let mine = part_filter(t, part);
     // Rows written by the drain are compressed like the copy's.
-    crate::copy::set_loading(m, &ttx).await.map_err(tgt_err)?;
+    crate::copy::set_loading(m, ttx).await.map_err(tgt_err)?;
     let table = &t.table;
     // The tables this batch rewrites: the table itself, or for an
     // inheritance parent the parent and every table below it, since a
@@ -756,16 +824,14 @@ async fn batch(
         Pumped::Target(e) => tgt_err(e),
     };
     let mut stats = BatchStats {
-        truncated,
+        truncated: seen.truncated,
         part: part.is_some(),
         ..Default::default()
     };
-    if truncated {
+    if seen.truncated {
         // Whole-table resynchronisation: the table (and what is below it) as of S.
-        stats.rows_written = copy_whole(m, &stx, &ttx, &scope, &members)
-            .await
-            .map_err(pumped)?;
-    } else if has_deltas {
+        stats.rows_written = copy_whole(m, stx, ttx, &scope, &members).await.map_err(pumped)?;
+    } else if seen.deltas {
         let keys = column_list(&t.key_columns, None);
         let delta_keys = delta_key_list(t);
         ttx.batch_execute(&format!(
@@ -798,15 +864,11 @@ async fn batch(
         m.sync_throttle.take(stats.keys).await;
         if part.is_none()
             && !t.partitioned
-            && recopy_pays(m, &stx, &members, stats.keys)
-                .await
-                .map_err(src_err)?
+            && recopy_pays(m, stx, &members, stats.keys).await.map_err(src_err)?
         {
             // Most rows changed: the table as of S, whole, as after a TRUNCATE.
             stats.recopied = true;
-            stats.rows_written = copy_whole(m, &stx, &ttx, &scope, &members)
-                .await
-                .map_err(pumped)?;
+            stats.rows_written = copy_whole(m, stx, ttx, &scope, &members).await.map_err(pumped)?;
         } else {
             ttx.batch_execute("ANALYZE pgferry_keys").await.map_err(tgt_err)?;
             stats.rows_deleted = ttx
@@ -822,22 +884,151 @@ async fn batch(
             // Already limited: the rows counted by the keys above.
             let unlimited = Throttle::unlimited();
             for member in &members {
-                stats.rows_written += copy_rows(&stx, &ttx, member, &changed, &unlimited)
+                stats.rows_written += copy_rows(stx, ttx, member, &changed, &unlimited)
                     .await
                     .map_err(pumped)?;
             }
         }
+        // Another table of the same batch may stage its keys next.
+        ttx.batch_execute("DROP TABLE pgferry_keys")
+            .await
+            .map_err(tgt_err)?;
     }
-    crate::failpoint::hit("sync.before_target_commit").await;
-    ttx.commit().await.map_err(tgt_err)?;
-    crate::failpoint::hit("sync.after_target_commit").await;
-    if part.is_some() {
-        crate::failpoint::hit("sync.part_applied").await;
-    }
+    Ok(stats)
+}
 
-    if verify {
-        // The target now holds the table as of S, and nothing else writes it
-        // while this batch holds the table's lock.
+/// Forgets, in the source snapshot `stx`, exactly the deltas of `t` (of
+/// `part`) it saw, once the target holds what they named: in S itself, so a
+/// row committed after S is not touched, and durably only once that
+/// transaction commits. With `keep_ledger`, their keys move to the ledger:
+/// the rows the cutover compares again. A table `rewritten` whole is no
+/// longer the one verified, and loses its ledger.
+async fn consume(
+    stx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    part: Option<Part>,
+    seen: &Seen,
+    keep_ledger: bool,
+    rewritten: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let (delta, ledger) = (t.delta_table(), t.ledger_table());
+    let mine = part_filter(t, part);
+    if keep_ledger && rewritten {
+        stx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
+    }
+    if keep_ledger && !rewritten {
+        let keys = delta_key_list(t);
+        stx.execute(
+            &format!(
+                "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
+                 INSERT INTO {ledger} ({keys}) SELECT {keys} FROM gone"
+            ),
+            &[],
+        )
+        .await?;
+        // Past this size, comparing the table in full costs less.
+        let size: i64 = stx
+            .query_one(
+                "SELECT pg_relation_size($1::text::regclass)",
+                &[&ledger.to_string()],
+            )
+            .await?
+            .get(0);
+        if size > LEDGER_MAX_BYTES {
+            stx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
+        }
+    } else {
+        stx.execute(&format!("DELETE FROM {delta} {mine}"), &[]).await?;
+    }
+    if seen.truncated {
+        stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
+            .await?;
+    }
+    Ok(())
+}
+
+/// After a batch's source commit: the table's progress and metrics.
+async fn record(
+    source: &Object,
+    t: &TableState,
+    part: Option<Part>,
+    seen: &Seen,
+    stats: &BatchStats,
+    started: std::time::Instant,
+) -> Result<(), SyncError> {
+    // A part does not say the table is synced through S: other parts may not be.
+    let synced_through = part.is_none().then_some(seen.epoch);
+    state::record_batch(&***source, t.id, synced_through, stats.rows_written as i64).await?;
+    if !seen.deltas && !seen.truncated {
+        crate::telemetry::batch_idle(&t.table.display_name(), false);
+        return Ok(());
+    }
+    let rewritten = stats.truncated || stats.recopied;
+    crate::telemetry::batch_applied(
+        &t.table.display_name(),
+        stats.rows_deleted,
+        stats.rows_written,
+        rewritten,
+        started.elapsed(),
+    );
+    tracing::debug!(
+        table = %t.table.display_name(),
+        keys = stats.keys,
+        rows = stats.rows_written,
+        truncated = stats.truncated,
+        recopied = stats.recopied,
+        "Batch applied"
+    );
+    Ok(())
+}
+
+/// One batch of every table of `unit` (see [`ahead_units`]) in one source
+/// snapshot S and one target transaction, which leaves the target equal to
+/// the unit as of S; then, with the unit's lock still held so that nothing
+/// else writes it, every table holding rows compared in full in S. When all
+/// are equal, each table of the unit gets its ledger in S, and from then on
+/// each batch moves the deltas it consumes there instead of deleting them:
+/// every key that changed since S. With the fence up, the cutover then
+/// compares only those keys' rows.
+async fn verify_batch(
+    m: &Migration,
+    source: &mut Object,
+    unit: &[TableState],
+) -> Result<BatchStats, SyncError> {
+    let first = &unit[0];
+    let started = std::time::Instant::now();
+    let stx = source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(|e| batch_err(first, Side::Source, e))?;
+    let mut seens = Vec::with_capacity(unit.len());
+    for t in unit {
+        seens.push(
+            seen(&stx, t, None)
+                .await
+                .map_err(|e| batch_err(t, Side::Source, e))?,
+        );
+    }
+    let mut target = m.target_conn().await?;
+    let ttx = target
+        .transaction()
+        .await
+        .map_err(|e| batch_err(first, Side::Target, e))?;
+    let mut applied = Vec::with_capacity(unit.len());
+    for (t, seen) in unit.iter().zip(&seens) {
+        applied.push(if seen.deltas || seen.truncated {
+            apply(m, &stx, &ttx, t, unit, None, seen).await?
+        } else {
+            BatchStats::default()
+        });
+    }
+    ttx.commit()
+        .await
+        .map_err(|e| batch_err(first, Side::Target, e))?;
+    let mut verdicts = Vec::new();
+    for t in unit.iter().filter(|t| !t.partitioned) {
         let subject = crate::verify::Subject {
             table: t.table.clone(),
             key_columns: t.key_columns.clone(),
@@ -848,111 +1039,62 @@ async fn batch(
                 crate::verify::VerifyError::Query { side, source, .. } => batch_err(t, side, source),
                 other => SyncError::Verify(Box::new(other)),
             })?;
+        verdicts.push(verdict);
+    }
+    let equal = verdicts.iter().all(|v| v.equal);
+    for (t, seen) in unit.iter().zip(&seens) {
+        let ledger = t.ledger_table();
         let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
-        if verdict.equal {
+        if equal {
             sql += &format!(
-                "CREATE TABLE {ledger} AS SELECT {} FROM {delta} WITH NO DATA;",
-                delta_key_list(t)
+                "CREATE TABLE {ledger} AS SELECT {} FROM {} WITH NO DATA;",
+                delta_key_list(t),
+                t.delta_table()
             );
         }
-        stx.batch_execute(&sql).await.map_err(src_err)?;
-        stats.verified = Some(Box::new(verdict));
-    }
-
-    // Only now, with the target durable, forget exactly what S saw: in S
-    // itself, so a row committed after S is not touched, and durably only
-    // once this transaction commits. The ledger, while there is one, keeps
-    // their keys: the rows the cutover compares again. A table rewritten
-    // whole is no longer the one verified.
-    let ledger_kept = has_ledger && !verify;
-    let rewritten = truncated || stats.recopied;
-    if ledger_kept && rewritten {
-        stx.execute(&format!("DROP TABLE {ledger}"), &[])
+        stx.batch_execute(&sql)
             .await
-            .map_err(src_err)?;
+            .map_err(|e| batch_err(t, Side::Source, e))?;
+        consume(&stx, t, None, seen, false, false)
+            .await
+            .map_err(|e| batch_err(t, Side::Source, e))?;
     }
-    if ledger_kept && !rewritten {
-        let keys = delta_key_list(t);
-        stx.execute(
-            &format!(
-                "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
-                 INSERT INTO {ledger} ({keys}) SELECT {keys} FROM gone"
-            ),
-            &[],
-        )
+    stx.commit()
         .await
-        .map_err(src_err)?;
-        // Past this size, comparing the table in full costs less.
-        let size: i64 = stx
-            .query_one(
-                "SELECT pg_relation_size($1::text::regclass)",
-                &[&ledger.to_string()],
-            )
-            .await
-            .map_err(src_err)?
-            .get(0);
-        if size > LEDGER_MAX_BYTES {
-            stx.execute(&format!("DROP TABLE {ledger}"), &[])
-                .await
-                .map_err(src_err)?;
-        }
-    } else {
-        stx.execute(&format!("DELETE FROM {delta} {mine}"), &[])
-            .await
-            .map_err(src_err)?;
+        .map_err(|e| batch_err(first, Side::Source, e))?;
+    let mut total = BatchStats::default();
+    for ((t, seen), stats) in unit.iter().zip(&seens).zip(&applied) {
+        record(source, t, None, seen, stats, started).await?;
+        total.keys += stats.keys;
+        total.rows_deleted += stats.rows_deleted;
+        total.rows_written += stats.rows_written;
+        total.truncated |= stats.truncated;
+        total.recopied |= stats.recopied;
     }
-    if truncated {
-        stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
-            .await
-            .map_err(src_err)?;
-    }
-    stx.commit().await.map_err(src_err)?;
-    crate::failpoint::hit("sync.after_delta_delete").await;
-    state::record_batch(&***source, t.id, whole(snapshot_epoch), stats.rows_written as i64).await?;
-    crate::telemetry::batch_applied(
-        &t.table.display_name(),
-        stats.rows_deleted,
-        stats.rows_written,
-        truncated || stats.recopied,
-        started.elapsed(),
-    );
-    tracing::debug!(
-        table = %t.table.display_name(),
-        keys = stats.keys,
-        rows = stats.rows_written,
-        truncated,
-        recopied = stats.recopied,
-        "Batch applied"
-    );
-    Ok(stats)
+    total.verified = Some(verdicts);
+    Ok(total)
 }
 
 /// A ledger bigger than this is dropped: its table is compared in full
 /// again, which then costs about as much as reading that many keys' rows.
 const LEDGER_MAX_BYTES: i64 = 64 << 20;
 
-/// Verifies `t` ahead of the fence (`cutover.verify = "changed"`): a whole
-/// batch of it, then in that batch's snapshot S the table compared in full
-/// with the target, which the batch has just made equal to the table as of
-/// S, with its lock held so that nothing else writes it. When they are
-/// equal, the batch also creates the table's ledger in S, and from then on
-/// each batch moves the deltas it consumes there instead of deleting them:
-/// every key that changed since S. With the fence up, the cutover then
-/// compares only those keys' rows. Waits while another agent drains the
-/// table. For a table alone in its hierarchy (see [`verifiable_ahead`]).
+/// Verifies `unit` (see [`ahead_units`]) ahead of the fence
+/// (`cutover.verify = "changed"`) with a [`verify_batch`]. Waits while
+/// another agent drains it. Returns the verdicts of its tables that hold
+/// rows.
 pub async fn verify_ahead(
     m: &Migration,
-    t: &TableState,
+    unit: &[TableState],
     cancel: &CancellationToken,
-) -> Result<TableVerdict, crate::Error> {
-    let group = [t.clone()];
+) -> Result<Vec<TableVerdict>, crate::Error> {
     loop {
         let stats = match retry(
             m.retry_policy(),
             "batch",
             "verify a table ahead of the fence",
             cancel,
-            || drain_table(m, t, &group, None, true),
+            || drain_table(m, &unit[0], unit, None, true),
         )
         .await
         {
@@ -961,7 +1103,7 @@ pub async fn verify_ahead(
             Err(Gave::Cancelled) => return Err(crate::Error::Cancelled),
         };
         if let Some(v) = stats.verified {
-            return Ok(*v);
+            return Ok(v);
         }
         tokio::select! {
             () = cancel.cancelled() => return Err(crate::Error::Cancelled),
@@ -970,15 +1112,34 @@ pub async fn verify_ahead(
     }
 }
 
-/// Whether `t` can be verified ahead of the fence: a synced table with no
-/// partition or inheritance relatives, whose rows change only through its
-/// own statements, so that its own deltas name every key that changed.
-pub fn verifiable_ahead(t: &TableState, all: &[TableState]) -> bool {
-    !t.copy_only
-        && !t.partitioned
-        && t.parent_relid.is_none()
-        && t.lock_relid == t.relid
-        && !all.iter().any(|o| o.parent_relid == Some(t.relid))
+/// The units verified ahead of the fence, each in one snapshot: a synced
+/// table alone in its hierarchy, and a partitioned table with all its
+/// partitions. A partition's rows change through its own statements and
+/// through those aimed at the partitioned tables above it (each firing only
+/// its own triggers), never through another partition's: so the deltas of
+/// the unit's tables name every key of the unit that changed. Not classic
+/// inheritance, whose tables have keys of their own; not `copy_only`
+/// tables. The unit's root comes first.
+pub fn ahead_units(all: &[TableState]) -> Vec<Vec<TableState>> {
+    let mut units: Vec<Vec<TableState>> = Vec::new();
+    for t in all {
+        match units.iter_mut().find(|u| u[0].lock_relid == t.lock_relid) {
+            Some(u) if t.relid == t.lock_relid => u.insert(0, t.clone()),
+            Some(u) => u.push(t.clone()),
+            None => units.push(vec![t.clone()]),
+        }
+    }
+    units.retain(|u| {
+        let root = &u[0];
+        root.relid == root.lock_relid
+            && u.iter().all(|t| {
+                !t.copy_only
+                    && t.parent_relid.is_none()
+                    && t.key_columns == root.key_columns
+                    && (t.relid == root.relid || root.partitioned)
+            })
+    });
+    units
 }
 
 /// Distinct changed keys from which a batch weighs copying the whole table
@@ -1134,4 +1295,68 @@ pub async fn backlog(client: &tokio_postgres::Client, tables: &[TableState]) -> 
         out.push(row.get(0));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ident::QualifiedTable;
+    use crate::state::CopyState;
+
+    fn table(relid: u32, lock_relid: u32, partitioned: bool) -> TableState {
+        TableState {
+            id: relid as i32,
+            relid,
+            table: QualifiedTable::new("public", format!("t{relid}")),
+            key_columns: vec!["id".into()],
+            copy_columns: vec!["id".into()],
+            copy_state: CopyState::Done,
+            copied_rows: None,
+            applied_rows: 0,
+            lag_secs: None,
+            copy_only: false,
+            partitioned,
+            lock_relid,
+            parent_relid: None,
+        }
+    }
+
+    fn relids(units: &[Vec<TableState>]) -> Vec<Vec<u32>> {
+        units
+            .iter()
+            .map(|u| u.iter().map(|t| t.relid).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_partitioned_table_is_verified_with_its_partitions_and_root_first() {
+        // A plain table; a partition listed before its root, under a
+        // partitioned partition.
+        let all = [
+            table(1, 1, false),
+            table(12, 10, false),
+            table(11, 10, true),
+            table(10, 10, true),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![1], vec![10, 12, 11]]);
+    }
+
+    #[test]
+    fn inheritance_copy_only_and_keys_of_their_own_are_compared_in_full() {
+        let mut child = table(21, 20, false);
+        child.parent_relid = Some(20);
+        let mut copy_only = table(3, 3, false);
+        copy_only.copy_only = true;
+        let mut other_key = table(32, 30, false);
+        other_key.key_columns = vec!["id".into(), "at".into()];
+        let all = [
+            table(20, 20, false),
+            child,
+            copy_only,
+            table(30, 30, true),
+            other_key,
+            table(4, 4, false),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![4]]);
+    }
 }

@@ -109,28 +109,42 @@ pub async fn verify(m: &Migration, subjects: Vec<Subject>) -> Result<VerifyRepor
     run(m, subjects.into_iter().map(Job::Full).collect()).await
 }
 
-/// With the fence up, after [`crate::sync::verify_ahead`]: each table that
-/// still has its ledger compared over the rows whose keys changed since it
-/// was verified, every other table in full.
+/// With the fence up, after [`crate::sync::verify_ahead`]: each unit of
+/// [`crate::sync::ahead_units`] whose root and partitioned tables still have
+/// their ledgers compared over the rows whose keys changed since it was
+/// verified (at its root: a partitioned table with its partitions), and
+/// each partition of it that lost its ledger (truncated or copied whole
+/// since) in full; every other table in full.
 pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<VerifyReport, VerifyError> {
     let conn = m.source_conn().await?;
     let ledgers = crate::state::ledgers(&**conn)
         .await
         .map_err(VerifyError::Catalog)?;
     drop(conn);
-    let jobs = tables
-        .iter()
-        .map(|t| {
-            if crate::sync::verifiable_ahead(t, tables) && ledgers.contains(&t.id) {
-                Job::Changed(t.clone())
-            } else {
-                Job::Full(Subject {
-                    table: t.table.clone(),
-                    key_columns: t.key_columns.clone(),
-                })
-            }
-        })
-        .collect();
+    let units = crate::sync::ahead_units(tables);
+    let trusted = |u: &&Vec<TableState>| {
+        u.iter()
+            .filter(|t| t.partitioned || t.relid == t.lock_relid)
+            .all(|t| ledgers.contains(&t.id))
+    };
+    let mut jobs = Vec::new();
+    for t in tables {
+        let job = match units.iter().find(|u| u[0].relid == t.lock_relid).filter(trusted) {
+            Some(u) if t.relid == t.lock_relid => Job::Changed(
+                u.iter()
+                    .filter(|member| ledgers.contains(&member.id))
+                    .cloned()
+                    .collect(),
+            ),
+            // Its rows are among its root's.
+            Some(_) if ledgers.contains(&t.id) => continue,
+            _ => Job::Full(Subject {
+                table: t.table.clone(),
+                key_columns: t.key_columns.clone(),
+            }),
+        };
+        jobs.push(job);
+    }
     run(m, jobs).await
 }
 
@@ -138,8 +152,9 @@ pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<Veri
 enum Job {
     /// Every row.
     Full(Subject),
-    /// The rows its ledger names.
-    Changed(TableState),
+    /// The rows of a unit's root (and of the tables below it) whose keys
+    /// the ledgers or deltas of the given tables name, the root first.
+    Changed(Vec<TableState>),
 }
 
 /// Runs the jobs, `sync.workers` at a time.
@@ -152,7 +167,7 @@ async fn run(m: &Migration, jobs: Vec<Job>) -> Result<VerifyReport, VerifyError>
             let _permit = permits.acquire_owned().await.expect("never closed");
             match job {
                 Job::Full(s) => compare(&m, &s).await,
-                Job::Changed(t) => compare_changed(&m, &t).await,
+                Job::Changed(tables) => compare_changed(&m, &tables).await,
             }
             .map(|v| (i, v))
         });
@@ -175,10 +190,12 @@ async fn compare(m: &Migration, s: &Subject) -> Result<TableVerdict, VerifyError
     compare_on(&**src, &**tgt, s, Rows::All).await
 }
 
-/// Compares the rows of `t` whose keys its ledger (or its delta table)
-/// names: the keys go from the source into a temporary table on the target,
-/// and each side sums the rows with those keys.
-async fn compare_changed(m: &Migration, t: &TableState) -> Result<TableVerdict, VerifyError> {
+/// Compares the rows of `tables[0]` (and of the tables below it) whose
+/// keys the ledgers or delta tables of `tables` name: the keys go from the
+/// source into a temporary table on the target, and each side sums the
+/// rows with those keys.
+async fn compare_changed(m: &Migration, tables: &[TableState]) -> Result<TableVerdict, VerifyError> {
+    let t = &tables[0];
     let err = |side| {
         let table = t.table.display_name();
         move |source| VerifyError::Query { table, side, source }
@@ -188,11 +205,12 @@ async fn compare_changed(m: &Migration, t: &TableState) -> Result<TableVerdict, 
     let ttx = tgt.transaction().await.map_err(err(Side::Target))?;
     let keys = column_list(&t.key_columns, None);
     let stored = crate::sync::delta_key_list(t);
-    let changed = format!(
-        "SELECT {stored} FROM {} UNION SELECT {stored} FROM {}",
-        t.ledger_table(),
-        t.delta_table()
-    );
+    let changed = tables
+        .iter()
+        .flat_map(|t| [t.ledger_table(), t.delta_table()])
+        .map(|keyed| format!("SELECT {stored} FROM {keyed}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ");
     ttx.batch_execute(&format!(
         "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {} WITH NO DATA",
         t.table
@@ -241,9 +259,10 @@ async fn compare_changed(m: &Migration, t: &TableState) -> Result<TableVerdict, 
 
 /// Which rows of a table [`compare_on`] compares.
 pub(crate) enum Rows<'a> {
-    /// Every row.
+    /// Every row of the table itself (ONLY).
     All,
-    /// The rows each side's WHERE clause keeps (alias `r` for the table).
+    /// The rows of the table and of the tables below it (the partitions of
+    /// a partitioned table) that each side's WHERE clause keeps (alias `r`).
     Where {
         /// On the source.
         source: &'a str,
@@ -261,13 +280,13 @@ pub(crate) async fn compare_on(
     s: &Subject,
     rows: Rows<'_>,
 ) -> Result<TableVerdict, VerifyError> {
-    let (src_filter, tgt_filter, scope) = match rows {
-        Rows::All => ("", "", VerifyScope::Full),
-        Rows::Where { source, target } => (source, target, VerifyScope::Changed),
+    let (src_filter, tgt_filter, scope, only) = match rows {
+        Rows::All => ("", "", VerifyScope::Full, "ONLY"),
+        Rows::Where { source, target } => (source, target, VerifyScope::Changed, ""),
     };
     let sql = |filter: &str| {
         format!(
-            "SELECT count(*), coalesce(sum(hashtextextended(ROW(r.*)::text, 0)::numeric), 0)::text FROM ONLY {} AS r {filter}",
+            "SELECT count(*), coalesce(sum(hashtextextended(ROW(r.*)::text, 0)::numeric), 0)::text FROM {only} {} AS r {filter}",
             s.table
         )
     };
@@ -285,7 +304,7 @@ pub(crate) async fn compare_on(
         let keys = column_list(&s.key_columns, Some("r"));
         let sql = |filter: &str| {
             format!(
-                "SELECT ROW({keys})::text, hashtextextended(ROW(r.*)::text, 0) FROM ONLY {} AS r {filter}",
+                "SELECT ROW({keys})::text, hashtextextended(ROW(r.*)::text, 0) FROM {only} {} AS r {filter}",
                 s.table
             )
         };

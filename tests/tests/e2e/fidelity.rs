@@ -459,6 +459,163 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
     }
 }
 
+/// `cutover.verify = "changed"` with partitions: a partitioned table and its
+/// partitions are verified ahead of the fence in one snapshot, while rows
+/// move between partitions through the root, partitions are written
+/// directly and one is truncated over and over; with the fence up only
+/// their changed rows are compared (a truncated partition in full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_are_verified_by_their_changes_while_written() {
+    let env = Env::new(crate::BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(PARTITIONS)
+        .await
+        .expect("seed partitions");
+    env.config(&format!(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nswitch_command = '''{}'''\n",
+        gated_switch(&env.path("switch-started"), &env.path("release"))
+    ));
+    let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
+    writers.progress(100).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    writers.stop().await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let cutover = &report["cutover"];
+    assert_eq!(
+        cutover["verified_ahead"], 5,
+        "devices and the four partitions holding rows: {cutover}"
+    );
+    assert_eq!(
+        cutover["tables_verified_by_changes"], 2,
+        "devices, and readings with its partitions: {cutover}"
+    );
+    assert_same_data(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// The rows of a partitioned table change through its root, through a
+/// partitioned partition and through a leaf, each firing only its own
+/// capture: a difference in any of them is found, ahead of the fence and
+/// with it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_changed_finds_a_difference_in_a_partition_whichever_table_a_statement_named() {
+    let env = Env::new(crate::BIN).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(PARTITIONS).await.expect("seed partitions");
+    env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let target = env.target_client().await;
+    // The first row of a partition, the same on both sides while synced.
+    let first = |leaf: &str| format!("(device, at) = (SELECT device, at FROM {leaf} ORDER BY 1, 2 LIMIT 1)");
+    let key = |leaf: &'static str| {
+        let app = &app;
+        async move {
+            let sql = format!("SELECT ROW(device, at)::text FROM {leaf} ORDER BY device, at LIMIT 1");
+            app.query_one(&sql, &[]).await.expect(&sql).get::<_, String>(0)
+        }
+    };
+
+    // Ahead of the fence: a row the target lost, in a partition of a
+    // partition.
+    let lost = key("readings_2024_hi").await;
+    target
+        .batch_execute(&format!(
+            "DELETE FROM readings_2024_hi WHERE {}",
+            first("readings_2024_hi")
+        ))
+        .await
+        .unwrap();
+    let err = env.fails(&["cutover"], 1).await;
+    assert!(err.contains("the fence was never raised"), "{err}");
+    assert!(err.contains(&format!("key {lost} missing on target")), "{err}");
+    assert!(!crate::fence_is_up(&env).await);
+    // The source rewrites it through the root.
+    app.batch_execute(&format!(
+        "UPDATE readings SET note = 'again' WHERE {}",
+        first("readings_2024_hi")
+    ))
+    .await
+    .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+
+    // Verified ahead, then the agent stops before the fence.
+    let mut agent = env
+        .run_until_failpoint(&["cutover"], "cutover.before_fence")
+        .await;
+    agent.kill().await.expect("SIGKILL the agent");
+    std::fs::remove_file(env.failpoint_release()).ok();
+    // Rows change through the root, through a partitioned partition and
+    // through a leaf; once drained, each goes wrong on the target.
+    let changed = [
+        ("readings", "readings_2023"),
+        ("readings_2024", "readings_2024_lo"),
+        ("readings_other", "readings_other"),
+    ];
+    for (named, leaf) in changed {
+        app.batch_execute(&format!(
+            "UPDATE {named} SET note = 'later' WHERE {}",
+            first(leaf)
+        ))
+        .await
+        .unwrap();
+    }
+    env.ok(&["sync", "--until-caught-up"]).await;
+    for (_, leaf) in changed {
+        target
+            .batch_execute(&format!("UPDATE {leaf} SET v = -1 WHERE {}", first(leaf)))
+            .await
+            .unwrap();
+    }
+    let out = env.run(&["cutover"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writes resumed on the source"), "{err}");
+    assert!(err.contains("changed rows"), "{err}");
+    for (_, leaf) in changed {
+        let k = key(leaf).await;
+        assert!(err.contains(&format!("key {k} differs")), "{leaf}: {err}");
+    }
+    assert!(!crate::fence_is_up(&env).await);
+
+    // The source rewrites them; a partition truncated since is compared in
+    // full, the rest by their changes, and the cutover ends equal.
+    for (named, leaf) in changed {
+        app.batch_execute(&format!(
+            "UPDATE {named} SET note = 'fixed' WHERE {}",
+            first(leaf)
+        ))
+        .await
+        .unwrap();
+    }
+    app.batch_execute(
+        "BEGIN; TRUNCATE readings_other; INSERT INTO readings VALUES (1, '2030-01-01', 1, 'after'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(
+        report["verified_ahead"], 0,
+        "the ledgers outlived the aborts: {report}"
+    );
+    assert_eq!(
+        report["tables_verified_by_changes"], 2,
+        "devices, and readings with its partitions: {report}"
+    );
+    assert_eq!(
+        report["tables_verified"], 3,
+        "and readings_other in full: {report}"
+    );
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 const INHERITANCE: &str = r#"
 CREATE TABLE vehicles (id int PRIMARY KEY, name text NOT NULL, wheels int);
 CREATE TABLE cars (doors int) INHERITS (vehicles);
