@@ -75,8 +75,10 @@ pub struct CutoverReport {
     pub final_drain_ms: u64,
     /// Of those, the verification.
     pub verify_ms: u64,
-    /// What the verification compared with the fence up (`cutover.verify`).
-    pub verify_scope: VerifyScope,
+    /// What the verification compared with the fence up (`cutover.verify`);
+    /// none when this run verified nothing (it resumed a cutover past its
+    /// verification).
+    pub verify_scope: Option<VerifyScope>,
     /// Tables verified ahead of the fence by this run (`changed`), and how long
     /// that took (writes were not blocked then).
     pub verified_ahead: usize,
@@ -357,7 +359,7 @@ async fn fenced(
         })
         .collect();
     let started = Instant::now();
-    report.verify_scope = m.cfg.cutover.verify;
+    report.verify_scope = Some(m.cfg.cutover.verify);
     let verdict = match m.cfg.cutover.verify {
         VerifyScope::Full => verify::verify(m, subjects).await?,
         VerifyScope::Changed => verify::verify_changed(m, tables).await?,
