@@ -1041,6 +1041,7 @@ async fn verify_batch(
             })?;
         verdicts.push(verdict);
     }
+    crate::failpoint::hit("sync.verified_ahead").await;
     let equal = verdicts.iter().all(|v| v.equal);
     for (t, seen) in unit.iter().zip(&seens) {
         let ledger = t.ledger_table();

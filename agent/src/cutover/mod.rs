@@ -201,9 +201,10 @@ pub async fn run(
 
 /// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
 /// can be ([`sync::ahead_units`]: a table, or a partitioned table with its
-/// partitions) and has a table without its ledger, one at a time with a
-/// drain pass before each (each verification holds its unit's batch lock
-/// while it reads the unit on both sides). A table that differs ends the
+/// partitions) and has a table without its ledger, one at a time after a
+/// drain pass. Each verification holds its unit's batch lock while it reads
+/// the unit on both sides, which can take minutes for a large table: the
+/// other tables keep draining meanwhile. A table that differs ends the
 /// cutover before the fence. Returns how many tables were compared, and in
 /// how many milliseconds.
 async fn verify_ahead(
@@ -222,7 +223,13 @@ async fn verify_ahead(
         }
         sync::check_drift(m, tables).await?;
         sync::drain_pass(m, tables, cancel).await?;
-        for verdict in sync::verify_ahead(m, &unit, cancel).await? {
+        let others: Vec<TableState> = tables
+            .iter()
+            .filter(|t| t.lock_relid != unit[0].lock_relid)
+            .cloned()
+            .collect();
+        let verified = while_draining(m, &others, cancel, sync::verify_ahead(m, &unit, cancel)).await?;
+        for verdict in verified {
             tracing::info!(table = %verdict.table, equal = verdict.equal, rows = verdict.source_rows, "Verified ahead of the fence");
             verdicts.push(verdict);
         }
@@ -238,6 +245,47 @@ async fn verify_ahead(
         .into());
     }
     Ok((verified, started.elapsed().as_millis() as u64))
+}
+
+/// Runs `work` while `tables` drain in the background, pass after pass
+/// (pausing while the source is under pressure, as `sync` does). Once
+/// `work` is done, the drain finishes the batches in hand and stops; a drain
+/// that failed fails the whole, after `work`.
+async fn while_draining<T>(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = Result<T, crate::Error>>,
+) -> Result<T, crate::Error> {
+    let stop = cancel.child_token();
+    let drain = async {
+        let mut backoff = sync::Backoff::default();
+        while !stop.is_cancelled() {
+            let pause = match backoff.next(m).await? {
+                Some(pause) => pause,
+                None => match sync::drain_pass(m, tables, &stop).await {
+                    Ok(pass) if pass.is_idle() => Duration::from_millis(m.cfg.sync.poll_interval_ms),
+                    Ok(_) => Duration::ZERO,
+                    Err(crate::Error::Cancelled) if stop.is_cancelled() => break,
+                    Err(e) => return Err(e),
+                },
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        Ok(())
+    };
+    let work = async {
+        let done = work.await;
+        stop.cancel();
+        done
+    };
+    match tokio::join!(work, drain) {
+        (Ok(done), Ok(())) => Ok(done),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 /// Drains until the backlog is small enough to fence on. Like `sync`, it
