@@ -645,12 +645,10 @@ async fn drain_table(
             busy: true,
             ..Default::default()
         })
+    } else if verify {
+        verify_batch(m, &mut source, group).await
     } else {
-        if verify {
-            verify_batch(m, &mut source, group).await
-        } else {
-            batch(m, &mut source, t, group, part).await
-        }
+        batch(m, &mut source, t, group, part).await
     };
     match outcome {
         Ok(stats) => {
@@ -692,8 +690,8 @@ struct Seen {
     ledger: bool,
 }
 
-/// Reads what the batch's snapshot shows of `t`. The first statement of a
-/// batch, so the one that takes the snapshot.
+/// Reads what the batch's snapshot shows of `t`. A batch's first call of it
+/// is its first statement, the one that takes the snapshot.
 async fn seen(
     stx: &tokio_postgres::Transaction<'_>,
     t: &TableState,
@@ -900,8 +898,9 @@ async fn apply(
 /// Forgets, in the source snapshot `stx`, exactly the deltas of `t` (of
 /// `part`) it saw, once the target holds what they named: in S itself, so a
 /// row committed after S is not touched, and durably only once that
-/// transaction commits. With `keep_ledger`, their keys move to the ledger:
-/// the rows the cutover compares again. A table `rewritten` whole is no
+/// transaction commits. With `keep_ledger`, their keys move to the ledger,
+/// once each (a hot row changes in many statements): the rows the cutover
+/// compares again. A table `rewritten` whole is no
 /// longer the one verified, and loses its ledger.
 async fn consume(
     stx: &tokio_postgres::Transaction<'_>,
@@ -921,7 +920,7 @@ async fn consume(
         stx.execute(
             &format!(
                 "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
-                 INSERT INTO {ledger} ({keys}) SELECT {keys} FROM gone"
+                 INSERT INTO {ledger} ({keys}) SELECT DISTINCT {keys} FROM gone"
             ),
             &[],
         )

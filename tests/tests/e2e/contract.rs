@@ -714,12 +714,27 @@ async fn verify_changed_finds_a_difference_ahead_of_the_fence_and_under_it() {
         .await;
     agent.kill().await.expect("SIGKILL the agent");
     std::fs::remove_file(env.failpoint_release()).ok();
-    // A key that changes afterwards is in accounts' ledger once drained; then
-    // its row goes wrong on the target.
-    app.batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7")
+    // A key that changes afterwards is in accounts' ledger once drained
+    // (once, however many statements changed it); then its row goes wrong
+    // on the target.
+    app.batch_execute(&"UPDATE accounts SET balance = balance + 1 WHERE id = 7;".repeat(3))
         .await
         .unwrap();
     env.ok(&["sync", "--until-caught-up"]).await;
+    let ledger: String = app
+        .query_one(
+            "SELECT format('pgferry.v_%s', id) FROM pgferry.tables WHERE table_name = 'accounts'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let keys: i64 = app
+        .query_one(&format!("SELECT count(*) FROM {ledger}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1, "{ledger}");
     target
         .batch_execute("UPDATE accounts SET name = 'tampered' WHERE id = 7")
         .await
