@@ -678,6 +678,16 @@ fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncE
     }
 }
 
+/// Opens a batch's source transaction, REPEATABLE READ: its first
+/// statement takes the snapshot S that decides everything the batch does.
+async fn begin(source: &mut Object) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    source
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .await
+}
+
 /// What a batch's snapshot shows of one table.
 struct Seen {
     /// The snapshot's time (the lag it ends).
@@ -742,12 +752,7 @@ async fn batch(
     // the batch lock is held (a snapshot taken before it could be older than a
     // batch that committed meanwhile). Its only writes are the removal of the
     // deltas it consumed, after the target commit.
-    let stx = source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .map_err(src_err)?;
+    let stx = begin(source).await.map_err(src_err)?;
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
     let seen = seen(&stx, t, part).await.map_err(src_err)?;
@@ -996,10 +1001,7 @@ async fn verify_batch(
 ) -> Result<BatchStats, SyncError> {
     let first = &unit[0];
     let started = std::time::Instant::now();
-    let stx = source
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
+    let stx = begin(source)
         .await
         .map_err(|e| batch_err(first, Side::Source, e))?;
     let mut seens = Vec::with_capacity(unit.len());

@@ -251,6 +251,12 @@ impl Env {
         child
     }
 
+    /// Runs the agent until it reaches `failpoint`, and SIGKILLs it there.
+    pub async fn kill_at(&self, args: &[&str], failpoint: &str) {
+        let mut agent = self.run_until_failpoint(args, failpoint).await;
+        agent.kill().await.expect("SIGKILL the agent");
+    }
+
     /// The file that releases a paused failpoint.
     pub fn failpoint_release(&self) -> PathBuf {
         self.path("failpoint-release")

@@ -313,8 +313,7 @@ async fn migrate_resumes_after_sigkill_in_install_copy_and_sync() {
         ("sync.before_target_commit@2", "syncing"),
         ("sync.after_delta_delete@4", "syncing"),
     ] {
-        let mut agent = env.run_until_failpoint(&["migrate"], point).await;
-        agent.kill().await.expect("SIGKILL the agent");
+        env.kill_at(&["migrate"], point).await;
         assert_eq!(env.status().await["phase"], phase, "after a kill at {point}");
         writers.progress(20).await;
     }
@@ -512,10 +511,7 @@ async fn a_batch_killed_at_any_step_loses_nothing() {
         ))
         .await
         .unwrap();
-        let mut agent = env
-            .run_until_failpoint(&["sync", "--until-caught-up"], point)
-            .await;
-        agent.kill().await.unwrap();
+        env.kill_at(&["sync", "--until-caught-up"], point).await;
     }
     env.ok(&["sync", "--until-caught-up"]).await;
     for i in 0..3 {
@@ -624,19 +620,7 @@ async fn a_writers_search_path_cannot_hijack_the_capture() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_changed_compares_the_rows_changed_since_a_verification_ahead_of_the_fence() {
     let env = seeded().await;
-    env.config(&format!(
-        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nswitch_command = '''{}'''\n",
-        gated_switch(&env.path("switch-started"), &env.path("release"))
-    ));
-    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
-    writers.progress(100).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
-    writers.stop().await;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    let cutover = &report["cutover"];
+    let cutover = &crate::migrate_verifying_changes_while_writing(&env, &[APP, WRITER], OPS).await;
     assert_eq!(cutover["verify_scope"], "changed", "{cutover}");
     assert_eq!(
         cutover["verified_ahead"], 7,
@@ -709,11 +693,7 @@ async fn verify_changed_finds_a_difference_ahead_of_the_fence_and_under_it() {
     env.ok(&["sync", "--until-caught-up"]).await;
 
     // Every table verified ahead, then the agent stops before the fence.
-    let mut agent = env
-        .run_until_failpoint(&["cutover"], "cutover.before_fence")
-        .await;
-    agent.kill().await.expect("SIGKILL the agent");
-    std::fs::remove_file(env.failpoint_release()).ok();
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
     // A key that changes afterwards is in accounts' ledger once drained
     // (once, however many statements changed it); then its row goes wrong
     // on the target.

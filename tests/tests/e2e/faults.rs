@@ -52,8 +52,7 @@ async fn killed_at_thirty_points_every_run_resumes_and_ends_equal() {
     let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
     writers.progress(50).await;
     for (cmd, point) in SCHEDULE {
-        let mut agent = env.run_until_failpoint(&[cmd], point).await;
-        agent.kill().await.expect("SIGKILL");
+        env.kill_at(&[cmd], point).await;
         if *cmd == "migrate" {
             writers.progress(10).await;
         }

@@ -417,6 +417,17 @@ INSERT INTO readings SELECT 1 + g % 100, date '2023-01-01' + (g % 900), g, 'seed
     ON CONFLICT DO NOTHING;
 "#;
 
+/// A source seeded with [`PARTITIONS`].
+async fn partitioned() -> Env {
+    let env = Env::new(crate::BIN).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(PARTITIONS)
+        .await
+        .expect("seed partitions");
+    env
+}
+
 const PARTITION_OPS: &[&str] = &[
     // Through the root, moving rows to another partition (2023 -> 2024 -> default).
     "UPDATE readings SET at = at + 400 WHERE device = 1 + $N % 100
@@ -431,12 +442,7 @@ const PARTITION_OPS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
-    let env = Env::new(crate::BIN).await;
-    env.source_as(APP)
-        .await
-        .batch_execute(PARTITIONS)
-        .await
-        .expect("seed partitions");
+    let env = partitioned().await;
     let out = env.run(&["check"]).await;
     assert_eq!(
         out.status.code(),
@@ -466,25 +472,8 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
 /// their changed rows are compared (a truncated partition in full).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_are_verified_by_their_changes_while_written() {
-    let env = Env::new(crate::BIN).await;
-    env.source_as(APP)
-        .await
-        .batch_execute(PARTITIONS)
-        .await
-        .expect("seed partitions");
-    env.config(&format!(
-        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nswitch_command = '''{}'''\n",
-        gated_switch(&env.path("switch-started"), &env.path("release"))
-    ));
-    let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
-    writers.progress(100).await;
-    let out = env
-        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
-        .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
-    writers.stop().await;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    let cutover = &report["cutover"];
+    let env = partitioned().await;
+    let cutover = &crate::migrate_verifying_changes_while_writing(&env, &[APP, APP], PARTITION_OPS).await;
     assert_eq!(
         cutover["verified_ahead"], 5,
         "devices and the four partitions holding rows: {cutover}"
@@ -503,9 +492,8 @@ async fn partitioned_tables_are_verified_by_their_changes_while_written() {
 /// with it up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_changed_finds_a_difference_in_a_partition_whichever_table_a_statement_named() {
-    let env = Env::new(crate::BIN).await;
+    let env = partitioned().await;
     let app = env.source_as(APP).await;
-    app.batch_execute(PARTITIONS).await.expect("seed partitions");
     env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\n");
     env.ok(&["install"]).await;
     env.ok(&["copy"]).await;
@@ -545,11 +533,7 @@ async fn verify_changed_finds_a_difference_in_a_partition_whichever_table_a_stat
     env.ok(&["sync", "--until-caught-up"]).await;
 
     // Verified ahead, then the agent stops before the fence.
-    let mut agent = env
-        .run_until_failpoint(&["cutover"], "cutover.before_fence")
-        .await;
-    agent.kill().await.expect("SIGKILL the agent");
-    std::fs::remove_file(env.failpoint_release()).ok();
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
     // Rows change through the root, through a partitioned partition and
     // through a leaf; once drained, each goes wrong on the target.
     let changed = [

@@ -107,6 +107,28 @@ pub fn gated_config(env: &Env) -> (std::path::PathBuf, std::path::PathBuf) {
     (started, release)
 }
 
+/// `migrate --cutover` with `cutover.verify = "changed"` while `roles` run
+/// `ops`; returns the cutover's JSON report.
+pub async fn migrate_verifying_changes_while_writing(
+    env: &Env,
+    roles: &[(&'static str, &'static str)],
+    ops: &'static [&'static str],
+) -> serde_json::Value {
+    env.config(&format!(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nswitch_command = '''{}'''\n",
+        gated_switch(&env.path("switch-started"), &env.path("release"))
+    ));
+    let writers = Workload::start(env, roles, ops).await;
+    writers.progress(100).await;
+    let out = env
+        .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    writers.stop().await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    report["cutover"].clone()
+}
+
 pub async fn fence_is_up(env: &Env) -> bool {
     env.source_as(APP)
         .await
