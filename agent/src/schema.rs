@@ -282,33 +282,6 @@ impl PgTools {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-
-    /// Restores exactly `entries` of the archive into the target, in one
-    /// transaction (all or nothing, so a re-run starts clean).
-    pub async fn restore_entries(
-        &self,
-        target: &Endpoint,
-        archive: &Path,
-        entries: &[TocEntry],
-        step: &str,
-    ) -> Result<(), SchemaError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let list = write_list(archive, entries, step).await?;
-        let mut cmd = Command::new(&self.pg_restore);
-        cmd.args([
-            "--no-owner",
-            "--no-privileges",
-            "--single-transaction",
-            "--exit-on-error",
-        ])
-        .arg("--use-list")
-        .arg(&list)
-        .arg(format!("--dbname={}", target.dbname()))
-        .arg(archive);
-        run(cmd, target, &format!("pg_restore ({step})")).await
-    }
 }
 
 /// Writes the `--use-list` file selecting `entries` next to the archive.

@@ -14,6 +14,7 @@
 //! are validated.
 
 pub mod decision;
+mod entries;
 pub mod fence;
 pub mod objects;
 
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::migration::Migration;
-use crate::schema::{PgTools, Step};
 use crate::state::{self, Phase, TableState};
 use crate::sync;
 use crate::verify::{self, Subject, VerifyReport, VerifyScope};
@@ -164,11 +164,13 @@ pub async fn run(
         return after_point_of_no_return(m, CutoverReport::default()).await;
     }
     let mut ahead = (0, 0);
+    let mut prepared = None;
     if run.phase == Phase::Syncing {
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
         }
         catch_up(m, &tables, cancel).await?;
+        prepared = Some(entries::prepare(m).await?);
         crate::failpoint::hit("cutover.before_fence").await;
     } else {
         tracing::warn!("Resuming an interrupted cutover");
@@ -182,7 +184,7 @@ pub async fn run(
     drop(conn);
     tracing::warn!("Fence raised: writes to captured tables are blocked on the source");
     crate::failpoint::hit("cutover.after_fence").await;
-    match fenced(m, &tables, cancel).await {
+    match fenced(m, &tables, cancel, prepared).await {
         Ok(mut report) => {
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
             after_point_of_no_return(m, report).await
@@ -347,6 +349,7 @@ async fn fenced(
     m: &Migration,
     tables: &[TableState],
     cancel: &CancellationToken,
+    prepared: Option<entries::Prepared>,
 ) -> Result<CutoverReport, crate::Error> {
     let mut report = CutoverReport::default();
     // Nothing can write now, and every second from here is downtime: the
@@ -448,7 +451,7 @@ async fn fenced(
     report.triggers = objects::create_triggers(&target, &triggers)
         .await
         .map_err(CutoverError::Target)?;
-    report.grant_warnings = restore_cutover_entries(m).await?;
+    report.grant_warnings = entries::restore(m, prepared).await?;
     objects::refresh_materialized_views(&source, &target)
         .await
         .map_err(CutoverError::Target)?;
@@ -501,64 +504,6 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
         }
     }
     Ok(())
-}
-
-/// Restores policies, rules, comments and the like from a fresh schema dump,
-/// then (leniently) grants and default privileges; returns what failed of
-/// the latter.
-async fn restore_cutover_entries(m: &Migration) -> Result<Vec<String>, crate::Error> {
-    let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
-    let scratch = tempfile::Builder::new()
-        .prefix("pgferry-schema-")
-        .tempdir()
-        .map_err(crate::copy::CopyError::Scratch)?;
-    let archive = tools
-        .dump_schema(
-            &m.source,
-            scratch.path(),
-            m.cfg.source_limits.lock_timeout_ms,
-            true,
-        )
-        .await?;
-    let entries: Vec<_> = tools
-        .toc(&archive, "post-data")
-        .await?
-        .into_iter()
-        .filter(|e| e.step() == Step::AtCutover)
-        .collect();
-    tools
-        .restore_entries(&m.target, &archive, &entries, "cutover")
-        .await?;
-    if !m.cfg.schema.privileges {
-        return Ok(Vec::new());
-    }
-    let grants: Vec<_> = tools
-        .toc(&archive, "pre-data")
-        .await?
-        .into_iter()
-        .chain(tools.toc(&archive, "post-data").await?)
-        .filter(|e| e.step() == Step::Grants)
-        .collect();
-    // Statement by statement: pg_restore runs an object's grants as one
-    // query, so one grant to a role the target lacks would silently drop the
-    // grants after it. Each failure is reported with its statement.
-    let sql = tools.entries_sql(&archive, &grants, "grants").await?;
-    let target = m.target_conn().await?;
-    let mut warnings = Vec::new();
-    for statement in sql.lines().map(str::trim).filter(|l| {
-        l.starts_with("GRANT ") || l.starts_with("REVOKE ") || l.starts_with("ALTER DEFAULT PRIVILEGES ")
-    }) {
-        if let Err(e) = target.batch_execute(statement).await {
-            let why = e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_string());
-            warnings.push(format!("{statement} -- {why}"));
-        }
-    }
-    for w in &warnings {
-        tracing::warn!(warning = %w, "Grant not restored");
-    }
-    Ok(warnings)
 }
 
 /// Runs the operator's switch command; the target URL travels in its

@@ -297,6 +297,69 @@ async fn roles_grants_and_default_privileges_follow() {
     assert_same_data(&env).await;
 }
 
+/// Row security, policies, rules, extended statistics, comments and grants
+/// are read from the source ahead of the fence and restored with it up;
+/// one changed after that reading is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_entries_changed_just_before_the_fence_arrive() {
+    let env = crate::synced().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "ALTER TABLE accounts ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON accounts USING (true);
+         CREATE RULE scratch_gone AS ON DELETE TO scratch DO ALSO NOTIFY scratch_gone;
+         CREATE STATISTICS accounts_names ON name, balance FROM accounts;
+         COMMENT ON INDEX accounts_pkey IS 'before';",
+    )
+    .await
+    .unwrap();
+    let mut agent = env
+        .run_until_failpoint(&["cutover"], "cutover.before_fence")
+        .await;
+    // Read ahead of the fence; now they change.
+    app.batch_execute(
+        "COMMENT ON INDEX accounts_pkey IS 'after';
+         CREATE POLICY late ON accounts FOR SELECT USING (balance >= 0);
+         GRANT SELECT ON ledger TO PUBLIC;",
+    )
+    .await
+    .unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let status = agent.wait().await.expect("the cutover ends");
+    assert!(status.success(), "{status}");
+    let t = env.target_client().await;
+    let on_target = |q: &'static str| {
+        let t = &t;
+        async move { t.query_one(q, &[]).await.expect(q).get::<_, String>(0) }
+    };
+    for (q, want) in [
+        ("SELECT obj_description('accounts_pkey'::regclass)", "after"),
+        (
+            "SELECT string_agg(polname, ',' ORDER BY polname) FROM pg_policy",
+            "late,own",
+        ),
+        (
+            "SELECT relrowsecurity::text FROM pg_class WHERE oid = 'accounts'::regclass",
+            "true",
+        ),
+        (
+            "SELECT string_agg(rulename, ',') FROM pg_rules WHERE tablename = 'scratch'",
+            "scratch_gone",
+        ),
+        (
+            "SELECT string_agg(stxname, ',') FROM pg_statistic_ext",
+            "accounts_names",
+        ),
+        (
+            "SELECT has_table_privilege('public', 'ledger', 'SELECT')::text",
+            "true",
+        ),
+    ] {
+        assert_eq!(on_target(q).await, want, "{q}");
+    }
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_to_missing_roles_are_reported_not_fatal() {
     let env = crate::seeded().await;
