@@ -168,10 +168,20 @@ pub async fn restore(m: &Migration, prepared: Option<Prepared>) -> Result<Vec<St
         // session: it does not go back to the pool.
         let _ = Object::take(target);
     }
+    // Each statement is its own query, so one failing leaves the others be;
+    // all are sent at once (pipelined, run in order): one round trip under
+    // the fence rather than one per statement.
     let target = m.target_conn().await?;
+    let outcomes = futures_util::future::join_all(
+        entries
+            .grants
+            .iter()
+            .map(|statement| target.batch_execute(statement)),
+    )
+    .await;
     let mut warnings = Vec::new();
-    for statement in &entries.grants {
-        if let Err(e) = target.batch_execute(statement).await {
+    for (statement, outcome) in entries.grants.iter().zip(outcomes) {
+        if let Err(e) = outcome {
             let why = e
                 .as_db_error()
                 .map_or_else(|| e.to_string(), |d| d.message().to_string());
