@@ -7,6 +7,7 @@
 //! pgferry's own capture triggers are recognised by their function's schema
 //! and never reach the target.
 
+use futures_util::future::try_join_all;
 use tokio_postgres::Client;
 
 use crate::ident::{Ident, QualifiedTable};
@@ -240,20 +241,27 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
             &[],
         )
         .await?;
-    for r in &rows {
-        let seq = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        let state = source
-            .query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[])
-            .await?;
-        let (last, called): (i64, bool) = (state.get(0), state.get(1));
-        target
-            .execute(
-                "SELECT setval($1::text::regclass, $2, $3)",
-                &[&seq.to_string(), &last, &called],
-            )
-            .await?;
-    }
-    Ok(rows.len())
+    // With writes blocked, every round trip counts: each side's statements
+    // are sent at once (pipelined), one round trip per side instead of one
+    // per sequence.
+    let seqs: Vec<String> = rows
+        .iter()
+        .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)).to_string())
+        .collect();
+    let reads: Vec<String> = seqs
+        .iter()
+        .map(|seq| format!("SELECT last_value, is_called FROM {seq}"))
+        .collect();
+    let states = try_join_all(reads.iter().map(|sql| source.query_one(sql, &[]))).await?;
+    let setval = "SELECT setval($1::text::regclass, $2, $3)";
+    let values: Vec<(i64, bool)> = states.iter().map(|s| (s.get(0), s.get(1))).collect();
+    try_join_all(
+        seqs.iter()
+            .zip(&values)
+            .map(|(seq, (last, called))| async move { target.execute(setval, &[seq, last, called]).await }),
+    )
+    .await?;
+    Ok(seqs.len())
 }
 
 /// Refreshes on the target the materialized views that are populated on the
