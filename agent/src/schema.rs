@@ -40,6 +40,9 @@ pub enum SchemaError {
         #[source]
         source: std::io::Error,
     },
+    /// The scratch directory for a dump could not be created.
+    #[error("cannot create a scratch directory for the schema dump")]
+    Scratch(#[source] std::io::Error),
     /// A tool ran and failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Failed {
@@ -50,6 +53,15 @@ pub enum SchemaError {
         /// What it printed (last lines).
         stderr: String,
     },
+}
+
+/// A schema archive in a scratch directory of its own, removed (with the
+/// lists written next to the archive) when this is dropped.
+#[derive(Debug)]
+pub struct SchemaDump {
+    /// The archive.
+    pub archive: PathBuf,
+    _scratch: tempfile::TempDir,
 }
 
 /// Located `pg_dump`/`pg_restore` binaries and their major version.
@@ -106,17 +118,21 @@ impl PgTools {
         })
     }
 
-    /// Dumps the source schema (custom format) into `dir`; waits at most
-    /// `lock_wait_ms` for each table lock so it never queues the application.
-    /// With `privileges`, grants and default privileges are in the archive.
+    /// Dumps the source schema (custom format) into a scratch directory of
+    /// its own; waits at most `lock_wait_ms` for each table lock so it never
+    /// queues the application. With `privileges`, grants and default
+    /// privileges are in the archive.
     pub async fn dump_schema(
         &self,
         source: &Endpoint,
-        dir: &Path,
         lock_wait_ms: u64,
         privileges: bool,
-    ) -> Result<PathBuf, SchemaError> {
-        let file = dir.join("schema.dump");
+    ) -> Result<SchemaDump, SchemaError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("pgferry-schema-")
+            .tempdir()
+            .map_err(SchemaError::Scratch)?;
+        let archive = scratch.path().join("schema.dump");
         let mut cmd = Command::new(&self.pg_dump);
         cmd.args(["--format=custom", "--schema-only", "--no-owner"]);
         if !privileges {
@@ -125,9 +141,12 @@ impl PgTools {
         cmd.arg("--exclude-schema=pgferry")
             .arg(format!("--lock-wait-timeout={lock_wait_ms}"))
             .arg("--file")
-            .arg(&file);
+            .arg(&archive);
         run(cmd, source, "pg_dump").await?;
-        Ok(file)
+        Ok(SchemaDump {
+            archive,
+            _scratch: scratch,
+        })
     }
 
     /// Dumps the data of `tables` (quoted names) into the new directory

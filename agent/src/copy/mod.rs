@@ -84,8 +84,9 @@ pub enum CopyError {
     /// A worker task panicked.
     #[error("a copy worker stopped unexpectedly")]
     Worker(#[source] tokio::task::JoinError),
-    /// Scratch space for the schema dump could not be created.
-    #[error("cannot create a scratch directory for the schema dump")]
+    /// Scratch space for the data dump (`copy.method = "dump"`) could not be
+    /// created.
+    #[error("cannot create a scratch directory for the data dump (copy.dump_dir)")]
     Scratch(#[source] std::io::Error),
 }
 
@@ -157,25 +158,17 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     check_copy_from(m, &tables).await?;
 
     let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
-    let scratch = tempfile::Builder::new()
-        .prefix("pgferry-schema-")
-        .tempdir()
-        .map_err(CopyError::Scratch)?;
-    let archive = tools
-        .dump_schema(
-            &m.source,
-            scratch.path(),
-            m.cfg.source_limits.lock_timeout_ms,
-            false,
-        )
+    let dump = tools
+        .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, false)
         .await?;
+    let archive = &dump.archive;
 
     let mut report = CopyReport::default();
     if !run.pre_data_done {
         if m.cfg.schema.recreate_roles {
             report.roles = Some(crate::roles::recreate(m).await?);
         }
-        restore_pre_data(m, &tools, &archive, &tables).await?;
+        restore_pre_data(m, &tools, archive, &tables).await?;
     }
     crate::failpoint::hit("copy.after_pre_data").await;
 

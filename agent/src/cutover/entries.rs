@@ -70,29 +70,21 @@ async fn fingerprint(m: &Migration) -> Result<String, crate::Error> {
 pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
     let fingerprint = fingerprint(m).await?;
     let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
-    let scratch = tempfile::Builder::new()
-        .prefix("pgferry-schema-")
-        .tempdir()
-        .map_err(crate::copy::CopyError::Scratch)?;
-    let archive = tools
-        .dump_schema(
-            &m.source,
-            scratch.path(),
-            m.cfg.source_limits.lock_timeout_ms,
-            true,
-        )
+    let dump = tools
+        .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, true)
         .await?;
-    let post_data = tools.toc(&archive, "post-data").await?;
+    let archive = &dump.archive;
+    let post_data = tools.toc(archive, "post-data").await?;
     let at_cutover: Vec<_> = post_data
         .iter()
         .filter(|e| e.step() == Step::AtCutover)
         .cloned()
         .collect();
-    let script = without_meta_commands(&tools.entries_sql(&archive, &at_cutover, "cutover").await?);
+    let script = without_meta_commands(&tools.entries_sql(archive, &at_cutover, "cutover").await?);
     let mut grants = Vec::new();
     if m.cfg.schema.privileges {
         let entries: Vec<_> = tools
-            .toc(&archive, "pre-data")
+            .toc(archive, "pre-data")
             .await?
             .into_iter()
             .chain(post_data)
@@ -102,7 +94,7 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         // query, so one grant to a role the target lacks would silently drop
         // the grants after it.
         grants = tools
-            .entries_sql(&archive, &entries, "grants")
+            .entries_sql(archive, &entries, "grants")
             .await?
             .lines()
             .map(str::trim)
