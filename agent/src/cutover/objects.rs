@@ -7,7 +7,7 @@
 //! pgferry's own capture triggers are recognised by their function's schema
 //! and never reach the target.
 
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use tokio_postgres::Client;
 
 use crate::ident::{Ident, QualifiedTable};
@@ -121,15 +121,15 @@ async fn trigger_exists(
 }
 
 /// Creates the foreign keys `NOT VALID` (instant: existing rows are not
-/// scanned while writes are fenced). Skips those that exist.
+/// scanned while writes are fenced). Skips those that exist. All at once
+/// (pipelined): two round trips in all with writes blocked, not two per key.
 pub async fn create_foreign_keys(
     target: &Client,
     fks: &[ForeignKey],
 ) -> Result<usize, tokio_postgres::Error> {
-    let mut created = 0;
-    for fk in fks {
+    let created = all_done(fks.iter().map(|fk| async move {
         if crate::copy::indexes::constraint_exists(target, &fk.table, &fk.name).await? {
-            continue;
+            return Ok(false);
         }
         let (only, not_valid) = if fk.partitioned {
             ("", "")
@@ -145,10 +145,20 @@ pub async fn create_foreign_keys(
                 Ident(fk.name.clone()),
                 fk.definition
             ))
-            .await?;
-        created += 1;
-    }
-    Ok(created)
+            .await
+            .map(|()| true)
+    }))
+    .await?;
+    Ok(created.into_iter().filter(|c| *c).count())
+}
+
+/// Runs `statements` pipelined, and waits for every one of them before
+/// giving the first error: a statement sent after a failing one still runs,
+/// and an abort that removes what they created must come after it.
+async fn all_done<T>(
+    statements: impl IntoIterator<Item = impl std::future::Future<Output = Result<T, tokio_postgres::Error>>>,
+) -> Result<Vec<T>, tokio_postgres::Error> {
+    join_all(statements).await.into_iter().collect()
 }
 
 /// Validates the foreign keys that are valid on the source (after the
@@ -166,12 +176,12 @@ pub async fn validate_foreign_keys(target: &Client, fks: &[ForeignKey]) -> Resul
     Ok(())
 }
 
-/// Creates the application's triggers in the state they have on the source.
+/// Creates the application's triggers in the state they have on the
+/// source. All at once (pipelined), like [`create_foreign_keys`].
 pub async fn create_triggers(target: &Client, triggers: &[Trigger]) -> Result<usize, tokio_postgres::Error> {
-    let mut created = 0;
-    for t in triggers {
+    let created = all_done(triggers.iter().map(|t| async move {
         if trigger_exists(target, &t.table, &t.name).await? {
-            continue;
+            return Ok(false);
         }
         let state = match t.enabled.as_str() {
             "D" => Some("DISABLE TRIGGER"),
@@ -187,10 +197,10 @@ pub async fn create_triggers(target: &Client, triggers: &[Trigger]) -> Result<us
                 Ident(t.name.clone())
             ));
         }
-        target.batch_execute(&sql).await?;
-        created += 1;
-    }
-    Ok(created)
+        target.batch_execute(&sql).await.map(|()| true)
+    }))
+    .await?;
+    Ok(created.into_iter().filter(|c| *c).count())
 }
 
 /// Abort path: removes from the target everything that must not act while
@@ -252,10 +262,10 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
         .iter()
         .map(|seq| format!("SELECT last_value, is_called FROM {seq}"))
         .collect();
-    let states = try_join_all(reads.iter().map(|sql| source.query_one(sql, &[]))).await?;
+    let states = all_done(reads.iter().map(|sql| source.query_one(sql, &[]))).await?;
     let setval = "SELECT setval($1::text::regclass, $2, $3)";
     let values: Vec<(i64, bool)> = states.iter().map(|s| (s.get(0), s.get(1))).collect();
-    try_join_all(
+    all_done(
         seqs.iter()
             .zip(&values)
             .map(|(seq, (last, called))| async move { target.execute(setval, &[seq, last, called]).await }),
