@@ -334,6 +334,26 @@ pub struct CutoverConfig {
     /// full).
     #[serde(default)]
     pub verify: VerifyScope,
+    /// When the materialized views populated on the source are refreshed on
+    /// the target. `fenced` (the default): with writes blocked, so at the
+    /// switch they hold exactly what their queries give on the migrated
+    /// data; the write downtime grows with the time those queries take.
+    /// `after_switch`: just before the fence (populated at the switch, with
+    /// the data of a moment before) and again after the switch, without
+    /// blocking writes (CONCURRENTLY where a unique index allows it).
+    #[serde(default)]
+    pub materialized_views: MatviewRefresh,
+}
+
+/// When the cutover refreshes materialized views on the target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatviewRefresh {
+    /// With writes blocked.
+    #[default]
+    Fenced,
+    /// Before the fence, and again after the switch.
+    AfterSwitch,
 }
 
 /// What the cutover's verification compares with the fence up.
@@ -447,6 +467,7 @@ impl Default for CutoverConfig {
             switch_command: None,
             rate_limited: false,
             verify: VerifyScope::Full,
+            materialized_views: MatviewRefresh::Fenced,
         }
     }
 }
@@ -605,6 +626,16 @@ mod tests {
         assert_eq!(cfg.cutover.verify, VerifyScope::Changed);
         let f = write("[cutover]\nverify = \"some\"\n");
         assert!(Config::load(Some(f.path()), Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn materialized_views_are_refreshed_fenced_unless_after_the_switch() {
+        let f = write("");
+        let cfg = Config::load(Some(f.path()), Overrides::default()).unwrap();
+        assert_eq!(cfg.cutover.materialized_views, MatviewRefresh::Fenced);
+        let f = write("[cutover]\nmaterialized_views = \"after_switch\"\n");
+        let cfg = Config::load(Some(f.path()), Overrides::default()).unwrap();
+        assert_eq!(cfg.cutover.materialized_views, MatviewRefresh::AfterSwitch);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::MatviewRefresh;
 use crate::migration::Migration;
 use crate::state::{self, Phase, TableState};
 use crate::sync;
@@ -102,6 +103,11 @@ pub struct CutoverReport {
     pub rows_verified: i64,
     /// Foreign keys that could not be validated after the switch.
     pub unvalidated_foreign_keys: Vec<String>,
+    /// Materialized views refreshed after the switch
+    /// (`cutover.materialized_views = "after_switch"`).
+    pub materialized_views_after_switch: usize,
+    /// Those whose refresh after the switch failed, each with its reason.
+    pub materialized_view_warnings: Vec<String>,
     /// Grants that could not be restored (typically: the role is missing).
     pub grant_warnings: Vec<String>,
     /// copy_only tables copied while writes were fenced.
@@ -171,6 +177,13 @@ pub async fn run(
         }
         catch_up(m, &tables, cancel).await?;
         prepared = Some(entries::prepare(m).await?);
+        if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
+            // Populated at the switch, with the data of a moment before.
+            let (source, target) = (m.source_conn().await?, m.target_conn().await?);
+            objects::refresh_materialized_views(&source, &target)
+                .await
+                .map_err(CutoverError::Target)?;
+        }
         crate::failpoint::hit("cutover.before_fence").await;
     } else {
         tracing::warn!("Resuming an interrupted cutover");
@@ -452,9 +465,11 @@ async fn fenced(
         .await
         .map_err(CutoverError::Target)?;
     report.grant_warnings = entries::restore(m, prepared).await?;
-    objects::refresh_materialized_views(&source, &target)
-        .await
-        .map_err(CutoverError::Target)?;
+    if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
+        objects::refresh_materialized_views(&source, &target)
+            .await
+            .map_err(CutoverError::Target)?;
+    }
     crate::failpoint::hit("cutover.after_objects").await;
     Ok(report)
 }
@@ -488,10 +503,23 @@ async fn after_point_of_no_return(
 }
 
 /// Validates the foreign keys that are valid on the source; writes are not
-/// blocked by validation, and a failure leaves the key NOT VALID with a warning.
+/// blocked by validation, and a failure leaves the key NOT VALID with a
+/// warning. With `cutover.materialized_views = "after_switch"`, refreshes
+/// the materialized views first. A re-run does both again.
 async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Result<(), crate::Error> {
     let mut source = m.source_conn().await?;
     let target = m.target_conn().await?;
+    if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
+        (
+            report.materialized_views_after_switch,
+            report.materialized_view_warnings,
+        ) = objects::refresh_materialized_views_after_switch(&source, &target)
+            .await
+            .map_err(CutoverError::Target)?;
+        for w in &report.materialized_view_warnings {
+            tracing::warn!(warning = %w, "Materialized view not refreshed after the switch");
+        }
+    }
     let fks = objects::foreign_keys(&mut source)
         .await
         .map_err(CutoverError::Source)?;

@@ -274,12 +274,9 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
     Ok(seqs.len())
 }
 
-/// Refreshes on the target the materialized views that are populated on the
-/// source, in dependency-safe order of creation.
-pub async fn refresh_materialized_views(
-    source: &Client,
-    target: &Client,
-) -> Result<usize, tokio_postgres::Error> {
+/// The materialized views populated on the source, in dependency-safe
+/// order of creation.
+async fn populated_materialized_views(source: &Client) -> Result<Vec<QualifiedTable>, tokio_postgres::Error> {
     let rows = source
         .query(
             &format!(
@@ -291,11 +288,59 @@ pub async fn refresh_materialized_views(
             &[],
         )
         .await?;
-    for r in &rows {
-        let mv = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+    Ok(rows
+        .iter()
+        .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Refreshes on the target the materialized views that are populated on the
+/// source.
+pub async fn refresh_materialized_views(
+    source: &Client,
+    target: &Client,
+) -> Result<usize, tokio_postgres::Error> {
+    let views = populated_materialized_views(source).await?;
+    for mv in &views {
         target
             .batch_execute(&format!("REFRESH MATERIALIZED VIEW {mv}"))
             .await?;
     }
-    Ok(rows.len())
+    Ok(views.len())
+}
+
+/// After the switch (`cutover.materialized_views = "after_switch"`), the
+/// same again without blocking the application's reads where a unique
+/// index allows (CONCURRENTLY). The application already writes to the
+/// target, so a failure is reported, not fatal. Returns how many were
+/// refreshed, and what failed.
+pub async fn refresh_materialized_views_after_switch(
+    source: &Client,
+    target: &Client,
+) -> Result<(usize, Vec<String>), tokio_postgres::Error> {
+    let views = populated_materialized_views(source).await?;
+    let mut failed = Vec::new();
+    for mv in &views {
+        let concurrently = target
+            .batch_execute(&format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {mv}"))
+            .await;
+        let outcome = match concurrently {
+            // No usable unique index (or not populated yet): the plain way.
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) =>
+            {
+                target
+                    .batch_execute(&format!("REFRESH MATERIALIZED VIEW {mv}"))
+                    .await
+            }
+            other => other,
+        };
+        if let Err(e) = outcome {
+            let why = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string());
+            failed.push(format!("{} -- {why}", mv.display_name()));
+        }
+    }
+    Ok((views.len() - failed.len(), failed))
 }

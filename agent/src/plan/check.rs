@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
+use crate::config::MatviewRefresh;
 use crate::endpoint::{ConnectError, Side};
 use crate::migration::Migration;
 use crate::schema::PgTools;
@@ -398,6 +399,20 @@ async fn check_source(
             );
         }
     }
+    if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
+        let views: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'm' AND c.relispopulated
+                    AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if let Some((message, fix)) = matview_downtime(views) {
+            f.add(Severity::Warning, "cutover", message, fix);
+        }
+    }
     let long = c
         .query(
             "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::int8, state
@@ -513,9 +528,33 @@ fn verify_downtime(scope: VerifyScope, table_bytes: i64) -> Option<(String, &'st
     })
 }
 
+/// The warning (message, fix) about refreshing `views` populated
+/// materialized views with writes blocked, if there are any.
+fn matview_downtime(views: i64) -> Option<(String, &'static str)> {
+    (views > 0).then(|| {
+        (
+            format!(
+                "{views} materialized view(s) are refreshed on the target while writes are blocked \
+                 (cutover.materialized_views = \"fenced\"): the write downtime grows with the time their queries take"
+            ),
+            "if they are slow to refresh, set cutover.materialized_views = \"after_switch\": they are then \
+             refreshed just before the fence and again after the switch, holding the data of a moment before \
+             the switch until then",
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn materialized_views_refreshed_under_the_fence_are_warned_about() {
+        let (message, fix) = matview_downtime(2).expect("a warning");
+        assert!(message.starts_with("2 materialized view(s)"), "{message}");
+        assert!(fix.contains("\"after_switch\""), "{fix}");
+        assert!(matview_downtime(0).is_none());
+    }
 
     #[test]
     fn a_large_database_is_warned_about_the_full_verification() {

@@ -360,6 +360,67 @@ async fn schema_entries_changed_just_before_the_fence_arrive() {
     assert_same_data(&env).await;
 }
 
+/// `cutover.materialized_views = "after_switch"`: materialized views are
+/// refreshed just before the fence rather than with writes blocked, and
+/// again after the switch (CONCURRENTLY where a unique index allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_can_be_refreshed_around_the_fence_instead_of_under_it() {
+    let env = crate::seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE MATERIALIZED VIEW stamp AS SELECT 1 AS id, clock_timestamp() AS at;
+         CREATE UNIQUE INDEX ON stamp (id);
+         CREATE MATERIALIZED VIEW scratch_count AS SELECT count(*) AS n FROM scratch;",
+    )
+    .await
+    .unwrap();
+    env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nmaterialized_views = \"after_switch\"\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    app.batch_execute("INSERT INTO scratch VALUES (5000, 'late')")
+        .await
+        .unwrap();
+    // Stopped after the switch, before what follows it.
+    env.kill_at(&["cutover"], "cutover.before_validate").await;
+    let t = env.target_client().await;
+    let fenced_at: std::time::SystemTime = app
+        .query_one("SELECT fence_raised_at FROM pgferry.run", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let stamp = || async {
+        t.query_one("SELECT at FROM stamp", &[])
+            .await
+            .unwrap()
+            .get::<_, std::time::SystemTime>(0)
+    };
+    assert!(
+        stamp().await < fenced_at,
+        "refreshed before the fence, not under it"
+    );
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(report["materialized_views_after_switch"], 2, "{report}");
+    assert_eq!(
+        report["materialized_view_warnings"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert!(stamp().await > fenced_at, "refreshed again after the switch");
+    let rows: i64 = app
+        .query_one("SELECT count(*) FROM scratch", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let counted: i64 = t
+        .query_one("SELECT n FROM scratch_count", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, rows, "the plain refresh, without a unique index");
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_to_missing_roles_are_reported_not_fatal() {
     let env = crate::seeded().await;

@@ -33,9 +33,12 @@ fn problem<'a>(report: &'a serde_json::Value, text: &str) -> Option<&'a serde_js
 async fn check_reports_health_compatibility_and_sizing() {
     let env = seeded().await;
     let app = env.source_as(APP).await;
-    app.batch_execute("SELECT lo_create(0); CREATE UNLOGGED TABLE sessions (id int PRIMARY KEY, v text);")
-        .await
-        .unwrap();
+    app.batch_execute(
+        "SELECT lo_create(0); CREATE UNLOGGED TABLE sessions (id int PRIMARY KEY, v text);
+         CREATE MATERIALIZED VIEW balances AS SELECT sum(balance) FROM accounts;",
+    )
+    .await
+    .unwrap();
     // A target database with another encoding and collation.
     let su = env.target.superuser("postgres").await.unwrap();
     su.batch_execute("CREATE DATABASE latin OWNER rds_master ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
@@ -69,6 +72,8 @@ async fn check_reports_health_compatibility_and_sizing() {
     assert_eq!(w["subject"], "public.sessions");
     let w = problem(&report, "does not hold back pg_dump").expect("unlimited dump warning");
     assert_eq!(w["severity"], "warning");
+    let w = problem(&report, "1 materialized view(s) are refreshed").expect("materialized view warning");
+    assert_eq!(w["severity"], "warning");
     let sizing = &report["sizing"];
     assert_eq!(sizing["recommended_storage_gb"], 20, "{sizing}");
     assert_eq!(sizing["suggested_instance_class"], "db.t4g.medium");
@@ -79,9 +84,15 @@ async fn check_reports_health_compatibility_and_sizing() {
     app.batch_execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
         .await
         .unwrap();
-    let (code, report) = check_json(&env, &[], &[]).await;
+    let (code, report) = check_json(
+        &env,
+        &[("PGFERRY_CUTOVER__MATERIALIZED_VIEWS", "after_switch")],
+        &[],
+    )
+    .await;
     assert_eq!(code, 0, "{report}");
     assert!(problem(&report, "UNLOGGED").is_some());
+    assert!(problem(&report, "materialized view").is_none(), "{report}");
     assert!(problem(&report, "pg_dump").is_none(), "{report}");
 }
 
