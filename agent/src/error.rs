@@ -162,6 +162,13 @@ pub fn sqlstate_is_retryable(code: &str) -> bool {
     code.starts_with("08") || code.starts_with("53") || RETRYABLE.contains(&code)
 }
 
+/// The server's own message for a statement's failure (without the
+/// driver's wrapping), or the driver's error when the server sent none.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
 /// True when the error is a `lock_timeout` expiry.
 pub fn is_lock_timeout(err: &tokio_postgres::Error) -> bool {
     err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)

@@ -105,9 +105,7 @@ pub async fn recreate(m: &Migration) -> Result<RoleReport, crate::Error> {
             continue;
         };
         if let Err(e) = target.batch_execute(&statement).await {
-            let why = e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_string());
+            let why = crate::error::db_message(&e);
             report.skipped.push(format!("{statement}: {why}"));
         }
     }

@@ -700,6 +700,13 @@ struct Seen {
     ledger: bool,
 }
 
+impl Seen {
+    /// Something to apply: deltas, or a TRUNCATE.
+    fn pending(&self) -> bool {
+        self.deltas || self.truncated
+    }
+}
+
 /// Reads what the batch's snapshot shows of `t`. A batch's first call of it
 /// is its first statement, the one that takes the snapshot.
 async fn seen(
@@ -756,7 +763,7 @@ async fn batch(
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
     let seen = seen(&stx, t, part).await.map_err(src_err)?;
-    if !seen.deltas && !seen.truncated {
+    if !seen.pending() {
         stx.commit().await.map_err(src_err)?;
         let stats = BatchStats::default();
         return record(source, t, part, &seen, &stats, started)
@@ -905,8 +912,8 @@ async fn apply(
 /// row committed after S is not touched, and durably only once that
 /// transaction commits. With `keep_ledger`, their keys move to the ledger,
 /// once each (a hot row changes in many statements): the rows the cutover
-/// compares again. A table `rewritten` whole is no
-/// longer the one verified, and loses its ledger.
+/// compares again. A table `rewritten` whole is no longer the one verified,
+/// and loses its ledger.
 async fn consume(
     stx: &tokio_postgres::Transaction<'_>,
     t: &TableState,
@@ -963,7 +970,7 @@ async fn record(
     // A part does not say the table is synced through S: other parts may not be.
     let synced_through = part.is_none().then_some(seen.epoch);
     state::record_batch(&***source, t.id, synced_through, stats.rows_written as i64).await?;
-    if !seen.deltas && !seen.truncated {
+    if !seen.pending() {
         crate::telemetry::batch_idle(&t.table.display_name(), false);
         return Ok(());
     }
@@ -1019,7 +1026,7 @@ async fn verify_batch(
         .map_err(|e| batch_err(first, Side::Target, e))?;
     let mut applied = Vec::with_capacity(unit.len());
     for (t, seen) in unit.iter().zip(&seens) {
-        applied.push(if seen.deltas || seen.truncated {
+        applied.push(if seen.pending() {
             apply(m, &stx, &ttx, t, unit, None, seen).await?
         } else {
             BatchStats::default()

@@ -174,9 +174,7 @@ pub async fn restore(m: &Migration, prepared: Option<Prepared>) -> Result<Vec<St
     let mut warnings = Vec::new();
     for (statement, outcome) in entries.grants.iter().zip(outcomes) {
         if let Err(e) = outcome {
-            let why = e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_string());
+            let why = crate::error::db_message(&e);
             warnings.push(format!("{statement} -- {why}"));
         }
     }

@@ -336,9 +336,7 @@ pub async fn refresh_materialized_views_after_switch(
             other => other,
         };
         if let Err(e) = outcome {
-            let why = e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_string());
+            let why = crate::error::db_message(&e);
             failed.push(format!("{} -- {why}", mv.display_name()));
         }
     }

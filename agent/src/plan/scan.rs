@@ -63,11 +63,6 @@ pub async fn scan(m: &Migration) -> Result<Vec<Problem>, crate::Error> {
     Ok(problems)
 }
 
-fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_string())
-}
-
 async fn scan_table(m: &Migration, table: &QualifiedTable) -> Result<Vec<Unreadable>, crate::Error> {
     let c = m.source.connect().await?;
     let read_all = async {
@@ -85,7 +80,7 @@ async fn scan_table(m: &Migration, table: &QualifiedTable) -> Result<Vec<Unreada
     match read_all.await {
         Ok(()) => Ok(Vec::new()),
         Err(e) if e.as_db_error().is_some() => {
-            tracing::warn!(table = %table.display_name(), error = %db_message(&e), "Unreadable data: searching for the rows");
+            tracing::warn!(table = %table.display_name(), error = %crate::error::db_message(&e), "Unreadable data: searching for the rows");
             locate(&c, table)
                 .await
                 .map_err(|e| crate::cutover::CutoverError::Source(e).into())
@@ -129,7 +124,7 @@ async fn locate(
                     found.push(Unreadable {
                         table: table.clone(),
                         ctid,
-                        error: db_message(&e),
+                        error: crate::error::db_message(&e),
                     });
                     if found.len() >= MAX_ROWS {
                         break;
