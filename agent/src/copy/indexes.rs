@@ -7,7 +7,7 @@
 //! killed agent leaves no child process behind. Primary keys and unique
 //! constraints are attached to their already-built index (`USING INDEX`), so
 //! they cost nothing extra; exclusion constraints and NOT VALID checks are
-//! added as constraints.
+//! added as constraints. Materialized views' indexes are built the same way.
 
 use std::sync::Arc;
 
@@ -18,7 +18,8 @@ use super::CopyError;
 use crate::ident::{Ident, QualifiedTable};
 use crate::migration::Migration;
 
-/// One index of a captured table, and the constraint it backs, if any.
+/// One index of a captured table (or materialized view), and the constraint
+/// it backs, if any.
 #[derive(Debug, Clone)]
 pub struct IndexDef {
     /// The table.
@@ -52,6 +53,29 @@ fn target_err(source: tokio_postgres::Error) -> CopyError {
         what: "building keys and indexes",
         source,
     }
+}
+
+/// The source's materialized views (outside pgferry's schema and
+/// extensions): created empty on the target with the pre-data, they get
+/// their indexes with the tables' and their rows at cutover.
+pub async fn materialized_views(m: &Migration) -> Result<Vec<u32>, CopyError> {
+    let conn = m.source_conn().await?;
+    let rows = conn
+        .query(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'm' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
+                AND n.nspname NOT LIKE 'pg\\_%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')",
+            &[],
+        )
+        .await
+        .map_err(|source| CopyError::Table {
+            table: "catalog".into(),
+            side: crate::endpoint::Side::Source,
+            source,
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Reads the index and constraint definitions of `relids` from the source.

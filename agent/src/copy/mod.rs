@@ -184,7 +184,8 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     // Always: the build skips what exists, and tables added by a later
     // install need their keys and indexes too.
     {
-        let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+        let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+        relids.extend(indexes::materialized_views(m).await?);
         let (indexes, constraints) = indexes::read(m, &relids).await?;
         tracing::info!(
             indexes = indexes.len(),

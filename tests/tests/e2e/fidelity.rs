@@ -419,6 +419,9 @@ async fn materialized_views_can_be_refreshed_around_the_fence_instead_of_under_i
         .get(0);
     assert_eq!(counted, rows, "the plain refresh, without a unique index");
     assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    // The unique index that lets a refresh be CONCURRENTLY came along.
+    assert_same_schema(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
