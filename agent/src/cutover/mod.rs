@@ -16,6 +16,7 @@
 pub mod decision;
 mod entries;
 pub mod fence;
+mod matviews;
 pub mod objects;
 
 use std::time::{Duration, Instant};
@@ -179,10 +180,7 @@ pub async fn run(
         prepared = Some(entries::prepare(m).await?);
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
             // Populated at the switch, with the data of a moment before.
-            let (source, target) = (m.source_conn().await?, m.target_conn().await?);
-            objects::refresh_materialized_views(&source, &target)
-                .await
-                .map_err(CutoverError::Target)?;
+            matviews::refresh_all(m, &**m.source_conn().await?).await?;
         }
         crate::failpoint::hit("cutover.before_fence").await;
     } else {
@@ -466,9 +464,7 @@ async fn fenced(
         .map_err(CutoverError::Target)?;
     report.grant_warnings = entries::restore(m, prepared).await?;
     if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
-        objects::refresh_materialized_views(&source, &target)
-            .await
-            .map_err(CutoverError::Target)?;
+        matviews::refresh_all(m, &source).await?;
     }
     crate::failpoint::hit("cutover.after_objects").await;
     Ok(report)
@@ -513,9 +509,7 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
         (
             report.materialized_views_after_switch,
             report.materialized_view_warnings,
-        ) = objects::refresh_materialized_views_after_switch(&source, &target)
-            .await
-            .map_err(CutoverError::Target)?;
+        ) = matviews::refresh_all_after_switch(m, &source).await?;
         for w in &report.materialized_view_warnings {
             tracing::warn!(warning = %w, "Materialized view not refreshed after the switch");
         }

@@ -1,6 +1,6 @@
 //! Target objects that must not act while syncing: foreign keys, the
-//! application's triggers, rules and policies; plus sequences and
-//! materialized views, which only make sense once writes have stopped.
+//! application's triggers, rules and policies; plus sequences, which only
+//! make sense once writes have stopped.
 //!
 //! Definitions are read from the source catalog with `search_path` set to
 //! `pg_catalog`, so every name inside them comes out schema-qualified.
@@ -41,7 +41,7 @@ pub struct Trigger {
     pub enabled: String,
 }
 
-const USER_SCHEMA: &str =
+pub(super) const USER_SCHEMA: &str =
     "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'";
 
 /// Foreign keys of the source's user tables.
@@ -272,73 +272,4 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
     )
     .await?;
     Ok(seqs.len())
-}
-
-/// The materialized views populated on the source, in dependency-safe
-/// order of creation.
-async fn populated_materialized_views(source: &Client) -> Result<Vec<QualifiedTable>, tokio_postgres::Error> {
-    let rows = source
-        .query(
-            &format!(
-                "SELECT n.nspname::text, c.relname::text
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relkind = 'm' AND c.relispopulated AND {USER_SCHEMA}
-                  ORDER BY c.oid"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect())
-}
-
-/// Refreshes on the target the materialized views that are populated on the
-/// source.
-pub async fn refresh_materialized_views(
-    source: &Client,
-    target: &Client,
-) -> Result<usize, tokio_postgres::Error> {
-    let views = populated_materialized_views(source).await?;
-    for mv in &views {
-        target
-            .batch_execute(&format!("REFRESH MATERIALIZED VIEW {mv}"))
-            .await?;
-    }
-    Ok(views.len())
-}
-
-/// After the switch (`cutover.materialized_views = "after_switch"`), the
-/// same again without blocking the application's reads where a unique
-/// index allows (CONCURRENTLY). The application already writes to the
-/// target, so a failure is reported, not fatal. Returns how many were
-/// refreshed, and what failed.
-pub async fn refresh_materialized_views_after_switch(
-    source: &Client,
-    target: &Client,
-) -> Result<(usize, Vec<String>), tokio_postgres::Error> {
-    let views = populated_materialized_views(source).await?;
-    let mut failed = Vec::new();
-    for mv in &views {
-        let concurrently = target
-            .batch_execute(&format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {mv}"))
-            .await;
-        let outcome = match concurrently {
-            // No usable unique index (or not populated yet): the plain way.
-            Err(e)
-                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) =>
-            {
-                target
-                    .batch_execute(&format!("REFRESH MATERIALIZED VIEW {mv}"))
-                    .await
-            }
-            other => other,
-        };
-        if let Err(e) = outcome {
-            let why = crate::error::db_message(&e);
-            failed.push(format!("{} -- {why}", mv.display_name()));
-        }
-    }
-    Ok((views.len() - failed.len(), failed))
 }

@@ -424,6 +424,72 @@ async fn materialized_views_can_be_refreshed_around_the_fence_instead_of_under_i
     assert_same_schema(&env).await;
 }
 
+/// Materialized views are refreshed side by side (`sync.workers`, 2 here),
+/// each after the views it reads: directly, through a plain view, or
+/// through a function. Under the fence a plain refresh would wait for the
+/// lock of a view it reads; after the switch (CONCURRENTLY) it would read
+/// that view's rows of before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_are_refreshed_side_by_side_after_the_views_they_read() {
+    for mode in ["fenced", "after_switch"] {
+        let env = crate::seeded().await;
+        // Created in this order; `slow` ends a second after `quick`, so a
+        // view started as soon as a worker is free would start before
+        // `slow` ends.
+        env.source_as(APP)
+            .await
+            .batch_execute(
+                "CREATE MATERIALIZED VIEW slow AS
+                   SELECT clock_timestamp() AS began, pg_sleep(2)::text AS slept, clock_timestamp() AS ended;
+                 CREATE MATERIALIZED VIEW quick AS
+                   SELECT clock_timestamp() AS began, pg_sleep(1)::text AS slept, clock_timestamp() AS ended;
+                 CREATE VIEW slow_ends AS SELECT ended FROM slow;
+                 CREATE MATERIALIZED VIEW through_view AS
+                   SELECT clock_timestamp() AS began, (SELECT ended FROM slow_ends) AS read;
+                 CREATE FUNCTION slow_ended() RETURNS timestamptz LANGUAGE sql STABLE
+                   AS 'SELECT ended FROM public.slow';
+                 CREATE MATERIALIZED VIEW through_function AS
+                   SELECT clock_timestamp() AS began, slow_ended() AS read;
+                 CREATE UNIQUE INDEX ON slow (began);
+                 CREATE UNIQUE INDEX ON quick (began);
+                 CREATE UNIQUE INDEX ON through_view (began);
+                 CREATE UNIQUE INDEX ON through_function (began);",
+            )
+            .await
+            .unwrap();
+        env.config(&format!("[cutover]\nmaterialized_views = \"{mode}\"\n"));
+        env.ok(&["migrate", "--cutover"]).await;
+        let t = env.target_client().await;
+        let mut spans = std::collections::HashMap::new();
+        for view in ["slow", "quick", "through_view", "through_function"] {
+            let row = t.query_one(&format!("SELECT * FROM {view}"), &[]).await.unwrap();
+            let span: (std::time::SystemTime, Option<std::time::SystemTime>) =
+                (row.get(0), row.get(row.len() - 1));
+            spans.insert(view, span);
+        }
+        let (slow, quick) = (spans["slow"], spans["quick"]);
+        let slow_ended = slow.1.unwrap();
+        assert!(
+            quick.0 < slow_ended && slow.0 < quick.1.unwrap(),
+            "{mode}: independent views refreshed at once: slow {slow:?}, quick {quick:?}"
+        );
+        for view in ["through_view", "through_function"] {
+            let (began, read) = spans[view];
+            assert!(
+                began >= slow_ended,
+                "{mode}: {view} refreshed after slow: {began:?}, {slow:?}"
+            );
+            assert_eq!(
+                read,
+                Some(slow_ended),
+                "{mode}: {view} read slow's refreshed rows"
+            );
+        }
+        // Their indexes too: without them a refresh CONCURRENTLY fails.
+        assert_same_schema(&env).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_to_missing_roles_are_reported_not_fatal() {
     let env = crate::seeded().await;
