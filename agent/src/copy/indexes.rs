@@ -78,8 +78,20 @@ pub async fn materialized_views(m: &Migration) -> Result<Vec<u32>, CopyError> {
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// What the source catalog says of some tables' keys and indexes.
+#[derive(Debug, Default)]
+pub struct Definitions {
+    /// The indexes (with the keys they back).
+    pub indexes: Vec<IndexDef>,
+    /// The constraints added by definition.
+    pub constraints: Vec<ConstraintDef>,
+    /// `ALTER TABLE ... CLUSTER ON` / `REPLICA IDENTITY USING INDEX`, which
+    /// pg_dump gives along with an index, for once every index exists.
+    pub marks: Vec<String>,
+}
+
 /// Reads the index and constraint definitions of `relids` from the source.
-pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<ConstraintDef>), CopyError> {
+pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyError> {
     let mut conn = m.source_conn().await?;
     let src = |source| CopyError::Table {
         table: "catalog".into(),
@@ -98,7 +110,8 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
                     EXISTS (SELECT 1 FROM pg_inherits ih JOIN pg_constraint pc ON pc.conindid = ih.inhparent
                              WHERE ih.inhrelid = i.indexrelid),
                     CASE WHEN con.oid IS NOT NULL THEN pg_get_constraintdef(con.oid) END,
-                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4
+                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4,
+                    i.indisclustered, i.indisreplident
                FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
                JOIN pg_class c ON c.oid = i.indrelid
@@ -125,6 +138,19 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
         .await
         .map_err(src)?;
     tx.commit().await.map_err(src)?;
+    let mut marks = Vec::new();
+    for r in &indexes {
+        let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let index = Ident(r.get::<_, String>(2));
+        if r.get::<_, bool>(12) {
+            marks.push(format!("ALTER TABLE ONLY {table} CLUSTER ON {index}"));
+        }
+        if r.get::<_, bool>(13) {
+            marks.push(format!(
+                "ALTER TABLE ONLY {table} REPLICA IDENTITY USING INDEX {index}"
+            ));
+        }
+    }
     let mut partitioned_keys = Vec::new();
     let indexes = indexes
         .iter()
@@ -194,7 +220,11 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<(Vec<IndexDef>, Vec<C
             only: true,
         }))
         .collect();
-    Ok((indexes, constraints))
+    Ok(Definitions {
+        indexes,
+        constraints,
+        marks,
+    })
 }
 
 /// True when the target has a constraint of that name on that table.
@@ -307,15 +337,12 @@ async fn build_with(
     Ok(built)
 }
 
-/// Builds every missing index and constraint, `copy.workers` at a time.
-/// Returns how many indexes this run built.
-pub async fn build(
-    m: &Migration,
-    indexes: Vec<IndexDef>,
-    constraints: Vec<ConstraintDef>,
-) -> Result<usize, crate::Error> {
+/// Builds every missing index and constraint, `copy.workers` at a time,
+/// then marks the clustered and replica identity indexes. Returns how many
+/// indexes this run built.
+pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Error> {
     let mut phases: std::collections::BTreeMap<i32, Vec<IndexDef>> = Default::default();
-    for i in indexes {
+    for i in defs.indexes {
         phases.entry(i.phase).or_default().push(i);
     }
     let mut built = 0;
@@ -325,7 +352,7 @@ pub async fn build(
         built += build_phase(m, phase).await?;
     }
     let t = m.target_conn().await?;
-    for c in constraints {
+    for c in defs.constraints {
         if constraint_exists(&t, &c.table, &c.name)
             .await
             .map_err(target_err)?
@@ -341,6 +368,10 @@ pub async fn build(
         ))
         .await
         .map_err(target_err)?;
+    }
+    // Each says the same again on a re-run.
+    for mark in defs.marks {
+        t.batch_execute(&mark).await.map_err(target_err)?;
     }
     Ok(built)
 }

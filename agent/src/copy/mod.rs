@@ -186,13 +186,13 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     {
         let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
         relids.extend(indexes::materialized_views(m).await?);
-        let (indexes, constraints) = indexes::read(m, &relids).await?;
+        let defs = indexes::read(m, &relids).await?;
         tracing::info!(
-            indexes = indexes.len(),
-            constraints = constraints.len(),
+            indexes = defs.indexes.len(),
+            constraints = defs.constraints.len(),
             "Building keys and indexes"
         );
-        report.indexes_built += indexes::build(m, indexes, constraints).await?;
+        report.indexes_built += indexes::build(m, defs).await?;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
         report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;
@@ -321,7 +321,7 @@ async fn copy_tables(
     // other tables are still copying (partitioned tables' indexes, and
     // constraints, wait for the pass after the data).
     let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
-    let (defs, _) = indexes::read(m, &relids).await?;
+    let defs = indexes::read(m, &relids).await?.indexes;
     let mut early: std::collections::HashMap<crate::ident::QualifiedTable, Vec<indexes::IndexDef>> =
         Default::default();
     for d in defs.into_iter().filter(|d| d.phase == 0) {

@@ -135,6 +135,11 @@ CREATE TABLE members (id int PRIMARY KEY, grp int REFERENCES groups (id));
 INSERT INTO groups SELECT g FROM generate_series(1, 5) g;
 INSERT INTO members SELECT g, 1 + g % 5 FROM generate_series(1, 20) g;
 CREATE MATERIALIZED VIEW parent_names AS SELECT id, upper(name) AS shout FROM parents;
+CREATE UNIQUE INDEX parent_names_id ON parent_names (id);
+ALTER TABLE children REPLICA IDENTITY USING INDEX children_pkey;
+ALTER TABLE parents CLUSTER ON parents_pkey;
+ALTER MATERIALIZED VIEW parent_names CLUSTER ON parent_names_id;
+ALTER TABLE audit REPLICA IDENTITY FULL;
 "#;
 
 const SHAPE_OPS: &[&str] = &[
@@ -202,6 +207,14 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
         "SELECT obj_description('parents'::regclass) || col_description('children'::regclass, 3) || obj_description('children_pkey'::regclass)",
         "SELECT string_agg(c.relname::text || ':' || c.relkind::text, ',' ORDER BY c.relname) FROM pg_class c
           WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('v', 'm', 'S')",
+        // What pg_dump says along with an index, which the catalog gives too.
+        "SELECT string_agg(c.relname::text || ' ' || c.relreplident::text || ' ' || i.relname::text
+                           || ' clustered ' || x.indisclustered::text || ' replica ' || x.indisreplident::text,
+                           ', ' ORDER BY c.relname, i.relname)
+           FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
+          WHERE c.relnamespace = 'public'::regnamespace",
+        "SELECT string_agg(relname::text || ' ' || relreplident::text, ', ' ORDER BY relname) FROM pg_class
+          WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'm')",
     ] {
         let a: Option<String> = s.query_one(q, &[]).await.unwrap().get(0);
         let b: Option<String> = t.query_one(q, &[]).await.unwrap().get(0);
