@@ -538,6 +538,58 @@ pub async fn assert_same_schema(env: &Env) {
         );
         assert_eq!(a, b, "schema differs for: {q}");
     }
+    // Then everything pg_dump says of the schema, line by line.
+    let (a, b) = (dump_schema(&env.source), dump_schema(&env.target));
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let only = |x: &[&str], y: &[&str]| -> Vec<String> {
+        x.iter()
+            .filter(|l| !y.contains(l))
+            .map(|l| l.to_string())
+            .collect()
+    };
+    assert!(
+        a == b,
+        "pg_dump --schema-only differs (in order only, if these are empty)\nsource only: {:#?}\ntarget only: {:#?}",
+        only(&a, &b),
+        only(&b, &a)
+    );
+}
+
+/// The schema of the test database as pg_dump prints it, without owners,
+/// grants and pgferry's schema (or the random key of `\restrict`).
+fn dump_schema(cluster: &Cluster) -> String {
+    let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_dump"));
+    cluster.as_owner(&mut cmd).args([
+        "--schema-only",
+        "--no-owner",
+        // Grants to roles the target lacks are reported, not made; the
+        // tests of roles and grants compare them.
+        "--no-privileges",
+        "--exclude-schema=pgferry",
+        "--host",
+    ]);
+    let out = cmd
+        .arg(cluster.socket_dir())
+        .args([
+            "--port",
+            &cluster.port().to_string(),
+            "--username",
+            "postgres",
+            DB,
+        ])
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("a UTF-8 dump")
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A TCP forwarder on 127.0.0.1 in front of a server, which can cut its live

@@ -308,6 +308,7 @@ async fn roles_grants_and_default_privileges_follow() {
         "default privileges restored or reported: {warned}"
     );
     assert_same_data(&env).await;
+    assert_same_schema(&env).await;
 }
 
 /// Row security, policies, rules, extended statistics, comments and grants
@@ -371,6 +372,8 @@ async fn schema_entries_changed_just_before_the_fence_arrive() {
         assert_eq!(on_target(q).await, want, "{q}");
     }
     assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_same_schema(&env).await;
 }
 
 /// `cutover.materialized_views = "after_switch"`: materialized views are
@@ -603,6 +606,7 @@ async fn keyless_tables_listed_copy_only_move_under_the_fence() {
     writers.stop().await;
     loggers.stop().await;
     assert_same_data(&env).await;
+    assert_same_schema(&env).await;
     assert_no_leftovers(&env).await;
 }
 
@@ -689,6 +693,7 @@ async fn partitioned_tables_are_verified_by_their_changes_while_written() {
         "devices, and readings with its partitions: {cutover}"
     );
     assert_same_data(&env).await;
+    assert_same_schema(&env).await;
     assert_no_leftovers(&env).await;
 }
 
@@ -903,4 +908,5 @@ async fn large_objects_are_copied_under_the_fence_when_enabled() {
     assert_eq!(a, b);
     assert!(a.contains("424242:"), "OIDs are kept: {a}");
     assert_same_data(&env).await;
+    assert_same_schema(&env).await;
 }
