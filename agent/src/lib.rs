@@ -27,6 +27,7 @@ pub mod retry;
 pub mod roles;
 pub mod sandbox;
 pub mod schema;
+pub mod scratch;
 pub mod state;
 pub mod status;
 pub mod sync;

@@ -21,6 +21,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::endpoint::Endpoint;
+use crate::scratch::Scratch;
 
 /// Schema transfer failures.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +62,7 @@ pub enum SchemaError {
 pub struct SchemaDump {
     /// The archive.
     pub archive: PathBuf,
-    _scratch: tempfile::TempDir,
+    _scratch: Scratch,
 }
 
 /// Located `pg_dump`/`pg_restore` binaries and their major version.
@@ -128,10 +129,8 @@ impl PgTools {
         lock_wait_ms: u64,
         privileges: bool,
     ) -> Result<SchemaDump, SchemaError> {
-        let scratch = tempfile::Builder::new()
-            .prefix("pgferry-schema-")
-            .tempdir()
-            .map_err(SchemaError::Scratch)?;
+        let scratch =
+            Scratch::new_in(&std::env::temp_dir(), "pgferry-schema-").map_err(SchemaError::Scratch)?;
         let archive = scratch.path().join("schema.dump");
         let mut cmd = Command::new(&self.pg_dump);
         cmd.args(["--format=custom", "--schema-only", "--no-owner"]);

@@ -72,10 +72,7 @@ pub(super) async fn copy(
         Some(d) => d.clone(),
         None => std::env::temp_dir(),
     };
-    let scratch = tempfile::Builder::new()
-        .prefix("pgferry-data-")
-        .tempdir_in(&parent)
-        .map_err(CopyError::Scratch)?;
+    let scratch = crate::scratch::Scratch::new_in(&parent, "pgferry-data-").map_err(CopyError::Scratch)?;
     let dir = scratch.path().join("data");
     let jobs = m.copy_workers();
     tracing::info!(tables = plain.len(), jobs, dir = %dir.display(), "Dumping the data");

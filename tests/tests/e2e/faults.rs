@@ -422,6 +422,37 @@ async fn a_disabled_capture_trigger_is_drift() {
     assert_same_data(&env).await;
 }
 
+/// An agent killed while its scratch directories hold the schema archive
+/// and the `dump` method's staged data cannot remove them; the next run
+/// does, before it stages anything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_left_by_a_killed_agent_is_removed_by_the_next_run() {
+    let env = seeded().await;
+    env.config("[copy]\nmethod = \"dump\"\n");
+    env.ok(&["install"]).await;
+    env.kill_at(&["copy"], "copy.dumped").await;
+    // The agent's TMPDIR is the test's directory.
+    let scratch = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pgferry-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let left = scratch();
+    assert!(
+        left.iter().any(|n| n.starts_with("pgferry-schema-"))
+            && left.iter().any(|n| n.starts_with("pgferry-data-")),
+        "{left:?}"
+    );
+    env.ok(&["copy"]).await;
+    assert_eq!(scratch(), Vec::<String>::new());
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+}
+
 /// A table captured before control schema v11 keeps the transaction id
 /// column in its delta table (dropping it would lock out every writer), so
 /// its capture functions must go on filling it, also once the fence is

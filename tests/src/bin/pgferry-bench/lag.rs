@@ -119,7 +119,7 @@ pub async fn run(v: &[String]) {
                     .expect("read the heartbeat")
                     .get(0);
                 lags.lock().unwrap().push((started.elapsed().as_secs_f64(), lag));
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     let bytes: i64 = s
                         .query_one(
                             "SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM pg_class
