@@ -118,14 +118,20 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
         let what = format!("install capture on {}", t.table.display_name());
         // A fresh session per attempt: the one that failed may be gone.
         retry_ddl(m, cancel, &what, || async move {
-            m.source_conn()
-                .await?
-                .execute(install, &[&t.id])
-                .await
-                .map_err(|source| CaptureError::Install {
-                    table: t.table.display_name(),
-                    source,
-                })
+            let failed = |source| CaptureError::Install {
+                table: t.table.display_name(),
+                source,
+            };
+            let mut conn = m.source_conn().await?;
+            let tx = conn.transaction().await.map_err(failed)?;
+            tx.execute(install, &[&t.id]).await.map_err(failed)?;
+            tx.execute(
+                &format!("UPDATE pgferry.tables t SET trigger_stamp = {TRIGGER_STAMP} WHERE t.id = $1"),
+                &[&t.id],
+            )
+            .await
+            .map_err(failed)?;
+            tx.commit().await.map_err(failed)
         })
         .await?;
         installed_now += 1;
@@ -308,23 +314,32 @@ pub(crate) async fn key_trigger_bypassed(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The names and row versions (xmin) of registered table `t`'s pgferry
+/// triggers: any ALTER TABLE ... ENABLE/DISABLE TRIGGER on one changes it
+/// (`sql/0012_trigger_stamps.sql`).
+const TRIGGER_STAMP: &str = r"(SELECT string_agg(s.tgname || ':' || s.xmin::text, ',' ORDER BY s.tgname)
+                                FROM pg_trigger s WHERE s.tgrelid = t.relid AND s.tgname LIKE 'pgferry\_%')";
+
 /// The registered tables (still on the source) whose capture is not all
 /// there and enabled: a capture trigger (or a copy_only table's fence
 /// trigger) dropped, or disabled (`ALTER TABLE ... DISABLE TRIGGER`, which
 /// the table's owner may run). pgferry's triggers are `ENABLE ALWAYS`, so
 /// `session_replication_role` does not bypass them, and one disabled and
-/// enabled again the plain way (`ENABLE TRIGGER`) shows here too. Writes
-/// made meanwhile may have gone uncaptured, so these tables must be captured
-/// and copied afresh. None while the first install is still under way: a
-/// table it has yet to reach has no triggers.
+/// enabled again the plain way (`ENABLE TRIGGER`) shows here too; one
+/// enabled again `ENABLE ALWAYS` shows by its row version, recorded at
+/// install. Writes made meanwhile may have gone uncaptured, so these tables
+/// must be captured and copied afresh. None while the first install is
+/// still under way: a table it has yet to reach has no triggers.
 pub(crate) async fn capture_lost(
     client: &impl tokio_postgres::GenericClient,
 ) -> Result<Vec<u32>, tokio_postgres::Error> {
-    // `key_trigger` arrived with control schema version 9; read through
-    // jsonb so that an older schema reads as "no key column trigger".
+    // `key_trigger` arrived with control schema version 9 and
+    // `trigger_stamp` with 12; read through jsonb so that an older schema
+    // reads as "no key column trigger" and "nothing recorded".
     let rows = client
         .query(
-            r"SELECT t.relid FROM pgferry.tables t
+            &format!(
+                r"SELECT t.relid FROM pgferry.tables t
                CROSS JOIN LATERAL (
                  SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS enabled
                    FROM pg_trigger g
@@ -336,7 +351,9 @@ pub(crate) async fn capture_lost(
                 AND (g.enabled < g.present
                      OR g.present < CASE WHEN t.copy_only THEN 1
                                          WHEN coalesce((to_jsonb(t) ->> 'key_trigger')::boolean, false) THEN 5
-                                         ELSE 4 END)",
+                                         ELSE 4 END
+                     OR coalesce((to_jsonb(t) ->> 'trigger_stamp') <> {TRIGGER_STAMP}, false))"
+            ),
             &[],
         )
         .await?;

@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (9, include_str!("../../sql/0009_key_change_trigger.sql")),
     (10, include_str!("../../sql/0010_fence_in_bodies.sql")),
     (11, include_str!("../../sql/0011_keys_only_deltas.sql")),
+    (12, include_str!("../../sql/0012_trigger_stamps.sql")),
 ];
 
 /// Control-schema failures.

@@ -374,8 +374,10 @@ async fn a_before_update_trigger_created_after_install_is_drift() {
 /// copy again. Disabling only the key column trigger counts too: with it
 /// off, a key change leaves the row under its old key on the target. So
 /// does a capture trigger disabled and enabled again the plain way (it was
-/// `ENABLE ALWAYS`). Without the check, sync goes on and the cutover's verification is the
-/// first to notice, with the fence up.
+/// `ENABLE ALWAYS`), and one enabled again `ENABLE ALWAYS`, by name, which
+/// leaves the catalog as it was but for the row's version. Without the
+/// check, sync goes on and the cutover's verification is the first to
+/// notice, with the fence up (or, verifying only changed rows, none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_capture_trigger_is_drift() {
     let env = synced().await;
@@ -385,12 +387,19 @@ async fn a_disabled_capture_trigger_is_drift() {
            UPDATE "; drop table accounts; --" SET id = -id WHERE id = 5;
            ALTER TABLE codes DISABLE TRIGGER USER;
            INSERT INTO codes VALUES ('unseen', 1);
-           ALTER TABLE codes ENABLE TRIGGER USER;"#,
+           ALTER TABLE codes ENABLE TRIGGER USER;
+           ALTER TABLE scratch DISABLE TRIGGER pgferry_capture_ins;
+           INSERT INTO scratch VALUES (4242, 'unseen');
+           ALTER TABLE scratch ENABLE ALWAYS TRIGGER pgferry_capture_ins;"#,
     )
     .await
     .unwrap();
     let err = env.fails(&["sync", "--until-caught-up"], 3).await;
-    for table in ["public.; drop table accounts; --", "public.codes"] {
+    for table in [
+        "public.; drop table accounts; --",
+        "public.codes",
+        "public.scratch",
+    ] {
         assert!(
             err.contains(&format!(
                 "table {table}: a capture trigger of pgferry's was disabled or dropped"
@@ -405,7 +414,7 @@ async fn a_disabled_capture_trigger_is_drift() {
     assert!(!fence_is_up(&env).await);
 
     let report: serde_json::Value = serde_json::from_str(&env.ok(&["install", "--json"]).await).unwrap();
-    assert_eq!(report["refreshed"], 2, "{report}");
+    assert_eq!(report["refreshed"], 3, "{report}");
     assert_eq!(env.status().await["phase"], "copying");
     app.batch_execute(
         r#"UPDATE "; drop table accounts; --" SET id = -id WHERE id = 6;

@@ -1,0 +1,12 @@
+-- pgferry control schema, version 12: the capture triggers as installed.
+--
+-- A capture trigger disabled and enabled again `ENABLE ALWAYS` by name (as
+-- pgferry installs it) looks in the catalog like one never touched, though
+-- the writes made in between went uncaptured. Every ALTER TABLE ...
+-- ENABLE/DISABLE TRIGGER writes a new version of the trigger's pg_trigger
+-- row, with a new xmin, and freezing keeps xmin (PostgreSQL 9.4 and later).
+-- So install records, in the transaction that installs them, the names and
+-- row versions of a table's pgferry triggers; the drift check compares them
+-- with the catalog's. NULL for a table captured before this version: not
+-- compared.
+ALTER TABLE tables ADD COLUMN trigger_stamp text;
