@@ -911,8 +911,8 @@ async fn apply(
 /// `part`) it saw, once the target holds what they named: in S itself, so a
 /// row committed after S is not touched, and durably only once that
 /// transaction commits. With `keep_ledger`, their keys move to the ledger,
-/// once each (a hot row changes in many statements): the rows the cutover
-/// compares again. A table `rewritten` whole is no longer the one verified,
+/// once each (a hot row changes in many statements, and in many batches):
+/// the rows the cutover compares again. A table `rewritten` whole is no longer the one verified,
 /// and loses its ledger.
 async fn consume(
     stx: &tokio_postgres::Transaction<'_>,
@@ -932,7 +932,7 @@ async fn consume(
         stx.execute(
             &format!(
                 "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
-                 INSERT INTO {ledger} ({keys}) SELECT DISTINCT {keys} FROM gone"
+                 INSERT INTO {ledger} ({keys}) SELECT DISTINCT {keys} FROM gone ON CONFLICT DO NOTHING"
             ),
             &[],
         )
@@ -1055,9 +1055,12 @@ async fn verify_batch(
         let ledger = t.ledger_table();
         let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
         if equal {
+            // Unique, so that a key changed in batch after batch (a hot
+            // row) is there once.
+            let keys = delta_key_list(t);
             sql += &format!(
-                "CREATE TABLE {ledger} AS SELECT {} FROM {} WITH NO DATA;",
-                delta_key_list(t),
+                "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
+                 CREATE UNIQUE INDEX ON {ledger} ({keys});",
                 t.delta_table()
             );
         }

@@ -327,6 +327,16 @@ async fn rows_as_text(c: &Client, table: &str) -> Vec<String> {
     rows
 }
 
+/// Asserts that an agent run exited 0, showing its log if not.
+pub fn assert_succeeded(out: &Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Asserts that every user table of the source has the same rows on the
 /// target, compared row by row as text (before cutover too).
 pub async fn assert_same_rows(env: &Env) {

@@ -51,7 +51,7 @@ async fn cutover_then_compare(env: &Env, writers: Workload) {
     let out = env
         .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
         .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    assert_succeeded(&out, "migrate --cutover");
     writers.stop().await;
     assert_same_data(env).await;
     assert_no_leftovers(env).await;
@@ -213,7 +213,7 @@ async fn the_dump_method_ends_equal_with_writes_running() {
     let out = env
         .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
         .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    assert_succeeded(&out, "migrate --cutover");
     writers.stop().await;
     assert_same_data(&env).await;
     assert_same_schema(&env).await;

@@ -123,7 +123,7 @@ pub async fn migrate_verifying_changes_while_writing(
     let out = env
         .cutover_while_writing(&["migrate", "--cutover", "--json"], &[&writers])
         .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    assert_succeeded(&out, "migrate --cutover");
     writers.stop().await;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     report["cutover"].clone()
@@ -163,7 +163,7 @@ pub async fn migrate_while_writing_then_compare(
     let out = env
         .cutover_while_writing(&["migrate", "--cutover"], &[&writers])
         .await;
-    assert_eq!(out.status.code(), Some(0), "migrate --cutover failed");
+    assert_succeeded(&out, "migrate --cutover");
     let stats = writers.stop().await;
     let committed: u64 = stats
         .iter()
