@@ -531,8 +531,12 @@ pub fn gated_switch(started: &Path, release: &Path) -> String {
 pub async fn assert_same_schema(env: &Env) {
     let (s, t) = (env.source_as(APP).await, env.target_client().await);
     let queries = [
-        "SELECT schemaname || '.' || indexname || ': ' || indexdef FROM pg_indexes
-          WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+        // Valid indexes (as pg_dump: an invalid one is not migrated).
+        "SELECT n.nspname || '.' || c.relname || ': ' || pg_get_indexdef(c.oid)
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+            AND i.indisvalid
+          ORDER BY 1",
         "SELECT conrelid::regclass::text || '.' || conname || ': ' || pg_get_constraintdef(oid) || ' valid=' || convalidated
            FROM pg_constraint WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
           ORDER BY 1",

@@ -119,6 +119,10 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
                LEFT JOIN pg_constraint con
                       ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
               WHERE i.indrelid = ANY ($1::oid[]) AND coalesce(con.contype, '') <> 'x'
+                -- As pg_dump: not an index a failed CREATE INDEX CONCURRENTLY
+                -- left invalid (a unique one would fail on the same rows);
+                -- a partitioned one is invalid until every partition has its own.
+                AND (i.indisvalid OR c.relkind = 'p')
               ORDER BY n.nspname, c.relname, ic.relname",
             &[&relids],
         )

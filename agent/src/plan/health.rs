@@ -154,6 +154,31 @@ pub(super) async fn source(
             "ALTER TABLE ... SET LOGGED on the target after cutover if its contents matter",
         );
     }
+    let invalid = c
+        .query(
+            "SELECT format('%I.%I', n.nspname, t.relname), format('%I', ic.relname)
+               FROM pg_index i
+               JOIN pg_class ic ON ic.oid = i.indexrelid
+               JOIN pg_class t ON t.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = t.relnamespace
+              WHERE NOT i.indisvalid AND t.relkind <> 'p'
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    for r in invalid {
+        f.add(
+            Severity::Warning,
+            r.get::<_, String>(0),
+            format!(
+                "index {} is INVALID (a CREATE INDEX CONCURRENTLY failed or was cancelled): it is not migrated, \
+                 as pg_dump would not migrate it",
+                r.get::<_, String>(1)
+            ),
+            "drop it on the source, or rebuild it there (REINDEX INDEX CONCURRENTLY) before the copy if it is needed",
+        );
+    }
     Ok(())
 }
 

@@ -170,11 +170,13 @@ async fn parents(c: &tokio_postgres::Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_shapes_arrive_and_nothing_fires_twice() {
     let env = Env::new(crate::BIN).await;
-    env.source_as(APP)
+    let app = env.source_as(APP).await;
+    app.batch_execute(SHAPES).await.expect("seed the shapes");
+    // A unique index whose concurrent build failed is left INVALID; built on
+    // the target, it would fail the copy on the same rows. pg_dump skips it.
+    app.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY parents_one_name ON parents ((left(name, 1)))")
         .await
-        .batch_execute(SHAPES)
-        .await
-        .expect("seed the shapes");
+        .expect_err("duplicates");
     // The audit rows on the target are exactly the source's: the trigger did
     // not fire again when the drain applied children's changes.
     crate::migrate_while_writing_then_compare(&env, &[APP, APP], SHAPE_OPS, 100).await;
@@ -201,6 +203,10 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
         parents(&t).await
     );
     assert_eq!(fresh, refreshed, "the materialized view was refreshed at cutover");
+    let invalid = "SELECT count(*) FROM pg_class WHERE relname = 'parents_one_name'";
+    let on_source: i64 = s.query_one(invalid, &[]).await.unwrap().get(0);
+    let on_target: i64 = t.query_one(invalid, &[]).await.unwrap().get(0);
+    assert_eq!((on_source, on_target), (1, 0), "the invalid index stays behind");
     for q in [
         "SELECT array_agg(total ORDER BY parent)::text FROM child_totals",
         "SELECT last_value::text || is_called::text FROM free_standing",
@@ -212,7 +218,7 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
                            || ' clustered ' || x.indisclustered::text || ' replica ' || x.indisreplident::text,
                            ', ' ORDER BY c.relname, i.relname)
            FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
-          WHERE c.relnamespace = 'public'::regnamespace",
+          WHERE c.relnamespace = 'public'::regnamespace AND x.indisvalid",
         "SELECT string_agg(relname::text || ' ' || relreplident::text, ', ' ORDER BY relname) FROM pg_class
           WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'm')",
     ] {

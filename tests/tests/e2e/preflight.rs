@@ -39,6 +39,13 @@ async fn check_reports_health_compatibility_and_sizing() {
     )
     .await
     .unwrap();
+    // An index left INVALID by a failed concurrent build.
+    app.batch_execute("INSERT INTO scratch VALUES (9001, 'twice'), (9002, 'twice')")
+        .await
+        .unwrap();
+    app.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY scratch_v_once ON scratch (v)")
+        .await
+        .expect_err("duplicates");
     // A target database with another encoding and collation.
     let su = env.target.superuser("postgres").await.unwrap();
     su.batch_execute("CREATE DATABASE latin OWNER rds_master ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
@@ -68,6 +75,9 @@ async fn check_reports_health_compatibility_and_sizing() {
     blocker("connection slot");
     let w = problem(&report, "collation differs").expect("collation warning");
     assert_eq!(w["severity"], "warning");
+    let w = problem(&report, "index scratch_v_once is INVALID").expect("invalid index warning");
+    assert_eq!(w["severity"], "warning");
+    assert_eq!(w["subject"], "public.scratch");
     let w = problem(&report, "UNLOGGED").expect("unlogged warning");
     assert_eq!(w["subject"], "public.sessions");
     let w = problem(&report, "does not hold back pg_dump").expect("unlimited dump warning");
@@ -93,7 +103,10 @@ async fn check_reports_health_compatibility_and_sizing() {
     assert_eq!(code, 0, "{report}");
     assert!(problem(&report, "UNLOGGED").is_some());
     assert!(problem(&report, "materialized view").is_none(), "{report}");
-    assert!(problem(&report, "pg_dump").is_none(), "{report}");
+    assert!(
+        problem(&report, "does not hold back pg_dump").is_none(),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
