@@ -227,12 +227,15 @@ impl PgTools {
     }
 
     /// Restores the pre-data section into the target in one transaction.
+    /// Everything lands in the target's default tablespace: Aurora has no
+    /// others, and RDS only those made there (`check` warns).
     pub async fn restore_pre_data(&self, target: &Endpoint, archive: &Path) -> Result<(), SchemaError> {
         let mut cmd = Command::new(&self.pg_restore);
         cmd.args([
             "--section=pre-data",
             "--no-owner",
             "--no-privileges",
+            "--no-tablespaces",
             "--single-transaction",
             "--exit-on-error",
         ])
@@ -280,6 +283,7 @@ impl PgTools {
         let list = write_list(archive, entries, step).await?;
         let out = Command::new(&self.pg_restore)
             .arg("--no-owner")
+            .arg("--no-tablespaces")
             .arg("--use-list")
             .arg(&list)
             .arg("--file=-")

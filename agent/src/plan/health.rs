@@ -154,6 +154,33 @@ pub(super) async fn source(
             "ALTER TABLE ... SET LOGGED on the target after cutover if its contents matter",
         );
     }
+    let elsewhere = c
+        .query(
+            "SELECT s.spcname::text, count(*), string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY n.nspname, c.relname)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_tablespace s ON s.oid = c.reltablespace
+              WHERE c.relkind IN ('r', 'p', 'm', 'i', 'I')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+              GROUP BY s.spcname ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in elsewhere {
+        f.add(
+            Severity::Warning,
+            "source",
+            format!(
+                "{} table(s), index(es) or materialized view(s) in tablespace {} ({}) are created in the \
+                 target's default tablespace (Aurora has no other; RDS only those made there)",
+                r.get::<_, i64>(1),
+                r.get::<_, String>(0),
+                r.get::<_, String>(2)
+            ),
+            "nothing, unless they must be elsewhere on the target: then create the tablespace there and move them \
+             (ALTER ... SET TABLESPACE) after the cutover",
+        );
+    }
     let invalid = c
         .query(
             "SELECT format('%I.%I', n.nspname, t.relname), format('%I', ic.relname)

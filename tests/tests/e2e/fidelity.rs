@@ -512,6 +512,63 @@ async fn materialized_views_are_refreshed_side_by_side_after_the_views_they_read
     }
 }
 
+/// Tables, indexes and materialized views in a tablespace of the source's
+/// own: the target (Aurora has none, RDS only its own) gets them in its
+/// default tablespace, and check says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_in_a_tablespace_land_in_the_targets_default_one() {
+    use std::os::unix::fs::MetadataExt;
+    let env = crate::seeded().await;
+    let location = env.path("fast_disk");
+    std::fs::create_dir(&location).unwrap();
+    let owner = std::fs::metadata(env.source.data_dir()).unwrap();
+    std::os::unix::fs::chown(&location, Some(owner.uid()), Some(owner.gid())).unwrap();
+    let su = env.source.superuser(DB).await.unwrap();
+    su.batch_execute(&format!(
+        "CREATE TABLESPACE fast_disk LOCATION '{}'",
+        location.display()
+    ))
+    .await
+    .unwrap();
+    su.batch_execute("GRANT CREATE ON TABLESPACE fast_disk TO app")
+        .await
+        .unwrap();
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE hot (id int PRIMARY KEY USING INDEX TABLESPACE fast_disk, v text) TABLESPACE fast_disk;
+             CREATE INDEX hot_v ON hot (v) TABLESPACE fast_disk;
+             INSERT INTO hot SELECT g, 'h' || g FROM generate_series(1, 100) g;
+             CREATE MATERIALIZED VIEW hot_count TABLESPACE fast_disk AS SELECT count(*) FROM hot;
+             CREATE TABLE slots (id int PRIMARY KEY, r int4range,
+                                 EXCLUDE USING gist (r WITH &&) USING INDEX TABLESPACE fast_disk);
+             INSERT INTO slots VALUES (1, '[1,5)'), (2, '[5,9)');
+             ALTER TABLE scratch SET TABLESPACE fast_disk;",
+        )
+        .await
+        .unwrap();
+    let out = env.run(&["check"]).await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(report.contains("tablespace fast_disk"), "{report}");
+    let out = env.run(&["migrate", "--cutover"]).await;
+    assert_succeeded(&out, "migrate --cutover");
+    assert_same_data(&env).await;
+    let t = env.target_client().await;
+    let elsewhere: i64 = t
+        .query_one("SELECT count(*) FROM pg_class WHERE reltablespace <> 0 AND relnamespace = 'public'::regnamespace", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(elsewhere, 0);
+    let indexes: i64 = t
+        .query_one("SELECT count(*) FROM pg_indexes WHERE tablename = 'hot'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_to_missing_roles_are_reported_not_fatal() {
     let env = crate::seeded().await;
