@@ -399,6 +399,7 @@ async fn check_source(
             );
         }
     }
+    super::compat::object_references(c, f).await?;
     if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
         let views: i64 = c
             .query_one(

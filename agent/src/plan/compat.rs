@@ -1,5 +1,5 @@
 //! What must agree between source and target: encoding, collation,
-//! extensions.
+//! extensions; and values that name source objects by OID.
 
 use tokio_postgres::GenericClient;
 
@@ -77,6 +77,71 @@ pub(super) async fn compare(
             ),
             Some(_) => {}
         }
+    }
+    Ok(())
+}
+
+/// Columns of the source's tables whose values are object OIDs (`regclass`,
+/// `regtype` and the other reg* types, also in arrays, domains and
+/// composite types): they are copied as the numbers they are, and the
+/// target's objects have other OIDs, so they would name other objects or
+/// none (pg_upgrade refuses them for the same reason). A blocker, before
+/// anything is installed.
+pub(super) async fn object_references(
+    src: &impl GenericClient,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = src
+        .query(
+            "WITH RECURSIVE cols(relid, attname, declared, t) AS (
+                 SELECT a.attrelid, a.attname, a.atttypid, a.atttypid
+                   FROM pg_attribute a
+                   JOIN pg_class c ON c.oid = a.attrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+                    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+                 UNION
+                 SELECT cols.relid, cols.attname, cols.declared, inner_t.t
+                   FROM cols
+                   JOIN pg_type ty ON ty.oid = cols.t
+                   CROSS JOIN LATERAL (
+                       SELECT ty.typbasetype AS t WHERE ty.typtype = 'd'
+                       UNION ALL SELECT ty.typelem WHERE ty.typcategory = 'A' AND ty.typelem <> 0
+                       UNION ALL SELECT ca.atttypid FROM pg_attribute ca
+                                  WHERE ty.typtype = 'c' AND ca.attrelid = ty.typrelid AND ca.attnum > 0 AND NOT ca.attisdropped
+                   ) inner_t
+             )
+             SELECT DISTINCT format('%I.%I', n.nspname, c.relname), quote_ident(cols.attname::text),
+                    format_type(cols.declared, NULL), cols.t::regtype::text
+               FROM cols JOIN pg_class c ON c.oid = cols.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE cols.t IN ('regclass'::regtype, 'regtype'::regtype, 'regproc'::regtype, 'regprocedure'::regtype,
+                               'regoper'::regtype, 'regoperator'::regtype, 'regconfig'::regtype,
+                               'regdictionary'::regtype, 'regnamespace'::regtype, 'regrole'::regtype,
+                               'regcollation'::regtype)
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let (table, column, declared, reg): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let within = if declared == reg {
+            String::new()
+        } else {
+            format!(" (in {declared})")
+        };
+        f.add(
+            Severity::Blocker,
+            &table,
+            format!(
+                "column {column} holds {reg} values{within}: object OIDs, which differ on the target, so they \
+                 would name other objects or none there"
+            ),
+            format!(
+                "store names instead (for a plain column: ALTER TABLE {table} ALTER COLUMN {column} TYPE text \
+                 USING {column}::text), then run check again"
+            ),
+        );
     }
     Ok(())
 }

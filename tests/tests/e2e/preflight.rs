@@ -160,3 +160,44 @@ async fn check_scan_finds_rows_whose_toast_is_lost() {
         "only the damaged rows are reported: {report}"
     );
 }
+
+/// Columns whose values are object OIDs (regclass and the other reg*
+/// types, also inside arrays, domains and composite types) would name other
+/// objects on the target, whose OIDs differ: the migration is refused before
+/// anything is installed, each column named with its fix. Without the check
+/// the cutover's verification finds the difference, with the fence up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_holding_object_oids_are_refused_up_front() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE DOMAIN rels AS regclass[];
+         CREATE TYPE owner_ref AS (who regrole, since date);
+         CREATE TABLE audit_rel (id int PRIMARY KEY, rel regclass, touched rels, owner owner_ref, kind regtype);
+         INSERT INTO audit_rel VALUES (1, 'accounts', '{scratch}', ROW('app', now()), 'int4');",
+    )
+    .await
+    .unwrap();
+    let (code, report) = check_json(&env, &[], &[]).await;
+    assert_eq!(code, 1, "{report}");
+    for (column, reg) in [
+        ("rel", "regclass"),
+        ("touched", "regclass"),
+        ("owner", "regrole"),
+        ("kind", "regtype"),
+    ] {
+        let p = problem(&report, &format!("column {column} holds {reg} values"))
+            .unwrap_or_else(|| panic!("{column}: {report}"));
+        assert_eq!(p["severity"], "blocker", "{p}");
+        assert_eq!(p["subject"], "public.audit_rel", "{p}");
+        assert!(p["fix"].as_str().unwrap().contains("TYPE text"), "{p}");
+    }
+    let out = env.run(&["migrate", "--cutover"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let installed: bool = app
+        .query_one("SELECT to_regnamespace('pgferry') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!installed, "refused before install");
+}
