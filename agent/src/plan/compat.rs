@@ -86,7 +86,9 @@ pub(super) async fn compare(
 /// composite types): they are copied as the numbers they are, and the
 /// target's objects have other OIDs, so they would name other objects or
 /// none (pg_upgrade refuses them for the same reason). A blocker, before
-/// anything is installed.
+/// anything is installed. Transaction ids and WAL positions (`xid`, `xid8`,
+/// `pg_lsn`, snapshots) arrive intact but count on the source's counters,
+/// which the target's do not continue: a warning.
 pub(super) async fn object_references(
     src: &impl GenericClient,
     f: &mut Findings,
@@ -117,7 +119,9 @@ pub(super) async fn object_references(
               WHERE cols.t IN ('regclass'::regtype, 'regtype'::regtype, 'regproc'::regtype, 'regprocedure'::regtype,
                                'regoper'::regtype, 'regoperator'::regtype, 'regconfig'::regtype,
                                'regdictionary'::regtype, 'regnamespace'::regtype, 'regrole'::regtype,
-                               'regcollation'::regtype)
+                               'regcollation'::regtype,
+                               'xid'::regtype, 'xid8'::regtype, 'pg_lsn'::regtype, 'txid_snapshot'::regtype,
+                               'pg_snapshot'::regtype)
               ORDER BY 1, 2",
             &[],
         )
@@ -130,6 +134,18 @@ pub(super) async fn object_references(
         } else {
             format!(" (in {declared})")
         };
+        if !reg.starts_with("reg") {
+            f.add(
+                Severity::Warning,
+                &table,
+                format!(
+                    "column {column} holds {reg} values{within}, which count on the source's transaction or WAL \
+                     counters: the target's are others, and its new values may be smaller than the migrated ones"
+                ),
+                "make sure the application does not compare or order them across the switch",
+            );
+            continue;
+        }
         f.add(
             Severity::Blocker,
             &table,
@@ -141,6 +157,35 @@ pub(super) async fn object_references(
                 "store names instead (for a plain column: ALTER TABLE {table} ALTER COLUMN {column} TYPE text \
                  USING {column}::text), then run check again"
             ),
+        );
+    }
+    Ok(())
+}
+
+/// What pg_dump's sections hold that pgferry does not migrate: publications
+/// (logical replication's consumers would stop at the switch) and event
+/// triggers (a superuser's).
+pub(super) async fn not_migrated(
+    src: &impl GenericClient,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = src
+        .query(
+            "SELECT 'publication', count(*), string_agg(quote_ident(pubname::text), ', ' ORDER BY pubname)
+               FROM pg_publication HAVING count(*) > 0
+             UNION ALL
+             SELECT 'event trigger', count(*), string_agg(quote_ident(evtname::text), ', ' ORDER BY evtname)
+               FROM pg_event_trigger HAVING count(*) > 0",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let (kind, count, names): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
+        f.add(
+            Severity::Warning,
+            "source",
+            format!("{count} {kind}(s) ({names}) are not migrated"),
+            format!("create the {kind}s needed on the target after the cutover"),
         );
     }
     Ok(())

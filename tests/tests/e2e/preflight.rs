@@ -35,10 +35,22 @@ async fn check_reports_health_compatibility_and_sizing() {
     let app = env.source_as(APP).await;
     app.batch_execute(
         "SELECT lo_create(0); CREATE UNLOGGED TABLE sessions (id int PRIMARY KEY, v text);
-         CREATE MATERIALIZED VIEW balances AS SELECT sum(balance) FROM accounts;",
+         CREATE MATERIALIZED VIEW balances AS SELECT sum(balance) FROM accounts;
+         CREATE TABLE outbox (id int PRIMARY KEY, at_xact xid8 NOT NULL DEFAULT pg_current_xact_id());
+         CREATE PUBLICATION to_warehouse FOR TABLE accounts;",
     )
     .await
     .unwrap();
+    env.source
+        .superuser(DB)
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE FUNCTION note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END';
+             CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION note_ddl();",
+        )
+        .await
+        .unwrap();
     // An index left INVALID by a failed concurrent build.
     app.batch_execute("INSERT INTO scratch VALUES (9001, 'twice'), (9002, 'twice')")
         .await
@@ -75,6 +87,14 @@ async fn check_reports_health_compatibility_and_sizing() {
     blocker("connection slot");
     let w = problem(&report, "collation differs").expect("collation warning");
     assert_eq!(w["severity"], "warning");
+    for text in [
+        "column at_xact holds xid8 values",
+        "1 publication(s) (to_warehouse) are not migrated",
+        "1 event trigger(s) (ddl_log) are not migrated",
+    ] {
+        let w = problem(&report, text).unwrap_or_else(|| panic!("no warning {text:?}: {report}"));
+        assert_eq!(w["severity"], "warning", "{w}");
+    }
     let w = problem(&report, "index scratch_v_once is INVALID").expect("invalid index warning");
     assert_eq!(w["severity"], "warning");
     assert_eq!(w["subject"], "public.scratch");
