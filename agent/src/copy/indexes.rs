@@ -90,6 +90,22 @@ pub struct Definitions {
     pub marks: Vec<String>,
 }
 
+/// Builds on the target every index and constraint of `tables` and of the
+/// materialized views that it lacks: after the copy, all of them; at
+/// cutover, those the source gained since (an index added during a sync
+/// of days). Returns how many indexes it built.
+pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Result<usize, crate::Error> {
+    let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+    relids.extend(materialized_views(m).await?);
+    let defs = read(m, &relids).await?;
+    tracing::info!(
+        indexes = defs.indexes.len(),
+        constraints = defs.constraints.len(),
+        "Building the keys and indexes the target lacks"
+    );
+    build(m, defs).await
+}
+
 /// Reads the index and constraint definitions of `relids` from the source.
 pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyError> {
     let mut conn = m.source_conn().await?;

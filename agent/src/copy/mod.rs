@@ -184,15 +184,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     // Always: the build skips what exists, and tables added by a later
     // install need their keys and indexes too.
     {
-        let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
-        relids.extend(indexes::materialized_views(m).await?);
-        let defs = indexes::read(m, &relids).await?;
-        tracing::info!(
-            indexes = defs.indexes.len(),
-            constraints = defs.constraints.len(),
-            "Building keys and indexes"
-        );
-        report.indexes_built += indexes::build(m, defs).await?;
+        report.indexes_built += indexes::build_all(m, &tables).await?;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
         report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;

@@ -91,6 +91,9 @@ pub struct CutoverReport {
     pub tables_verified_by_changes: usize,
     /// Keys applied by the drains under the fence.
     pub final_drain_keys: u64,
+    /// Indexes the source gained since the copy, built on the target ahead
+    /// of the fence.
+    pub indexes_built: usize,
     /// Sequences copied.
     pub sequences: usize,
     /// Foreign keys created.
@@ -171,11 +174,15 @@ pub async fn run(
         return after_point_of_no_return(m, CutoverReport::default()).await;
     }
     let mut ahead = (0, 0);
+    let mut indexes_built = 0;
     let mut prepared = None;
     if run.phase == Phase::Syncing {
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
         }
+        // Before the final catch-up: a large one takes a while, and the
+        // backlog grows meanwhile.
+        indexes_built = crate::copy::indexes::build_all(m, &tables).await?;
         catch_up(m, &tables, cancel).await?;
         prepared = Some(entries::prepare(m).await?);
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
@@ -198,6 +205,7 @@ pub async fn run(
     match fenced(m, &tables, cancel, prepared).await {
         Ok(mut report) => {
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
+            report.indexes_built = indexes_built;
             after_point_of_no_return(m, report).await
         }
         Err(e) => {

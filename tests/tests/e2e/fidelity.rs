@@ -512,6 +512,27 @@ async fn materialized_views_are_refreshed_side_by_side_after_the_views_they_read
     }
 }
 
+/// Indexes created on the source after the copy (a sync can last days, and
+/// someone adds an index meanwhile) are built on the target ahead of the
+/// fence, marks included. Before, they never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_created_on_the_source_after_the_copy_arrive() {
+    let env = crate::synced().await;
+    let app = env.source_as(APP).await;
+    for ddl in [
+        "CREATE INDEX accounts_name_late ON accounts (name)",
+        "CREATE UNIQUE INDEX CONCURRENTLY scratch_v_late ON scratch (id, v)",
+        "ALTER TABLE scratch CLUSTER ON scratch_v_late",
+    ] {
+        app.batch_execute(ddl).await.unwrap();
+    }
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(report["indexes_built"], 2, "{report}");
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_same_schema(&env).await;
+}
+
 /// Tables, indexes and materialized views in a tablespace of the source's
 /// own: the target (Aurora has none, RDS only its own) gets them in its
 /// default tablespace, and check says so.
