@@ -83,7 +83,8 @@ impl Error {
             Error::CheckFailed(_) | Error::VerifyMismatch(_) | Error::Connect(_) => ExitCode::CheckFailed,
             Error::Cutover(
                 crate::cutover::CutoverError::VerifyMismatch(_)
-                | crate::cutover::CutoverError::MismatchBeforeFence(_),
+                | crate::cutover::CutoverError::MismatchBeforeFence(_)
+                | crate::cutover::CutoverError::SchemaChanged(_),
             ) => ExitCode::CheckFailed,
             // SIGTERM is a normal stop (systemd): state is consistent and a
             // re-run continues.

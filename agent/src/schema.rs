@@ -226,6 +226,30 @@ impl PgTools {
             .collect())
     }
 
+    /// One section of `archive` as SQL, as the pre-data is restored: without
+    /// owners, grants or tablespaces.
+    pub async fn section_sql(&self, archive: &Path, section: &str) -> Result<String, SchemaError> {
+        let out = Command::new(&self.pg_restore)
+            .arg(format!("--section={section}"))
+            .args(["--no-owner", "--no-privileges", "--no-tablespaces", "--file=-"])
+            .arg(archive)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| SchemaError::Spawn {
+                tool: format!("pg_restore ({section})"),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(SchemaError::Failed {
+                tool: format!("pg_restore ({section})"),
+                status: out.status,
+                stderr: tail(&out.stderr),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Restores the pre-data section into the target in one transaction.
     /// Everything lands in the target's default tablespace: Aurora has no
     /// others, and RDS only those made there (`check` warns).

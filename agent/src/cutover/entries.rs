@@ -74,6 +74,7 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, true)
         .await?;
     let archive = &dump.archive;
+    super::schema_since::check(m, &tools, archive).await?;
     let post_data = tools.toc(archive, "post-data").await?;
     let at_cutover: Vec<_> = post_data
         .iter()

@@ -18,6 +18,7 @@ mod entries;
 pub mod fence;
 mod matviews;
 pub mod objects;
+mod schema_since;
 
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,14 @@ pub enum CutoverError {
         .0.mismatches
     )]
     MismatchBeforeFence(Box<VerifyReport>),
+    /// The source's schema gained or changed objects since the copy that
+    /// the target lacks; the fence was never raised.
+    #[error(
+        "cutover not started, the fence was never raised: the source's schema changed since the copy: {}. \
+         Make the same changes on the target, then run the cutover again",
+        .0.join("; ")
+    )]
+    SchemaChanged(Vec<String>),
     /// The switch command failed; the fence is lifted.
     #[error("cutover aborted, writes resumed on the source: the switch command failed ({0})")]
     SwitchFailed(String),

@@ -533,6 +533,41 @@ async fn indexes_created_on_the_source_after_the_copy_arrive() {
     assert_same_schema(&env).await;
 }
 
+/// Functions, views and types created on the source after the copy, or a
+/// function whose body was replaced (an application deploy during a long
+/// sync), would be missing or old on the target after the switch: the
+/// cutover refuses before the fence, naming each, until the target has the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutover() {
+    let env = crate::synced().await;
+    let app = env.source_as(APP).await;
+    let before = "CREATE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT amount * 0.01'";
+    app.batch_execute(before).await.unwrap();
+    // The copy happens again, so fee() is on the target as it was then.
+    env.target_client().await.batch_execute(before).await.unwrap();
+    let deploy = "CREATE OR REPLACE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE
+                    AS 'SELECT amount * 0.02';
+                  CREATE TYPE tier AS ENUM ('free', 'paid');
+                  CREATE VIEW rich AS SELECT id, fee(balance) FROM accounts WHERE balance > 100;";
+    app.batch_execute(deploy).await.unwrap();
+    let err = env.fails(&["cutover"], 1).await;
+    assert!(err.contains("the fence was never raised"), "{err}");
+    for what in [
+        "FUNCTION public.fee(numeric) (changed since the copy)",
+        "TYPE public.tier (created since the copy)",
+        "VIEW public.rich (created since the copy)",
+    ] {
+        assert!(err.contains(what), "{what}: {err}");
+    }
+    assert!(!crate::fence_is_up(&env).await);
+    env.target_client().await.batch_execute(deploy).await.unwrap();
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_same_schema(&env).await;
+}
+
 /// Tables, indexes and materialized views in a tablespace of the source's
 /// own: the target (Aurora has none, RDS only its own) gets them in its
 /// default tablespace, and check says so.

@@ -1,0 +1,170 @@
+//! What the source's schema gained since the copy, checked ahead of the
+//! fence.
+//!
+//! The target's schema is the source's pre-data as of the copy. A sync can
+//! last days, and an application deploy meanwhile creates functions, views
+//! or types, or replaces a function's body, on the source only: the drift
+//! check sees columns, keys and tables, not those, and the application
+//! would meet the old schema after the switch. So just before the fence the
+//! pre-data of both sides, as pg_restore prints it (no owners, grants or
+//! tablespaces), is compared entry by entry: an entry the target lacks, or
+//! (between servers of the same major version, whose pg_dump output can be
+//! compared) one it has with another definition, ends the cutover before
+//! the fence, each named. Indexes are built by the cutover itself
+//! ([`crate::copy::indexes::build_all`]); the entries restored at cutover
+//! come from the source's dump anyway.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::CutoverError;
+use crate::migration::Migration;
+use crate::schema::PgTools;
+
+/// An entry's header (`NAME; Type: TYPE; Schema: SCHEMA; Owner: -`) as
+/// `TYPE SCHEMA.NAME` (`TYPE NAME` without a schema).
+fn display(header: &str) -> String {
+    let mut parts = header.split("; ");
+    let name = parts.next().unwrap_or(header);
+    let (mut kind, mut schema) = ("", "-");
+    for p in parts {
+        if let Some(k) = p.strip_prefix("Type: ") {
+            kind = k;
+        } else if let Some(s) = p.strip_prefix("Schema: ") {
+            schema = s;
+        }
+    }
+    match schema {
+        "-" => format!("{kind} {name}"),
+        _ => format!("{kind} {schema}.{name}"),
+    }
+}
+
+/// A pre-data script's entries: each `-- Name: ...; Type: ...; Schema: ...`
+/// header with the statements under it.
+fn entries(script: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, Vec<&str>)> = None;
+    for line in script.lines() {
+        if let Some(header) = line.strip_prefix("-- Name: ") {
+            if let Some((name, body)) = current.take() {
+                out.insert(name, body.join("\n").trim().to_string());
+            }
+            current = Some((display(header), Vec::new()));
+        } else if let Some((_, body)) = current.as_mut() {
+            // Comment lines frame headers; meta-commands carry a random key.
+            if !line.starts_with("--") && !line.starts_with('\\') {
+                body.push(line);
+            }
+        }
+    }
+    if let Some((name, body)) = current {
+        out.insert(name, body.join("\n").trim().to_string());
+    }
+    out
+}
+
+/// The entries of `source` that `target` lacks, and, with `bodies`, those
+/// it has with another definition.
+fn differences(
+    source: &BTreeMap<String, String>,
+    target: &BTreeMap<String, String>,
+    bodies: bool,
+) -> Vec<String> {
+    source
+        .iter()
+        .filter_map(|(name, body)| match target.get(name) {
+            None => Some(format!("{name} (created since the copy)")),
+            Some(other) if bodies && other != body => Some(format!("{name} (changed since the copy)")),
+            Some(_) => None,
+        })
+        .collect()
+}
+
+async fn major(conn: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    let row = conn
+        .query_one("SELECT current_setting('server_version_num')::int / 10000", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Compares the pre-data of the source's `archive` with the target's
+/// schema; an error names what differs.
+pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<(), crate::Error> {
+    let bodies = {
+        let (source, target) = (m.source_conn().await?, m.target_conn().await?);
+        let source = major(&source).await.map_err(CutoverError::Source)?;
+        source == major(&target).await.map_err(CutoverError::Target)?
+    };
+    let target_dump = tools
+        .dump_schema(&m.target, m.cfg.source_limits.lock_timeout_ms, false)
+        .await?;
+    let source = entries(&tools.section_sql(archive, "pre-data").await?);
+    let target = entries(&tools.section_sql(&target_dump.archive, "pre-data").await?);
+    let found = differences(&source, &target, bodies);
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(CutoverError::SchemaChanged(found).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCRIPT: &str = "\\restrict abc
+SET statement_timeout = 0;
+
+--
+-- Name: f(integer); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.f(x integer) RETURNS integer
+    LANGUAGE sql
+    AS $$SELECT x$$;
+
+
+--
+-- Name: v; Type: VIEW; Schema: public; Owner: -
+--
+
+CREATE VIEW public.v AS
+ SELECT 1 AS one;
+
+\\unrestrict abc
+";
+
+    #[test]
+    fn entries_are_read_by_header_without_comments_or_meta_commands() {
+        let e = entries(SCRIPT);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(
+            e["FUNCTION public.f(integer)"],
+            "CREATE FUNCTION public.f(x integer) RETURNS integer\n    LANGUAGE sql\n    AS $$SELECT x$$;"
+        );
+        assert_eq!(e["VIEW public.v"], "CREATE VIEW public.v AS\n SELECT 1 AS one;");
+    }
+
+    #[test]
+    fn created_and_changed_entries_differ_changed_only_when_bodies_compare() {
+        let source = entries(SCRIPT);
+        let mut target = source.clone();
+        target.remove("VIEW public.v");
+        target.insert(
+            "FUNCTION public.f(integer)".into(),
+            "CREATE FUNCTION public.f(x integer) RETURNS integer AS $$SELECT 2$$;".into(),
+        );
+        target.insert("TABLE public.extra".into(), String::new());
+        assert_eq!(
+            differences(&source, &target, true),
+            [
+                "FUNCTION public.f(integer) (changed since the copy)",
+                "VIEW public.v (created since the copy)"
+            ]
+        );
+        assert_eq!(
+            differences(&source, &target, false),
+            ["VIEW public.v (created since the copy)"]
+        );
+    }
+}
