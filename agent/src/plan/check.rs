@@ -499,6 +499,20 @@ async fn check_tools(m: &Migration, report: &CheckReport, f: &mut Findings) {
                     );
                 }
             }
+            if let Some(tgt) = report.target.major_version {
+                if tools.major < tgt {
+                    f.add(
+                        Severity::Warning,
+                        "pg_dump",
+                        format!(
+                            "pg_dump {} cannot dump the PostgreSQL {tgt} target, so the cutover cannot compare the \
+                             schemas: objects created on the source since the copy would go unnoticed",
+                            tools.major
+                        ),
+                        format!("install the PostgreSQL {tgt} client tools (apt-get install postgresql-client-{tgt}) or set pg_bin_dir"),
+                    );
+                }
+            }
         }
         Err(e) => f.add(
             Severity::Blocker,
