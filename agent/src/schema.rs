@@ -229,25 +229,11 @@ impl PgTools {
     /// One section of `archive` as SQL, as the pre-data is restored: without
     /// owners, grants or tablespaces.
     pub async fn section_sql(&self, archive: &Path, section: &str) -> Result<String, SchemaError> {
-        let out = Command::new(&self.pg_restore)
-            .arg(format!("--section={section}"))
+        let mut cmd = Command::new(&self.pg_restore);
+        cmd.arg(format!("--section={section}"))
             .args(["--no-owner", "--no-privileges", "--no-tablespaces", "--file=-"])
-            .arg(archive)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| SchemaError::Spawn {
-                tool: format!("pg_restore ({section})"),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(SchemaError::Failed {
-                tool: format!("pg_restore ({section})"),
-                status: out.status,
-                stderr: tail(&out.stderr),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .arg(archive);
+        script(cmd, format!("pg_restore ({section})")).await
     }
 
     /// Restores the pre-data section into the target in one transaction.
@@ -305,28 +291,12 @@ impl PgTools {
             return Ok(String::new());
         }
         let list = write_list(archive, entries, step).await?;
-        let out = Command::new(&self.pg_restore)
-            .arg("--no-owner")
-            .arg("--no-tablespaces")
-            .arg("--use-list")
+        let mut cmd = Command::new(&self.pg_restore);
+        cmd.args(["--no-owner", "--no-tablespaces", "--use-list"])
             .arg(&list)
             .arg("--file=-")
-            .arg(archive)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| SchemaError::Spawn {
-                tool: format!("pg_restore ({step})"),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(SchemaError::Failed {
-                tool: format!("pg_restore ({step})"),
-                status: out.status,
-                stderr: tail(&out.stderr),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .arg(archive);
+        script(cmd, format!("pg_restore ({step})")).await
     }
 }
 
@@ -393,6 +363,22 @@ async fn run_with(
             stderr: tail(&out.stderr),
         })
     }
+}
+
+/// Runs a pg_restore that prints SQL (`--file=-`); returns the SQL.
+async fn script(mut cmd: Command, tool: String) -> Result<String, SchemaError> {
+    let out = match cmd.stdin(Stdio::null()).output().await {
+        Ok(out) => out,
+        Err(source) => return Err(SchemaError::Spawn { tool, source }),
+    };
+    if !out.status.success() {
+        return Err(SchemaError::Failed {
+            tool,
+            status: out.status,
+            stderr: tail(&out.stderr),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn tail(stderr: &[u8]) -> String {

@@ -70,11 +70,7 @@ pub async fn materialized_views(m: &Migration) -> Result<Vec<u32>, CopyError> {
             &[],
         )
         .await
-        .map_err(|source| CopyError::Table {
-            table: "catalog".into(),
-            side: crate::endpoint::Side::Source,
-            source,
-        })?;
+        .map_err(CopyError::catalog)?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -109,11 +105,7 @@ pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Re
 /// Reads the index and constraint definitions of `relids` from the source.
 pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyError> {
     let mut conn = m.source_conn().await?;
-    let src = |source| CopyError::Table {
-        table: "catalog".into(),
-        side: crate::endpoint::Side::Source,
-        source,
-    };
+    let src = CopyError::catalog;
     let tx = conn.transaction().await.map_err(src)?;
     tx.batch_execute("SET LOCAL search_path = pg_catalog")
         .await

@@ -90,6 +90,17 @@ pub enum CopyError {
     Scratch(#[source] std::io::Error),
 }
 
+impl CopyError {
+    /// A read of the source's catalog failed.
+    pub(crate) fn catalog(source: tokio_postgres::Error) -> CopyError {
+        CopyError::Table {
+            table: "catalog".into(),
+            side: crate::endpoint::Side::Source,
+            source,
+        }
+    }
+}
+
 impl Retryable for CopyError {
     fn is_retryable(&self) -> bool {
         match self {
@@ -507,11 +518,7 @@ async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<TableSi
             &[&relids],
         )
         .await
-        .map_err(|source| CopyError::Table {
-            table: "catalog".into(),
-            side: crate::endpoint::Side::Source,
-            source,
-        })?;
+        .map_err(CopyError::catalog)?;
     Ok(rows
         .iter()
         .map(|r| TableSize {

@@ -54,11 +54,7 @@ pub(super) async fn supported(m: &Migration) -> Result<bool, CopyError> {
     let version: i32 = conn
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(|source| CopyError::Table {
-            table: "catalog".into(),
-            side: Side::Source,
-            source,
-        })?
+        .map_err(CopyError::catalog)?
         .get(0);
     if version < 140_000 {
         tracing::info!(
