@@ -125,6 +125,14 @@ pub enum SyncError {
         .0.join("; ")
     )]
     SchemaDrift(Vec<String>),
+    /// The target refused a value of an enum type that the source extended
+    /// since the copy.
+    #[error(
+        "the source's enum types gained values since the copy, which the target refuses: {}. Run these on the \
+         target, then sync again (nothing needs copying)",
+        .0.join("; ")
+    )]
+    EnumDrift(Vec<String>),
     /// Reading the source catalog for drift failed.
     #[error("could not read the source catalog")]
     Catalog(#[source] tokio_postgres::Error),
@@ -142,7 +150,10 @@ impl Retryable for SyncError {
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
             SyncError::Catalog(source) => crate::error::is_retryable(source),
-            SyncError::Worker(_) | SyncError::SchemaDrift(_) | SyncError::Verify(_) => false,
+            SyncError::Worker(_)
+            | SyncError::SchemaDrift(_)
+            | SyncError::EnumDrift(_)
+            | SyncError::Verify(_) => false,
         }
     }
 }
@@ -533,9 +544,74 @@ pub async fn drain_pass(
         }
     }
     match first_err {
-        Some(e) => Err(e),
+        Some(e) => Err(explained(m, e).await),
         None => Ok(report),
     }
+}
+
+/// A batch the target refused for an invalid input value (SQLSTATE 22P02)
+/// may carry a value of an enum type the source extended since the copy
+/// (`ALTER TYPE ... ADD VALUE`, common in application deploys): the error
+/// then says so, with what to run on the target. Looked for only then, so
+/// it costs nothing while the drain works.
+async fn explained(m: &Migration, e: crate::Error) -> crate::Error {
+    let crate::Error::Sync(SyncError::Batch {
+        side: Side::Target,
+        source,
+        ..
+    }) = &e
+    else {
+        return e;
+    };
+    if source.code() != Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION) {
+        return e;
+    }
+    match enum_values_missing(m).await {
+        Ok(missing) if !missing.is_empty() => SyncError::EnumDrift(missing).into(),
+        _ => e,
+    }
+}
+
+/// For each value of a source enum type that the target's type of that
+/// name lacks, the `ALTER TYPE ... ADD VALUE` that adds it in its place
+/// (after its predecessor, which comes first in this list if it is missing
+/// too).
+async fn enum_values_missing(m: &Migration) -> Result<Vec<String>, crate::Error> {
+    const LABELS: &str = "SELECT format('%I.%I', n.nspname, t.typname), e.enumlabel::text,
+                                 format('ALTER TYPE %I.%I ADD VALUE %L', n.nspname, t.typname, e.enumlabel)
+                                 || CASE WHEN lag(e.enumlabel) OVER w IS NOT NULL
+                                         THEN format(' AFTER %L', lag(e.enumlabel) OVER w)
+                                         WHEN lead(e.enumlabel) OVER w IS NOT NULL
+                                         THEN format(' BEFORE %L', lead(e.enumlabel) OVER w)
+                                         ELSE '' END
+                            FROM pg_enum e
+                            JOIN pg_type t ON t.oid = e.enumtypid
+                            JOIN pg_namespace n ON n.oid = t.typnamespace
+                          WINDOW w AS (PARTITION BY e.enumtypid ORDER BY e.enumsortorder)
+                           ORDER BY 1, e.enumsortorder";
+    let source = m.source_conn().await?;
+    let target = m.target_conn().await?;
+    let wanted = source.query(LABELS, &[]).await.map_err(SyncError::Catalog)?;
+    let have: std::collections::HashSet<(String, String)> = target
+        .query(LABELS, &[])
+        .await
+        .map_err(|e| SyncError::Batch {
+            table: "pg_enum".into(),
+            side: Side::Target,
+            source: e,
+        })?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let types: std::collections::HashSet<&String> = have.iter().map(|(t, _)| t).collect();
+    Ok(wanted
+        .iter()
+        .filter(|r| {
+            let (ty, label): (String, String) = (r.get(0), r.get(1));
+            types.contains(&ty) && !have.contains(&(ty, label))
+        })
+        .map(|r| r.get(2))
+        .collect())
 }
 
 /// The delta rows of each captured table, counted up to

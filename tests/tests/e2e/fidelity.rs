@@ -568,6 +568,49 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
     assert_same_schema(&env).await;
 }
 
+/// A value added to an enum type on the source after the copy (an
+/// application deploy) makes the target refuse the rows that use it: sync
+/// stops saying which values, with the statements that add them in their
+/// place; once they are run on the target, sync and the cutover go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enum_value_added_on_the_source_is_named_with_its_fix() {
+    let env = Env::new(crate::BIN).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TYPE state AS ENUM ('new', 'done');
+         CREATE TABLE jobs (id int PRIMARY KEY, s state);
+         INSERT INTO jobs VALUES (1, 'new');",
+    )
+    .await
+    .unwrap();
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    for ddl in [
+        "ALTER TYPE state ADD VALUE 'failed'",
+        "ALTER TYPE state ADD VALUE 'queued' BEFORE 'new'",
+        "INSERT INTO jobs VALUES (2, 'failed'), (3, 'queued')",
+    ] {
+        app.batch_execute(ddl).await.unwrap();
+    }
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
+    let fix = [
+        "ALTER TYPE public.state ADD VALUE 'queued' BEFORE 'new'",
+        "ALTER TYPE public.state ADD VALUE 'failed' AFTER 'done'",
+    ];
+    for stmt in fix {
+        assert!(err.contains(stmt), "{stmt}: {err}");
+    }
+    let target = env.target_client().await;
+    for stmt in fix {
+        target.batch_execute(stmt).await.unwrap();
+    }
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 /// Tables, indexes and materialized views in a tablespace of the source's
 /// own: the target (Aurora has none, RDS only its own) gets them in its
 /// default tablespace, and check says so.
