@@ -754,14 +754,26 @@ fn batch_err(t: &TableState, side: Side, source: tokio_postgres::Error) -> SyncE
     }
 }
 
-/// Opens a batch's source transaction, REPEATABLE READ: its first
-/// statement takes the snapshot S that decides everything the batch does.
-async fn begin(source: &mut Object) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
-    source
+/// Opens a batch's source transaction, REPEATABLE READ: its first query
+/// takes the snapshot S that decides everything the batch does. `tables`
+/// are locked ACCESS SHARE before that (a LOCK takes no snapshot), as any
+/// reader holds them: TRUNCATE is not MVCC-safe, and one committed after S
+/// but before the batch first read its table would show that table empty
+/// to S, so that a batch applied, or a verification compared, an empty
+/// table. Held first, the lock makes a TRUNCATE wait for the batch instead.
+async fn begin<'a>(
+    source: &'a mut Object,
+    tables: &[&TableState],
+) -> Result<deadpool_postgres::Transaction<'a>, tokio_postgres::Error> {
+    let stx = source
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .start()
-        .await
+        .await?;
+    let names: Vec<String> = tables.iter().map(|t| t.table.to_string()).collect();
+    stx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
+        .await?;
+    Ok(stx)
 }
 
 /// What a batch's snapshot shows of one table.
@@ -835,7 +847,7 @@ async fn batch(
     // the batch lock is held (a snapshot taken before it could be older than a
     // batch that committed meanwhile). Its only writes are the removal of the
     // deltas it consumed, after the target commit.
-    let stx = begin(source).await.map_err(src_err)?;
+    let stx = begin(source, &[t]).await.map_err(src_err)?;
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
     let seen = seen(&stx, t, part).await.map_err(src_err)?;
@@ -1084,7 +1096,7 @@ async fn verify_batch(
 ) -> Result<BatchStats, SyncError> {
     let first = &unit[0];
     let started = std::time::Instant::now();
-    let stx = begin(source)
+    let stx = begin(source, &unit.iter().collect::<Vec<_>>())
         .await
         .map_err(|e| batch_err(first, Side::Source, e))?;
     let mut seens = Vec::with_capacity(unit.len());
@@ -1095,6 +1107,8 @@ async fn verify_batch(
                 .map_err(|e| batch_err(t, Side::Source, e))?,
         );
     }
+    // S is taken: what commits from now on is for the next batch.
+    crate::failpoint::hit("sync.verify_snapshot").await;
     let mut target = m.target_conn().await?;
     let ttx = target
         .transaction()
