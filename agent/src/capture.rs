@@ -78,7 +78,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             )));
         }
     }
-    let current = plan::source_tables(&**conn)
+    let current = plan::source_tables(&**conn, false)
         .await
         .map_err(CaptureError::Catalog)?;
     // Creating the schema takes no lock on any application table; on an

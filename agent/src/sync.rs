@@ -438,7 +438,7 @@ pub async fn schema_changes(
 /// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
 pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), SyncError> {
     let conn = m.source_conn().await?;
-    let current = crate::plan::source_tables(&**conn)
+    let current = crate::plan::source_tables(&**conn, false)
         .await
         .map_err(SyncError::Catalog)?;
     let changes = schema_changes(&**conn, tables, &current)
@@ -847,7 +847,20 @@ async fn batch(
     // the batch lock is held (a snapshot taken before it could be older than a
     // batch that committed meanwhile). Its only writes are the removal of the
     // deltas it consumed, after the target commit.
-    let stx = begin(source, &[t]).await.map_err(src_err)?;
+    let stx = match begin(source, &[t]).await {
+        Ok(stx) => stx,
+        // Held exclusively past lock_timeout (a long VACUUM FULL, CLUSTER,
+        // ALTER): its turn comes in a later pass, as when another agent
+        // drains it. Not idle: a final drain goes on until it is done.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            tracing::debug!(table = %t.table.display_name(), "The table is locked; next pass");
+            return Ok(BatchStats {
+                busy: true,
+                ..Default::default()
+            });
+        }
+        Err(e) => return Err(src_err(e)),
+    };
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
     let seen = seen(&stx, t, part).await.map_err(src_err)?;

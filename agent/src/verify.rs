@@ -91,7 +91,7 @@ pub struct VerifyReport {
 /// Compares every user table of the source with the target.
 pub async fn verify_all(m: &Migration) -> Result<VerifyReport, VerifyError> {
     let conn = m.source_conn().await?;
-    let subjects: Vec<Subject> = crate::plan::source_tables(&**conn)
+    let subjects: Vec<Subject> = crate::plan::source_tables(&**conn, false)
         .await
         .map_err(VerifyError::Catalog)?
         .into_iter()

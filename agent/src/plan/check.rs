@@ -327,7 +327,7 @@ async fn check_source(
             );
         }
     }
-    let tables = super::source_tables(c).await?;
+    let tables = super::source_tables(c, true).await?;
     report.tables = tables.len();
     report.estimated_rows = tables.iter().map(|t| t.est_rows.max(0)).sum();
     report.total_bytes = tables.iter().map(|t| t.total_bytes).sum();

@@ -86,7 +86,14 @@ impl SourceTable {
 
 /// Every user table of the current database, excluding system schemas,
 /// pgferry's own schema and tables that belong to extensions.
-pub async fn source_tables(client: &impl GenericClient) -> Result<Vec<SourceTable>, tokio_postgres::Error> {
+///
+/// With `sizes`, each table's total size, which takes a lock on it (and
+/// waits, up to lock_timeout, behind a VACUUM FULL or an ALTER); without,
+/// 0, and the catalog is all it reads: the drift check runs every pass.
+pub async fn source_tables(
+    client: &impl GenericClient,
+    sizes: bool,
+) -> Result<Vec<SourceTable>, tokio_postgres::Error> {
     let rows = client
         .query(
             r"
@@ -101,7 +108,7 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
                 '{}'::text[]),
        c.reltuples::bigint,
-       pg_total_relation_size(c.oid),
+       CASE WHEN $1 THEN pg_total_relation_size(c.oid) ELSE 0 END,
        has_table_privilege(c.oid, 'TRIGGER'),
        has_table_privilege(c.oid, 'SELECT')
   FROM pg_class c
@@ -127,7 +134,7 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
    AND NOT EXISTS (SELECT 1 FROM pg_depend d
                     WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
  ORDER BY n.nspname, c.relname",
-            &[],
+            &[&sizes],
         )
         .await?;
     Ok(rows

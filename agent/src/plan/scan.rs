@@ -36,7 +36,7 @@ pub struct Unreadable {
 /// Scans every user table; returns one blocker per unreadable row.
 pub async fn scan(m: &Migration) -> Result<Vec<Problem>, crate::Error> {
     let conn = m.source_conn().await?;
-    let tables = super::source_tables(&**conn)
+    let tables = super::source_tables(&**conn, false)
         .await
         .map_err(crate::cutover::CutoverError::Source)?;
     drop(conn);

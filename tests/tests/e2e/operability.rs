@@ -695,3 +695,43 @@ async fn sync_until_caught_up_ends_while_writes_go_on() {
     env.ok(&["sync", "--until-caught-up"]).await;
     assert_same_rows(&env).await;
 }
+
+/// A table held exclusively past lock_timeout (a long VACUUM FULL or
+/// CLUSTER) waits for a later pass: the batch that cannot lock it ends as
+/// busy, and the others go on draining meanwhile instead of waiting out
+/// its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_locked_exclusively_does_not_hold_up_the_others() {
+    let env = synced_with("[sync]\npoll_interval_ms = 50\nadaptive = false\n").await;
+    let mut agent = env.cmd(&["sync"]).spawn().expect("start sync");
+    let holder = env.source_as(APP).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO accounts (name) VALUES ('while scratch is locked')")
+        .await
+        .unwrap();
+    let has_row = "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'while scratch is locked')";
+    wait_for("the row to reach the target", Duration::from_secs(30), || async {
+        target_has(&env, has_row).await.then_some(())
+    })
+    .await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert!(agent.try_wait().unwrap().is_none(), "sync still runs");
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (777, 'after the lock')")
+        .await
+        .unwrap();
+    wait_for("scratch to drain again", Duration::from_secs(30), || async {
+        target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 777)")
+            .await
+            .then_some(())
+    })
+    .await;
+    agent.start_kill().expect("stop the agent");
+    agent.wait().await.unwrap();
+}
