@@ -770,7 +770,10 @@ async fn begin<'a>(
         .isolation_level(IsolationLevel::RepeatableRead)
         .start()
         .await?;
-    let names: Vec<String> = tables.iter().map(|t| t.table.to_string()).collect();
+    // ONLY: each registered table is locked by the batches that read it
+    // (a partition by its own, and a verification locks every member of
+    // its unit), and pgferry's privileges are on those.
+    let names: Vec<String> = tables.iter().map(|t| format!("ONLY {}", t.table)).collect();
     stx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
         .await?;
     Ok(stx)
