@@ -189,11 +189,12 @@ pub async fn run(
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
         }
-        // Before the final catch-up: a large one takes a while, and the
-        // backlog grows meanwhile.
+        // Before the final catch-up, as the dumps of both schemas: they take
+        // a while, and the backlog grows meanwhile. Entries changed after
+        // the dump are caught by the fingerprint, read again under the fence.
         indexes_built = crate::copy::indexes::build_all(m, &tables).await?;
-        catch_up(m, &tables, cancel).await?;
         prepared = Some(entries::prepare(m).await?);
+        catch_up(m, &tables, cancel).await?;
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
             // Populated at the switch, with the data of a moment before.
             matviews::refresh_all(m, &**m.source_conn().await?).await?;
