@@ -327,6 +327,14 @@ async fn rows_as_text(c: &Client, table: &str) -> Vec<String> {
     rows
 }
 
+/// After a cutover: the same rows, then `cleanup`, then the same schema
+/// (pgferry's own schema gone from the source, so the two compare whole).
+pub async fn assert_same_then_clean_up(env: &Env) {
+    assert_same_data(env).await;
+    env.ok(&["cleanup"]).await;
+    assert_same_schema(env).await;
+}
+
 /// Asserts that an agent run exited 0, showing its log if not.
 pub fn assert_succeeded(out: &Output, what: &str) {
     assert_eq!(

@@ -309,9 +309,7 @@ async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
     env.ok(&["copy"]).await;
     env.ok(&["sync", "--until-caught-up"]).await;
     env.ok(&["cutover"]).await;
-    assert_same_data(&env).await;
-    env.ok(&["cleanup"]).await;
-    assert_same_schema(&env).await;
+    assert_same_then_clean_up(&env).await;
     assert_no_leftovers(&env).await;
 }
 

@@ -377,9 +377,7 @@ async fn schema_entries_changed_just_before_the_fence_arrive() {
     ] {
         assert_eq!(on_target(q).await, want, "{q}");
     }
-    assert_same_data(&env).await;
-    env.ok(&["cleanup"]).await;
-    assert_same_schema(&env).await;
+    assert_same_then_clean_up(&env).await;
 }
 
 /// `cutover.materialized_views = "after_switch"`: materialized views are
@@ -440,10 +438,8 @@ async fn materialized_views_can_be_refreshed_around_the_fence_instead_of_under_i
         .unwrap()
         .get(0);
     assert_eq!(counted, rows, "the plain refresh, without a unique index");
-    assert_same_data(&env).await;
-    env.ok(&["cleanup"]).await;
     // The unique index that lets a refresh be CONCURRENTLY came along.
-    assert_same_schema(&env).await;
+    assert_same_then_clean_up(&env).await;
 }
 
 /// Materialized views are refreshed side by side (`sync.workers`, 2 here),
@@ -528,9 +524,7 @@ async fn indexes_created_on_the_source_after_the_copy_arrive() {
     }
     let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
     assert_eq!(report["indexes_built"], 2, "{report}");
-    assert_same_data(&env).await;
-    env.ok(&["cleanup"]).await;
-    assert_same_schema(&env).await;
+    assert_same_then_clean_up(&env).await;
 }
 
 /// Functions, views and types created on the source after the copy, or a
@@ -563,9 +557,7 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
     assert!(!crate::fence_is_up(&env).await);
     env.target_client().await.batch_execute(deploy).await.unwrap();
     env.ok(&["cutover"]).await;
-    assert_same_data(&env).await;
-    env.ok(&["cleanup"]).await;
-    assert_same_schema(&env).await;
+    assert_same_then_clean_up(&env).await;
 }
 
 /// A value added to an enum type on the source after the copy (an
