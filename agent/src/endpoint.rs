@@ -2,9 +2,13 @@
 //! handed to `pg_dump`/`pg_restore`.
 //!
 //! Every session pgferry opens gets the same output settings (so checksums
-//! computed on both sides are comparable) and no statement timeout; source
-//! sessions also get the configured `lock_timeout`, so nothing pgferry runs on
-//! the source can queue the application behind it for longer than that.
+//! computed on both sides are comparable), no statement timeout, and
+//! `row_security = off`: a table whose policies apply to pgferry's role is
+//! then an error, as it is to pg_dump, instead of a read that silently
+//! leaves out the rows they hide (and a verification that compares two such
+//! reads and finds them equal). Source sessions also get the configured
+//! `lock_timeout`, so nothing pgferry runs on the source can queue the
+//! application behind it for longer than that.
 
 use std::fmt;
 use std::time::Duration;
@@ -163,7 +167,8 @@ impl Endpoint {
         let mut sql = String::from(
             "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; \
              SET extra_float_digits = 3; SET bytea_output = 'hex'; SET statement_timeout = 0; \
-             SET idle_in_transaction_session_timeout = 0; SET client_min_messages = 'warning';",
+             SET idle_in_transaction_session_timeout = 0; SET client_min_messages = 'warning'; \
+             SET row_security = off;",
         );
         if self.side == Side::Source {
             sql.push_str(&format!(" SET lock_timeout = {};", self.lock_timeout_ms));

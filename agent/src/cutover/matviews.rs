@@ -150,13 +150,19 @@ where
     outcomes
 }
 
+/// Refreshes one view, with row security on, as a plain `REFRESH` would
+/// run: a table that FORCEs it on its owner is read through its policies,
+/// as on the source, where pgferry's `row_security = off` would refuse it.
 async fn refresh(m: &Migration, mv: &QualifiedTable, concurrently: bool) -> Result<(), CutoverError> {
     let how = if concurrently { "CONCURRENTLY " } else { "" };
-    m.target_conn()
-        .await?
-        .batch_execute(&format!("REFRESH MATERIALIZED VIEW {how}{mv}"))
-        .await
-        .map_err(CutoverError::Target)
+    let mut conn = m.target_conn().await?;
+    let tx = conn.transaction().await.map_err(CutoverError::Target)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL row_security = on; REFRESH MATERIALIZED VIEW {how}{mv}"
+    ))
+    .await
+    .map_err(CutoverError::Target)?;
+    tx.commit().await.map_err(CutoverError::Target)
 }
 
 /// Refreshes on the target the materialized views that are populated on the

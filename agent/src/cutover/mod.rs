@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MatviewRefresh;
+use crate::ident::Ident;
 use crate::migration::Migration;
 use crate::state::{self, Phase, TableState};
 use crate::sync;
@@ -391,6 +392,13 @@ async fn fenced(
         unlimited = m.without_rate_limits();
         &unlimited
     };
+    // A clean slate first: what an interrupted earlier attempt restored
+    // (foreign keys, triggers, rules, policies, row security) must not act
+    // on the final drain, hide rows from the verification, or make this
+    // attempt fail on objects that already exist.
+    objects::remove_cutover_objects(&mut *m.target_conn().await?)
+        .await
+        .map_err(CutoverError::Target)?;
     fence::wait_for_writers(m, tables, cancel).await?;
     crate::failpoint::hit("cutover.after_writers").await;
     sync::check_drift(m, tables).await?;
@@ -425,7 +433,7 @@ async fn fenced(
     }
     crate::failpoint::hit("cutover.after_final_drain").await;
     let mut source = m.source_conn().await?;
-    let mut target = m.target_conn().await?;
+    let target = m.target_conn().await?;
     report.sequences = objects::copy_sequences(&source, &target)
         .await
         .map_err(CutoverError::Target)?;
@@ -463,11 +471,6 @@ async fn fenced(
     report.rows_verified = verdict.rows;
     crate::failpoint::hit("cutover.after_verify").await;
 
-    // A clean slate first, so an interrupted earlier attempt cannot make
-    // this one fail on objects that already exist.
-    objects::remove_cutover_objects(&mut target)
-        .await
-        .map_err(CutoverError::Target)?;
     let fks = objects::foreign_keys(&mut source)
         .await
         .map_err(CutoverError::Source)?;
@@ -537,7 +540,24 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
         .map_err(CutoverError::Source)?;
     for fk in &fks {
         if let Err(e) = objects::validate_foreign_keys(&target, std::slice::from_ref(fk)).await {
-            tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::error::report(&e), "Foreign key left NOT VALID");
+            // The one refusal an owner meets: PostgreSQL validates as the
+            // owner, and a table that FORCEs row security on its owner
+            // subjects the validation to its policies.
+            let validate = format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                fk.table,
+                Ident(fk.name.clone())
+            );
+            let fix = if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                format!(
+                    "run {validate} as a role with BYPASSRLS, or at a quiet moment in one transaction between \
+                     ALTER TABLE <the table named> NO FORCE ROW LEVEL SECURITY and FORCE ROW LEVEL SECURITY \
+                     (which lock it exclusively until the end)"
+                )
+            } else {
+                format!("run {validate} once the error is dealt with")
+            };
+            tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::error::report(&e), fix, "Foreign key left NOT VALID");
             report
                 .unvalidated_foreign_keys
                 .push(format!("{}.{}", fk.table.display_name(), fk.name));

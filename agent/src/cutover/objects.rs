@@ -204,7 +204,11 @@ pub async fn create_triggers(target: &Client, triggers: &[Trigger]) -> Result<us
 }
 
 /// Abort path: removes from the target everything that must not act while
-/// syncing (foreign keys, triggers, rules, policies), whoever created it.
+/// syncing (foreign keys, triggers, rules, policies, row security),
+/// whoever created it. Row security is switched off rather than left on
+/// without policies: a table that FORCEs it (pre-data brings that) would
+/// then refuse pgferry's own reads and writes, the verification's among
+/// them.
 pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_postgres::Error> {
     let rows = target
         .query(
@@ -224,7 +228,11 @@ pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_pos
                  UNION ALL
                  SELECT format('DROP POLICY IF EXISTS %I ON %I.%I', p.polname, n.nspname, c.relname)
                    FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE {USER_SCHEMA}"
+                  WHERE {USER_SCHEMA}
+                 UNION ALL
+                 SELECT format('ALTER TABLE %I.%I DISABLE ROW LEVEL SECURITY', n.nspname, c.relname)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relrowsecurity AND {USER_SCHEMA}"
             ),
             &[],
         )

@@ -162,6 +162,61 @@ pub(super) async fn object_references(
     Ok(())
 }
 
+/// Tables whose row-level security policies apply to pgferry's role: with
+/// FORCE ROW LEVEL SECURITY even to their owner (the usual way an
+/// application that connects as the owner makes its own policies apply to
+/// itself, on Heroku among others), and to a role that is not the owner
+/// whenever row security is enabled. pgferry would read only the rows the
+/// policies show it, and its verification would compare two such reads.
+/// Its sessions run with `row_security = off`, so such a table fails the
+/// copy loudly; this refuses it before anything is installed.
+pub(super) async fn row_security(
+    src: &impl GenericClient,
+    user: &str,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = src
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), c.relforcerowsecurity AND pg_has_role(c.relowner, 'USAGE')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND row_security_active(c.oid)
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+              ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let (table, forced): (String, bool) = (r.get(0), r.get(1));
+        let (why, fix) = if forced {
+            (
+                "FORCE ROW LEVEL SECURITY",
+                format!(
+                    "run pgferry as a role with BYPASSRLS, or ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY until \
+                     the cutover is done (the owner, and an application connecting as the owner, reads past the \
+                     policies meanwhile), then FORCE it again on the target"
+                ),
+            )
+        } else {
+            (
+                "row security is enabled and the role does not own the table",
+                "use the owner's credentials, or a role with BYPASSRLS".to_string(),
+            )
+        };
+        f.add(
+            Severity::Blocker,
+            &table,
+            format!(
+                "its row-level security policies apply to role {user} ({why}), so pgferry would read only the \
+                 rows they show it"
+            ),
+            fix,
+        );
+    }
+    Ok(())
+}
+
 /// What pg_dump's sections hold that pgferry does not migrate: publications
 /// (logical replication's consumers would stop at the switch) and event
 /// triggers (a superuser's).

@@ -221,3 +221,78 @@ async fn columns_holding_object_oids_are_refused_up_front() {
         .get(0);
     assert!(!installed, "refused before install");
 }
+
+/// A table whose row-level security policies apply to pgferry's role (FORCE
+/// on its owner, or enabled on a table another role owns) would be read
+/// only as far as the policies show it: refused before anything is
+/// installed, with the way out. Row security the owner is exempt from is
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_whose_policies_apply_to_pgferry_are_refused_up_front() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "ALTER TABLE accounts ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+         CREATE POLICY even ON accounts USING (id % 2 = 0);
+         ALTER TABLE scratch ENABLE ROW LEVEL SECURITY;",
+    )
+    .await
+    .unwrap();
+    env.source
+        .superuser(DB)
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE notes (id int PRIMARY KEY, body text);
+             INSERT INTO notes VALUES (1, 'a'), (2, 'b');
+             ALTER TABLE notes OWNER TO writer2;
+             GRANT SELECT, TRIGGER ON notes TO app;
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY mine ON notes USING (body = current_user);",
+        )
+        .await
+        .unwrap();
+    let (code, report) = check_json(&env, &[], &[]).await;
+    assert_eq!(code, 1, "{report}");
+    let blocked = |subject: &str| {
+        report["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["subject"] == subject && p["message"].as_str().unwrap().contains("row-level security")
+            })
+            .cloned()
+    };
+    let forced = blocked("public.accounts").unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(forced["severity"], "blocker", "{forced}");
+    assert!(
+        forced["message"]
+            .as_str()
+            .unwrap()
+            .contains("FORCE ROW LEVEL SECURITY"),
+        "{forced}"
+    );
+    let fix = forced["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("BYPASSRLS") && fix.contains("NO FORCE ROW LEVEL SECURITY"),
+        "{fix}"
+    );
+    let not_owned = blocked("public.notes").unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        not_owned["message"].as_str().unwrap().contains("does not own"),
+        "{not_owned}"
+    );
+    assert!(
+        blocked("public.scratch").is_none(),
+        "the owner reads past its own policies: {report}"
+    );
+    let out = env.run(&["migrate", "--cutover"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let installed: bool = app
+        .query_one("SELECT to_regnamespace('pgferry') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!installed, "refused before install");
+}
