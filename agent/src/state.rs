@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (10, include_str!("../../sql/0010_fence_in_bodies.sql")),
     (11, include_str!("../../sql/0011_keys_only_deltas.sql")),
     (12, include_str!("../../sql/0012_trigger_stamps.sql")),
+    (13, include_str!("../../sql/0013_drain_pass.sql")),
 ];
 
 /// Control-schema failures.
@@ -450,9 +451,12 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
         .query(
             "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
                     copied_rows, applied_rows,
-                    extract(epoch FROM clock_timestamp() - synced_through)::float8, copy_only,
-                    partitioned, lock_relid, parent_relid
-               FROM pgferry.tables ORDER BY id",
+                    extract(epoch FROM clock_timestamp() - greatest(
+                        synced_through,
+                        CASE WHEN copy_state = 'done' AND NOT coalesce(id = ANY (r.pass_dirty), true)
+                             THEN r.pass_checked_at END))::float8,
+                    copy_only, partitioned, lock_relid, parent_relid
+               FROM pgferry.tables LEFT JOIN pgferry.run r ON true ORDER BY id",
             &[],
         )
         .await
@@ -615,6 +619,31 @@ pub async fn record_batch(
         .await
         .map_err(q("record a drain batch"))?;
     Ok(())
+}
+
+/// Records what a drain pass found: every table but `dirty` was in sync
+/// as of `checked_epoch` (see `sql/0013_drain_pass.sql`). Committed
+/// asynchronously: it only tells the lag, and one lost in a crash of the
+/// source leaves an older, larger one.
+pub async fn record_pass(
+    client: &mut tokio_postgres::Client,
+    checked_epoch: f64,
+    dirty: &[i32],
+) -> Result<(), StateError> {
+    let tx = client.transaction().await.map_err(q("record a drain pass"))?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(q("record a drain pass"))?;
+    tx.execute(
+        "UPDATE pgferry.run SET pass_checked_at = to_timestamp($1), pass_dirty = $2",
+        &[
+            &checked_epoch as &(dyn tokio_postgres::types::ToSql + Sync),
+            &dirty,
+        ],
+    )
+    .await
+    .map_err(q("record a drain pass"))?;
+    tx.commit().await.map_err(q("record a drain pass"))
 }
 
 /// Records when the fence went up (or clears it).

@@ -94,11 +94,6 @@ pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Re
     let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
     relids.extend(materialized_views(m).await?);
     let defs = read(m, &relids).await?;
-    tracing::info!(
-        indexes = defs.indexes.len(),
-        constraints = defs.constraints.len(),
-        "Building the keys and indexes the target lacks"
-    );
     build(m, defs).await
 }
 
@@ -239,6 +234,46 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
     })
 }
 
+/// Of `defs`, what the target lacks, in one read of its catalog: at
+/// cutover, everything usually exists already, and asking about each index
+/// took a few round trips apiece (5.5 s for 2,000 tables). An index built
+/// whose key was not attached yet (a crash in between) stays in.
+async fn lacking(
+    t: &tokio_postgres::Client,
+    mut defs: Definitions,
+) -> Result<Definitions, tokio_postgres::Error> {
+    let rows = t
+        .query(
+            "SELECT n.nspname::text, c.relname::text, NULL::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('i', 'I')
+             UNION ALL
+             SELECT n.nspname::text, c.relname::text, con.conname::text
+               FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[],
+        )
+        .await?;
+    let mut indexes = std::collections::HashSet::new();
+    let mut constraints = std::collections::HashSet::new();
+    for r in rows {
+        let (schema, relation): (String, String) = (r.get(0), r.get(1));
+        match r.get::<_, Option<String>>(2) {
+            Some(name) => constraints.insert((schema, relation, name)),
+            None => indexes.insert((schema, relation)),
+        };
+    }
+    let has_constraint = |table: &QualifiedTable, name: &str| {
+        constraints.contains(&(table.schema.clone(), table.name.clone(), name.to_string()))
+    };
+    defs.indexes.retain(|i| match &i.constraint {
+        Some((name, _, _)) => !has_constraint(&i.table, name),
+        None => !indexes.contains(&(i.table.schema.clone(), i.name.clone())),
+    });
+    defs.constraints.retain(|c| !has_constraint(&c.table, &c.name));
+    Ok(defs)
+}
+
 /// True when the target has a constraint of that name on that table.
 pub(crate) async fn constraint_exists(
     c: &tokio_postgres::Client,
@@ -353,6 +388,16 @@ async fn build_with(
 /// then marks the clustered and replica identity indexes. Returns how many
 /// indexes this run built.
 pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Error> {
+    let defs = lacking(&**m.target_conn().await?, defs)
+        .await
+        .map_err(target_err)?;
+    if !defs.indexes.is_empty() || !defs.constraints.is_empty() {
+        tracing::info!(
+            indexes = defs.indexes.len(),
+            constraints = defs.constraints.len(),
+            "Building the keys and indexes the target lacks"
+        );
+    }
     let mut phases: std::collections::BTreeMap<i32, Vec<IndexDef>> = Default::default();
     for i in defs.indexes {
         phases.entry(i.phase).or_default().push(i);

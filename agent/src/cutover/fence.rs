@@ -67,8 +67,30 @@ pub async fn wait_for_writers(
 ) -> Result<(), CutoverError> {
     let started = Instant::now();
     let limit = Duration::from_millis(m.cfg.cutover.writer_wait_ms);
-    let mut pending: Vec<&TableState> = tables.iter().collect();
     let conn = m.source_conn().await?;
+    // A writer that can still commit a captured change holds the write lock
+    // it took on its table before the fence went up (one that takes it
+    // after meets the fence), until it ends. So only the tables some other
+    // transaction holds a write lock on now, as the lock table shows them
+    // (fast-path locks and prepared transactions' included), need waiting
+    // for: one read instead of a LOCK per table, which took 660 ms of write
+    // downtime for 2,000 tables.
+    let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
+    let written: std::collections::HashSet<u32> = conn
+        .query(
+            "SELECT DISTINCT relation FROM pg_locks
+              WHERE locktype = 'relation' AND granted AND relation = ANY ($1::oid[])
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+                AND pid IS DISTINCT FROM pg_backend_pid()",
+            &[&relids],
+        )
+        .await
+        .map_err(CutoverError::Source)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut pending: Vec<&TableState> = tables.iter().filter(|t| written.contains(&t.relid)).collect();
     loop {
         let mut still = Vec::new();
         for t in pending {

@@ -260,6 +260,39 @@ async fn server_restarts_are_survived() {
     assert_same_data(&env).await;
 }
 
+/// `sync` reads the catalog for drift every few seconds, not every pass: a
+/// column renamed in between fails the next batch of its table, and that
+/// failure is told as the drift it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_renamed_between_drift_checks_is_told_as_drift() {
+    let env = synced().await;
+    let agent = env
+        .cmd(&["sync"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sync");
+    let app = env.source_as(APP).await;
+    // A first pass, and so the first drift check, is over.
+    app.batch_execute("INSERT INTO scratch VALUES (900, 'first')")
+        .await
+        .unwrap();
+    wait_for("the first pass", Duration::from_secs(30), || async {
+        target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 900)")
+            .await
+            .then_some(())
+    })
+    .await;
+    app.batch_execute(
+        "ALTER TABLE scratch RENAME COLUMN v TO w; INSERT INTO scratch VALUES (901, 'renamed')",
+    )
+    .await
+    .unwrap();
+    let out = agent.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("table public.scratch: columns changed"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
     let env = synced().await;

@@ -703,12 +703,19 @@ async fn sync_until_caught_up_ends_while_writes_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_locked_exclusively_does_not_hold_up_the_others() {
     let env = synced_with("[sync]\npoll_interval_ms = 50\nadaptive = false\n").await;
-    let mut agent = env.cmd(&["sync"]).spawn().expect("start sync");
+    // A change to drain while it is locked (a table without one is not
+    // batched at all).
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (776, 'before the lock')")
+        .await
+        .unwrap();
     let holder = env.source_as(APP).await;
     holder
         .batch_execute("BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
+    let mut agent = env.cmd(&["sync"]).spawn().expect("start sync");
     env.source_as(APP)
         .await
         .batch_execute("INSERT INTO accounts (name) VALUES ('while scratch is locked')")
@@ -727,11 +734,58 @@ async fn a_table_locked_exclusively_does_not_hold_up_the_others() {
         .await
         .unwrap();
     wait_for("scratch to drain again", Duration::from_secs(30), || async {
-        target_has(&env, "SELECT EXISTS (SELECT 1 FROM scratch WHERE id = 777)")
+        target_has(&env, "SELECT count(*) = 2 FROM scratch WHERE id IN (776, 777)")
             .await
             .then_some(())
     })
     .await;
+    agent.start_kill().expect("stop the agent");
+    agent.wait().await.unwrap();
+}
+
+/// A pass batches only the tables with something to drain: with a schema
+/// per tenant, thousands of idle tables made every pass thousands of
+/// transactions on the source. The idle ones are in sync as of the pass's
+/// reading, and their lag says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_batches_only_the_tables_with_changes_and_idle_ones_show_no_lag() {
+    let env = synced_with("[sync]\npoll_interval_ms = 50\n").await;
+    // As if every table had last been drained an hour ago.
+    env.source
+        .superuser(DB)
+        .await
+        .unwrap()
+        .batch_execute("UPDATE pgferry.tables SET synced_through = now() - interval '1 hour'")
+        .await
+        .unwrap();
+    let port = free_port();
+    let mut agent = env
+        .cmd(&["sync"])
+        .env("PGFERRY_METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .spawn()
+        .expect("start sync");
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO accounts (name) VALUES ('the only change')")
+        .await
+        .unwrap();
+    let text = wait_for("the change to be drained", Duration::from_secs(30), || async {
+        let text = http_get(port, "/metrics").await?;
+        let label = r#"table="public.accounts",outcome="applied""#;
+        (metric_value(&text, "pgferry_batches_total", label) >= Some(1.0)).then_some(text)
+    })
+    .await;
+    let batched: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("pgferry_batches_total{") && !l.contains("public.accounts"))
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    assert!(batched.is_empty(), "idle tables were batched: {batched:?}");
+    let status = env.status().await;
+    for t in status["tables"].as_array().unwrap() {
+        let lag = t["lag_secs"].as_f64().unwrap_or(f64::MAX);
+        assert!(lag < 600.0, "{}: lag {lag} s", t["table"]);
+    }
     agent.start_kill().expect("stop the agent");
     agent.wait().await.unwrap();
 }

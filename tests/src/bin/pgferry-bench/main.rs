@@ -9,7 +9,9 @@
 //! - `drain`: how fast a backlog of changed rows is applied, against
 //!   Bucardo's apply done the simple way;
 //! - `lag`: end-to-end lag (a heartbeat) and delta storage under a fixed
-//!   pgbench rate, then a burst.
+//!   pgbench rate, then a burst;
+//! - `tables`: what thousands of small tables (a schema per tenant) cost
+//!   the steps, an idle source while syncing, the lag and the cutover.
 
 use std::collections::HashMap;
 
@@ -18,12 +20,14 @@ mod copy;
 mod cutover;
 mod drain;
 mod lag;
+mod tables;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]
        pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
        pgferry-bench cutover [--scale N] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
-       pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]";
+       pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
+       pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
 
 /// Parses `--name value` pairs, allowing only `known` names.
 pub(crate) fn flags(v: &[String], known: &[&str]) -> HashMap<String, String> {
@@ -206,6 +210,7 @@ async fn main() {
             Some("cutover") => cutover::run(&v[2..]).await,
             Some("drain") => drain::run(&v[2..]).await,
             Some("lag") => lag::run(&v[2..]).await,
+            Some("tables") => tables::run(&v[2..]).await,
             _ => {
                 eprintln!("{USAGE}");
                 std::process::exit(2);
