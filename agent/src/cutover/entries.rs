@@ -24,6 +24,8 @@ pub struct Prepared {
     /// GRANT, REVOKE and ALTER DEFAULT PRIVILEGES statements, each restored
     /// on its own.
     grants: Vec<String>,
+    /// Pre-data entries only the target has (see [`super::schema_since`]).
+    pub only_on_target: Vec<String>,
 }
 
 /// Everything in the source's catalogs that the entries restored at
@@ -74,7 +76,7 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, true)
         .await?;
     let archive = &dump.archive;
-    super::schema_since::check(m, &tools, archive).await?;
+    let only_on_target = super::schema_since::check(m, &tools, archive).await?;
     let post_data = tools.toc(archive, "post-data").await?;
     let at_cutover: Vec<_> = post_data
         .iter()
@@ -111,6 +113,7 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         fingerprint,
         script,
         grants,
+        only_on_target,
     })
 }
 

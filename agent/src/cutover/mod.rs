@@ -104,6 +104,10 @@ pub struct CutoverReport {
     /// Indexes the source gained since the copy, built on the target ahead
     /// of the fence.
     pub indexes_built: usize,
+    /// Schema entries (functions, views, types...) only the target has:
+    /// dropped on the source since the copy, or created on the target.
+    /// Left in place.
+    pub schema_only_on_target: Vec<String>,
     /// Sequences copied.
     pub sequences: usize,
     /// Foreign keys created.
@@ -186,6 +190,7 @@ pub async fn run(
     let mut ahead = (0, 0);
     let mut indexes_built = 0;
     let mut prepared = None;
+    let mut only_on_target = Vec::new();
     if run.phase == Phase::Syncing {
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
@@ -194,7 +199,9 @@ pub async fn run(
         // a while, and the backlog grows meanwhile. Entries changed after
         // the dump are caught by the fingerprint, read again under the fence.
         indexes_built = crate::copy::indexes::build_all(m, &tables).await?;
-        prepared = Some(entries::prepare(m).await?);
+        let p = entries::prepare(m).await?;
+        only_on_target = p.only_on_target.clone();
+        prepared = Some(p);
         catch_up(m, &tables, cancel).await?;
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
             // Populated at the switch, with the data of a moment before.
@@ -217,6 +224,7 @@ pub async fn run(
         Ok(mut report) => {
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
             report.indexes_built = indexes_built;
+            report.schema_only_on_target = only_on_target;
             after_point_of_no_return(m, report).await
         }
         Err(e) => {

@@ -65,7 +65,8 @@ fn entries(script: &str) -> BTreeMap<String, String> {
 }
 
 /// The entries of `source` that `target` lacks, and, with `bodies`, those
-/// it has with another definition.
+/// it has with another definition, with the lines that differ (a column's
+/// default or a check constraint changed shows as its table's entry).
 fn differences(
     source: &BTreeMap<String, String>,
     target: &BTreeMap<String, String>,
@@ -75,10 +76,39 @@ fn differences(
         .iter()
         .filter_map(|(name, body)| match target.get(name) {
             None => Some(format!("{name} (created since the copy)")),
-            Some(other) if bodies && other != body => Some(format!("{name} (changed since the copy)")),
+            Some(other) if bodies && other != body => Some(format!(
+                "{name} (changed since the copy; source: {}; target: {})",
+                lines_only_in(body, other),
+                lines_only_in(other, body)
+            )),
             Some(_) => None,
         })
         .collect()
+}
+
+/// The first few lines of `a` that `b` does not have, trimmed, in `a`'s
+/// order; `nothing` when there are none (only the order differs).
+fn lines_only_in(a: &str, b: &str) -> String {
+    const SHOWN: usize = 3;
+    let theirs: std::collections::HashSet<&str> = b.lines().map(str::trim).collect();
+    let ours: Vec<&str> = a
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !theirs.contains(l))
+        .collect();
+    if ours.is_empty() {
+        return "nothing".into();
+    }
+    let mut shown = ours
+        .iter()
+        .take(SHOWN)
+        .map(|l| format!("`{l}`"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if ours.len() > SHOWN {
+        shown.push_str(&format!(" and {} more lines", ours.len() - SHOWN));
+    }
+    shown
 }
 
 async fn major(conn: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Error> {
@@ -89,10 +119,12 @@ async fn major(conn: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Err
 }
 
 /// Compares the pre-data of the source's `archive` with the target's
-/// schema; an error names what differs. Skipped, with a warning, when the
-/// local pg_dump is older than the target server (it needs only be as new
-/// as the source's for the rest).
-pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<(), crate::Error> {
+/// schema; an error names what the target lacks or has otherwise. Returns
+/// the entries only the target has (dropped on the source since the copy,
+/// or created on the target by hand): reported, not refused. Skipped, with
+/// a warning, when the local pg_dump is older than the target server (it
+/// needs only be as new as the source's for the rest).
+pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<Vec<String>, crate::Error> {
     let (source_major, target_major) = {
         let (source, target) = (m.source_conn().await?, m.target_conn().await?);
         (
@@ -107,7 +139,7 @@ pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<(),
             "Not comparing the schemas: pg_dump is older than the target server; objects created on the source \
              since the copy are not looked for"
         );
-        return Ok(());
+        return Ok(Vec::new());
     }
     let bodies = source_major == target_major;
     let target_dump = tools
@@ -116,10 +148,22 @@ pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<(),
     let source = entries(&tools.section_sql(archive, "pre-data").await?);
     let target = entries(&tools.section_sql(&target_dump.archive, "pre-data").await?);
     let found = differences(&source, &target, bodies);
-    if found.is_empty() {
-        return Ok(());
+    if !found.is_empty() {
+        return Err(CutoverError::SchemaChanged(found).into());
     }
-    Err(CutoverError::SchemaChanged(found).into())
+    let only_on_target: Vec<String> = target
+        .keys()
+        .filter(|k| !source.contains_key(*k))
+        .cloned()
+        .collect();
+    for entry in &only_on_target {
+        tracing::warn!(
+            entry = %entry,
+            "On the target only: dropped on the source since the copy, or created on the target; drop it there \
+             if the application no longer has it"
+        );
+    }
+    Ok(only_on_target)
 }
 
 #[cfg(test)]
@@ -172,7 +216,9 @@ CREATE VIEW public.v AS
         assert_eq!(
             differences(&source, &target, true),
             [
-                "FUNCTION public.f(integer) (changed since the copy)",
+                "FUNCTION public.f(integer) (changed since the copy; source: \
+                 `CREATE FUNCTION public.f(x integer) RETURNS integer` `LANGUAGE sql` `AS $$SELECT x$$;`; \
+                 target: `CREATE FUNCTION public.f(x integer) RETURNS integer AS $$SELECT 2$$;`)",
                 "VIEW public.v (created since the copy)"
             ]
         );
@@ -180,5 +226,26 @@ CREATE VIEW public.v AS
             differences(&source, &target, false),
             ["VIEW public.v (created since the copy)"]
         );
+    }
+
+    #[test]
+    fn a_changed_table_names_its_changed_lines() {
+        let table = |default: &str| {
+            format!(
+                "CREATE TABLE public.t (\n    id integer NOT NULL,\n    n integer DEFAULT {default} NOT NULL,\n    \
+                 CONSTRAINT positive CHECK ((n > 0))\n);"
+            )
+        };
+        let source = BTreeMap::from([("TABLE public.t".to_string(), table("1"))]);
+        let target = BTreeMap::from([("TABLE public.t".to_string(), table("0"))]);
+        assert_eq!(
+            differences(&source, &target, true),
+            [
+                "TABLE public.t (changed since the copy; source: `n integer DEFAULT 1 NOT NULL,`; \
+              target: `n integer DEFAULT 0 NOT NULL,`)"
+            ]
+        );
+        let many = BTreeMap::from([("TABLE public.t".to_string(), "a\nb\nc\nd\ne".to_string())]);
+        assert!(differences(&many, &target, true)[0].contains("`a` `b` `c` and 2 more lines;"));
     }
 }

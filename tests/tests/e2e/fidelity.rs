@@ -536,27 +536,45 @@ async fn indexes_created_on_the_source_after_the_copy_arrive() {
 async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutover() {
     let env = crate::synced().await;
     let app = env.source_as(APP).await;
-    let before = "CREATE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT amount * 0.01'";
+    let before = "CREATE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT amount * 0.01';
+                  CREATE FUNCTION legacy() RETURNS int LANGUAGE sql AS 'SELECT 1';";
     app.batch_execute(before).await.unwrap();
     // The copy happens again, so fee() is on the target as it was then.
     env.target_client().await.batch_execute(before).await.unwrap();
     let deploy = "CREATE OR REPLACE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE
                     AS 'SELECT amount * 0.02';
                   CREATE TYPE tier AS ENUM ('free', 'paid');
-                  CREATE VIEW rich AS SELECT id, fee(balance) FROM accounts WHERE balance > 100;";
+                  CREATE VIEW rich AS SELECT id, fee(balance) FROM accounts WHERE balance > 100;
+                  ALTER TABLE scratch ALTER COLUMN v SET DEFAULT 'new';";
     app.batch_execute(deploy).await.unwrap();
+    app.batch_execute("DROP FUNCTION legacy()").await.unwrap();
     let err = env.fails(&["cutover"], 1).await;
     assert!(err.contains("the fence was never raised"), "{err}");
     for what in [
-        "FUNCTION public.fee(numeric) (changed since the copy)",
+        "FUNCTION public.fee(numeric) (changed since the copy; \
+         source: `AS $$SELECT amount * 0.02$$;`; target: `AS $$SELECT amount * 0.01$$;`)",
+        "TABLE public.scratch (changed since the copy; source: `v text DEFAULT 'new'::text`; target: `v text`)",
         "TYPE public.tier (created since the copy)",
         "VIEW public.rich (created since the copy)",
     ] {
         assert!(err.contains(what), "{what}: {err}");
     }
     assert!(!crate::fence_is_up(&env).await);
+    assert!(
+        !err.contains("legacy"),
+        "only on the target is not refused: {err}"
+    );
     env.target_client().await.batch_execute(deploy).await.unwrap();
-    env.ok(&["cutover"]).await;
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(
+        report["schema_only_on_target"],
+        serde_json::json!(["FUNCTION public.legacy()"])
+    );
+    env.target_client()
+        .await
+        .batch_execute("DROP FUNCTION legacy()")
+        .await
+        .unwrap();
     assert_same_then_clean_up(&env).await;
 }
 
