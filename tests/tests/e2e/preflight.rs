@@ -21,6 +21,21 @@ async fn check_json(env: &Env, extra_env: &[(&str, &str)], args: &[&str]) -> (i3
     (out.status.code().unwrap(), report)
 }
 
+/// `migrate --cutover` stops at its check (exit 1), before installing
+/// anything on the source.
+async fn assert_refused_before_install(env: &Env) {
+    let out = env.run(&["migrate", "--cutover"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let installed: bool = env
+        .source_as(APP)
+        .await
+        .query_one("SELECT to_regnamespace('pgferry') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!installed, "refused before install");
+}
+
 fn problem<'a>(report: &'a serde_json::Value, text: &str) -> Option<&'a serde_json::Value> {
     report["problems"]
         .as_array()
@@ -212,14 +227,7 @@ async fn columns_holding_object_oids_are_refused_up_front() {
         assert_eq!(p["subject"], "public.audit_rel", "{p}");
         assert!(p["fix"].as_str().unwrap().contains("TYPE text"), "{p}");
     }
-    let out = env.run(&["migrate", "--cutover"]).await;
-    assert_eq!(out.status.code(), Some(1));
-    let installed: bool = app
-        .query_one("SELECT to_regnamespace('pgferry') IS NOT NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!installed, "refused before install");
+    assert_refused_before_install(&env).await;
 }
 
 /// A table whose row-level security policies apply to pgferry's role (FORCE
@@ -287,12 +295,5 @@ async fn tables_whose_policies_apply_to_pgferry_are_refused_up_front() {
         blocked("public.scratch").is_none(),
         "the owner reads past its own policies: {report}"
     );
-    let out = env.run(&["migrate", "--cutover"]).await;
-    assert_eq!(out.status.code(), Some(1));
-    let installed: bool = app
-        .query_one("SELECT to_regnamespace('pgferry') IS NOT NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!installed, "refused before install");
+    assert_refused_before_install(&env).await;
 }
