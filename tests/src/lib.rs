@@ -107,6 +107,18 @@ impl Env {
         connect(self.source.port(), role).await
     }
 
+    /// Runs `sql` on the source as its superuser: setup that the
+    /// application's role may not do.
+    pub async fn source_superuser(&self, sql: &str) {
+        self.source
+            .superuser(DB)
+            .await
+            .expect("superuser on the source")
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// A session on the target as the master role (over the unix socket,
     /// so it works whatever the target demands of TCP clients, TLS included).
     pub async fn target_client(&self) -> Client {

@@ -1124,8 +1124,7 @@ async fn row_security_forced_while_syncing_stops_the_drain_instead_of_deleting_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies_every_row() {
     let env = crate::seeded().await;
-    let su = env.source.superuser(DB).await.unwrap();
-    su.batch_execute("ALTER ROLE app BYPASSRLS").await.unwrap();
+    env.source_superuser("ALTER ROLE app BYPASSRLS").await;
     let app = env.source_as(APP).await;
     app.batch_execute(
         "ALTER TABLE accounts ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;

@@ -751,13 +751,8 @@ async fn a_table_locked_exclusively_does_not_hold_up_the_others() {
 async fn a_pass_batches_only_the_tables_with_changes_and_idle_ones_show_no_lag() {
     let env = synced_with("[sync]\npoll_interval_ms = 50\n").await;
     // As if every table had last been drained an hour ago.
-    env.source
-        .superuser(DB)
-        .await
-        .unwrap()
-        .batch_execute("UPDATE pgferry.tables SET synced_through = now() - interval '1 hour'")
-        .await
-        .unwrap();
+    env.source_superuser("UPDATE pgferry.tables SET synced_through = now() - interval '1 hour'")
+        .await;
     let port = free_port();
     let mut agent = env
         .cmd(&["sync"])

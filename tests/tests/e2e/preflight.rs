@@ -56,16 +56,11 @@ async fn check_reports_health_compatibility_and_sizing() {
     )
     .await
     .unwrap();
-    env.source
-        .superuser(DB)
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE FUNCTION note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END';
-             CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION note_ddl();",
-        )
-        .await
-        .unwrap();
+    env.source_superuser(
+        "CREATE FUNCTION note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END';
+         CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION note_ddl();",
+    )
+    .await;
     // An index left INVALID by a failed concurrent build.
     app.batch_execute("INSERT INTO scratch VALUES (9001, 'twice'), (9002, 'twice')")
         .await
@@ -246,20 +241,15 @@ async fn tables_whose_policies_apply_to_pgferry_are_refused_up_front() {
     )
     .await
     .unwrap();
-    env.source
-        .superuser(DB)
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE notes (id int PRIMARY KEY, body text);
-             INSERT INTO notes VALUES (1, 'a'), (2, 'b');
-             ALTER TABLE notes OWNER TO writer2;
-             GRANT SELECT, TRIGGER ON notes TO app;
-             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
-             CREATE POLICY mine ON notes USING (body = current_user);",
-        )
-        .await
-        .unwrap();
+    env.source_superuser(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text);
+         INSERT INTO notes VALUES (1, 'a'), (2, 'b');
+         ALTER TABLE notes OWNER TO writer2;
+         GRANT SELECT, TRIGGER ON notes TO app;
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON notes USING (body = current_user);",
+    )
+    .await;
     let (code, report) = check_json(&env, &[], &[]).await;
     assert_eq!(code, 1, "{report}");
     let blocked = |subject: &str| {
