@@ -551,8 +551,7 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
     let err = env.fails(&["cutover"], 1).await;
     assert!(err.contains("the fence was never raised"), "{err}");
     for what in [
-        "FUNCTION public.fee(numeric) (changed since the copy; \
-         source: `AS $$SELECT amount * 0.02$$;`; target: `AS $$SELECT amount * 0.01$$;`)",
+        "FUNCTION public.fee(numeric) (changed since the copy)",
         "TABLE public.scratch (changed since the copy; source: `v text DEFAULT 'new'::text`; target: `v text`)",
         "TYPE public.tier (created since the copy)",
         "VIEW public.rich (created since the copy)",
@@ -564,6 +563,7 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
         !err.contains("legacy"),
         "only on the target is not refused: {err}"
     );
+    assert!(!err.contains("0.02"), "a routine's code is not shown: {err}");
     env.target_client().await.batch_execute(deploy).await.unwrap();
     let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
     assert_eq!(
