@@ -154,7 +154,8 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
 }
 
 /// Brings the registrations in line with the source schema: dropped tables
-/// are forgotten; renamed tables, tables whose key changed, tables whose
+/// are forgotten; renamed tables, tables attached to or detached from a
+/// hierarchy, tables whose key changed, tables whose
 /// key column trigger a new BEFORE UPDATE trigger bypasses and tables whose
 /// capture was disabled or dropped are captured afresh; tables whose columns
 /// changed are marked for a fresh copy; new tables are registered. Returns
@@ -178,6 +179,8 @@ async fn refresh(
             }
             Some(c)
                 if c.table != t.table
+                    || c.lock_relid != t.lock_relid
+                    || c.parent_relid != t.parent_relid
                     || c.registered_key(&m.cfg.copy_only) != t.key_columns
                     || bypassed.contains(&t.relid)
                     || lost.contains(&t.relid) =>

@@ -398,6 +398,15 @@ pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) ->
                 t.table.display_name(),
                 c.table.display_name()
             )),
+            // ATTACH/DETACH PARTITION, INHERIT/NO INHERIT: the table reads
+            // and is verified as part of another hierarchy (or none) than
+            // the target's copy of it, and a parent's rows would differ
+            // while each table compared the same.
+            Some(c) if c.lock_relid != t.lock_relid || c.parent_relid != t.parent_relid => changes.push(format!(
+                "table {} joined or left a partitioned table or an inheritance parent (ATTACH/DETACH PARTITION, \
+                 INHERIT/NO INHERIT)",
+                t.table.display_name()
+            )),
             Some(c) if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) => {
                 changes.push(format!("table {}: its key changed", t.table.display_name()))
             }

@@ -1192,3 +1192,45 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
         .unwrap();
     assert_same_then_clean_up(&env).await;
 }
+
+/// A partition detached on the source while syncing (an old one archived)
+/// left the target's copy attached: every table compared equal, the
+/// cutover succeeded, and the parent held the detached rows on the target
+/// only. A table that joins or leaves a hierarchy is drift: sync stops
+/// saying so, and once the change is made on the target, install and copy
+/// take the table afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_detached_while_syncing_is_drift_until_the_target_follows() {
+    let env = partitioned().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let detach = "ALTER TABLE readings DETACH PARTITION readings_2022";
+    let app = env.source_as(APP).await;
+    app.batch_execute(&format!(
+        "{detach}; INSERT INTO readings_2022 (device, at, v, note) VALUES (1, '2022-05-05', 1, 'after detach')"
+    ))
+    .await
+    .unwrap();
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
+    assert!(
+        err.contains("table public.readings_2022 joined or left a partitioned table"),
+        "{err}"
+    );
+    let out = env.run(&["cutover"]).await;
+    assert_ne!(out.status.code(), Some(0), "no cutover over a drifted hierarchy");
+    env.target_client().await.batch_execute(detach).await.unwrap();
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert!(
+        crate::target_has(
+            &env,
+            "SELECT count(*) = 0 FROM readings WHERE note = 'after detach' OR at < '2023-01-01'"
+        )
+        .await
+    );
+    assert_same_then_clean_up(&env).await;
+}
