@@ -133,6 +133,14 @@ pub enum SyncError {
         .0.join("; ")
     )]
     EnumDrift(Vec<String>),
+    /// A batch failed on a column whose type the source changed since the
+    /// copy (the drift check compares names, not types).
+    #[error(
+        "column types changed on the source since the copy, which the target's table does not take: {}. Make \
+         the same change on the target, then sync again (nothing needs copying)",
+        .0.join("; ")
+    )]
+    TypeDrift(Vec<String>),
     /// Reading the source catalog for drift failed.
     #[error("could not read the source catalog")]
     Catalog(#[source] tokio_postgres::Error),
@@ -153,6 +161,7 @@ impl Retryable for SyncError {
             SyncError::Worker(_)
             | SyncError::SchemaDrift(_)
             | SyncError::EnumDrift(_)
+            | SyncError::TypeDrift(_)
             | SyncError::Verify(_) => false,
         }
     }
@@ -589,13 +598,14 @@ pub async fn drain_pass(
 }
 
 /// A batch that failed because the source's schema changed says what
-/// changed. One the target refused for an invalid input value (SQLSTATE 22P02)
+/// changed, and so does one whose column types the source changed. One the
+/// target refused for an invalid input value (SQLSTATE 22P02)
 /// may carry a value of an enum type the source extended since the copy
 /// (`ALTER TYPE ... ADD VALUE`, common in application deploys): the error
 /// then says so, with what to run on the target. Looked for only then, so
 /// it costs nothing while the drain works.
 async fn explained(m: &Migration, tables: &[TableState], e: crate::Error) -> crate::Error {
-    let crate::Error::Sync(SyncError::Batch { side, source, .. }) = &e else {
+    let crate::Error::Sync(SyncError::Batch { table, side, source }) = &e else {
         return e;
     };
     // `sync` checks for drift only every few seconds: a batch that met a
@@ -606,6 +616,16 @@ async fn explained(m: &Migration, tables: &[TableState], e: crate::Error) -> cra
     if *side != Side::Target {
         return e;
     }
+    // A type changed on the source (`ALTER COLUMN ... TYPE bigint` as ids
+    // near 2^31): the binary COPY fails with "incorrect binary data format",
+    // or the value does not fit.
+    if let Some(t) = tables.iter().find(|t| t.table.display_name() == *table) {
+        if let Ok(changed) = types_changed(m, t).await {
+            if !changed.is_empty() {
+                return SyncError::TypeDrift(changed).into();
+            }
+        }
+    }
     if source.code() != Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION) {
         return e;
     }
@@ -613,6 +633,37 @@ async fn explained(m: &Migration, tables: &[TableState], e: crate::Error) -> cra
         Ok(missing) if !missing.is_empty() => SyncError::EnumDrift(missing).into(),
         _ => e,
     }
+}
+
+/// The columns of `t` whose type differs between source and target, each
+/// with the statement that makes the target's the source's.
+async fn types_changed(m: &Migration, t: &TableState) -> Result<Vec<String>, crate::Error> {
+    const TYPES: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                           FROM pg_attribute a
+                          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped";
+    let name = t.table.to_string();
+    let (source, target) = (m.source_conn().await?, m.target_conn().await?);
+    let on = |rows: Vec<tokio_postgres::Row>| -> std::collections::HashMap<String, String> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let theirs = on(source.query(TYPES, &[&name]).await.map_err(SyncError::Catalog)?);
+    let ours = on(target
+        .query(TYPES, &[&name])
+        .await
+        .map_err(|e| batch_err(t, Side::Target, e))?);
+    Ok(t.copy_columns
+        .iter()
+        .filter_map(|c| match (theirs.get(c), ours.get(c)) {
+            (Some(s), Some(g)) if s != g => Some(format!(
+                "{}.{} is {s} on the source and {g} on the target (ALTER TABLE {} ALTER COLUMN {} TYPE {s})",
+                t.table.display_name(),
+                c,
+                t.table,
+                Ident(c.clone())
+            )),
+            _ => None,
+        })
+        .collect())
 }
 
 /// For each value of a source enum type that the target's type of that

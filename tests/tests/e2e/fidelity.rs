@@ -578,6 +578,35 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
     assert_same_then_clean_up(&env).await;
 }
 
+/// A column's type changed on the source during the sync (`integer` to
+/// `bigint`, as ids near 2^31) made the drain fail with the target's
+/// "incorrect binary data format": sync now stops naming the column, both
+/// types and the statement for the target; once it is run there, sync goes
+/// on with nothing to copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_changed_on_the_source_is_named_with_its_fix() {
+    let env = crate::synced().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "ALTER TABLE codes ALTER COLUMN n TYPE bigint;
+             UPDATE codes SET n = 3000000000 WHERE code = 'code-1';",
+        )
+        .await
+        .unwrap();
+    let err = env.fails(&["sync", "--until-caught-up"], 3).await;
+    let fix = r#"ALTER TABLE "public"."codes" ALTER COLUMN "n" TYPE bigint"#;
+    assert!(
+        err.contains(&format!(
+            "public.codes.n is bigint on the source and integer on the target ({fix})"
+        )),
+        "{err}"
+    );
+    env.target_client().await.batch_execute(fix).await.unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+}
+
 /// A value added to an enum type on the source after the copy (an
 /// application deploy) makes the target refuse the rows that use it: sync
 /// stops saying which values, with the statements that add them in their
