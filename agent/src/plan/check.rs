@@ -399,6 +399,32 @@ async fn check_source(
             );
         }
     }
+    let roots: Vec<String> = tables
+        .iter()
+        .filter(|t| t.partitioned && t.lock_relid == t.relid)
+        .map(|t| t.table.display_name())
+        .collect();
+    if !roots.is_empty() {
+        let partman: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_partman')",
+                &[],
+            )
+            .await?
+            .get(0);
+        f.add(
+            Severity::Warning,
+            "source",
+            format!(
+                "partitioned tables ({}){}: a partition created, dropped, attached or detached during the sync \
+                 stops it as schema drift until the change is made on the target",
+                roots.join(", "),
+                if partman { ", and pg_partman is installed" } else { "" }
+            ),
+            "pause partition maintenance (pg_partman's run_maintenance, cron jobs) until the cutover, after \
+             creating the partitions it will need by then",
+        );
+    }
     super::compat::object_references(c, f).await?;
     super::compat::row_security(c, m.source.user(), f).await?;
     super::compat::not_migrated(c, f).await?;

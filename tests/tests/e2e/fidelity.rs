@@ -866,6 +866,12 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
         Some(0),
         "declarative partitioning is supported"
     );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("partitioned tables (public.readings)")
+            && report.contains("pause partition maintenance"),
+        "partition maintenance is warned about: {report}"
+    );
     crate::migrate_while_writing_then_compare(&env, &[APP, APP], PARTITION_OPS, 100).await;
     // Every partition holds exactly the source's rows (each row once), and
     // the hierarchy is the same.
