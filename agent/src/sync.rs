@@ -717,6 +717,7 @@ pub struct Pending {
     /// `now()` of the reading transaction: every count below was read in a
     /// snapshot taken after it, so a table with nothing pending was in sync
     /// as of then (consumed deltas are removed only after the target commit).
+    /// 0 (1970, the largest lag) if it could not be read.
     pub as_of: f64,
     /// Delta rows per table id (up to the limit asked for).
     rows: std::collections::HashMap<i32, i64>,
@@ -755,20 +756,24 @@ impl Pending {
             let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
                 continue;
             };
-            let (kind, id, n) = (row.get(0), row.get(1), row.get(2).unwrap_or_default());
-            let id: i32 = id.and_then(|v| v.parse().ok()).unwrap_or_default();
-            match kind {
-                Some("e") => found.as_of = n.parse().unwrap_or_default(),
-                Some("t") => _ = found.truncates.insert(id, n.parse().unwrap_or_default()),
-                _ => _ = found.rows.insert(id, n.parse().unwrap_or_default()),
+            // Whatever does not read as a number is left out: a table
+            // without a count is taken as pending, never as idle.
+            let id = row.get(1).and_then(|v| v.parse::<i32>().ok());
+            let n = row.get(2).and_then(|v| v.parse::<f64>().ok());
+            match (row.get(0), id, n) {
+                (Some("e"), _, Some(n)) => found.as_of = n,
+                (Some("t"), Some(id), Some(n)) => _ = found.truncates.insert(id, n as i64),
+                (Some("d"), Some(id), Some(n)) => _ = found.rows.insert(id, n as i64),
+                _ => {}
             }
         }
         Ok(found)
     }
 
-    /// Delta rows pending for `t`.
+    /// Delta rows pending for `t`; one for a table the reading has no
+    /// count of (each statement returns one row, so that is never expected).
     pub fn rows(&self, t: &TableState) -> i64 {
-        self.rows.get(&t.id).copied().unwrap_or(0)
+        self.rows.get(&t.id).copied().unwrap_or(1)
     }
 
     /// Delta rows and TRUNCATEs pending for `t`.
