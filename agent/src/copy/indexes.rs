@@ -110,8 +110,6 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
             "SELECT n.nspname::text, c.relname::text, ic.relname::text, pg_get_indexdef(i.indexrelid),
                     con.conname::text, con.contype::text, con.condeferrable, con.condeferred,
                     c.relkind = 'p',
-                    EXISTS (SELECT 1 FROM pg_inherits ih JOIN pg_constraint pc ON pc.conindid = ih.inhparent
-                             WHERE ih.inhrelid = i.indexrelid),
                     CASE WHEN con.oid IS NOT NULL THEN pg_get_constraintdef(con.oid) END,
                     (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4,
                     i.indisclustered, i.indisreplident
@@ -149,10 +147,10 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
     for r in &indexes {
         let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
         let index = Ident(r.get::<_, String>(2));
-        if r.get::<_, bool>(12) {
+        if r.get::<_, bool>(11) {
             marks.push(format!("ALTER TABLE ONLY {table} CLUSTER ON {index}"));
         }
-        if r.get::<_, bool>(13) {
+        if r.get::<_, bool>(12) {
             marks.push(format!(
                 "ALTER TABLE ONLY {table} REPLICA IDENTITY USING INDEX {index}"
             ));
@@ -161,20 +159,24 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
     let mut partitioned_keys = Vec::new();
     let indexes = indexes
         .iter()
-        // A partition's index under a partitioned key is made by that key.
-        .filter(|r| !r.get::<_, bool>(9))
         .filter(|r| {
-            // A partitioned table's key: ALTER TABLE ... ADD CONSTRAINT on the
-            // root recurses to the partitions (USING INDEX cannot).
+            // A partitioned table's key: ALTER TABLE ... ADD CONSTRAINT
+            // (USING INDEX cannot), which adopts the keys its partitions
+            // have by then under their own names, as pg_restore's ALTER
+            // INDEX ... ATTACH PARTITION does; it would make missing ones
+            // under names of its choosing.
             let partitioned: bool = r.get(8);
             match (partitioned, r.get::<_, Option<String>>(4)) {
                 (true, Some(name)) => {
-                    partitioned_keys.push(ConstraintDef {
-                        table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-                        name,
-                        definition: r.get::<_, Option<String>>(10).unwrap_or_default(),
-                        only: false,
-                    });
+                    partitioned_keys.push((
+                        r.get::<_, i32>(10),
+                        ConstraintDef {
+                            table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                            name,
+                            definition: r.get::<_, Option<String>>(9).unwrap_or_default(),
+                            only: false,
+                        },
+                    ));
                     false
                 }
                 _ => true,
@@ -210,7 +212,7 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
                 // Deepest partitioned tables first: a partitioned index attaches the
                 // ones below it, which must exist by then.
                 phase: if partitioned {
-                    1_000 - r.get::<_, i32>(11)
+                    1_000 - r.get::<_, i32>(10)
                 } else {
                     0
                 },
@@ -218,8 +220,11 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
             }
         })
         .collect();
+    // The deepest first: each adopts the keys of the level below it.
+    partitioned_keys.sort_by_key(|(depth, _)| std::cmp::Reverse(*depth));
     let constraints = partitioned_keys
         .into_iter()
+        .map(|(_, key)| key)
         .chain(constraints.iter().map(|r| ConstraintDef {
             table: QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
             name: r.get(2),

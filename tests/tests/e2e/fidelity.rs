@@ -827,6 +827,8 @@ INSERT INTO devices SELECT g, 'd' || g FROM generate_series(1, 100) g;
 -- Attached, not made a partition: its columns in another order, one dropped.
 CREATE TABLE readings_2022 (note text, dropped int, v numeric, at date NOT NULL, device int NOT NULL);
 ALTER TABLE readings_2022 DROP COLUMN dropped;
+-- A key named its own way, adopted by the root's when attached.
+ALTER TABLE readings_2022 ADD CONSTRAINT r22_key PRIMARY KEY (device, at);
 ALTER TABLE readings ATTACH PARTITION readings_2022 FOR VALUES FROM ('2022-01-01') TO ('2023-01-01');
 INSERT INTO readings SELECT 1 + g % 100, date '2022-01-01' + (g % 300), g, 'old' FROM generate_series(1, 500) g
     ON CONFLICT DO NOTHING;
