@@ -203,8 +203,21 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     let analyzing = Instant::now();
     crate::failpoint::hit("copy.before_analyze").await;
     let target = m.target_conn().await?;
+    // A later copy (tables captured since, partitions sync follows) reads
+    // samples of what it copied, not of the whole database again; tables
+    // an interrupted run copied are analyzed by autovacuum after their load.
+    let analyze = if run.pre_data_done {
+        let fresh: Vec<String> = tables
+            .iter()
+            .filter(|t| t.copy_state == CopyState::Pending)
+            .map(|t| t.table.to_string())
+            .collect();
+        (!fresh.is_empty()).then(|| format!("ANALYZE {}", fresh.join(", ")))
+    } else {
+        Some("ANALYZE".to_string())
+    };
     target
-        .batch_execute("ANALYZE")
+        .batch_execute(analyze.as_deref().unwrap_or(""))
         .await
         .map_err(|source| CopyError::Target {
             what: "ANALYZE",
