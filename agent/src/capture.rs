@@ -95,7 +95,15 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             state::set_phase(&**conn, Phase::Installing).await?;
             crate::failpoint::hit("install.after_register").await;
         }
-        Some(_) => refreshed = refresh(m, &conn, cancel, &current).await?,
+        Some(run) => {
+            refreshed = refresh(m, &conn, cancel, &current).await?;
+            if refreshed > 0 && run.phase >= Phase::Syncing {
+                // Until every table registered now is captured: the copy
+                // must not start before, nor the drain meet a table
+                // without its delta table.
+                state::set_phase(&**conn, Phase::Installing).await?;
+            }
+        }
     }
     let tables = state::tables(&**conn).await?;
     let mut installed_now = 0;

@@ -295,6 +295,12 @@ pub struct SyncConfig {
     /// loading the table afresh. 0 never does. Default 0.5.
     #[serde(default = "default_recopy_fraction")]
     pub recopy_fraction: f64,
+    /// Repeat on the target the partition maintenance done on the source
+    /// while syncing (a partition created, attached, detached or dropped, as
+    /// pg_partman does), capture and copy what it brings, and sync on.
+    /// False: such a change stops sync as schema drift. Default true.
+    #[serde(default = "default_true")]
+    pub follow_partitions: bool,
 }
 
 /// Cutover.
@@ -455,6 +461,7 @@ impl Default for SyncConfig {
             max_lock_waiters: default_max_lock_waiters(),
             max_probe_ms: default_max_probe_ms(),
             recopy_fraction: default_recopy_fraction(),
+            follow_partitions: true,
         }
     }
 }

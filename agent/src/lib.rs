@@ -16,6 +16,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod error;
 pub mod failpoint;
+pub mod follow;
 pub mod ident;
 pub mod large_objects;
 pub mod migrate;

@@ -129,6 +129,19 @@ impl PgTools {
         lock_wait_ms: u64,
         privileges: bool,
     ) -> Result<SchemaDump, SchemaError> {
+        self.dump_schema_of(source, lock_wait_ms, privileges, &[]).await
+    }
+
+    /// [`PgTools::dump_schema`] of some tables only (`pg_dump --table`, each
+    /// name quoted so that it matches itself and nothing else); all of them
+    /// when `tables` is empty.
+    pub async fn dump_schema_of(
+        &self,
+        source: &Endpoint,
+        lock_wait_ms: u64,
+        privileges: bool,
+        tables: &[crate::ident::QualifiedTable],
+    ) -> Result<SchemaDump, SchemaError> {
         let scratch =
             Scratch::new_in(&std::env::temp_dir(), "pgferry-schema-").map_err(SchemaError::Scratch)?;
         let archive = scratch.path().join("schema.dump");
@@ -136,6 +149,9 @@ impl PgTools {
         cmd.args(["--format=custom", "--schema-only", "--no-owner"]);
         if !privileges {
             cmd.arg("--no-privileges");
+        }
+        for t in tables {
+            cmd.arg(format!("--table={t}"));
         }
         cmd.arg("--exclude-schema=pgferry")
             .arg(format!("--lock-wait-timeout={lock_wait_ms}"))
@@ -252,6 +268,34 @@ impl PgTools {
         .arg(format!("--dbname={}", target.dbname()))
         .arg(archive);
         run(cmd, target, "pg_restore (pre-data)").await
+    }
+
+    /// Restores `entries` of `archive` into the target in one transaction,
+    /// as [`PgTools::restore_pre_data`] restores its section.
+    pub async fn restore_entries(
+        &self,
+        target: &Endpoint,
+        archive: &Path,
+        entries: &[TocEntry],
+        step: &str,
+    ) -> Result<(), SchemaError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let list = write_list(archive, entries, step).await?;
+        let mut cmd = Command::new(&self.pg_restore);
+        cmd.args([
+            "--no-owner",
+            "--no-privileges",
+            "--no-tablespaces",
+            "--single-transaction",
+            "--exit-on-error",
+        ])
+        .arg("--use-list")
+        .arg(&list)
+        .arg(format!("--dbname={}", target.dbname()))
+        .arg(archive);
+        run(cmd, target, &format!("pg_restore ({step})")).await
     }
 
     /// The source's roles as SQL (`pg_dumpall --roles-only
@@ -419,6 +463,7 @@ const DESCS: &[(&str, Step)] = &[
     ("EVENT TRIGGER", Step::Never),
     ("SECURITY LABEL", Step::AtCutover),
     ("INDEX ATTACH", Step::Never),
+    ("TABLE ATTACH", Step::Never),
     ("DEFAULT ACL", Step::Grants),
     ("ROW SECURITY", Step::AtCutover),
     ("SUBSCRIPTION", Step::Never),

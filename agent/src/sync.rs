@@ -144,6 +144,18 @@ pub enum SyncError {
     /// Reading the source catalog for drift failed.
     #[error("could not read the source catalog")]
     Catalog(#[source] tokio_postgres::Error),
+    /// Repeating the source's partition maintenance on the target failed.
+    #[error(
+        "could not follow the source's partition maintenance on the target ({what}); sync again to retry, \
+         or set sync.follow_partitions = false and make the change on the target by hand"
+    )]
+    Follow {
+        /// The step.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// Comparing a table before the fence failed.
     #[error(transparent)]
     Verify(Box<crate::verify::VerifyError>),
@@ -157,7 +169,9 @@ impl Retryable for SyncError {
             }
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
-            SyncError::Catalog(source) => crate::error::is_retryable(source),
+            SyncError::Catalog(source) | SyncError::Follow { source, .. } => {
+                crate::error::is_retryable(source)
+            }
             SyncError::Worker(_)
             | SyncError::SchemaDrift(_)
             | SyncError::EnumDrift(_)
@@ -198,6 +212,10 @@ pub struct SyncReport {
     pub busy: u64,
     /// Batches that applied one part of a large backlog (see [`PARTS`]).
     pub parts: u64,
+    /// The source's partition maintenance repeated on the target (see
+    /// `sync.follow_partitions`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions_followed: Vec<String>,
     /// Delta rows left when `--until-caught-up` stopped (written while the
     /// last pass ran).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,7 +272,8 @@ pub async fn run(
     opts: SyncOptions,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, crate::Error> {
-    let tables = syncable_tables(m).await?;
+    finish_later_copy(m, cancel).await?;
+    let mut tables = syncable_tables(m).await?;
     let mut report = SyncReport::default();
     let line = crate::progress::sync_line();
     let mut backoff = Backoff::default();
@@ -275,10 +294,19 @@ pub async fn run(
         }
         // Reads the catalog of every captured table: not every pass.
         if drift_checked.is_none_or(|at| at.elapsed() >= DRIFT_EVERY) {
-            check_drift(m, &tables).await?;
+            if let Err(e) = check_drift(m, &tables).await {
+                tables = follow(m, cancel, e.into(), &mut report).await?;
+                continue;
+            }
             drift_checked = Some(Instant::now());
         }
-        let pass = drain_pass(m, &tables, cancel).await?;
+        let pass = match drain_pass(m, &tables, cancel).await {
+            Ok(pass) => pass,
+            Err(e) => {
+                tables = follow(m, cancel, e, &mut report).await?;
+                continue;
+            }
+        };
         let idle = pass.is_idle();
         report.merge(&pass);
         if idle && opts.until_caught_up {
@@ -313,6 +341,31 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Schema drift that is only partition maintenance is repeated on the
+/// target (see [`crate::follow`]); returns the captured tables then.
+/// Anything else is `e` again.
+async fn follow(
+    m: &Migration,
+    cancel: &CancellationToken,
+    e: crate::Error,
+    report: &mut SyncReport,
+) -> Result<Vec<TableState>, crate::Error> {
+    if !matches!(e, crate::Error::Sync(SyncError::SchemaDrift(_))) {
+        return Err(e);
+    }
+    let Some(changes) = crate::follow::partitions(m, cancel).await? else {
+        return Err(e);
+    };
+    report
+        .partitions_followed
+        .extend(changes.iter().map(ToString::to_string));
+    tracing::info!(
+        changes = changes.len(),
+        "The target follows the source's partitions: syncing on"
+    );
+    syncable_tables(m).await
 }
 
 /// How often `sync` checks the source for drift ([`check_drift`]): the
@@ -483,6 +536,30 @@ pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), Syn
     } else {
         Err(SyncError::SchemaDrift(changes))
     }
+}
+
+/// Finishes what an interrupted run left of capturing and copying tables
+/// registered after the first copy (partitions sync followed, or `install`
+/// after drift), as `migrate` would: the drain goes on once they are
+/// copied. The first copy is `copy`'s to finish.
+async fn finish_later_copy(m: &Migration, cancel: &CancellationToken) -> Result<(), crate::Error> {
+    let run = {
+        let conn = m.source_conn().await?;
+        state::load(&**conn).await?
+    };
+    let Some(run) = run.filter(|r| r.post_data_done && r.phase < Phase::Syncing) else {
+        return Ok(());
+    };
+    tracing::info!(
+        phase = run.phase.as_str(),
+        "Finishing the capture and copy of tables registered since the copy"
+    );
+    if run.phase < Phase::Installed {
+        crate::migrate::preflight_for(m, true).await?;
+        crate::capture::install(m, cancel).await?;
+    }
+    crate::copy::run(m, cancel).await?;
+    Ok(())
 }
 
 /// The captured tables, once the copy has finished.

@@ -412,18 +412,38 @@ async fn check_source(
             )
             .await?
             .get(0);
-        f.add(
-            Severity::Warning,
-            "source",
-            format!(
-                "partitioned tables ({}){}: a partition created, dropped, attached or detached during the sync \
-                 stops it as schema drift until the change is made on the target",
-                roots.join(", "),
-                if partman { ", and pg_partman is installed" } else { "" }
-            ),
-            "pause partition maintenance (pg_partman's run_maintenance, cron jobs) until the cutover, after \
-             creating the partitions it will need by then",
-        );
+        let partman = if partman {
+            ", and pg_partman is installed"
+        } else {
+            ""
+        };
+        let roots = roots.join(", ");
+        if m.cfg.sync.follow_partitions {
+            f.add(
+                Severity::Warning,
+                "source",
+                format!(
+                    "partitioned tables ({roots}){partman}: sync repeats on the target a partition created, \
+                     attached, detached or dropped while it runs, and copies what it brings, with the drain \
+                     paused meanwhile; a partitioned table created under them, or any partition change while \
+                     the cutover runs, stops it as schema drift"
+                ),
+                "create the partitions the cutover will need ahead (pg_partman's premake), and keep partition \
+                 maintenance (run_maintenance, cron jobs) from running during the cutover",
+            );
+        } else {
+            f.add(
+                Severity::Warning,
+                "source",
+                format!(
+                    "partitioned tables ({roots}){partman}: with sync.follow_partitions = false, a partition \
+                     created, dropped, attached or detached during the sync stops it as schema drift until the \
+                     change is made on the target"
+                ),
+                "pause partition maintenance (pg_partman's run_maintenance, cron jobs) until the cutover, after \
+                 creating the partitions it will need by then",
+            );
+        }
     }
     super::compat::object_references(c, f).await?;
     super::compat::row_security(c, m.source.user(), f).await?;

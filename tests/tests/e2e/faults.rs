@@ -76,7 +76,7 @@ async fn killed_at_thirty_points_every_run_resumes_and_ends_equal() {
     assert_no_leftovers(&env).await;
 }
 
-fn sigterm(child: &tokio::process::Child) {
+pub(crate) fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().expect("running").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -85,7 +85,7 @@ fn sigterm(child: &tokio::process::Child) {
     assert!(status.success());
 }
 
-async fn exits_ok_within(child: &mut tokio::process::Child, secs: u64) {
+pub(crate) async fn exits_ok_within(child: &mut tokio::process::Child, secs: u64) {
     let status = tokio::time::timeout(Duration::from_secs(secs), child.wait())
         .await
         .unwrap_or_else(|_| panic!("the agent did not stop within {secs} s of SIGTERM"))

@@ -871,7 +871,10 @@ async fn partitioned_tables_arrive_with_rows_moving_between_partitions() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         report.contains("partitioned tables (public.readings)")
-            && report.contains("pause partition maintenance"),
+            && report.contains("sync repeats on the target a partition created")
+            && report.contains(
+                "keep partition maintenance (run_maintenance, cron jobs) from running during the cutover"
+            ),
         "partition maintenance is warned about: {report}"
     );
     crate::migrate_while_writing_then_compare(&env, &[APP, APP], PARTITION_OPS, 100).await;
@@ -1230,6 +1233,205 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
     assert_same_then_clean_up(&env).await;
 }
 
+/// Partition maintenance as pg_partman does it, while the application
+/// writes and sync runs: a partition made of rows moved out of the default
+/// one (attached with a key of its own name), a partition created ahead and
+/// written at once, directly and through the root, an old one detached and
+/// kept, another dropped. Sync repeats each on the target, captures and
+/// copies what it brings, and drains on; the cutover then finds both sides
+/// the same, partition by partition and in pg_dump's eyes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_maintenance_while_syncing_is_followed_on_the_target() {
+    let env = partitioned().await;
+    crate::gated_config(&env);
+    // Captured and copied as a table of its own, attached while syncing.
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE readings_2026 (LIKE readings INCLUDING ALL);
+             INSERT INTO readings_2026 SELECT 1 + g % 100, date '2026-06-01' + g % 100, g, 'to attach'
+               FROM generate_series(1, 300) g ON CONFLICT DO NOTHING",
+        )
+        .await
+        .unwrap();
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    let writers = Workload::start(&env, &[APP, APP], PARTITION_OPS).await;
+    let mut agent = env
+        .cmd(&["sync", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sync");
+    writers.progress(50).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "BEGIN;
+             -- No writer may put a 2025 row there before the attach (as it takes anyway).
+             LOCK TABLE readings_other IN ACCESS EXCLUSIVE MODE;
+             CREATE TABLE readings_2025 (LIKE readings);
+             ALTER TABLE readings_2025 ADD CONSTRAINT r25_key PRIMARY KEY (device, at);
+             WITH moved AS (DELETE FROM readings_other WHERE at >= '2025-01-01' AND at < '2026-01-01' RETURNING *)
+             INSERT INTO readings_2025 SELECT * FROM moved;
+             ALTER TABLE readings ATTACH PARTITION readings_2025 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             COMMIT;
+             CREATE TABLE readings_2027 PARTITION OF readings FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+             INSERT INTO readings_2027 VALUES (1, '2027-03-03', 1, 'straight in');
+             INSERT INTO readings VALUES (2, '2027-04-04', 2, 'through the root');
+             ALTER TABLE readings DETACH PARTITION readings_2022;
+             INSERT INTO readings_2022 (device, at, v, note) VALUES (1, '2022-05-05', 1, 'after detach');
+             DROP TABLE readings_2024_lo;
+             UPDATE readings_2026 SET v = -v WHERE device < 10;
+             ALTER TABLE readings ATTACH PARTITION readings_2026 FOR VALUES FROM ('2026-06-01') TO ('2027-01-01');",
+        )
+        .await
+        .expect("partition maintenance");
+    // The hierarchy and its indexes, by name, as each side has them.
+    let shape = "SELECT string_agg(x, ',' ORDER BY x) FROM (
+                   SELECT inhrelid::regclass::text || '<' || inhparent::regclass::text AS x FROM pg_inherits
+                    WHERE inhrelid::regclass::text LIKE 'readings%'
+                   UNION ALL
+                   SELECT indexrelid::regclass::text || ' on ' || indrelid::regclass::text FROM pg_index
+                    WHERE indrelid::regclass::text LIKE 'readings%') s";
+    let source_shape: String = env
+        .source_as(APP)
+        .await
+        .query_one(shape, &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        source_shape.contains("r25_key on readings_2025"),
+        "{source_shape}"
+    );
+    // Followed to the end: every table captured again copied, the
+    // dropped one forgotten, and sync draining.
+    let followed = [
+        "devices",
+        "readings",
+        "readings_2022",
+        "readings_2023",
+        "readings_2024",
+        "readings_2024_hi",
+        "readings_2025",
+        "readings_2026",
+        "readings_2027",
+        "readings_other",
+    ]
+    .map(|t| format!("public.{t}"));
+    wait_for("sync to follow", std::time::Duration::from_secs(120), || async {
+        let status = env.status().await;
+        let tables = status["tables"].as_array().cloned().unwrap_or_default();
+        let mut names: Vec<String> = tables
+            .iter()
+            .map(|t| t["table"].as_str().unwrap_or_default().to_string())
+            .collect();
+        names.sort();
+        (status["phase"] == "syncing"
+            && names == followed
+            && tables.iter().all(|t| t["copy_state"] == "done"))
+        .then_some(())
+    })
+    .await;
+    let target_shape: Option<String> = env
+        .target_client()
+        .await
+        .query_one(shape, &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(target_shape.as_deref(), Some(source_shape.as_str()));
+    // The drain goes on, through the new partition too.
+    wait_for(
+        "a row written through the root",
+        std::time::Duration::from_secs(60),
+        || async {
+            crate::target_has(
+                &env,
+                "SELECT count(*) = 1 FROM readings_2027 WHERE note = 'through the root'",
+            )
+            .await
+            .then_some(())
+        },
+    )
+    .await;
+    writers.progress(50).await;
+    crate::faults::sigterm(&agent);
+    crate::faults::exits_ok_within(&mut agent, 60).await;
+    let mut stdout = String::new();
+    use tokio::io::AsyncReadExt;
+    agent
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("sync's JSON report");
+    let followed = report["partitions_followed"].to_string();
+    for change in [
+        "partition public.readings_2025 attached",
+        "partition public.readings_2027 attached",
+        "partition public.readings_2022 detached",
+        "partition public.readings_2024_lo dropped",
+        "partition public.readings_2026 attached",
+    ] {
+        assert!(followed.contains(change), "{change}: {report}");
+    }
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    assert_same_then_clean_up(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// An agent killed anywhere in following partition maintenance (after a
+/// change made on the target, with the new partitions half captured, at the
+/// end of their copy) leaves what the next `sync` finishes: it captures,
+/// copies and drains on, and the cutover finds both sides the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
+    let env = partitioned().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE readings_2027 PARTITION OF readings FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+         CREATE TABLE readings_2028 PARTITION OF readings FOR VALUES FROM ('2028-01-01') TO ('2029-01-01');
+         INSERT INTO readings_2027 VALUES (1, '2027-03-03', 1, 'straight in');
+         INSERT INTO readings VALUES (2, '2028-04-04', 2, 'through the root');
+         DROP TABLE readings_2024_lo;",
+    )
+    .await
+    .unwrap();
+    for (month, point) in [
+        (5, "follow.target_done"),
+        (6, "install.table_done"),
+        (7, "copy.before_analyze"),
+    ] {
+        env.kill_at(&["sync"], point).await;
+        app.batch_execute(&format!(
+            "INSERT INTO readings VALUES ({month}, '2027-0{month}-01', {month}, 'after a kill');
+             INSERT INTO readings_2028 VALUES ({month}, '2028-0{month}-01', {month}, 'after a kill')"
+        ))
+        .await
+        .unwrap();
+    }
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert!(
+        crate::target_has(
+            &env,
+            "SELECT count(*) = 6 FROM readings WHERE note = 'after a kill' AND tableoid::regclass::text <> 'readings_other'"
+        )
+        .await
+    );
+    assert_same_then_clean_up(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A partition detached on the source while syncing (an old one archived)
 /// left the target's copy attached: every table compared equal, the
 /// cutover succeeded, and the parent held the detached rows on the target
@@ -1239,7 +1441,7 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_detached_while_syncing_is_drift_until_the_target_follows() {
     let env = partitioned().await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.config("[sync]\npoll_interval_ms = 50\nfollow_partitions = false\n");
     env.ok(&["install"]).await;
     env.ok(&["copy"]).await;
     env.ok(&["sync", "--until-caught-up"]).await;

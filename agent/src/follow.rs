@@ -1,0 +1,436 @@
+//! Partition maintenance, followed while syncing.
+//!
+//! pg_partman (or a cron job) creates partitions ahead and detaches or drops
+//! old ones, hourly or daily: in a sync of days each such change was schema
+//! drift, and sync stopped until an operator repeated it on the target and
+//! ran `install` and `copy`. When the drift is only that, `sync` does those
+//! steps itself, between two passes:
+//!
+//! - a leaf partition **created or attached** on the source is created on
+//!   the target from `pg_dump`'s definition of it, gets its keys and indexes
+//!   under the source's names, and is attached as the source's is. Rows the
+//!   drain routed meanwhile into the target's default partition, where the
+//!   source has none (the source's attach proved it), are deleted there in
+//!   the attaching transaction;
+//! - a leaf partition **detached** on the source is detached on the target;
+//! - a leaf partition **dropped** on the source is dropped on the target;
+//!
+//! then, as an operator would, `install` captures the new and changed
+//! tables (its preflight first) and `copy` copies them, in snapshots taken
+//! after their capture. Every step finds what an interrupted run did and
+//! goes on from there. Anything else (a new partitioned table, classic
+//! inheritance, a change of columns or keys, a capture trigger dropped)
+//! stops sync as drift, as before.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::ident::QualifiedTable;
+use crate::migration::Migration;
+use crate::plan::SourceTable;
+use crate::state::TableState;
+use crate::sync::SyncError;
+
+/// One change of a captured partition hierarchy that sync repeats on the
+/// target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A leaf partition new to the migration, or a captured table that
+    /// became one (source OID).
+    Attached(u32, QualifiedTable),
+    /// A captured leaf partition that is now a table of its own (source
+    /// OID).
+    Detached(u32, QualifiedTable),
+    /// A captured leaf partition that no longer exists.
+    Dropped(QualifiedTable),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Attached(_, t) => write!(f, "partition {} attached", t.display_name()),
+            Change::Detached(_, t) => write!(f, "partition {} detached", t.display_name()),
+            Change::Dropped(t) => write!(f, "partition {} dropped", t.display_name()),
+        }
+    }
+}
+
+/// The changes between `registered` and `current` when every one of them
+/// is partition maintenance sync can repeat; `None` when some is not (or
+/// nothing changed).
+pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Change>> {
+    let captured_root = |root: u32| registered.iter().any(|t| t.relid == root);
+    let exists = |relid: u32| current.iter().any(|c| c.relid == relid);
+    let leaf_partition = |c: &SourceTable| {
+        c.lock_relid != c.relid && !c.partitioned && c.parent_relid.is_none() && !c.multiple_inheritance
+    };
+    let mut changes = Vec::new();
+    for t in registered {
+        let was_leaf_partition = t.lock_relid != t.relid && !t.partitioned && t.parent_relid.is_none();
+        match current.iter().find(|c| c.relid == t.relid) {
+            None if was_leaf_partition && exists(t.lock_relid) => {
+                changes.push(Change::Dropped(t.table.clone()))
+            }
+            None => return None,
+            Some(c)
+                if c.table != t.table
+                    || c.copy_columns != t.copy_columns
+                    || c.partitioned != t.partitioned =>
+            {
+                return None
+            }
+            Some(c) if c.lock_relid == t.lock_relid && c.parent_relid == t.parent_relid => {
+                if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) {
+                    return None;
+                }
+            }
+            Some(c) if was_leaf_partition && c.lock_relid == c.relid && c.parent_relid.is_none() => {
+                changes.push(Change::Detached(t.relid, t.table.clone()))
+            }
+            Some(c) if t.lock_relid == t.relid && t.parent_relid.is_none() && leaf_partition(c) => {
+                if !captured_root(c.lock_relid) {
+                    return None;
+                }
+                changes.push(Change::Attached(c.relid, c.table.clone()))
+            }
+            Some(_) => return None,
+        }
+    }
+    for c in current
+        .iter()
+        .filter(|c| !registered.iter().any(|t| t.relid == c.relid))
+    {
+        if !leaf_partition(c) || !captured_root(c.lock_relid) || c.key_columns.is_none() {
+            return None;
+        }
+        changes.push(Change::Attached(c.relid, c.table.clone()));
+    }
+    (!changes.is_empty()).then_some(changes)
+}
+
+/// Follows the source's partition maintenance when the drift is only that
+/// and `sync.follow_partitions` allows; returns what it followed, or `None`
+/// when sync must stop on the drift instead.
+pub async fn partitions(
+    m: &Migration,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<Change>>, crate::Error> {
+    // A fork given as `copy.from` lacks what the source created since.
+    if !m.cfg.sync.follow_partitions || m.reads_elsewhere() {
+        return Ok(None);
+    }
+    let Some(changes) = pending(m).await?.1 else {
+        return Ok(None);
+    };
+    for change in &changes {
+        tracing::info!(%change, "Following the source's partition maintenance on the target");
+        match change {
+            Change::Attached(relid, table) => attach(m, *relid, table).await?,
+            Change::Detached(_, table) => detach(m, table).await?,
+            Change::Dropped(table) => drop_partition(m, table).await?,
+        }
+        crate::failpoint::hit("follow.target_done").await;
+    }
+    crate::migrate::preflight_for(m, true).await?;
+    crate::capture::install(m, cancel).await?;
+    crate::copy::run(m, cancel).await?;
+    // Never the same steps over and over.
+    let (drift, again) = pending(m).await?;
+    if again.as_ref() == Some(&changes) {
+        return Err(SyncError::SchemaDrift(drift).into());
+    }
+    Ok(Some(changes))
+}
+
+/// The source's drift from the registrations, and what of it to follow
+/// (`None` when some of it is not partition maintenance).
+async fn pending(m: &Migration) -> Result<(Vec<String>, Option<Vec<Change>>), crate::Error> {
+    let conn = m.source_conn().await?;
+    let registered = crate::state::tables(&**conn).await?;
+    let current = crate::plan::source_tables(&**conn, false)
+        .await
+        .map_err(SyncError::Catalog)?;
+    let all = crate::sync::schema_changes(&**conn, &registered, &current)
+        .await
+        .map_err(SyncError::Catalog)?;
+    let mut recaptured = crate::capture::capture_lost(&**conn)
+        .await
+        .map_err(SyncError::Catalog)?;
+    recaptured.extend(
+        crate::capture::key_trigger_bypassed(&**conn)
+            .await
+            .map_err(SyncError::Catalog)?,
+    );
+    // A capture trigger dropped or bypassed is more than maintenance, but
+    // for a table that joins or leaves a hierarchy, which is captured and
+    // copied afresh anyway (a plain table's key column trigger does not
+    // serve a partition).
+    let follow = plan(&registered, &current).filter(|changes| {
+        recaptured.iter().all(|relid| {
+            changes
+                .iter()
+                .any(|c| matches!(c, Change::Attached(r, _) | Change::Detached(r, _) if r == relid))
+        })
+    });
+    Ok((all, follow))
+}
+
+fn target_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    move |source| SyncError::Follow { what, source }
+}
+
+/// Where a partition hangs on the source: its parent, its bound and its
+/// partition constraint, read with every name qualified.
+struct Placement {
+    parent: QualifiedTable,
+    bound: String,
+    constraint: String,
+}
+
+async fn placement(m: &Migration, relid: u32) -> Result<Placement, crate::Error> {
+    let mut conn = m.source_conn().await?;
+    let tx = conn.transaction().await.map_err(SyncError::Catalog)?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog")
+        .await
+        .map_err(SyncError::Catalog)?;
+    let row = tx
+        .query_one(
+            "SELECT n.nspname::text, p.relname::text, pg_get_expr(c.relpartbound, c.oid),
+                    coalesce(pg_get_partition_constraintdef(c.oid), 'true')
+               FROM pg_class c
+               JOIN pg_inherits i ON i.inhrelid = c.oid
+               JOIN pg_class p ON p.oid = i.inhparent
+               JOIN pg_namespace n ON n.oid = p.relnamespace
+              WHERE c.oid = $1",
+            &[&relid],
+        )
+        .await
+        .map_err(SyncError::Catalog)?;
+    Ok(Placement {
+        parent: QualifiedTable::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+        bound: row.get(2),
+        constraint: row.get(3),
+    })
+}
+
+/// Creates (unless it exists) and attaches (unless attached) a partition
+/// on the target, its keys and indexes built first under the source's
+/// names so that attaching adopts them.
+async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(), crate::Error> {
+    let place = placement(m, relid).await?;
+    let target = m.target_conn().await?;
+    let found = target
+        .query_opt(
+            "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(target_err("looking for the partition"))?
+        .map(|r| r.get::<_, bool>(0));
+    if found == Some(true) {
+        return Ok(());
+    }
+    if found.is_none() {
+        let tools = crate::schema::PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
+        let dump = tools
+            .dump_schema_of(
+                &m.source,
+                m.cfg.source_limits.lock_timeout_ms,
+                false,
+                std::slice::from_ref(table),
+            )
+            .await?;
+        // Attached below, once its indexes exist.
+        let entries: Vec<_> = tools
+            .toc(&dump.archive, "pre-data")
+            .await?
+            .into_iter()
+            .filter(|e| e.desc != "TABLE ATTACH")
+            .collect();
+        tools
+            .restore_entries(&m.target, &dump.archive, &entries, "partition")
+            .await?;
+    } else {
+        // A captured table joining a hierarchy: its rows on the target may
+        // be older than the source's, which the source's attach checked;
+        // it is copied again anyway.
+        target
+            .batch_execute(&format!("TRUNCATE {table}"))
+            .await
+            .map_err(target_err("emptying the table to attach"))?;
+    }
+    let defs = crate::copy::indexes::read(m, &[relid]).await?;
+    crate::copy::indexes::build(m, defs).await?;
+    let default: Option<String> = target
+        .query_opt(
+            "SELECT partdefid::regclass::text FROM pg_partitioned_table
+              WHERE partrelid = to_regclass($1) AND partdefid <> 0",
+            &[&place.parent.to_string()],
+        )
+        .await
+        .map_err(target_err("looking for a default partition"))?
+        .map(|r| r.get(0));
+    let mut sql = String::from("BEGIN;\n");
+    if let Some(default) = default.filter(|_| place.bound != "DEFAULT") {
+        // What the drain put there before the target had this partition.
+        sql.push_str(&format!("DELETE FROM {default} WHERE {};\n", place.constraint));
+    }
+    sql.push_str(&format!(
+        "ALTER TABLE {} ATTACH PARTITION {table} {};\nCOMMIT;",
+        place.parent, place.bound
+    ));
+    let attached = target.batch_execute(&sql).await;
+    if attached.is_err() {
+        let _ = target.batch_execute("ROLLBACK").await;
+    }
+    attached.map_err(target_err("attaching the partition"))?;
+    Ok(())
+}
+
+/// Detaches a partition on the target, unless it is detached already.
+async fn detach(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
+    let target = m.target_conn().await?;
+    let parent: Option<String> = target
+        .query_opt(
+            "SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(target_err("looking for the partition"))?
+        .map(|r| r.get(0));
+    if let Some(parent) = parent {
+        target
+            .batch_execute(&format!("ALTER TABLE {parent} DETACH PARTITION {table}"))
+            .await
+            .map_err(target_err("detaching the partition"))?;
+    }
+    Ok(())
+}
+
+/// Drops a partition on the target, unless it is gone already. A table of
+/// that name that is not a partition there is left alone, and sync stops.
+async fn drop_partition(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
+    let target = m.target_conn().await?;
+    let partition: Option<bool> = target
+        .query_opt(
+            "SELECT relispartition FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(target_err("looking for the partition"))?
+        .map(|r| r.get(0));
+    match partition {
+        None => Ok(()),
+        Some(true) => {
+            target
+                .batch_execute(&format!("DROP TABLE {table}"))
+                .await
+                .map_err(target_err("dropping the partition"))?;
+            Ok(())
+        }
+        Some(false) => Err(SyncError::SchemaDrift(vec![format!(
+            "partition {} was dropped on the source, and on the target it is no longer a partition: \
+             drop it there if it should go, then run `pgferry install`",
+            table.display_name()
+        )])
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(relid: u32, name: &str, lock_relid: u32, partitioned: bool) -> SourceTable {
+        SourceTable {
+            relid,
+            table: QualifiedTable::new("public", name),
+            relkind: if partitioned { "p" } else { "r" }.into(),
+            partitioned,
+            multiple_inheritance: false,
+            parent_relid: None,
+            lock_relid,
+            key_columns: Some(vec!["id".into()]),
+            copy_columns: vec!["id".into(), "v".into()],
+            est_rows: 0,
+            total_bytes: 0,
+            can_trigger: true,
+            can_select: true,
+        }
+    }
+
+    fn registered(c: &SourceTable) -> TableState {
+        TableState {
+            id: c.relid as i32,
+            relid: c.relid,
+            table: c.table.clone(),
+            key_columns: c.key_columns.clone().unwrap(),
+            copy_columns: c.copy_columns.clone(),
+            copy_state: crate::state::CopyState::Done,
+            copied_rows: None,
+            applied_rows: 0,
+            lag_secs: None,
+            copy_only: false,
+            partitioned: c.partitioned,
+            lock_relid: c.lock_relid,
+            parent_relid: c.parent_relid,
+        }
+    }
+
+    /// A root (1) with partitions 2 and 3, and a plain table 4.
+    fn before() -> Vec<SourceTable> {
+        vec![
+            source(1, "events", 1, true),
+            source(2, "events_1", 1, false),
+            source(3, "events_2", 1, false),
+            source(4, "plain", 4, false),
+        ]
+    }
+
+    #[test]
+    fn partition_maintenance_is_followed_and_nothing_else() {
+        let reg: Vec<TableState> = before().iter().map(registered).collect();
+        assert_eq!(plan(&reg, &before()), None, "nothing changed");
+
+        let mut now = before();
+        now.push(source(5, "events_3", 1, false));
+        now.retain(|c| c.relid != 2);
+        now[1].lock_relid = 3; // events_2 detached: its own root
+        now[2].lock_relid = 1; // plain attached
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![
+                Change::Dropped(QualifiedTable::new("public", "events_1")),
+                Change::Detached(3, QualifiedTable::new("public", "events_2")),
+                Change::Attached(4, QualifiedTable::new("public", "plain")),
+                Change::Attached(5, QualifiedTable::new("public", "events_3")),
+            ])
+        );
+
+        let refused: [fn(&mut Vec<SourceTable>); 6] = [
+            // A new partitioned table under the root (sub-partitions).
+            |now| now.push(source(5, "events_3", 1, true)),
+            // A new table of its own.
+            |now| now.push(source(5, "other", 5, false)),
+            // A new partition without a key.
+            |now| {
+                let mut c = source(5, "events_3", 1, false);
+                c.key_columns = None;
+                now.push(c)
+            },
+            // A plain table dropped.
+            |now| now.retain(|c| c.relid != 4),
+            // The whole hierarchy dropped.
+            |now| now.retain(|c| c.lock_relid != 1),
+            // Columns changed beside a new partition.
+            |now| {
+                now[3].copy_columns.push("w".into());
+                now.push(source(5, "events_3", 1, false))
+            },
+        ];
+        for change in refused {
+            let mut now = before();
+            change(&mut now);
+            assert_eq!(plan(&reg, &now), None, "{now:?}");
+        }
+    }
+}
