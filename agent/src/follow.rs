@@ -178,6 +178,23 @@ fn target_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SyncE
     move |source| SyncError::Follow { what, source }
 }
 
+/// What the target's catalog says of `table` (the query's `$1`), when it
+/// gives a row.
+async fn about<T>(
+    target: &tokio_postgres::Client,
+    sql: &str,
+    table: &QualifiedTable,
+) -> Result<Option<T>, SyncError>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let row = target
+        .query_opt(sql, &[&table.to_string()])
+        .await
+        .map_err(target_err("reading the target's catalog"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// Where a partition hangs on the source: its parent, its bound and its
 /// partition constraint, read with every name qualified.
 struct Placement {
@@ -218,14 +235,12 @@ async fn placement(m: &Migration, relid: u32) -> Result<Placement, crate::Error>
 async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(), crate::Error> {
     let place = placement(m, relid).await?;
     let target = m.target_conn().await?;
-    let found = target
-        .query_opt(
-            "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)",
-            &[&table.to_string()],
-        )
-        .await
-        .map_err(target_err("looking for the partition"))?
-        .map(|r| r.get::<_, bool>(0));
+    let found: Option<bool> = about(
+        &target,
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)",
+        table,
+    )
+    .await?;
     if found == Some(true) {
         return Ok(());
     }
@@ -260,15 +275,13 @@ async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(),
     }
     let defs = crate::copy::indexes::read(m, &[relid]).await?;
     crate::copy::indexes::build(m, defs).await?;
-    let default: Option<String> = target
-        .query_opt(
-            "SELECT partdefid::regclass::text FROM pg_partitioned_table
-              WHERE partrelid = to_regclass($1) AND partdefid <> 0",
-            &[&place.parent.to_string()],
-        )
-        .await
-        .map_err(target_err("looking for a default partition"))?
-        .map(|r| r.get(0));
+    let default: Option<String> = about(
+        &target,
+        "SELECT partdefid::regclass::text FROM pg_partitioned_table
+          WHERE partrelid = to_regclass($1) AND partdefid <> 0",
+        &place.parent,
+    )
+    .await?;
     let mut sql = String::from("BEGIN;\n");
     if let Some(default) = default.filter(|_| place.bound != "DEFAULT") {
         // What the drain put there before the target had this partition.
@@ -289,14 +302,12 @@ async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(),
 /// Detaches a partition on the target, unless it is detached already.
 async fn detach(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
     let target = m.target_conn().await?;
-    let parent: Option<String> = target
-        .query_opt(
-            "SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = to_regclass($1)",
-            &[&table.to_string()],
-        )
-        .await
-        .map_err(target_err("looking for the partition"))?
-        .map(|r| r.get(0));
+    let parent: Option<String> = about(
+        &target,
+        "SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = to_regclass($1)",
+        table,
+    )
+    .await?;
     if let Some(parent) = parent {
         target
             .batch_execute(&format!("ALTER TABLE {parent} DETACH PARTITION {table}"))
@@ -310,14 +321,12 @@ async fn detach(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Erro
 /// that name that is not a partition there is left alone, and sync stops.
 async fn drop_partition(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
     let target = m.target_conn().await?;
-    let partition: Option<bool> = target
-        .query_opt(
-            "SELECT relispartition FROM pg_class WHERE oid = to_regclass($1)",
-            &[&table.to_string()],
-        )
-        .await
-        .map_err(target_err("looking for the partition"))?
-        .map(|r| r.get(0));
+    let partition: Option<bool> = about(
+        &target,
+        "SELECT relispartition FROM pg_class WHERE oid = to_regclass($1)",
+        table,
+    )
+    .await?;
     match partition {
         None => Ok(()),
         Some(true) => {
