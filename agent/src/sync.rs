@@ -352,20 +352,32 @@ async fn follow(
     e: crate::Error,
     report: &mut SyncReport,
 ) -> Result<Vec<TableState>, crate::Error> {
+    let (tables, changes) = follow_drift(m, cancel, e).await?;
+    report.partitions_followed.extend(changes);
+    Ok(tables)
+}
+
+/// [`follow`], for the cutover too: the captured tables once the target
+/// followed, and what it followed.
+pub(crate) async fn follow_drift(
+    m: &Migration,
+    cancel: &CancellationToken,
+    e: crate::Error,
+) -> Result<(Vec<TableState>, Vec<String>), crate::Error> {
     if !matches!(e, crate::Error::Sync(SyncError::SchemaDrift(_))) {
         return Err(e);
     }
     let Some(changes) = crate::follow::partitions(m, cancel).await? else {
         return Err(e);
     };
-    report
-        .partitions_followed
-        .extend(changes.iter().map(ToString::to_string));
     tracing::info!(
         changes = changes.len(),
-        "The target follows the source's partitions: syncing on"
+        "The target follows the source's partitions: draining on"
     );
-    syncable_tables(m).await
+    Ok((
+        syncable_tables(m).await?,
+        changes.iter().map(ToString::to_string).collect(),
+    ))
 }
 
 /// How often `sync` checks the source for drift ([`check_drift`]): the

@@ -108,6 +108,10 @@ pub struct CutoverReport {
     /// dropped on the source since the copy, or created on the target.
     /// Left in place.
     pub schema_only_on_target: Vec<String>,
+    /// The source's partition maintenance since sync stopped, repeated on
+    /// the target before the catch-up (see `sync.follow_partitions`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions_followed: Vec<String>,
     /// Sequences copied.
     pub sequences: usize,
     /// Foreign keys created.
@@ -165,7 +169,7 @@ pub async fn run(
         abort(m, "requested by the operator").await?;
         return Ok(CutoverReport::default());
     }
-    let tables = match run.phase {
+    let mut tables = match run.phase {
         Phase::Syncing | Phase::CuttingOver | Phase::CutOver => state::tables(&**conn).await?,
         other => {
             return Err(crate::Error::Phase(format!(
@@ -191,7 +195,15 @@ pub async fn run(
     let mut indexes_built = 0;
     let mut prepared = None;
     let mut only_on_target = Vec::new();
+    let mut report_followed = Vec::new();
     if run.phase == Phase::Syncing {
+        // Partition maintenance since sync stopped is followed as sync
+        // would; during the cutover it stops it.
+        if let Err(e) = sync::check_drift(m, &tables).await {
+            let followed;
+            (tables, followed) = sync::follow_drift(m, cancel, e.into()).await?;
+            report_followed = followed;
+        }
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
         }
@@ -225,6 +237,7 @@ pub async fn run(
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
             report.indexes_built = indexes_built;
             report.schema_only_on_target = only_on_target;
+            report.partitions_followed = report_followed;
             after_point_of_no_return(m, report).await
         }
         Err(e) => {

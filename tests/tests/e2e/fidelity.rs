@@ -1388,7 +1388,8 @@ async fn partition_maintenance_while_syncing_is_followed_on_the_target() {
 /// An agent killed anywhere in following partition maintenance (after a
 /// change made on the target, with the new partitions half captured, at the
 /// end of their copy) leaves what the next `sync` finishes: it captures,
-/// copies and drains on, and the cutover finds both sides the same.
+/// copies and drains on. A partition created after sync stopped is followed
+/// by the cutover, which then finds both sides the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
     let env = partitioned().await;
@@ -1420,11 +1421,24 @@ async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
         .unwrap();
     }
     env.ok(&["sync", "--until-caught-up"]).await;
-    env.ok(&["cutover"]).await;
+    // Maintenance after sync stopped: the cutover follows it first.
+    app.batch_execute(
+        "CREATE TABLE readings_2029 PARTITION OF readings FOR VALUES FROM ('2029-01-01') TO ('2030-01-01');
+         INSERT INTO readings VALUES (4, '2029-01-01', 4, 'after a kill')",
+    )
+    .await
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["cutover", "--json"]).await).expect("cutover's JSON report");
+    assert_eq!(
+        report["partitions_followed"],
+        serde_json::json!(["partition public.readings_2029 attached"]),
+        "{report}"
+    );
     assert!(
         crate::target_has(
             &env,
-            "SELECT count(*) = 6 FROM readings WHERE note = 'after a kill' AND tableoid::regclass::text <> 'readings_other'"
+            "SELECT count(*) = 7 FROM readings WHERE note = 'after a kill' AND tableoid::regclass::text <> 'readings_other'"
         )
         .await
     );
