@@ -106,16 +106,11 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
         }
     }
     let tables = state::tables(&**conn).await?;
+    let done = captured(&conn).await.map_err(CaptureError::Catalog)?;
     let mut installed_now = 0;
-    for t in &tables {
+    for t in tables.iter().filter(|t| !done.contains(&t.id)) {
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
-        }
-        if has_capture(&conn, t.relid, t.copy_only)
-            .await
-            .map_err(CaptureError::Catalog)?
-        {
-            continue;
         }
         // A copy_only table only needs the fence.
         let install = if t.copy_only {
@@ -371,27 +366,25 @@ pub(crate) async fn capture_lost(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// True when the table has all its triggers: the four capture triggers, or
-/// the fence trigger of a copy_only table.
-async fn has_capture(
-    client: &tokio_postgres::Client,
-    relid: u32,
-    copy_only: bool,
-) -> Result<bool, tokio_postgres::Error> {
+/// The registered tables that have all their triggers: the four capture
+/// triggers, or the fence trigger of a copy_only table. One round trip for
+/// all (a follow of partition maintenance runs `install` with thousands of
+/// tables captured already).
+async fn captured(client: &tokio_postgres::Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     // A table's capture is installed in one statement: all of it or nothing
     // (four triggers, or five with the key column trigger).
-    let (pattern, count): (&str, i64) = if copy_only {
-        ("pgferry\\_fence", 1)
-    } else {
-        ("pgferry\\_capture\\_%", 4)
-    };
-    let row = client
-        .query_one(
-            "SELECT count(*) >= $3 FROM pg_trigger WHERE tgrelid = $1 AND tgname LIKE $2",
-            &[&relid, &pattern, &count],
+    let rows = client
+        .query(
+            "SELECT t.id FROM pgferry.tables t
+              WHERE (SELECT count(*) FROM pg_trigger g
+                      WHERE g.tgrelid = t.relid
+                        AND g.tgname LIKE CASE WHEN t.copy_only THEN 'pgferry\\_fence'
+                                               ELSE 'pgferry\\_capture\\_%' END)
+                    >= CASE WHEN t.copy_only THEN 1 ELSE 4 END",
+            &[],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 impl Retryable for CaptureError {
