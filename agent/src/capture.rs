@@ -170,8 +170,9 @@ async fn refresh(
     current: &[plan::SourceTable],
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
-    let bypassed = key_trigger_bypassed(conn).await.map_err(CaptureError::Catalog)?;
-    let lost = capture_lost(conn).await.map_err(CaptureError::Catalog)?;
+    let gaps = crate::sync::CaptureGaps::read(conn)
+        .await
+        .map_err(CaptureError::Catalog)?;
     let mut changed = 0;
     for t in &registered {
         let now = current.iter().find(|c| c.relid == t.relid);
@@ -185,8 +186,8 @@ async fn refresh(
                     || c.lock_relid != t.lock_relid
                     || c.parent_relid != t.parent_relid
                     || c.registered_key(&m.cfg.copy_only) != t.key_columns
-                    || bypassed.contains(&t.relid)
-                    || lost.contains(&t.relid) =>
+                    || gaps.bypassed.contains(&t.relid)
+                    || gaps.lost.contains(&t.relid) =>
             {
                 remove(m, conn, cancel, t, true).await?;
                 state::unregister(conn, t).await?;

@@ -149,23 +149,16 @@ async fn pending(m: &Migration) -> Result<(Vec<String>, Option<Vec<Change>>), cr
     let current = crate::plan::source_tables(&**conn, false)
         .await
         .map_err(SyncError::Catalog)?;
-    let all = crate::sync::schema_changes(&**conn, &registered, &current)
+    let gaps = crate::sync::CaptureGaps::read(&**conn)
         .await
         .map_err(SyncError::Catalog)?;
-    let mut recaptured = crate::capture::capture_lost(&**conn)
-        .await
-        .map_err(SyncError::Catalog)?;
-    recaptured.extend(
-        crate::capture::key_trigger_bypassed(&**conn)
-            .await
-            .map_err(SyncError::Catalog)?,
-    );
+    let all = crate::sync::changes(&registered, &current, &gaps);
     // A capture trigger dropped or bypassed is more than maintenance, but
     // for a table that joins or leaves a hierarchy, which is captured and
     // copied afresh anyway (a plain table's key column trigger does not
     // serve a partition).
     let follow = plan(&registered, &current).filter(|changes| {
-        recaptured.iter().all(|relid| {
+        gaps.lost.iter().chain(&gaps.bypassed).all(|relid| {
             changes
                 .iter()
                 .any(|c| matches!(c, Change::Attached(r, _) | Change::Detached(r, _) if r == relid))

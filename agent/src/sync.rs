@@ -504,17 +504,35 @@ pub fn drift(registered: &[TableState], current: &[crate::plan::SourceTable]) ->
     changes
 }
 
-/// [`drift`], plus the tables whose capture was disabled or dropped, and
-/// those whose key column trigger a BEFORE UPDATE row trigger created since
-/// install could bypass.
-pub async fn schema_changes(
-    client: &impl tokio_postgres::GenericClient,
+/// The captured tables whose capture must be installed afresh: a trigger
+/// disabled or dropped (`lost`), or a key column trigger that a BEFORE
+/// UPDATE row trigger created since install could bypass.
+#[derive(Debug, Default)]
+pub struct CaptureGaps {
+    /// Source OIDs of tables whose capture was disabled or dropped.
+    pub lost: Vec<u32>,
+    /// Source OIDs of tables whose key column trigger can be bypassed.
+    pub bypassed: Vec<u32>,
+}
+
+impl CaptureGaps {
+    /// Reads both from the source catalog.
+    pub async fn read(client: &impl tokio_postgres::GenericClient) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            lost: crate::capture::capture_lost(client).await?,
+            bypassed: crate::capture::key_trigger_bypassed(client).await?,
+        })
+    }
+}
+
+/// [`drift`], plus the tables of `gaps`, each said as what it means.
+pub fn changes(
     registered: &[TableState],
     current: &[crate::plan::SourceTable],
-) -> Result<Vec<String>, tokio_postgres::Error> {
+    gaps: &CaptureGaps,
+) -> Vec<String> {
     let mut changes = drift(registered, current);
-    let lost = crate::capture::capture_lost(client).await?;
-    for t in registered.iter().filter(|t| lost.contains(&t.relid)) {
+    for t in registered.iter().filter(|t| gaps.lost.contains(&t.relid)) {
         changes.push(format!(
             "table {}: a capture trigger of pgferry's was disabled or dropped, so writes made since may \
              not have been captured (nothing to change on the target: `install` captures the table \
@@ -522,8 +540,7 @@ pub async fn schema_changes(
             t.table.display_name()
         ));
     }
-    let bypassed = crate::capture::key_trigger_bypassed(client).await?;
-    for t in registered.iter().filter(|t| bypassed.contains(&t.relid)) {
+    for t in registered.iter().filter(|t| gaps.bypassed.contains(&t.relid)) {
         changes.push(format!(
             "table {}: a BEFORE UPDATE row trigger was created after install, and the capture of \
              key changes cannot see what such a trigger changes (on the target, create only the \
@@ -531,7 +548,16 @@ pub async fn schema_changes(
             t.table.display_name()
         ));
     }
-    Ok(changes)
+    changes
+}
+
+/// [`changes`], with the capture gaps read from the source.
+pub async fn schema_changes(
+    client: &impl tokio_postgres::GenericClient,
+    registered: &[TableState],
+    current: &[crate::plan::SourceTable],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(changes(registered, current, &CaptureGaps::read(client).await?))
 }
 
 /// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
