@@ -9,6 +9,7 @@
 //! they cost nothing extra; exclusion constraints and NOT VALID checks are
 //! added as constraints. Materialized views' indexes are built the same way.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -81,9 +82,79 @@ pub struct Definitions {
     pub indexes: Vec<IndexDef>,
     /// The constraints added by definition.
     pub constraints: Vec<ConstraintDef>,
-    /// `ALTER TABLE ... CLUSTER ON` / `REPLICA IDENTITY USING INDEX`, which
-    /// pg_dump gives along with an index, for once every index exists.
-    pub marks: Vec<String>,
+    /// Each table's clustered index and replica identity, made the
+    /// target's once every index exists.
+    pub marks: HashMap<QualifiedTable, Marks>,
+}
+
+/// What pg_dump says of a table along with an index (`CLUSTER ON`,
+/// `REPLICA IDENTITY USING INDEX`) or with the table (`REPLICA IDENTITY
+/// FULL`/`NOTHING`), as the catalog has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marks {
+    /// The index the table is clustered on.
+    pub clustered: Option<String>,
+    /// `relreplident` (`d`, `n`, `f` or `i`).
+    pub identity: String,
+    /// The replica identity index, with `i`.
+    pub identity_index: Option<String>,
+}
+
+/// Every relation's [`Marks`], the relations filtered by what follows.
+const MARKS: &str = "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+                            (SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                              WHERE i.indrelid = c.oid AND i.indisclustered),
+                            (SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                              WHERE i.indrelid = c.oid AND i.indisreplident)
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.oid = ANY ";
+
+fn marks_of(rows: &[tokio_postgres::Row]) -> HashMap<QualifiedTable, Marks> {
+    rows.iter()
+        .map(|r| {
+            (
+                QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                Marks {
+                    identity: r.get(2),
+                    clustered: r.get(3),
+                    identity_index: r.get(4),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The statements that give each table of `target` the source's marks:
+/// set where the source gained one since the copy, unset where it dropped
+/// one (`SET WITHOUT CLUSTER`, `REPLICA IDENTITY DEFAULT`), nothing where
+/// both agree.
+pub fn mark_statements(
+    source: &HashMap<QualifiedTable, Marks>,
+    target: &HashMap<QualifiedTable, Marks>,
+) -> Vec<String> {
+    let mut statements = Vec::new();
+    for (table, theirs) in source {
+        let Some(ours) = target.get(table) else {
+            continue;
+        };
+        if theirs.clustered != ours.clustered {
+            statements.push(match &theirs.clustered {
+                Some(index) => format!("ALTER TABLE ONLY {table} CLUSTER ON {}", Ident(index.clone())),
+                None => format!("ALTER TABLE ONLY {table} SET WITHOUT CLUSTER"),
+            });
+        }
+        if (&theirs.identity, &theirs.identity_index) != (&ours.identity, &ours.identity_index) {
+            let identity = match (theirs.identity.as_str(), &theirs.identity_index) {
+                ("i", Some(index)) => format!("USING INDEX {}", Ident(index.clone())),
+                ("n", _) => "NOTHING".into(),
+                ("f", _) => "FULL".into(),
+                _ => "DEFAULT".into(),
+            };
+            statements.push(format!("ALTER TABLE ONLY {table} REPLICA IDENTITY {identity}"));
+        }
+    }
+    statements.sort();
+    statements
 }
 
 /// Builds on the target every index and constraint of `tables` and of the
@@ -111,8 +182,7 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
                     con.conname::text, con.contype::text, con.condeferrable, con.condeferred,
                     c.relkind = 'p',
                     CASE WHEN con.oid IS NOT NULL THEN pg_get_constraintdef(con.oid) END,
-                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4,
-                    i.indisclustered, i.indisreplident
+                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4
                FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
                JOIN pg_class c ON c.oid = i.indrelid
@@ -142,20 +212,12 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
         )
         .await
         .map_err(src)?;
+    let marks = marks_of(
+        &tx.query(&format!("{MARKS}($1::oid[])"), &[&relids])
+            .await
+            .map_err(src)?,
+    );
     tx.commit().await.map_err(src)?;
-    let mut marks = Vec::new();
-    for r in &indexes {
-        let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        let index = Ident(r.get::<_, String>(2));
-        if r.get::<_, bool>(11) {
-            marks.push(format!("ALTER TABLE ONLY {table} CLUSTER ON {index}"));
-        }
-        if r.get::<_, bool>(12) {
-            marks.push(format!(
-                "ALTER TABLE ONLY {table} REPLICA IDENTITY USING INDEX {index}"
-            ));
-        }
-    }
     let mut partitioned_keys = Vec::new();
     let indexes = indexes
         .iter()
@@ -390,8 +452,8 @@ async fn build_with(
 }
 
 /// Builds every missing index and constraint, `copy.workers` at a time,
-/// then marks the clustered and replica identity indexes. Returns how many
-/// indexes this run built.
+/// then gives each table the source's clustered index and replica
+/// identity. Returns how many indexes this run built.
 pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Error> {
     let defs = lacking(&**m.target_conn().await?, defs)
         .await
@@ -426,9 +488,61 @@ pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Err
         .await
         .map_err(target_err)?;
     }
-    // Each says the same again on a re-run.
-    for mark in defs.marks {
+    let names: Vec<String> = defs.marks.keys().map(|t| t.to_string()).collect();
+    let ours = t
+        .query(
+            &format!("{MARKS}(ARRAY(SELECT to_regclass(r)::oid FROM unnest($1::text[]) r))"),
+            &[&names],
+        )
+        .await
+        .map_err(target_err)?;
+    for mark in mark_statements(&defs.marks, &marks_of(&ours)) {
         t.batch_execute(&mark).await.map_err(target_err)?;
     }
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(clustered: Option<&str>, identity: &str, index: Option<&str>) -> Marks {
+        Marks {
+            clustered: clustered.map(Into::into),
+            identity: identity.into(),
+            identity_index: index.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_targets_marks_become_the_sources_set_or_unset() {
+        let t = |name: &str| QualifiedTable::new("public", name);
+        let source = HashMap::from([
+            (t("same"), marks(Some("same_pkey"), "i", Some("same_pkey"))),
+            (t("unclustered"), marks(None, "d", None)),
+            (t("clustered"), marks(Some("Odd Name"), "d", None)),
+            (t("identity dropped"), marks(None, "d", None)),
+            (t("identity full"), marks(None, "f", None)),
+            (t("identity index"), marks(None, "i", Some("other_key"))),
+            (t("not on the target"), marks(Some("x"), "n", None)),
+        ]);
+        let target = HashMap::from([
+            (t("same"), marks(Some("same_pkey"), "i", Some("same_pkey"))),
+            (t("unclustered"), marks(Some("unclustered_pkey"), "d", None)),
+            (t("clustered"), marks(Some("clustered_pkey"), "d", None)),
+            (t("identity dropped"), marks(None, "i", Some("dropped_pkey"))),
+            (t("identity full"), marks(None, "n", None)),
+            (t("identity index"), marks(None, "i", Some("identity_pkey"))),
+        ]);
+        assert_eq!(
+            mark_statements(&source, &target),
+            [
+                r#"ALTER TABLE ONLY "public"."clustered" CLUSTER ON "Odd Name""#,
+                r#"ALTER TABLE ONLY "public"."identity dropped" REPLICA IDENTITY DEFAULT"#,
+                r#"ALTER TABLE ONLY "public"."identity full" REPLICA IDENTITY FULL"#,
+                r#"ALTER TABLE ONLY "public"."identity index" REPLICA IDENTITY USING INDEX "other_key""#,
+                r#"ALTER TABLE ONLY "public"."unclustered" SET WITHOUT CLUSTER"#,
+            ]
+        );
+    }
 }

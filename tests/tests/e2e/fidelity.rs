@@ -527,6 +527,46 @@ async fn indexes_created_on_the_source_after_the_copy_arrive() {
     assert_same_then_clean_up(&env).await;
 }
 
+/// A table's clustered index and replica identity changed on the source
+/// after the copy, unset as well as set, are the target's after the
+/// cutover: before, only a newly set one arrived, and the target kept a
+/// `CLUSTER ON` or `REPLICA IDENTITY USING INDEX` the source had dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clustered_indexes_and_replica_identities_changed_after_the_copy_arrive() {
+    let env = Env::new(crate::BIN).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(SHAPES).await.expect("seed the shapes");
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    app.batch_execute(
+        "ALTER TABLE parents SET WITHOUT CLUSTER;
+         ALTER MATERIALIZED VIEW parent_names SET WITHOUT CLUSTER;
+         ALTER TABLE children REPLICA IDENTITY DEFAULT;
+         ALTER TABLE audit REPLICA IDENTITY USING INDEX audit_pkey;
+         ALTER TABLE bookings REPLICA IDENTITY NOTHING;
+         ALTER TABLE members CLUSTER ON members_pkey;",
+    )
+    .await
+    .unwrap();
+    env.ok(&["cutover"]).await;
+    let marks = "SELECT string_agg(c.relname::text || ' ' || c.relreplident::text || coalesce(
+                          (SELECT ' clustered on ' || i.indexrelid::regclass::text FROM pg_index i
+                            WHERE i.indrelid = c.oid AND i.indisclustered), ''), ', ' ORDER BY c.relname)
+                   FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'm')";
+    let on =
+        |c: tokio_postgres::Client| async move { c.query_one(marks, &[]).await.unwrap().get::<_, String>(0) };
+    let (theirs, ours) = (on(app).await, on(env.target_client().await).await);
+    assert_eq!(
+        theirs,
+        "audit i, bookings n, children d, counters d, groups d, members d clustered on members_pkey, \
+         parent_names d, parents d"
+    );
+    assert_eq!(theirs, ours);
+    assert_same_then_clean_up(&env).await;
+}
+
 /// Functions, views and types created on the source after the copy, or a
 /// function whose body was replaced (an application deploy during a long
 /// sync), would be missing or old on the target after the switch: the
