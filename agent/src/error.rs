@@ -97,7 +97,7 @@ impl Error {
 impl crate::retry::Retryable for Error {
     /// True for failures that a later attempt of the same (resumable) step
     /// may get past: lost connections, restarts, lock timeouts, a client tool
-    /// that failed (its connection may have been cut).
+    /// that failed on one of those.
     fn is_retryable(&self) -> bool {
         use crate::cutover::CutoverError;
         match self {
@@ -107,7 +107,7 @@ impl crate::retry::Retryable for Error {
             Error::Copy(e) => e.is_retryable(),
             Error::Sync(e) => e.is_retryable(),
             Error::Cleanup(e) => e.is_retryable(),
-            Error::Schema(crate::schema::SchemaError::Failed { .. }) => true,
+            Error::Schema(e) => e.is_retryable(),
             Error::Verify(crate::verify::VerifyError::Query { source, .. }) => is_retryable(source),
             Error::Verify(crate::verify::VerifyError::Connect(e)) => e.is_retryable(),
             Error::Cutover(CutoverError::Source(e) | CutoverError::Target(e)) => is_retryable(e),

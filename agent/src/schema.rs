@@ -56,6 +56,51 @@ pub enum SchemaError {
     },
 }
 
+/// What a client tool prints for failures a later attempt may get past: a
+/// connection lost, refused or cut (libpq's messages, in the C locale the
+/// tools run in), a server starting, stopping or out of slots, a lock or
+/// serialization conflict, a standby's recovery conflict (`copy.from` a
+/// replica), a pooler's server connection gone.
+const TRANSIENT: &[&str] = &[
+    "could not connect",
+    "connection to server",
+    "server closed the connection",
+    "could not receive data from server",
+    "could not send data to server",
+    "no connection to the server",
+    "lost synchronization with server",
+    "ssl syscall error",
+    "ssl connection has been closed",
+    "timeout expired",
+    "terminating connection",
+    "the database system is",
+    "too many connections",
+    "remaining connection slots",
+    "lock timeout",
+    "could not obtain lock",
+    "deadlock detected",
+    "could not serialize access",
+    "conflict with recovery",
+    "server conn crashed",
+    "query_wait_timeout",
+];
+
+impl SchemaError {
+    /// True when running the tool again may succeed: it was killed, or
+    /// failed on something [`TRANSIENT`]. A failure on the schema itself (an
+    /// extension the target role may not create, a missing role or type)
+    /// would recur on every attempt, and is reported at once.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SchemaError::Failed { status, stderr, .. } => {
+                let stderr = stderr.to_lowercase();
+                status.code().is_none() || TRANSIENT.iter().any(|m| stderr.contains(m))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A schema archive in a scratch directory of its own, removed (with the
 /// lists written next to the archive) when this is dropped.
 #[derive(Debug)]
@@ -559,5 +604,38 @@ mod tests {
         }
         assert!(TocEntry::parse(";\n").is_none());
         assert!(TocEntry::parse("; Archive created at").is_none());
+    }
+
+    #[test]
+    fn only_failures_another_attempt_may_get_past_are_retried() {
+        use std::os::unix::process::ExitStatusExt;
+        let failed = |raw: i32, stderr: &str| SchemaError::Failed {
+            tool: "pg_restore (pre-data)".into(),
+            status: std::process::ExitStatus::from_raw(raw),
+            stderr: stderr.into(),
+        };
+        let exited = |stderr: &str| failed(1 << 8, stderr);
+        for transient in [
+            "pg_restore: error: connection to server at \"db.example\" (10.0.0.5), port 5432 failed: Connection refused",
+            "pg_dump: error: Dumping the contents of table \"t\" failed: PQgetResult() failed. | \
+             pg_dump: detail: Error message from server: server closed the connection unexpectedly",
+            "pg_restore: error: could not execute query: FATAL:  terminating connection due to administrator command",
+            "pg_dump: error: query failed: ERROR:  canceling statement due to lock timeout",
+            "pg_dump: error: query failed: FATAL:  remaining connection slots are reserved for non-replication superuser connections",
+            "pg_dump: error: connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  the database system is starting up",
+        ] {
+            assert!(exited(transient).is_retryable(), "{transient}");
+        }
+        for lasting in [
+            "pg_restore: error: could not execute query: ERROR:  permission denied to create extension \"pg_buffercache\" | \
+             HINT:  Must be superuser to create this extension.",
+            "pg_restore: error: could not execute query: ERROR:  role \"auditor\" does not exist",
+            "pg_restore: error: could not execute query: ERROR:  type \"public.mood\" does not exist",
+        ] {
+            assert!(!exited(lasting).is_retryable(), "{lasting}");
+        }
+        // Killed (SIGKILL): whatever it printed, another run may finish.
+        assert!(failed(9, "").is_retryable());
+        assert!(!SchemaError::ToolMissing { tool: "pg_dump" }.is_retryable());
     }
 }

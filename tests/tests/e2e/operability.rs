@@ -784,3 +784,27 @@ async fn a_pass_batches_only_the_tables_with_changes_and_idle_ones_show_no_lag()
     agent.start_kill().expect("stop the agent");
     agent.wait().await.unwrap();
 }
+
+/// A client tool's failure that a new attempt cannot get past (here the
+/// target role may not create an extension the source has) ends the step
+/// at once, saying why; before, every pg_restore failure was retried like
+/// a lost connection, for most of a minute of "Retrying" lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_tool_failure_that_would_recur_is_not_retried() {
+    let env = crate::seeded().await;
+    env.source
+        .superuser(DB)
+        .await
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_buffercache")
+        .await
+        .unwrap();
+    env.ok(&["install"]).await;
+    let err = env.fails(&["copy"], 3).await;
+    assert!(
+        err.contains("permission denied to create extension \"pg_buffercache\""),
+        "{err}"
+    );
+    assert!(!err.contains("Retrying"), "{err}");
+    env.ok(&["cleanup"]).await;
+}
