@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ident::column_list;
+use crate::ident::{column_list, QualifiedTable};
 use crate::migration::Migration;
 use crate::retry::{retry, Gave, Retryable};
 use crate::schema::PgTools;
@@ -204,12 +204,29 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     crate::failpoint::hit("copy.before_analyze").await;
     let target = m.target_conn().await?;
     // A later copy (tables captured since, partitions sync follows) reads
-    // samples of what it copied, not of the whole database again; tables
-    // an interrupted run copied are analyzed by autovacuum after their load.
-    let analyze = if run.pre_data_done {
+    // samples of what it copied, not of the whole database again: the
+    // tables it found to copy, and those an interrupted later copy loaded
+    // (never analyzed on the target). The first copy, resumed or not,
+    // analyzes everything.
+    let analyze = if run.post_data_done {
+        let never = target
+            .query(
+                "SELECT schemaname::text, relname::text FROM pg_stat_user_tables
+                  WHERE last_analyze IS NULL AND last_autoanalyze IS NULL",
+                &[],
+            )
+            .await
+            .map_err(|source| CopyError::Target {
+                what: "finding the tables never analyzed",
+                source,
+            })?;
+        let never: std::collections::HashSet<QualifiedTable> = never
+            .iter()
+            .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
         let fresh: Vec<String> = tables
             .iter()
-            .filter(|t| t.copy_state == CopyState::Pending)
+            .filter(|t| t.copy_state == CopyState::Pending || never.contains(&t.table))
             .map(|t| t.table.to_string())
             .collect();
         (!fresh.is_empty()).then(|| format!("ANALYZE {}", fresh.join(", ")))

@@ -74,6 +74,14 @@ async fn killed_at_thirty_points_every_run_resumes_and_ends_equal() {
     assert_same_data(&env).await;
     assert_same_schema(&env).await;
     assert_no_leftovers(&env).await;
+    // The copy resumed after its kills analyzed what the killed runs loaded.
+    assert!(
+        crate::target_has(
+            &env,
+            "SELECT bool_and(last_analyze IS NOT NULL) FROM pg_stat_user_tables"
+        )
+        .await
+    );
 }
 
 pub(crate) fn sigterm(child: &tokio::process::Child) {
