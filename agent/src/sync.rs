@@ -272,9 +272,11 @@ pub async fn run(
     opts: SyncOptions,
     cancel: &CancellationToken,
 ) -> Result<SyncReport, crate::Error> {
-    finish_later_copy(m, cancel).await?;
-    let mut tables = syncable_tables(m).await?;
     let mut report = SyncReport::default();
+    if unless_stopped(finish_later_copy(m, cancel).await)?.is_none() {
+        return Ok(report);
+    }
+    let mut tables = syncable_tables(m).await?;
     let line = crate::progress::sync_line();
     let mut backoff = Backoff::default();
     // Delta rows left after the previous pass (for --until-caught-up).
@@ -295,7 +297,10 @@ pub async fn run(
         // Reads the catalog of every captured table: not every pass.
         if drift_checked.is_none_or(|at| at.elapsed() >= DRIFT_EVERY) {
             if let Err(e) = check_drift(m, &tables).await {
-                tables = follow(m, cancel, e.into(), &mut report).await?;
+                match unless_stopped(follow(m, cancel, e.into(), &mut report).await)? {
+                    Some(followed) => tables = followed,
+                    None => return Ok(report),
+                }
                 continue;
             }
             drift_checked = Some(Instant::now());
@@ -303,7 +308,10 @@ pub async fn run(
         let pass = match drain_pass(m, &tables, cancel).await {
             Ok(pass) => pass,
             Err(e) => {
-                tables = follow(m, cancel, e, &mut report).await?;
+                match unless_stopped(follow(m, cancel, e, &mut report).await)? {
+                    Some(followed) => tables = followed,
+                    None => return Ok(report),
+                }
                 continue;
             }
         };
@@ -340,6 +348,16 @@ pub async fn run(
                 () = tokio::time::sleep(Duration::from_millis(m.cfg.sync.poll_interval_ms)) => {}
             }
         }
+    }
+}
+
+/// `None` for a stop asked for while sync captured or copied tables of its
+/// own accord (a follow, or finishing what a killed run left): a stop like
+/// any other, with the report so far; the next run finishes the rest.
+fn unless_stopped<T>(r: Result<T, crate::Error>) -> Result<Option<T>, crate::Error> {
+    match r {
+        Err(crate::Error::Cancelled) => Ok(None),
+        r => r.map(Some),
     }
 }
 

@@ -258,9 +258,28 @@ impl Env {
             Ok(true),
             "pgferry {args:?} never reached failpoint {failpoint}"
         );
-        // Keep draining stderr so the frozen agent never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stderr so the frozen agent never blocks on a full
+        // pipe, into a file [`Env::wait_for_log`] reads.
+        let log = self.path(&format!("agent-{}.log", child.id().expect("running")));
+        let mut file = std::fs::File::create(&log).expect("agent log");
+        tokio::spawn(async move {
+            use std::io::Write;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(file, "{line}");
+            }
+        });
         child
+    }
+
+    /// Waits until an agent started by [`Env::run_until_failpoint`] has
+    /// logged a line containing `needle` since its failpoint.
+    pub async fn wait_for_log(&self, agent: &Child, needle: &str) {
+        let log = self.path(&format!("agent-{}.log", agent.id().expect("running")));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
+            assert!(Instant::now() < deadline, "the agent never logged {needle:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs the agent until it reaches `failpoint`, and SIGKILLs it there.

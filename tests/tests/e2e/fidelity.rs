@@ -1460,6 +1460,32 @@ async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
         .await
         .unwrap();
     }
+    // Stopped as a service is, mid-follow: a stop like any other, with its
+    // report.
+    app.batch_execute(
+        "CREATE TABLE readings_2030 PARTITION OF readings FOR VALUES FROM ('2030-01-01') TO ('2031-01-01');
+         INSERT INTO readings VALUES (3, '2030-03-03', 3, 'stopped mid-follow')",
+    )
+    .await
+    .unwrap();
+    let mut agent = env
+        .run_until_failpoint(&["sync", "--json"], "follow.target_done")
+        .await;
+    crate::faults::sigterm(&agent);
+    env.wait_for_log(&agent, "Stopping after the batch in hand").await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    crate::faults::exits_ok_within(&mut agent, 60).await;
+    let mut stdout = String::new();
+    use tokio::io::AsyncReadExt;
+    agent
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("sync's JSON report");
+    assert!(report["passes"].is_u64(), "{report}");
     env.ok(&["sync", "--until-caught-up"]).await;
     // Killed before its ANALYZE, the copy is finished by one that runs it.
     assert!(
