@@ -169,17 +169,20 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
     check_copy_from(m, &tables).await?;
 
     let tools = PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
-    let dump = tools
-        .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, false)
-        .await?;
-    let archive = &dump.archive;
-
     let mut report = CopyReport::default();
+    // Once restored, the pre-data is not dumped again: a later copy's
+    // tables were created on the target by whoever made them there (the
+    // operator after drift, or sync following a partition), and a dump of
+    // the whole schema took seconds of a follow's drain pause at 2,000
+    // tables.
     if !run.pre_data_done {
+        let dump = tools
+            .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, false)
+            .await?;
         if m.cfg.schema.recreate_roles {
             report.roles = Some(crate::roles::recreate(m).await?);
         }
-        restore_pre_data(m, &tools, archive, &tables).await?;
+        restore_pre_data(m, &tools, &dump.archive, &tables).await?;
     }
     crate::failpoint::hit("copy.after_pre_data").await;
 
