@@ -46,7 +46,7 @@ pub async fn preflight(m: &Migration) -> Result<CheckReport, crate::Error> {
 /// The preflight of `install`, which is the remedy for schema drift and so
 /// proceeds past it.
 pub async fn preflight_for(m: &Migration, installing: bool) -> Result<CheckReport, crate::Error> {
-    let report = plan::check(m).await;
+    let report = plan::check_with(m, false).await;
     let blockers = if installing {
         report.blockers_but_drift()
     } else {

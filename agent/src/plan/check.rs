@@ -68,8 +68,8 @@ pub struct CheckReport {
     pub tables: usize,
     /// Sum of the planner's row estimates.
     pub estimated_rows: i64,
-    /// Sum of table sizes on disk.
-    pub total_bytes: i64,
+    /// Sum of table sizes on disk (not read by a step's preflight).
+    pub total_bytes: Option<i64>,
     /// Storage, instance class and copy-time estimate for the target.
     pub sizing: Option<super::Sizing>,
     /// Tables copied whole under the fence, and what that costs.
@@ -110,10 +110,12 @@ impl CheckReport {
         }
         let _ = writeln!(
             out,
-            "tables  {} (~{} rows, {:.1} MB)",
+            "tables  {} (~{} rows{})",
             self.tables,
             self.estimated_rows.max(0),
-            self.total_bytes as f64 / 1e6
+            self.total_bytes
+                .map(|b| format!(", {:.1} MB", b as f64 / 1e6))
+                .unwrap_or_default()
         );
         if let Some(s) = &self.sizing {
             let _ = writeln!(
@@ -200,6 +202,15 @@ impl Findings {
 
 /// Runs the preflight against both sides. Reads only.
 pub async fn check(m: &Migration) -> CheckReport {
+    check_with(m, true).await
+}
+
+/// [`check`]; without `sizing`, nothing of the source's size: no table
+/// sizes (`pg_total_relation_size` of each, 0.6 s at 2,000 tables) and no
+/// sample of its read rate (a second of COPY from its largest table). Only
+/// the report shows them, so the preflight of a step (and of each
+/// partition sync follows, the drain paused) goes without.
+pub async fn check_with(m: &Migration, sizing: bool) -> CheckReport {
     let mut f = Findings(Vec::new());
     let mut report = CheckReport {
         source: SideSummary {
@@ -213,7 +224,7 @@ pub async fn check(m: &Migration) -> CheckReport {
         phase: None,
         tables: 0,
         estimated_rows: 0,
-        total_bytes: 0,
+        total_bytes: None,
         sizing: None,
         copy_only: Vec::new(),
         problems: Vec::new(),
@@ -222,13 +233,15 @@ pub async fn check(m: &Migration) -> CheckReport {
     let mut pre_data_done = false;
     match &src {
         Ok(c) => {
-            if let Err(e) = check_source(m, c, &mut report, &mut f, &mut pre_data_done).await {
+            if let Err(e) = check_source(m, c, sizing, &mut report, &mut f, &mut pre_data_done).await {
                 f.query(Side::Source, &e);
             }
             if let Err(e) = super::health::source(m, c, &mut f).await {
                 f.query(Side::Source, &e);
             }
-            report.sizing = super::health::sizing(m).await.ok();
+            if sizing {
+                report.sizing = super::health::sizing(m).await.ok();
+            }
         }
         Err(e) => f.connect(Side::Source, e),
     }
@@ -258,7 +271,7 @@ pub async fn check(m: &Migration) -> CheckReport {
             "add a primary key to sync it instead, if that downtime is too long",
         );
     }
-    if let Some((message, fix)) = verify_downtime(m.cfg.cutover.verify, report.total_bytes) {
+    if let Some((message, fix)) = verify_downtime(m.cfg.cutover.verify, report.total_bytes.unwrap_or(0)) {
         f.add(Severity::Warning, "cutover", message, fix);
     }
     let cc = &m.cfg.copy;
@@ -283,6 +296,7 @@ pub async fn check(m: &Migration) -> CheckReport {
 async fn check_source(
     m: &Migration,
     c: &impl GenericClient,
+    sizing: bool,
     report: &mut CheckReport,
     f: &mut Findings,
     pre_data_done: &mut bool,
@@ -327,10 +341,10 @@ async fn check_source(
             );
         }
     }
-    let tables = super::source_tables(c, true).await?;
+    let tables = super::source_tables(c, sizing).await?;
     report.tables = tables.len();
     report.estimated_rows = tables.iter().map(|t| t.est_rows.max(0)).sum();
-    report.total_bytes = tables.iter().map(|t| t.total_bytes).sum();
+    report.total_bytes = sizing.then(|| tables.iter().map(|t| t.total_bytes).sum());
     if run.is_some() {
         if let Ok(registered) = state::tables(c).await {
             for change in crate::sync::schema_changes(c, &registered, &tables).await? {

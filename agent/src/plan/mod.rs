@@ -13,7 +13,7 @@ pub use scan::scan;
 
 pub use health::{recommended_storage_gb, suggested_instance_class, Sizing};
 
-pub use check::{check, CheckReport, Problem, Severity, DRIFT};
+pub use check::{check, check_with, CheckReport, Problem, Severity, DRIFT};
 
 use serde::Serialize;
 use tokio_postgres::GenericClient;
