@@ -121,6 +121,13 @@ pub async fn partitions(
     let Some(changes) = pending(m).await?.1 else {
         return Ok(None);
     };
+    // Each step's seconds, for the log: the drain waits for all of them.
+    let mut mark = std::time::Instant::now();
+    let mut lap = move || {
+        let secs = mark.elapsed().as_secs_f64();
+        mark = std::time::Instant::now();
+        secs
+    };
     for change in &changes {
         tracing::info!(%change, "Following the source's partition maintenance on the target");
         match change {
@@ -130,14 +137,25 @@ pub async fn partitions(
         }
         crate::failpoint::hit("follow.target_done").await;
     }
+    let target_secs = lap();
     crate::migrate::preflight_for(m, true).await?;
+    let preflight_secs = lap();
     crate::capture::install(m, cancel).await?;
+    let install_secs = lap();
     crate::copy::run(m, cancel).await?;
+    let copy_secs = lap();
     // Never the same steps over and over.
     let (drift, again) = pending(m).await?;
     if again.as_ref() == Some(&changes) {
         return Err(SyncError::SchemaDrift(drift).into());
     }
+    tracing::info!(
+        target_secs,
+        preflight_secs,
+        install_secs,
+        copy_secs,
+        "Followed on the target"
+    );
     Ok(Some(changes))
 }
 

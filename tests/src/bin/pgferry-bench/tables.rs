@@ -8,8 +8,12 @@
 //! every 10 ms the benchmark reads it on the target; the lag is how long
 //! each heartbeat took to arrive. Meanwhile the source's committed
 //! transactions and WAL are counted (the heartbeat's own included): what
-//! the drain costs an otherwise idle source. Last, a cutover, whose report
-//! gives the write downtime and its parts. Prints JSON.
+//! the drain costs an otherwise idle source. Then a partition of the
+//! partitioned table `events` is created and written, as pg_partman's
+//! maintenance does, and sync follows it: how long until its row is on the
+//! target, and how long the heartbeat waited meanwhile (the drain's pause).
+//! Last, a cutover, whose report gives the write downtime and its parts.
+//! Prints JSON.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +43,10 @@ pub async fn run(v: &[String]) {
                END LOOP;
              END $$;
              CREATE TABLE hot (id int PRIMARY KEY, at timestamptz NOT NULL);
-             INSERT INTO hot VALUES (1, clock_timestamp());",
+             INSERT INTO hot VALUES (1, clock_timestamp());
+             CREATE TABLE events (id bigint PRIMARY KEY, note text) PARTITION BY RANGE (id);
+             CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100000);
+             INSERT INTO events SELECT g, 'e' FROM generate_series(1, 1000) g;",
             last = tables.saturating_sub(1)
         ))
         .await
@@ -72,32 +79,39 @@ pub async fn run(v: &[String]) {
     let started = Instant::now();
     let mut lags = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
-        let at: f64 = src
-            .query_one(
-                "UPDATE hot SET at = clock_timestamp() WHERE id = 1 RETURNING extract(epoch FROM at)::float8",
-                &[],
-            )
-            .await
-            .expect("heartbeat")
-            .get(0);
-        let written = Instant::now();
-        loop {
-            let there: f64 = dst
-                .query_one("SELECT extract(epoch FROM at)::float8 FROM hot WHERE id = 1", &[])
-                .await
-                .expect("read the heartbeat")
-                .get(0);
-            if there >= at {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        lags.push(written.elapsed().as_secs_f64());
+        lags.push(heartbeat(&src, &dst).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = src.query_one(counters, &[]).await.expect("counters");
     let per_sec = |i: usize| (after.get::<_, i64>(i) - before.get::<_, i64>(i)) as f64 / elapsed;
+
+    eprintln!("a partition created and written while syncing");
+    src.batch_execute(
+        "CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (100000) TO (200000);
+         INSERT INTO events VALUES (150000, 'in the new partition')",
+    )
+    .await
+    .expect("the new partition");
+    let started = Instant::now();
+    let mut follow_lags = Vec::new();
+    let followed_secs = loop {
+        follow_lags.push(heartbeat(&src, &dst).await);
+        let there: i64 = dst
+            .query_one("SELECT count(*) FROM events WHERE id = 150000", &[])
+            .await
+            .expect("read the new partition's row")
+            .get(0);
+        if there == 1 {
+            break started.elapsed().as_secs_f64();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "sync never followed the new partition"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    follow_lags.sort_by(f64::total_cmp);
     let _ = sync.start_kill();
     let _ = sync.wait().await;
 
@@ -120,6 +134,7 @@ pub async fn run(v: &[String]) {
     let result = json!({
         "benchmark": "many small tables: migration steps, an idle source's load and one table's lag while syncing, the cutover",
         "tables": tables + 1,
+        "partitioned": "events: 1 partition, then 2",
         "poll_interval_ms": poll_ms,
         "steps": steps,
         "idle_sync": {
@@ -129,8 +144,14 @@ pub async fn run(v: &[String]) {
             "heartbeats": lags.len(),
             "lag_secs": { "p50": median(&lags), "p99": p99, "max": lags.last() },
         },
+        "partition_followed": {
+            "secs_until_its_row_arrived": followed_secs,
+            "heartbeats": follow_lags.len(),
+            "heartbeat_lag_max_secs": follow_lags.last(),
+        },
         "cutover": {
             "wall_secs": cutover_secs,
+            "partitions_followed": report["partitions_followed"],
             "writes_blocked_ms": report["writes_blocked_ms"],
             "final_drain_ms": report["final_drain_ms"],
             "verify_ms": report["verify_ms"],
@@ -138,4 +159,29 @@ pub async fn run(v: &[String]) {
         },
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
+}
+
+/// Writes the heartbeat on the source and waits until it is on the target;
+/// returns how long that took.
+async fn heartbeat(src: &tokio_postgres::Client, dst: &tokio_postgres::Client) -> f64 {
+    let at: f64 = src
+        .query_one(
+            "UPDATE hot SET at = clock_timestamp() WHERE id = 1 RETURNING extract(epoch FROM at)::float8",
+            &[],
+        )
+        .await
+        .expect("heartbeat")
+        .get(0);
+    let written = Instant::now();
+    loop {
+        let there: f64 = dst
+            .query_one("SELECT extract(epoch FROM at)::float8 FROM hot WHERE id = 1", &[])
+            .await
+            .expect("read the heartbeat")
+            .get(0);
+        if there >= at {
+            return written.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
