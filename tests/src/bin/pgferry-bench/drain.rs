@@ -2,8 +2,11 @@
 //! target, pgferry's drain against Bucardo's apply done the simple way.
 //!
 //! `--tables` tables (default 3) of `--rows` rows each are copied to the
-//! target by pgferry. Each round, every row of every table is updated once,
-//! with only one design's triggers enabled, and that backlog is applied:
+//! target by pgferry. Each round, every row of every table is updated once
+//! and that backlog is applied, by one design a round. pgferry's capture
+//! stays installed throughout (sync refuses to drain past a capture trigger
+//! disabled or altered); Bucardo's trigger is enabled in its rounds only,
+//! and what pgferry captured in one is drained, untimed, before its next.
 //! - pgferry: `pgferry sync --until-caught-up` (set-based: keys staged by
 //!   COPY, DELETE ... USING, the rows by binary COPY; tables in parallel, a
 //!   large table's backlog in parallel parts by key hash). Every row
@@ -166,10 +169,25 @@ pub async fn run(v: &[String]) {
     for round in 0..rounds {
         for i in 0..MODES.len() {
             let mode = MODES[(i + round) % MODES.len()];
-            let triggers = if mode == "bucardo_style" { mode } else { "pgferry" };
-            src.batch_execute(&crate::triggers_for(&tables, triggers))
-                .await
-                .expect("select the mode");
+            // pgferry's capture stays as installed: a capture trigger
+            // disabled, or only altered, is a capture gap sync refuses to
+            // drain past. So it also captures the Bucardo-style rounds, and
+            // what it captured then is drained before a round of its own,
+            // untimed (the target already has those rows).
+            let bucardo = mode == "bucardo_style";
+            let how = if bucardo { "ENABLE ALWAYS" } else { "DISABLE" };
+            for t in &tables {
+                src.batch_execute(&format!("ALTER TABLE {t} {how} TRIGGER bucardo_style"))
+                    .await
+                    .expect("select the mode");
+            }
+            if !bucardo {
+                let st = agent(&["sync", "--until-caught-up"])
+                    .status()
+                    .await
+                    .expect("pgferry sync");
+                assert!(st.success(), "pgferry sync of the previous round failed");
+            }
             for t in &tables {
                 src.batch_execute(&format!("UPDATE {t} SET v = v + 1, at = now()"))
                     .await
