@@ -179,6 +179,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         let dump = tools
             .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, false)
             .await?;
+        crate::failpoint::hit("copy.schema_dumped").await;
         if m.cfg.schema.recreate_roles {
             report.roles = Some(crate::roles::recreate(m).await?);
         }

@@ -478,7 +478,6 @@ async fn scratch_left_by_a_killed_agent_is_removed_by_the_next_run() {
     let env = seeded().await;
     env.config("[copy]\nmethod = \"dump\"\n");
     env.ok(&["install"]).await;
-    env.kill_at(&["copy"], "copy.dumped").await;
     // The agent's TMPDIR is the test's directory.
     let scratch = || -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(env.dir.path())
@@ -489,10 +488,18 @@ async fn scratch_left_by_a_killed_agent_is_removed_by_the_next_run() {
         names.sort();
         names
     };
+    // Killed with its schema dumped, then with its data dumped: each run
+    // removes what the one before left of the same kind.
+    env.kill_at(&["copy"], "copy.schema_dumped").await;
     let left = scratch();
     assert!(
-        left.iter().any(|n| n.starts_with("pgferry-schema-"))
-            && left.iter().any(|n| n.starts_with("pgferry-data-")),
+        left.len() == 1 && left[0].starts_with("pgferry-schema-"),
+        "{left:?}"
+    );
+    env.kill_at(&["copy"], "copy.dumped").await;
+    let left = scratch();
+    assert!(
+        left.len() == 1 && left[0].starts_with("pgferry-data-"),
         "{left:?}"
     );
     env.ok(&["copy"]).await;
