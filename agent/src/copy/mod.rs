@@ -196,23 +196,15 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         report.data_secs = started.elapsed().as_secs_f64();
     }
 
-    // Always: the build skips what exists, and tables added by a later
-    // install need their keys and indexes too.
-    {
-        report.indexes_built += indexes::build_all(m, &tables).await?;
-        let conn = m.source_conn().await?;
-        state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
-        report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;
-    }
-    let analyzing = Instant::now();
-    crate::failpoint::hit("copy.before_analyze").await;
+    // A later copy (tables captured since, partitions sync follows) builds
+    // and analyzes what it copied, not the whole database again: the tables
+    // it found to copy, and those an interrupted later copy loaded (never
+    // analyzed on the target). At 2,000 tables, reading every index's
+    // definition again was most of a follow's copy. The first copy,
+    // resumed or not, does everything; the cutover builds whatever the
+    // target still lacks.
     let target = m.target_conn().await?;
-    // A later copy (tables captured since, partitions sync follows) reads
-    // samples of what it copied, not of the whole database again: the
-    // tables it found to copy, and those an interrupted later copy loaded
-    // (never analyzed on the target). The first copy, resumed or not,
-    // analyzes everything.
-    let analyze = if run.post_data_done {
+    let fresh: Option<Vec<TableState>> = if run.post_data_done {
         let never = target
             .query(
                 "SELECT schemaname::text, relname::text FROM pg_stat_user_tables
@@ -228,14 +220,35 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
             .iter()
             .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)))
             .collect();
-        let fresh: Vec<String> = tables
-            .iter()
-            .filter(|t| t.copy_state == CopyState::Pending || never.contains(&t.table))
-            .map(|t| t.table.to_string())
-            .collect();
-        (!fresh.is_empty()).then(|| format!("ANALYZE {}", fresh.join(", ")))
+        Some(
+            tables
+                .iter()
+                .filter(|t| t.copy_state == CopyState::Pending || never.contains(&t.table))
+                .cloned()
+                .collect(),
+        )
     } else {
-        Some("ANALYZE".to_string())
+        None
+    };
+    {
+        report.indexes_built += indexes::build_all(m, fresh.as_deref().unwrap_or(&tables)).await?;
+        let conn = m.source_conn().await?;
+        state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
+        report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;
+    }
+    let analyzing = Instant::now();
+    crate::failpoint::hit("copy.before_analyze").await;
+    let analyze = match &fresh {
+        Some(fresh) if fresh.is_empty() => None,
+        Some(fresh) => Some(format!(
+            "ANALYZE {}",
+            fresh
+                .iter()
+                .map(|t| t.table.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        None => Some("ANALYZE".to_string()),
     };
     target
         .batch_execute(analyze.as_deref().unwrap_or(""))
