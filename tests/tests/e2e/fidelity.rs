@@ -1273,6 +1273,22 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
     assert_same_then_clean_up(&env).await;
 }
 
+/// The JSON report `agent` (SIGTERMed, its stdout piped) printed as it
+/// stopped, once it has exited 0.
+async fn report_after_sigterm(agent: &mut tokio::process::Child) -> serde_json::Value {
+    use tokio::io::AsyncReadExt;
+    crate::faults::exits_ok_within(agent, 60).await;
+    let mut stdout = String::new();
+    agent
+        .stdout
+        .take()
+        .expect("stdout piped")
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    serde_json::from_str(&stdout).expect("sync's JSON report")
+}
+
 /// Partition maintenance as pg_partman does it, while the application
 /// writes and sync runs: a partition made of rows moved out of the default
 /// one (attached with a key of its own name), a partition created ahead and
@@ -1397,17 +1413,7 @@ async fn partition_maintenance_while_syncing_is_followed_on_the_target() {
     .await;
     writers.progress(50).await;
     crate::faults::sigterm(&agent);
-    crate::faults::exits_ok_within(&mut agent, 60).await;
-    let mut stdout = String::new();
-    use tokio::io::AsyncReadExt;
-    agent
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .await
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("sync's JSON report");
+    let report = report_after_sigterm(&mut agent).await;
     let followed = report["partitions_followed"].to_string();
     for change in [
         "partition public.readings_2025 attached",
@@ -1474,17 +1480,7 @@ async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
     crate::faults::sigterm(&agent);
     env.wait_for_log(&agent, "Stopping after the batch in hand").await;
     std::fs::write(env.failpoint_release(), "").unwrap();
-    crate::faults::exits_ok_within(&mut agent, 60).await;
-    let mut stdout = String::new();
-    use tokio::io::AsyncReadExt;
-    agent
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .await
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("sync's JSON report");
+    let report = report_after_sigterm(&mut agent).await;
     assert!(report["passes"].is_u64(), "{report}");
     env.ok(&["sync", "--until-caught-up"]).await;
     // Killed before its ANALYZE, the copy is finished by one that runs it.
