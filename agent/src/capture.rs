@@ -68,6 +68,29 @@ pub struct InstallReport {
 /// preflight. On a migration already under way it re-registers what changed
 /// in the source schema since (see [`refresh`]).
 pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<InstallReport, crate::Error> {
+    install_as(m, cancel, Seen::Now).await
+}
+
+/// Which source tables [`install_as`] brings the registrations in line with.
+#[derive(Debug)]
+pub enum Seen {
+    /// The catalog as it is now.
+    Now,
+    /// The catalog as read before: a partition follow registers what it
+    /// repeated on the target, not what the source's maintenance created,
+    /// attached, detached or dropped since (the next follow's).
+    Then(Vec<plan::SourceTable>),
+    /// The registrations as they are: only capture what they name and a
+    /// killed run left uncaptured.
+    Registered,
+}
+
+/// [`install`], the registrations brought in line with `seen`.
+pub async fn install_as(
+    m: &Migration,
+    cancel: &CancellationToken,
+    seen: Seen,
+) -> Result<InstallReport, crate::Error> {
     let mut conn = m.source_conn().await?;
     let run = state::load(&**conn).await?;
     if let Some(run) = &run {
@@ -78,9 +101,13 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             )));
         }
     }
-    let current = plan::source_tables(&**conn, false)
-        .await
-        .map_err(CaptureError::Catalog)?;
+    let registered_only = matches!(seen, Seen::Registered);
+    let current = match seen {
+        Seen::Now | Seen::Registered => plan::source_tables(&**conn, false)
+            .await
+            .map_err(CaptureError::Catalog)?,
+        Seen::Then(current) => current,
+    };
     // Creating the schema takes no lock on any application table; on an
     // existing one this applies the migrations a newer pgferry brings.
     state::ensure_schema(&mut conn).await?;
@@ -95,6 +122,7 @@ pub async fn install(m: &Migration, cancel: &CancellationToken) -> Result<Instal
             state::set_phase(&**conn, Phase::Installing).await?;
             crate::failpoint::hit("install.after_register").await;
         }
+        Some(_) if registered_only => {}
         Some(run) => {
             refreshed = refresh(m, &conn, cancel, &current).await?;
             if refreshed > 0 && run.phase >= Phase::Syncing {

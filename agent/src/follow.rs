@@ -118,7 +118,12 @@ pub async fn partitions(
     if !m.cfg.sync.follow_partitions || m.reads_elsewhere() {
         return Ok(None);
     }
-    let Some(changes) = pending(m).await?.1 else {
+    let Pending {
+        follow: Some(changes),
+        current,
+        ..
+    } = pending(m).await?
+    else {
         return Ok(None);
     };
     // Each step's seconds, for the log: the drain waits for all of them.
@@ -140,14 +145,16 @@ pub async fn partitions(
     let target_secs = lap();
     crate::migrate::preflight_for(m, true).await?;
     let preflight_secs = lap();
-    crate::capture::install(m, cancel).await?;
+    // What the source did since that reading is the next follow's: its
+    // tables are not on the target yet.
+    crate::capture::install_as(m, cancel, crate::capture::Seen::Then(current)).await?;
     let install_secs = lap();
     crate::copy::run(m, cancel).await?;
     let copy_secs = lap();
     // Never the same steps over and over.
-    let (drift, again) = pending(m).await?;
-    if again.as_ref() == Some(&changes) {
-        return Err(SyncError::SchemaDrift(drift).into());
+    let again = pending(m).await?;
+    if again.follow.as_ref() == Some(&changes) {
+        return Err(SyncError::SchemaDrift(again.drift).into());
     }
     tracing::info!(
         target_secs,
@@ -159,9 +166,19 @@ pub async fn partitions(
     Ok(Some(changes))
 }
 
-/// The source's drift from the registrations, and what of it to follow
-/// (`None` when some of it is not partition maintenance).
-async fn pending(m: &Migration) -> Result<(Vec<String>, Option<Vec<Change>>), crate::Error> {
+/// The source's drift from the registrations, what of it to follow, and
+/// the catalog it was read from.
+struct Pending {
+    /// Every change, as drift tells it.
+    drift: Vec<String>,
+    /// What to follow (`None` when some of it is not partition
+    /// maintenance).
+    follow: Option<Vec<Change>>,
+    /// The source's tables as read.
+    current: Vec<crate::plan::SourceTable>,
+}
+
+async fn pending(m: &Migration) -> Result<Pending, crate::Error> {
     let conn = m.source_conn().await?;
     let registered = crate::state::tables(&**conn).await?;
     let current = crate::plan::source_tables(&**conn, false)
@@ -182,7 +199,11 @@ async fn pending(m: &Migration) -> Result<(Vec<String>, Option<Vec<Change>>), cr
                 .any(|c| matches!(c, Change::Attached(r, _) | Change::Detached(r, _) if r == relid))
         })
     });
-    Ok((all, follow))
+    Ok(Pending {
+        drift: all,
+        follow,
+        current,
+    })
 }
 
 fn target_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {

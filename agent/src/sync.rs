@@ -612,7 +612,10 @@ async fn finish_later_copy(m: &Migration, cancel: &CancellationToken) -> Result<
     );
     if run.phase < Phase::Installed {
         crate::migrate::preflight_for(m, true).await?;
-        crate::capture::install(m, cancel).await?;
+        // What the registrations name: what changed on the source since is
+        // drift again (a follow's, or the operator's), and a table it
+        // created may not be on the target yet.
+        crate::capture::install_as(m, cancel, crate::capture::Seen::Registered).await?;
     }
     crate::copy::run(m, cancel).await?;
     Ok(())

@@ -1466,6 +1466,34 @@ async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
         .await
         .unwrap();
     }
+    // Partition maintenance while sync follows the last: what the source
+    // did after the follow read its catalog is the next follow's (it was
+    // captured at once, and its copy failed: no such table on the target).
+    app.batch_execute(
+        "CREATE TABLE readings_2031 PARTITION OF readings FOR VALUES FROM ('2031-01-01') TO ('2032-01-01');",
+    )
+    .await
+    .unwrap();
+    let mut agent = env
+        .run_until_failpoint(&["sync", "--until-caught-up"], "follow.target_done")
+        .await;
+    app.batch_execute(
+        "CREATE TABLE readings_2032 PARTITION OF readings FOR VALUES FROM ('2032-01-01') TO ('2033-01-01');
+         INSERT INTO readings VALUES (6, '2032-06-06', 6, 'created mid-follow')",
+    )
+    .await
+    .unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let status = agent.wait().await.expect("sync ends");
+    assert!(status.success(), "{status}");
+    std::fs::remove_file(env.failpoint_release()).unwrap();
+    assert!(
+        crate::target_has(
+            &env,
+            "SELECT count(*) = 1 FROM readings_2032 WHERE note = 'created mid-follow'"
+        )
+        .await
+    );
     // Stopped as a service is, mid-follow: a stop like any other, with its
     // report.
     app.batch_execute(
