@@ -101,12 +101,14 @@ pub async fn install_as(
             )));
         }
     }
-    let registered_only = matches!(seen, Seen::Registered);
+    let registered_only = matches!(seen, Seen::Registered) && run.is_some();
     let current = match seen {
+        Seen::Then(current) => current,
+        // Nothing is registered anew, so the catalog is not read.
+        _ if registered_only => Vec::new(),
         Seen::Now | Seen::Registered => plan::source_tables(&**conn, false)
             .await
             .map_err(CaptureError::Catalog)?,
-        Seen::Then(current) => current,
     };
     // Creating the schema takes no lock on any application table; on an
     // existing one this applies the migrations a newer pgferry brings.
