@@ -85,6 +85,19 @@ pub struct Definitions {
     /// Each table's clustered index and replica identity, made the
     /// target's once every index exists.
     pub marks: HashMap<QualifiedTable, Marks>,
+    /// The source's invalid indexes, which are not built (`"schema"."index"
+    /// on "schema"."table"`): left by a CREATE INDEX CONCURRENTLY that failed, or still
+    /// running.
+    pub invalid: Vec<String>,
+}
+
+/// What [`build`] did.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// Indexes built.
+    pub indexes: usize,
+    /// [`Definitions::invalid`]: not built.
+    pub invalid: Vec<String>,
 }
 
 /// What pg_dump says of a table along with an index (`CLUSTER ON`,
@@ -161,7 +174,7 @@ pub fn mark_statements(
 /// materialized views that it lacks: after the copy, all of them; at
 /// cutover, those the source gained since (an index added during a sync
 /// of days). Returns how many indexes it built.
-pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Result<usize, crate::Error> {
+pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Result<Built, crate::Error> {
     let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
     relids.extend(materialized_views(m).await?);
     let defs = read(m, &relids).await?;
@@ -182,7 +195,12 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
                     con.conname::text, con.contype::text, con.condeferrable, con.condeferred,
                     c.relkind = 'p',
                     CASE WHEN con.oid IS NOT NULL THEN pg_get_constraintdef(con.oid) END,
-                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4
+                    (SELECT count(*) FROM pg_partition_ancestors(c.oid))::int4,
+                    -- As pg_dump: not an index a failed (or running) CREATE
+                    -- INDEX CONCURRENTLY left invalid (a unique one would
+                    -- fail on the same rows); a partitioned one is invalid
+                    -- until every partition has its own.
+                    i.indisvalid OR c.relkind = 'p'
                FROM pg_index i
                JOIN pg_class ic ON ic.oid = i.indexrelid
                JOIN pg_class c ON c.oid = i.indrelid
@@ -190,10 +208,6 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
                LEFT JOIN pg_constraint con
                       ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x')
               WHERE i.indrelid = ANY ($1::oid[]) AND coalesce(con.contype, '') <> 'x'
-                -- As pg_dump: not an index a failed CREATE INDEX CONCURRENTLY
-                -- left invalid (a unique one would fail on the same rows);
-                -- a partitioned one is invalid until every partition has its own.
-                AND (i.indisvalid OR c.relkind = 'p')
               ORDER BY n.nspname, c.relname, ic.relname",
             &[&relids],
         )
@@ -218,6 +232,18 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
             .map_err(src)?,
     );
     tx.commit().await.map_err(src)?;
+    let (indexes, invalid): (Vec<_>, Vec<_>) = indexes.into_iter().partition(|r| r.get::<_, bool>(11));
+    let invalid = invalid
+        .iter()
+        .map(|r| {
+            let schema: String = r.get(0);
+            format!(
+                "{} on {}",
+                QualifiedTable::new(schema.clone(), r.get::<_, String>(2)),
+                QualifiedTable::new(schema, r.get::<_, String>(1))
+            )
+        })
+        .collect();
     let mut partitioned_keys = Vec::new();
     let indexes = indexes
         .iter()
@@ -298,6 +324,7 @@ pub async fn read(m: &Migration, relids: &[u32]) -> Result<Definitions, CopyErro
         indexes,
         constraints,
         marks,
+        invalid,
     })
 }
 
@@ -453,8 +480,17 @@ async fn build_with(
 
 /// Builds every missing index and constraint, `copy.workers` at a time,
 /// then gives each table the source's clustered index and replica
-/// identity. Returns how many indexes this run built.
-pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Error> {
+/// identity. The source's invalid indexes are not built: each is logged
+/// as a warning, for the operator to build once the CREATE INDEX
+/// CONCURRENTLY that left it so succeeds.
+pub async fn build(m: &Migration, defs: Definitions) -> Result<Built, crate::Error> {
+    for index in &defs.invalid {
+        tracing::warn!(
+            index,
+            "An index is INVALID on the source (a CREATE INDEX CONCURRENTLY failed or still runs): not built \
+             on the target; build it there once it is valid on the source"
+        );
+    }
     let defs = lacking(&**m.target_conn().await?, defs)
         .await
         .map_err(target_err)?;
@@ -499,7 +535,10 @@ pub async fn build(m: &Migration, defs: Definitions) -> Result<usize, crate::Err
     for mark in mark_statements(&defs.marks, &marks_of(&ours)) {
         t.batch_execute(&mark).await.map_err(target_err)?;
     }
-    Ok(built)
+    Ok(Built {
+        indexes: built,
+        invalid: defs.invalid,
+    })
 }
 
 #[cfg(test)]

@@ -133,6 +133,10 @@ pub struct CopyReport {
     pub analyze_secs: f64,
     /// Indexes built by this run.
     pub indexes_built: usize,
+    /// The source's INVALID indexes (`index on table`), not built: a CREATE
+    /// INDEX CONCURRENTLY failed, or still runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub indexes_not_migrated: Vec<String>,
     /// Parts of split tables copied by this run.
     pub parts_copied: usize,
     /// The agent's peak resident memory (Linux), at the end of the copy.
@@ -231,7 +235,9 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         None
     };
     {
-        report.indexes_built += indexes::build_all(m, fresh.as_deref().unwrap_or(&tables)).await?;
+        let built = indexes::build_all(m, fresh.as_deref().unwrap_or(&tables)).await?;
+        report.indexes_built += built.indexes;
+        report.indexes_not_migrated = built.invalid;
         let conn = m.source_conn().await?;
         state::mark_schema_step(&**conn, SchemaStep::PostData).await?;
         report.index_secs = started.elapsed().as_secs_f64() - report.data_secs;

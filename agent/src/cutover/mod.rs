@@ -104,6 +104,11 @@ pub struct CutoverReport {
     /// Indexes the source gained since the copy, built on the target ahead
     /// of the fence.
     pub indexes_built: usize,
+    /// The source's INVALID indexes (`index on table`), not on the target:
+    /// a CREATE INDEX CONCURRENTLY failed, or still runs. Build them on
+    /// the target once they are valid on the source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub indexes_not_migrated: Vec<String>,
     /// Schema entries (functions, views, types...) only the target has:
     /// dropped on the source since the copy, or created on the target.
     /// Left in place.
@@ -192,7 +197,7 @@ pub async fn run(
         return after_point_of_no_return(m, CutoverReport::default()).await;
     }
     let mut ahead = (0, 0);
-    let mut indexes_built = 0;
+    let mut indexes = crate::copy::indexes::Built::default();
     let mut prepared = None;
     let mut only_on_target = Vec::new();
     let mut report_followed = Vec::new();
@@ -210,7 +215,7 @@ pub async fn run(
         // Before the final catch-up, as the dumps of both schemas: they take
         // a while, and the backlog grows meanwhile. Entries changed after
         // the dump are caught by the fingerprint, read again under the fence.
-        indexes_built = crate::copy::indexes::build_all(m, &tables).await?;
+        indexes = crate::copy::indexes::build_all(m, &tables).await?;
         let p = entries::prepare(m).await?;
         only_on_target = p.only_on_target.clone();
         prepared = Some(p);
@@ -235,7 +240,8 @@ pub async fn run(
     match fenced(m, &tables, cancel, prepared).await {
         Ok(mut report) => {
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
-            report.indexes_built = indexes_built;
+            report.indexes_built = indexes.indexes;
+            report.indexes_not_migrated = indexes.invalid;
             report.schema_only_on_target = only_on_target;
             report.partitions_followed = report_followed;
             after_point_of_no_return(m, report).await
