@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (11, include_str!("../../sql/0011_keys_only_deltas.sql")),
     (12, include_str!("../../sql/0012_trigger_stamps.sql")),
     (13, include_str!("../../sql/0013_drain_pass.sql")),
+    (14, include_str!("../../sql/0014_cheaper_fence.sql")),
 ];
 
 /// Control-schema failures.
