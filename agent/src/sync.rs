@@ -1663,6 +1663,7 @@ pub async fn backlog(client: &tokio_postgres::Client, tables: &[TableState]) -> 
         .iter()
         .map(|r| r.get(0))
         .collect();
+    crate::failpoint::hit("backlog.listed").await;
     let counted: Vec<&TableState> = tables
         .iter()
         .filter(|t| existing.contains(&t.delta_table().name))

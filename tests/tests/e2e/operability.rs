@@ -500,6 +500,45 @@ async fn the_final_drain_under_the_fence_is_not_rate_limited() {
     assert_same_rows(&env).await;
 }
 
+/// `status` reads the registered tables, then their backlogs: a delta table
+/// dropped in between (sync dropping a detached partition's as it follows
+/// it) failed it with "relation does not exist" and exit 3, as CI's run of
+/// the partition test once showed. It reads again now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_again_when_a_delta_table_goes_meanwhile() {
+    let env = crate::synced().await;
+    let agent = env
+        .run_until_failpoint(&["status", "--json"], "backlog.listed")
+        .await;
+    let app = env.source_as(APP).await;
+    let id: i32 = app
+        .query_one(
+            "SELECT id FROM pgferry.tables WHERE relid = 'scratch'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    app.batch_execute(&format!("DROP TABLE pgferry.d_{id}"))
+        .await
+        .unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let out = agent.wait_with_output().await.expect("the status's exit");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = status["tables"].as_array().unwrap();
+    let scratch = tables
+        .iter()
+        .find(|t| t["table"] == "public.scratch")
+        .expect("scratch is still registered");
+    assert_eq!(scratch["backlog_rows"], 0, "{status}");
+    assert!(tables.len() > 1, "{status}");
+}
+
 /// Source pressure: one session (the application's role) runs `hold` and
 /// keeps what it locked; a second one, of `waiter_role`, runs `wait` in the
 /// background, which waits on that lock. Returns the holder and the
