@@ -248,21 +248,54 @@ impl Endpoint {
     }
 
     /// Environment for libpq child processes (`pg_dump`, `pg_restore`): the
-    /// password travels here, never in argv.
+    /// password travels here, never in argv. Every host of the URL, in its
+    /// order, and what a session must be (`target_session_attrs`), so a
+    /// child reaches the server pgferry's own sessions do: given only the
+    /// first host, a URL whose query adds one (`?host=/run/postgresql`,
+    /// which the driver tries after the authority's) had pg_dump refused.
     pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
         let mut env = Vec::new();
-        if let Some(host) = self.config.get_hosts().first() {
+        let list = |items: Vec<String>| items.join(",");
+        env.push((
+            "PGHOST",
+            list(
+                self.config
+                    .get_hosts()
+                    .iter()
+                    .map(|host| match host {
+                        Host::Tcp(h) => h.clone(),
+                        Host::Unix(p) => p.display().to_string(),
+                    })
+                    .collect(),
+            ),
+        ));
+        if !self.config.get_ports().is_empty() {
             env.push((
-                "PGHOST",
-                match host {
-                    Host::Tcp(h) => h.clone(),
-                    Host::Unix(p) => p.display().to_string(),
-                },
+                "PGPORT",
+                list(self.config.get_ports().iter().map(u16::to_string).collect()),
             ));
         }
-        if let Some(port) = self.config.get_ports().first() {
-            env.push(("PGPORT", port.to_string()));
+        if !self.config.get_hostaddrs().is_empty() {
+            env.push((
+                "PGHOSTADDR",
+                list(
+                    self.config
+                        .get_hostaddrs()
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect(),
+                ),
+            ));
         }
+        env.push((
+            "PGTARGETSESSIONATTRS",
+            match self.config.get_target_session_attrs() {
+                tokio_postgres::config::TargetSessionAttrs::ReadWrite => "read-write",
+                tokio_postgres::config::TargetSessionAttrs::ReadOnly => "read-only",
+                _ => "any",
+            }
+            .to_string(),
+        ));
         env.push(("PGUSER", self.user().to_string()));
         env.push(("PGDATABASE", self.dbname().to_string()));
         if let Some(pw) = self.config.get_password() {
@@ -318,6 +351,32 @@ mod tests {
         assert!(!format!("{ep:?}").contains("s3cret"));
         let env = ep.libpq_env();
         assert!(env.contains(&("PGPASSWORD", "s3cret".to_string())));
+    }
+
+    #[test]
+    fn children_get_every_host_in_order() {
+        let env = |url: &str| {
+            Endpoint::parse(&url.to_string().into(), Side::Target, 1000)
+                .unwrap()
+                .libpq_env()
+        };
+        let socket = env("postgres://app@localhost/shop?host=/tmp/pg&port=5499");
+        assert!(
+            socket.contains(&("PGHOST", "localhost,/tmp/pg".into())),
+            "{socket:?}"
+        );
+        assert!(socket.contains(&("PGPORT", "5432,5499".into())), "{socket:?}");
+        assert!(
+            socket.contains(&("PGTARGETSESSIONATTRS", "any".into())),
+            "{socket:?}"
+        );
+        let pair = env("postgres://app@db1:5433,db2:5434/shop?target_session_attrs=read-write");
+        assert!(pair.contains(&("PGHOST", "db1,db2".into())), "{pair:?}");
+        assert!(pair.contains(&("PGPORT", "5433,5434".into())), "{pair:?}");
+        assert!(
+            pair.contains(&("PGTARGETSESSIONATTRS", "read-write".into())),
+            "{pair:?}"
+        );
     }
 
     #[test]

@@ -492,6 +492,42 @@ async fn bad_input_is_refused_up_front_and_nothing_is_created() {
     nothing_created().await;
 }
 
+/// URLs are libpq URLs, which may list several hosts to try in order
+/// (`postgres://u@db1:5432,db2:5432/db`), or add one in the query
+/// (`?host=/run/postgresql`). pg_dump and pg_restore were given only the
+/// first: with a first host that refuses, pgferry's own sessions went on
+/// to the next, and the schema dump was refused ten times over, then
+/// failed the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tools_try_every_host_of_a_url_as_sessions_do() {
+    let env = seeded().await;
+    let refusing = free_port();
+    let both = |url: String, port: u16| {
+        url.replace(
+            &format!("@127.0.0.1:{port}/"),
+            &format!("@127.0.0.1:{refusing},127.0.0.1:{port}/"),
+        )
+    };
+    let source = both(env.source_url(), env.source.port());
+    let target = both(env.target_url(), env.target.port());
+    assert!(source.contains(',') && target.contains(','));
+    for step in [&["install"][..], &["copy"]] {
+        let out = env
+            .cmd(step)
+            .env("PGFERRY_SOURCE", &source)
+            .env("PGFERRY_TARGET", &target)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{step:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_same_rows(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_killed_at_any_step_loses_nothing() {
     let env = seeded().await;
