@@ -370,6 +370,9 @@ mod tests {
             socket.contains(&("PGTARGETSESSIONATTRS", "any".into())),
             "{socket:?}"
         );
+        let only = env("postgres://app@/shop?host=/tmp/pg&port=5499");
+        assert!(only.contains(&("PGHOST", "/tmp/pg".into())), "{only:?}");
+        assert!(only.contains(&("PGPORT", "5499".into())), "{only:?}");
         let pair = env("postgres://app@db1:5433,db2:5434/shop?target_session_attrs=read-write");
         assert!(pair.contains(&("PGHOST", "db1,db2".into())), "{pair:?}");
         assert!(pair.contains(&("PGPORT", "5433,5434".into())), "{pair:?}");
