@@ -18,7 +18,8 @@ pub struct TableStatus {
     pub backlog_rows: i64,
     /// Rows written by the drain.
     pub applied_rows: i64,
-    /// Seconds since the snapshot of the last completed batch.
+    /// Seconds since the snapshot of the last completed batch; none once
+    /// cut over (the application writes to the target).
     pub lag_secs: Option<f64>,
     /// Size of the table on the source, indexes and TOAST included.
     pub size_bytes: i64,
@@ -37,7 +38,11 @@ pub struct Status {
     pub backlog_rows: i64,
     /// Largest table lag.
     pub max_lag_secs: Option<f64>,
-    /// Seconds the fence has been up.
+    /// Seconds the fence has been up, blocking the application's writes:
+    /// none once cut over, when the fence stays up on the old source but
+    /// the application writes to the target (a post-switch step, such as
+    /// validating foreign keys, would otherwise have its sampler report a
+    /// fence held for minutes, and `PgferryFenceHeldTooLong` fire).
     pub fence_secs: Option<f64>,
     /// Age in transactions of the oldest snapshot pgferry holds on the source.
     pub source_xmin_age: i64,
@@ -100,6 +105,7 @@ async fn read_once(m: &Migration) -> Result<Status, crate::Error> {
         .map_err(source_err)?;
     let (source_xmin_age, delta_storage_bytes, sizes): (i64, i64, Vec<i64>) =
         (row.get(0), row.get(1), row.get(2));
+    let switched = run.phase == Phase::CutOver;
     let tables: Vec<TableStatus> = tables
         .into_iter()
         .zip(backlog)
@@ -110,7 +116,7 @@ async fn read_once(m: &Migration) -> Result<Status, crate::Error> {
             copied_rows: t.copied_rows,
             backlog_rows,
             applied_rows: t.applied_rows,
-            lag_secs: t.lag_secs,
+            lag_secs: t.lag_secs.filter(|_| !switched),
             size_bytes,
         })
         .collect();
@@ -120,7 +126,7 @@ async fn read_once(m: &Migration) -> Result<Status, crate::Error> {
         writes_blocked_ms: run.writes_blocked_ms,
         backlog_rows: tables.iter().map(|t| t.backlog_rows).sum(),
         max_lag_secs: tables.iter().filter_map(|t| t.lag_secs).reduce(f64::max),
-        fence_secs: if fence_raised { run.fence_age_secs } else { None },
+        fence_secs: run.fence_age_secs.filter(|_| fence_raised && !switched),
         source_xmin_age,
         delta_storage_bytes,
         tables,

@@ -221,6 +221,19 @@ async fn fence_blocks_every_writer_and_waits_for_inflight_ones() {
     let status = env.status().await;
     assert_eq!(status["phase"], "cut_over");
     assert!(status["writes_blocked_ms"].as_i64().is_some());
+    // The application writes to the target now: no lag, and no fence
+    // holding its writes, to alert on.
+    assert_eq!(status["fence_raised"], true, "{status}");
+    assert!(status["fence_secs"].is_null(), "{status}");
+    assert!(status["max_lag_secs"].is_null(), "{status}");
+    assert!(
+        status["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["lag_secs"].is_null()),
+        "{status}"
+    );
     env.ok(&["cleanup"]).await;
     assert_no_leftovers(&env).await;
     env.source_as(APP)
