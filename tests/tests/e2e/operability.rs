@@ -502,7 +502,7 @@ async fn the_final_drain_under_the_fence_is_not_rate_limited() {
 
 /// `status` reads the registered tables, then their backlogs: a delta table
 /// dropped in between (sync dropping a detached partition's as it follows
-/// it) failed it with "relation does not exist" and exit 3, as CI's run of
+/// it) failed it with "relation does not exist" and exit 3, as a full run of
 /// the partition test once showed. It reads again now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reads_again_when_a_delta_table_goes_meanwhile() {
