@@ -30,6 +30,10 @@ use crate::plan::SourceTable;
 use crate::state::TableState;
 use crate::sync::SyncError;
 
+/// The advisory lock class of a follow, taken on the target: `pgfr` less
+/// one (the drain's batch locks, on the source, are `pgfr` and above).
+const FOLLOW_LOCK_CLASS: i32 = 0x7067_6671;
+
 /// One change of a captured partition hierarchy that sync repeats on the
 /// target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,11 +122,17 @@ pub async fn partitions(
     if !m.cfg.sync.follow_partitions || m.reads_elsewhere() {
         return Ok(None);
     }
+    let _one_at_a_time = lock(m, cancel).await?;
+    let read = pending(m).await?;
+    if read.drift.is_empty() {
+        tracing::info!("Another agent followed the source's partition maintenance");
+        return Ok(Some(Vec::new()));
+    }
     let Pending {
         follow: Some(changes),
         current,
         ..
-    } = pending(m).await?
+    } = read
     else {
         return Ok(None);
     };
@@ -164,6 +174,37 @@ pub async fn partitions(
         "Followed on the target"
     );
     Ok(Some(changes))
+}
+
+/// Takes the follow's lock, waiting while another agent holds it: two
+/// agents syncing one migration met the same maintenance, both repeated
+/// it on the target, and the second failed on the table the first had
+/// made. A session of its own holds it, outside the pool, so that it goes
+/// with the session whatever ends the follow; on the target, which the
+/// application does not use yet, not to take one more of the source's
+/// capped connections.
+async fn lock(m: &Migration, cancel: &CancellationToken) -> Result<tokio_postgres::Client, crate::Error> {
+    let session = m.target.connect().await?;
+    let mut told = false;
+    loop {
+        let locked: bool = session
+            .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&FOLLOW_LOCK_CLASS])
+            .await
+            .map_err(target_err("taking the follow's lock"))?
+            .get(0);
+        if locked {
+            return Ok(session);
+        }
+        if !told {
+            tracing::info!("Another agent follows the source's partition maintenance: waiting for it");
+            crate::failpoint::hit("follow.waiting").await;
+            told = true;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
 }
 
 /// The source's drift from the registrations, what of it to follow, and
@@ -273,6 +314,7 @@ async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(),
         table,
     )
     .await?;
+    crate::failpoint::hit("follow.target_read").await;
     if found == Some(true) {
         return Ok(());
     }

@@ -1570,6 +1570,52 @@ async fn sync_killed_while_following_partitions_finishes_on_the_next_run() {
     assert_no_leftovers(&env).await;
 }
 
+/// Two agents syncing one migration (a service restarted beside the old
+/// one, or a second bridge host) met the same partition maintenance: both
+/// found the partition missing on the target, both restored it, and the
+/// later one failed ("already exists", exit 3). A follow now holds a lock:
+/// the second agent waits for the first, then finds nothing left to follow
+/// and drains on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_follow_partition_maintenance_one_at_a_time() {
+    let env = partitioned().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE readings_2027 PARTITION OF readings FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+             INSERT INTO readings VALUES (1, '2027-03-03', 1, 'two agents')",
+        )
+        .await
+        .unwrap();
+    // The first has found the partition missing on the target; the second
+    // meets the same drift and waits.
+    let mut first = env
+        .run_until_failpoint(&["sync", "--until-caught-up"], "follow.target_read")
+        .await;
+    let mut second = env
+        .run_until_failpoint(&["sync", "--until-caught-up"], "follow.waiting")
+        .await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(&second, "Another agent followed").await;
+    for (name, agent) in [("first", &mut first), ("second", &mut second)] {
+        let status = agent.wait().await.expect("sync ends");
+        assert!(status.success(), "the {name} agent: {status}");
+    }
+    assert!(
+        crate::target_has(
+            &env,
+            "SELECT count(*) = 1 FROM readings_2027 WHERE note = 'two agents'"
+        )
+        .await
+    );
+    env.ok(&["cutover"]).await;
+    assert_same_then_clean_up(&env).await;
+}
+
 /// A partition detached on the source while syncing (an old one archived)
 /// left the target's copy attached: every table compared equal, the
 /// cutover succeeded, and the parent held the detached rows on the target
