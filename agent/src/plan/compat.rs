@@ -245,3 +245,35 @@ pub(super) async fn not_migrated(
     }
     Ok(())
 }
+
+/// Sequences the source role may not read: the cutover copies every
+/// sequence's state with writes fenced, and a refusal there failed it
+/// (and lifted the fence) after the whole copy and sync.
+pub(super) async fn sequences(
+    src: &impl GenericClient,
+    user: &str,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = src
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'S' AND NOT has_table_privilege(c.oid, 'SELECT')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+              ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let sequence: String = r.get(0);
+        f.add(
+            Severity::Blocker,
+            sequence.clone(),
+            format!("role {user} may not read this sequence, whose value the cutover copies"),
+            format!("GRANT SELECT ON SEQUENCE {sequence} TO {user}"),
+        );
+    }
+    Ok(())
+}

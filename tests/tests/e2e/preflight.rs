@@ -58,7 +58,8 @@ async fn check_reports_health_compatibility_and_sizing() {
     .unwrap();
     env.source_superuser(
         "CREATE FUNCTION note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END';
-         CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION note_ddl();",
+         CREATE EVENT TRIGGER ddl_log ON ddl_command_end EXECUTE FUNCTION note_ddl();
+         CREATE SEQUENCE public.hidden_counter;",
     )
     .await;
     // An index left INVALID by a failed concurrent build.
@@ -93,6 +94,13 @@ async fn check_reports_health_compatibility_and_sizing() {
         assert!(!p["fix"].as_str().unwrap().is_empty());
     };
     blocker("large object");
+    // Its value is copied at cutover, with writes fenced: a refusal then
+    // failed the cutover after the whole copy and sync.
+    blocker("may not read this sequence");
+    assert_eq!(
+        problem(&report, "may not read this sequence").unwrap()["subject"],
+        "public.hidden_counter"
+    );
     blocker("encoding is LATIN1");
     blocker("connection slot");
     let w = problem(&report, "collation differs").expect("collation warning");
@@ -124,6 +132,8 @@ async fn check_reports_health_compatibility_and_sizing() {
     app.batch_execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
         .await
         .unwrap();
+    env.source_superuser(&format!("GRANT SELECT ON SEQUENCE hidden_counter TO {}", APP.0))
+        .await;
     let (code, report) = check_json(
         &env,
         &[("PGFERRY_CUTOVER__MATERIALIZED_VIEWS", "after_switch")],
