@@ -6,6 +6,13 @@ use tokio_postgres::GenericClient;
 use super::check::Findings;
 use super::Severity;
 
+/// SQL: the relation `c`, in the namespace `n`, is the application's: not
+/// in a system schema or pgferry's, nor a member of an extension.
+const USER_RELATION: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') \
+     AND n.nspname NOT LIKE 'pg\\_%' \
+     AND NOT EXISTS (SELECT 1 FROM pg_depend d \
+                      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
 /// Encoding, collation and ctype of the connected database.
 async fn locale(c: &impl GenericClient) -> Result<(String, String, String), tokio_postgres::Error> {
     let r = c
@@ -177,13 +184,12 @@ pub(super) async fn row_security(
 ) -> Result<(), tokio_postgres::Error> {
     let rows = src
         .query(
-            "SELECT format('%I.%I', n.nspname, c.relname), c.relforcerowsecurity AND pg_has_role(c.relowner, 'USAGE')
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind IN ('r', 'p') AND row_security_active(c.oid)
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-              ORDER BY 1",
+            &format!(
+                "SELECT format('%I.%I', n.nspname, c.relname), c.relforcerowsecurity AND pg_has_role(c.relowner, 'USAGE')
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'p') AND row_security_active(c.oid) AND {USER_RELATION}
+                  ORDER BY 1"
+            ),
             &[],
         )
         .await?;
@@ -256,13 +262,12 @@ pub(super) async fn sequences(
 ) -> Result<(), tokio_postgres::Error> {
     let rows = src
         .query(
-            "SELECT format('%I.%I', n.nspname, c.relname)
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind = 'S' AND NOT has_table_privilege(c.oid, 'SELECT')
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-              ORDER BY 1",
+            &format!(
+                "SELECT format('%I.%I', n.nspname, c.relname)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'S' AND NOT has_table_privilege(c.oid, 'SELECT') AND {USER_RELATION}
+                  ORDER BY 1"
+            ),
             &[],
         )
         .await?;
