@@ -52,24 +52,8 @@ pub struct Status {
     pub tables: Vec<TableStatus>,
 }
 
-/// Reads the status from the source. A delta table dropped between the
-/// reads (sync following a partition's detach, or a cleanup) makes it read
-/// again: the tables as registered now.
+/// Reads the status from the source.
 pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
-    let mut again = 3;
-    loop {
-        match read_once(m).await {
-            Err(crate::Error::Sync(crate::sync::SyncError::Backlog { source, .. }))
-                if again > 0 && source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
-            {
-                again -= 1;
-            }
-            read => return read,
-        }
-    }
-}
-
-async fn read_once(m: &Migration) -> Result<Status, crate::Error> {
     let conn = m.source_conn().await?;
     let Some(run) = state::load(&**conn).await? else {
         return Ok(Status {

@@ -1647,38 +1647,49 @@ fn below<'a>(t: &TableState, group: &'a [TableState]) -> impl Iterator<Item = &'
 }
 
 /// Unconsumed delta rows per table (TRUNCATE events count as one). A table
-/// whose capture is not installed yet has none.
+/// whose capture is not installed yet has none, nor one whose delta table
+/// goes while this reads (an agent following a partition's detach drops
+/// it): the backlogs are then read again.
 pub async fn backlog(client: &tokio_postgres::Client, tables: &[TableState]) -> Result<Vec<i64>, SyncError> {
     let err = |source| SyncError::Backlog {
         table: "pgferry".into(),
         source,
     };
-    let existing: std::collections::HashSet<String> = client
-        .query(
-            "SELECT relname::text FROM pg_class WHERE relnamespace = to_regnamespace('pgferry') AND relkind = 'r'",
-            &[],
-        )
-        .await
-        .map_err(err)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    crate::failpoint::hit("backlog.listed").await;
-    let counted: Vec<&TableState> = tables
-        .iter()
-        .filter(|t| existing.contains(&t.delta_table().name))
-        .collect();
-    let pending = Pending::read(client, &counted, None).await.map_err(err)?;
-    Ok(tables
-        .iter()
-        .map(|t| {
-            if existing.contains(&t.delta_table().name) {
-                pending.backlog(t)
-            } else {
-                0
+    let mut again = 3;
+    loop {
+        let existing: std::collections::HashSet<String> = client
+            .query(
+                "SELECT relname::text FROM pg_class WHERE relnamespace = to_regnamespace('pgferry') AND relkind = 'r'",
+                &[],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        crate::failpoint::hit("backlog.listed").await;
+        let counted: Vec<&TableState> = tables
+            .iter()
+            .filter(|t| existing.contains(&t.delta_table().name))
+            .collect();
+        let pending = match Pending::read(client, &counted, None).await {
+            Err(e) if again > 0 && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                again -= 1;
+                continue;
             }
-        })
-        .collect())
+            read => read.map_err(err)?,
+        };
+        return Ok(tables
+            .iter()
+            .map(|t| {
+                if existing.contains(&t.delta_table().name) {
+                    pending.backlog(t)
+                } else {
+                    0
+                }
+            })
+            .collect());
+    }
 }
 
 #[cfg(test)]
