@@ -301,6 +301,29 @@ async fn a_column_renamed_between_drift_checks_is_told_as_drift() {
     assert!(err.contains("table public.scratch: columns changed"), "{err}");
 }
 
+/// Drift made after the cutover's check ahead of the fence is caught under
+/// it (the check now runs beside the final drain): the cutover stops before
+/// the switch, with the fence lifted and the drift named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_just_before_the_fence_stops_the_cutover() {
+    let env = synced().await;
+    let mut agent = env
+        .run_until_failpoint(&["cutover"], "cutover.before_fence")
+        .await;
+    env.source_as(APP)
+        .await
+        .batch_execute("ALTER TABLE scratch ADD COLUMN late int; INSERT INTO scratch VALUES (902, 'late', 1)")
+        .await
+        .unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(&agent, "table public.scratch: columns changed")
+        .await;
+    let status = agent.wait().await.expect("the cutover ends");
+    assert!(!status.success(), "no cutover over a drifted schema");
+    assert!(!fence_is_up(&env).await, "the fence is lifted");
+    assert_eq!(env.status().await["phase"], "syncing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
     let env = synced().await;
