@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+mod bootstrap;
 mod capture;
 mod copy;
 mod cutover;
@@ -22,7 +23,7 @@ mod drain;
 mod lag;
 mod tables;
 
-const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N]
+const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N] [--modes none,pgferry,bucardo,...]
        pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
        pgferry-bench cutover [--scale N] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]

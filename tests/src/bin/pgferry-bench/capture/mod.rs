@@ -65,21 +65,60 @@ const TABLES: [(&str, &str); 4] = [
     ("pgbench_history", "id bigint"),
 ];
 
+/// Modes every run has: the figures that matter are pgferry's loss over
+/// Bucardo's, both against no triggers.
+const REQUIRED_MODES: [&str; 3] = ["none", "pgferry", "bucardo"];
+
 struct Args {
     scale: u32,
     clients: u32,
     secs: u32,
     rounds: u32,
+    /// The modes to run, in `MODES` order (`--modes none,pgferry,bucardo`:
+    /// fewer modes put the compared runs closer together in time, and more
+    /// rounds in the same time).
+    modes: Vec<&'static str>,
 }
 
 fn args(v: &[String]) -> Args {
-    let f = crate::flags(v, &["--scale", "--clients", "--secs", "--rounds"]);
+    let f = crate::flags(v, &["--scale", "--clients", "--secs", "--rounds", "--modes"]);
+    let modes = match f.get("--modes") {
+        None => MODES.to_vec(),
+        Some(list) => modes(list).unwrap_or_else(|e| {
+            eprintln!("--modes: {e}");
+            std::process::exit(2)
+        }),
+    };
     Args {
         scale: crate::num(&f, "--scale", 10),
         clients: crate::num(&f, "--clients", 8),
         secs: crate::num(&f, "--secs", 15),
         rounds: crate::num(&f, "--rounds", 3),
+        modes,
     }
+}
+
+/// The modes a comma-separated `--modes` list names, in `MODES` order.
+fn modes(list: &str) -> Result<Vec<&'static str>, String> {
+    let named: Vec<&str> = list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    if let Some(unknown) = named.iter().find(|m| !MODES.contains(m)) {
+        return Err(format!(
+            "unknown mode {unknown:?}; the modes are {}",
+            MODES.join(", ")
+        ));
+    }
+    let missing: Vec<&str> = REQUIRED_MODES
+        .into_iter()
+        .filter(|m| !named.contains(m))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "every run needs {}: add {}",
+            REQUIRED_MODES.join(", "),
+            missing.join(", ")
+        ));
+    }
+    Ok(MODES.into_iter().filter(|m| named.contains(m)).collect())
 }
 
 /// The sync the `bucardo` command adds; its triggers are named after it.
@@ -242,8 +281,8 @@ pub async fn run(v: &[String]) {
     let postmaster = postmaster_pid(&source);
     for round in 0..a.rounds {
         // Rotate the order each round.
-        for i in 0..MODES.len() {
-            let mode = MODES[(i + round as usize) % MODES.len()];
+        for i in 0..a.modes.len() {
+            let mode = a.modes[(i + round as usize) % a.modes.len()];
             select_mode(&admin, mode).await;
             crate::settle(&[&source], &TABLES.map(|(t, _)| t).join(", ")).await;
             let (cpu_before, sessions) = server_cpu(postmaster);
@@ -304,11 +343,13 @@ pub async fn run(v: &[String]) {
     // The same single-row UPDATEs counted in instructions, on the stopped
     // source.
     source.stop("fast").await.expect("stop the source");
-    let instructions: std::collections::BTreeMap<&str, f64> = MODES
+    let instructions: std::collections::BTreeMap<&str, f64> = a
+        .modes
         .iter()
         .map(|m| (*m, instructions_per_update(&source, m, a.scale * 10)))
         .collect();
-    let tpcb: std::collections::BTreeMap<&str, f64> = MODES
+    let tpcb: std::collections::BTreeMap<&str, f64> = a
+        .modes
         .iter()
         .map(|m| (*m, tpcb_instructions(&source, m)))
         .collect();
@@ -345,29 +386,67 @@ pub async fn run(v: &[String]) {
         (1.0 / (1.0 - l / 2.0) - 1.0) / (1.0 / (1.0 - l) - 1.0)
     };
     let per_mode = |f: &dyn Fn(&str) -> f64| -> serde_json::Map<String, serde_json::Value> {
-        MODES.iter().map(|m| (m.to_string(), f(m).into())).collect()
+        a.modes.iter().map(|m| (m.to_string(), f(m).into())).collect()
     };
+    // A figure that needs a mode this run left out is null.
+    let with = |mode: &str, figure: &dyn Fn() -> f64| -> serde_json::Value {
+        if a.modes.contains(&mode) {
+            figure().into()
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    // How far the wall-clock ratios could be from what many more rounds
+    // would give: the rounds drawn again with replacement (90% intervals).
+    let rounds = tps["none"].len();
+    let of_draw = |m: &str, d: &[usize], v: &std::collections::BTreeMap<&str, Vec<f64>>| -> Vec<f64> {
+        d.iter().map(|&i| v[m][i]).collect()
+    };
+    let medians_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
+        let l = |m: &str| 1.0 - median(&of_draw(m, d, &tps)) / median(&of_draw("none", d, &tps));
+        l("pgferry") / l("bucardo")
+    });
+    let paired_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
+        let l = |m: &str| {
+            median(
+                &d.iter()
+                    .map(|&i| 1.0 - tps[m][i] / tps["none"][i])
+                    .collect::<Vec<_>>(),
+            )
+        };
+        l("pgferry") / l("bucardo")
+    });
+    let cpu_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
+        let l = |m: &str| {
+            1.0 - median(&of_draw("none", d, &server_cpu_us)) / median(&of_draw(m, d, &server_cpu_us))
+        };
+        l("pgferry") / l("bucardo")
+    });
     let report = serde_json::json!({
         "benchmark": "capture overhead, pgbench TPC-B-like",
         "scale": a.scale, "clients": a.clients, "threads": 2, "secs_per_run": a.secs, "rounds": a.rounds,
+        "modes": a.modes,
         "tps": tps,
         "tps_median": per_mode(&med),
         "tps_loss_pct": per_mode(&|m: &str| if m == "none" { 0.0 } else { loss(m) }),
         "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
+        "pgferry_loss_vs_bucardo_loss_ci90": [medians_ci.0, medians_ci.1],
         "tps_loss_pct_paired_median": per_mode(&paired),
         "pgferry_paired_loss_vs_bucardo": paired("pgferry") / paired("bucardo"),
-        "pgferry_loss_vs_bucardo_style_loss": loss("pgferry") / loss("bucardo_style"),
-        "floor_loss_vs_bucardo_loss": loss("floor") / loss("bucardo"),
+        "pgferry_paired_loss_vs_bucardo_ci90": [paired_ci.0, paired_ci.1],
+        "pgferry_loss_vs_bucardo_style_loss": with("bucardo_style", &|| loss("pgferry") / loss("bucardo_style")),
+        "floor_loss_vs_bucardo_loss": with("floor", &|| loss("floor") / loss("bucardo")),
         "server_cpu_us_per_txn": server_cpu_us,
         "server_cpu_us_per_txn_median": per_mode(&cpu_med),
         "server_system_cpu_us_per_txn_median": per_mode(&|m: &str| median(&server_system_us[m])),
         "server_cpu_loss_pct": per_mode(&cpu_loss),
         "pgferry_server_cpu_loss_vs_bucardo": cpu_loss("pgferry") / cpu_loss("bucardo"),
-        "pgferry_server_cpu_loss_vs_bucardo_style": cpu_loss("pgferry") / cpu_loss("bucardo_style"),
+        "pgferry_server_cpu_loss_vs_bucardo_ci90": [cpu_ci.0, cpu_ci.1],
+        "pgferry_server_cpu_loss_vs_bucardo_style": with("bucardo_style", &|| cpu_loss("pgferry") / cpu_loss("bucardo_style")),
         "machine_us_per_txn_median": per_mode(&machine_us),
         "time_added_us_per_txn": per_mode(&time_added),
         "pgferry_time_added_vs_bucardo": time_added("pgferry") / time_added("bucardo"),
-        "pgferry_time_added_vs_bucardo_style": time_added("pgferry") / time_added("bucardo_style"),
+        "pgferry_time_added_vs_bucardo_style": with("bucardo_style", &|| time_added("pgferry") / time_added("bucardo_style")),
         "pgferry_server_cpu_added_vs_bucardo": cpu_added("pgferry") / cpu_added("bucardo"),
         "time_added_vs_bucardo_at_half_its_loss": half_loss_time_ratio,
         "bulk_update_100k_secs_median": per_mode(&|m: &str| median(&bulk[m])),
@@ -375,11 +454,11 @@ pub async fn run(v: &[String]) {
         "instructions_per_single_row_update": instructions,
         "instructions_added_per_single_row_update": per_mode(&added),
         "pgferry_instructions_added_vs_bucardo": added("pgferry") / added("bucardo"),
-        "pgferry_instructions_added_vs_bucardo_style": added("pgferry") / added("bucardo_style"),
+        "pgferry_instructions_added_vs_bucardo_style": with("bucardo_style", &|| added("pgferry") / added("bucardo_style")),
         "tpcb_instructions_per_txn": tpcb,
         "tpcb_instruction_loss_pct": per_mode(&|m: &str| tpcb_loss(m)),
         "pgferry_tpcb_instruction_loss_vs_bucardo": tpcb_loss("pgferry") / tpcb_loss("bucardo"),
-        "pgferry_tpcb_instruction_loss_vs_bucardo_style": tpcb_loss("pgferry") / tpcb_loss("bucardo_style"),
+        "pgferry_tpcb_instruction_loss_vs_bucardo_style": with("bucardo_style", &|| tpcb_loss("pgferry") / tpcb_loss("bucardo_style")),
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
     drop((source, target));
@@ -493,4 +572,25 @@ fn update_loop(txns: u32, tellers: u32) -> String {
          UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = i % {tellers} + 1; \
          COMMIT; END LOOP; END $$"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_run_in_their_order_and_must_include_the_compared_ones() {
+        assert_eq!(
+            modes("bucardo, none,pgferry").unwrap(),
+            ["none", "pgferry", "bucardo"]
+        );
+        assert_eq!(
+            modes("floor,none,pgferry,bucardo").unwrap(),
+            ["none", "floor", "pgferry", "bucardo"]
+        );
+        let e = modes("none,pgferry").unwrap_err();
+        assert!(e.contains("add bucardo"), "{e}");
+        let e = modes("none,pgferry,bucardo,bucardo_stlye").unwrap_err();
+        assert!(e.contains("unknown mode \"bucardo_stlye\""), "{e}");
+    }
 }
