@@ -164,22 +164,9 @@ fn mode_sql(mode: &str) -> String {
 /// Runs the capture benchmark and prints its JSON.
 pub async fn run(v: &[String]) {
     let a = args(v);
-    eprintln!("starting throwaway clusters");
-    // The other benchmarks' server settings: pgbench's tables fit in
-    // shared_buffers, as a production server's working set does.
-    let (mut source, target) = tokio::try_join!(
-        Cluster::start_with("bench-source", &crate::copy::SERVER),
-        Cluster::start_with("bench-target", &crate::copy::SERVER)
-    )
-    .expect("clusters");
-    source
-        .create_role("app", "bench", "NOSUPERUSER NOREPLICATION", Some("bench"))
-        .await
-        .expect("role");
-    target
-        .create_role("rds", "bench", "NOSUPERUSER CREATEROLE", Some("bench"))
-        .await
-        .expect("role");
+    // The other benchmarks' clusters and server settings: pgbench's tables
+    // fit in shared_buffers, as a production server's working set does.
+    let (mut source, target) = crate::clusters("bench").await;
     let pgbench = source.bin_dir().join("pgbench");
     let env = crate::pgbench_env(&source);
     eprintln!("pgbench -i -s {}", a.scale);
