@@ -1,8 +1,9 @@
 //! `pgferry-bench capture`: what capture costs the source, measured.
 //!
 //! On a throwaway cluster with pgbench's TPC-B-like workload, runs pgbench in
-//! six modes, alternating them in every round so that drift of the machine
-//! hits all alike:
+//! up to six modes (`--modes` picks some; `none`, `pgferry` and `bucardo`
+//! always run), alternating them in every round so that drift of the
+//! machine hits all alike:
 //! - `none`: no triggers;
 //! - `floor`: an empty statement-level AFTER trigger, the least any
 //!   trigger-based capture can cost;
@@ -42,7 +43,10 @@
 //! not move), the ratio of pgferry's loss (and of the floor's) to
 //! Bucardo's and to the reproduction's, the same runs as time added per
 //! transaction (1/TPS) with pgferry's share of Bucardo's and the share a
-//! capture losing half Bucardo's TPS would have, the bulk UPDATE's time,
+//! capture losing half Bucardo's TPS would have, 90% bootstrap intervals
+//! of pgferry's share of Bucardo's loss (from the medians, paired, and by
+//! server CPU: how far five rounds on a noisy host may be from many more),
+//! the bulk UPDATE's time,
 //! the CPU per single-row UPDATE and its instructions, with the ratio of
 //! those pgferry adds to those Bucardo adds.
 
@@ -342,24 +346,42 @@ pub async fn run(v: &[String]) {
         .collect();
     let tpcb_loss = |m: &str| 100.0 * (1.0 - tpcb["none"] / tpcb[m]);
     let added = |m: &str| instructions[m] - instructions["none"];
-    let med = |m: &str| median(&tps[m]);
-    let loss = |m: &str| 100.0 * (1.0 - med(m) / med("none"));
+    // Each wall-clock loss is computed from a set of rounds: all of them
+    // for the figures, and the bootstrap's draws of them for the intervals.
+    type PerMode<'a> = std::collections::BTreeMap<&'a str, Vec<f64>>;
+    let median_of = |v: &PerMode, m: &str, rounds: &[usize]| -> f64 {
+        median(&rounds.iter().map(|&i| v[m][i]).collect::<Vec<_>>())
+    };
+    let loss_in = |m: &str, r: &[usize]| 100.0 * (1.0 - median_of(&tps, m, r) / median_of(&tps, "none", r));
     // Paired: each round's loss against that round's no-trigger run, so
     // that the machine's drift from round to round cancels out.
-    let paired = |m: &str| {
-        let per_round: Vec<f64> = tps[m]
-            .iter()
-            .zip(&tps["none"])
-            .map(|(t, none)| 100.0 * (1.0 - t / none))
-            .collect();
-        median(&per_round)
+    let paired_in = |m: &str, r: &[usize]| {
+        median(
+            &r.iter()
+                .map(|&i| 100.0 * (1.0 - tps[m][i] / tps["none"][i]))
+                .collect::<Vec<_>>(),
+        )
     };
     // The server's CPU per transaction in the TPS rounds: `1 - none/mode`
     // is the TPS loss of a CPU-bound server, with what instructions do not
     // show (the kernel's share, cache misses) and without the run-to-run
     // swings of TPS on a shared host.
+    let cpu_loss_in = |m: &str, r: &[usize]| {
+        100.0 * (1.0 - median_of(&server_cpu_us, "none", r) / median_of(&server_cpu_us, m, r))
+    };
+    let all: Vec<usize> = (0..tps["none"].len()).collect();
+    let med = |m: &str| median(&tps[m]);
+    let loss = |m: &str| loss_in(m, &all);
+    let paired = |m: &str| paired_in(m, &all);
     let cpu_med = |m: &str| median(&server_cpu_us[m]);
-    let cpu_loss = |m: &str| 100.0 * (1.0 - cpu_med("none") / cpu_med(m));
+    let cpu_loss = |m: &str| cpu_loss_in(m, &all);
+    // How far pgferry's share of Bucardo's loss could be from what many
+    // more rounds would give: the rounds drawn again with replacement.
+    let ci90 = |loss: &dyn Fn(&str, &[usize]) -> f64| -> [f64; 2] {
+        let (lo, hi) =
+            crate::bootstrap::interval(all.len(), 0.9, |d| loss("pgferry", d) / loss("bucardo", d));
+        [lo, hi]
+    };
     // The same runs as time: the machine's µs per transaction (1/TPS) and
     // what each mode adds to it. A loss ratio is not a cost ratio: a loss
     // cannot pass 100%, so the larger loss is squeezed more. At Bucardo's
@@ -383,32 +405,6 @@ pub async fn run(v: &[String]) {
             serde_json::Value::Null
         }
     };
-    // How far the wall-clock ratios could be from what many more rounds
-    // would give: the rounds drawn again with replacement (90% intervals).
-    let rounds = tps["none"].len();
-    let of_draw = |m: &str, d: &[usize], v: &std::collections::BTreeMap<&str, Vec<f64>>| -> Vec<f64> {
-        d.iter().map(|&i| v[m][i]).collect()
-    };
-    let medians_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
-        let l = |m: &str| 1.0 - median(&of_draw(m, d, &tps)) / median(&of_draw("none", d, &tps));
-        l("pgferry") / l("bucardo")
-    });
-    let paired_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
-        let l = |m: &str| {
-            median(
-                &d.iter()
-                    .map(|&i| 1.0 - tps[m][i] / tps["none"][i])
-                    .collect::<Vec<_>>(),
-            )
-        };
-        l("pgferry") / l("bucardo")
-    });
-    let cpu_ci = crate::bootstrap::interval(rounds, 0.9, |d| {
-        let l = |m: &str| {
-            1.0 - median(&of_draw("none", d, &server_cpu_us)) / median(&of_draw(m, d, &server_cpu_us))
-        };
-        l("pgferry") / l("bucardo")
-    });
     let report = serde_json::json!({
         "benchmark": "capture overhead, pgbench TPC-B-like",
         "scale": a.scale, "clients": a.clients, "threads": 2, "secs_per_run": a.secs, "rounds": a.rounds,
@@ -417,10 +413,10 @@ pub async fn run(v: &[String]) {
         "tps_median": per_mode(&med),
         "tps_loss_pct": per_mode(&|m: &str| if m == "none" { 0.0 } else { loss(m) }),
         "pgferry_loss_vs_bucardo_loss": loss("pgferry") / loss("bucardo"),
-        "pgferry_loss_vs_bucardo_loss_ci90": [medians_ci.0, medians_ci.1],
+        "pgferry_loss_vs_bucardo_loss_ci90": ci90(&loss_in),
         "tps_loss_pct_paired_median": per_mode(&paired),
         "pgferry_paired_loss_vs_bucardo": paired("pgferry") / paired("bucardo"),
-        "pgferry_paired_loss_vs_bucardo_ci90": [paired_ci.0, paired_ci.1],
+        "pgferry_paired_loss_vs_bucardo_ci90": ci90(&paired_in),
         "pgferry_loss_vs_bucardo_style_loss": with("bucardo_style", &|| loss("pgferry") / loss("bucardo_style")),
         "floor_loss_vs_bucardo_loss": with("floor", &|| loss("floor") / loss("bucardo")),
         "server_cpu_us_per_txn": server_cpu_us,
@@ -428,7 +424,7 @@ pub async fn run(v: &[String]) {
         "server_system_cpu_us_per_txn_median": per_mode(&|m: &str| median(&server_system_us[m])),
         "server_cpu_loss_pct": per_mode(&cpu_loss),
         "pgferry_server_cpu_loss_vs_bucardo": cpu_loss("pgferry") / cpu_loss("bucardo"),
-        "pgferry_server_cpu_loss_vs_bucardo_ci90": [cpu_ci.0, cpu_ci.1],
+        "pgferry_server_cpu_loss_vs_bucardo_ci90": ci90(&cpu_loss_in),
         "pgferry_server_cpu_loss_vs_bucardo_style": with("bucardo_style", &|| cpu_loss("pgferry") / cpu_loss("bucardo_style")),
         "machine_us_per_txn_median": per_mode(&machine_us),
         "time_added_us_per_txn": per_mode(&time_added),
