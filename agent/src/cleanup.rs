@@ -5,6 +5,13 @@
 //! dropped one table per transaction with the source's `lock_timeout` and
 //! retries; then the control schema goes with `DROP SCHEMA ... CASCADE`.
 //! Dropping the triggers also lifts a fence that is still up. Safe to re-run.
+//!
+//! After a finished cutover, cleanup first leaves a marker on the target
+//! (table `pgferry.finished`, naming the source database) and removes it
+//! last: a run killed after the source's control schema went (so nothing on
+//! the source says the migration finished) is recognised by the next
+//! `migrate`, which completes the cleanup and exits 0 instead of starting
+//! afresh against the new production database ([`finished_marker`]).
 
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +58,102 @@ pub struct CleanupReport {
     pub source_schema_dropped: bool,
     /// A stray pgferry schema was dropped on the target.
     pub target_schema_dropped: bool,
+}
+
+/// A finished migration whose cleanup was interrupted, as its marker on the
+/// target tells it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finished {
+    /// The source database it was migrated from.
+    pub source_database: String,
+    /// When its cleanup began, after the cutover (RFC 3339).
+    pub finished_at: String,
+}
+
+/// The source's database name and OID: what the marker names.
+async fn source_identity(source: &tokio_postgres::Client) -> Result<(String, u32), tokio_postgres::Error> {
+    let row = source
+        .query_one(
+            "SELECT current_database()::text, oid FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Leaves the marker of a finished migration on the target.
+async fn mark_finished(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) -> Result<(), CleanupError> {
+    use crate::endpoint::Side;
+    let (name, oid) = source_identity(source)
+        .await
+        .map_err(|source| CleanupError::Query {
+            what: "reading the source's identity".into(),
+            side: Side::Source,
+            source,
+        })?;
+    let q = |source| CleanupError::Query {
+        what: "marking the migration finished".into(),
+        side: Side::Target,
+        source,
+    };
+    target
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS pgferry;
+             CREATE TABLE IF NOT EXISTS pgferry.finished (
+                 source_database text NOT NULL, source_database_oid oid NOT NULL,
+                 finished_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(q)?;
+    target
+        .execute(
+            "INSERT INTO pgferry.finished (source_database, source_database_oid)
+             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM pgferry.finished)",
+            &[&name, &oid],
+        )
+        .await
+        .map_err(q)?;
+    Ok(())
+}
+
+/// The marker of a finished migration of this source whose cleanup did not
+/// complete, if the target holds one.
+pub async fn finished_marker(m: &Migration) -> Result<Option<Finished>, crate::Error> {
+    use crate::endpoint::Side;
+    let q = |what: &str, side| {
+        let what = what.to_string();
+        move |source| CleanupError::Query { what, side, source }
+    };
+    let target = m.target_conn().await?;
+    let row = target
+        .query_one("SELECT to_regclass('pgferry.finished') IS NOT NULL", &[])
+        .await
+        .map_err(q("looking for the finished marker", Side::Target))?;
+    if !row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let marker = target
+        .query_opt(
+            "SELECT source_database, source_database_oid, to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+               FROM pgferry.finished LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(q("reading the finished marker", Side::Target))?;
+    drop(target);
+    let Some(marker) = marker else { return Ok(None) };
+    let source = m.source_conn().await?;
+    let identity = source_identity(&source)
+        .await
+        .map_err(q("reading the source's identity", Side::Source))?;
+    let (name, oid): (String, u32) = (marker.get(0), marker.get(1));
+    Ok((identity == (name.clone(), oid)).then(|| Finished {
+        source_database: name,
+        finished_at: marker.get(2),
+    }))
 }
 
 /// The objects of pgferry's left in one database.
@@ -122,6 +225,13 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
     use crate::endpoint::Side;
     let mut report = CleanupReport::default();
     let source = m.source_conn().await?;
+    // Before the source's last record of the migration goes.
+    if crate::state::load(&**source)
+        .await?
+        .is_some_and(|r| r.phase == crate::state::Phase::CutOver)
+    {
+        mark_finished(&source, &*m.target_conn().await?).await?;
+    }
     let q = |what: &str, side| {
         let what = what.to_string();
         move |source| CleanupError::Query { what, side, source }
@@ -173,6 +283,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         .await?;
         report.source_schema_dropped = true;
     }
+    crate::failpoint::hit("cleanup.after_source_schema_drop").await;
     let target = m.target_conn().await?;
     let had_schema = leftovers(&target)
         .await

@@ -159,10 +159,35 @@ async fn run(cli: Cli) -> ExitCode {
             }
             out.code
         }
-        Err(e) => {
-            eprintln!("error: {}", report(&e));
-            e.exit_code()
+        Err(f) => {
+            eprintln!("error: {}", report(&f.error));
+            // The last line says whether the application can write to the
+            // source again (invariant 9), read from the source itself.
+            match f.fence {
+                Some((line, still_fenced)) => {
+                    eprintln!("{line}");
+                    if still_fenced {
+                        ExitCode::Fenced
+                    } else {
+                        f.error.exit_code()
+                    }
+                }
+                None => f.error.exit_code(),
+            }
         }
+    }
+}
+
+/// A failed command: its error, and for the commands that raise the fence,
+/// the fence's state when it ended.
+struct Failure {
+    error: Error,
+    fence: Option<(String, bool)>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self { error, fence: None }
     }
 }
 
@@ -201,7 +226,7 @@ fn pretty<T: Serialize>(title: &str, value: &T) -> String {
     )
 }
 
-async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error> {
+async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Failure> {
     if let Command::Demo(args) = &cli.command {
         let summary = crate::demo::run(args, cancel).await?;
         return Ok(Output::ok(&summary, summary.render()));
@@ -213,7 +238,8 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
                 source: cli.source.clone().map(SecretString::from),
                 target: cli.target.clone().map(SecretString::from),
             },
-        )?;
+        )
+        .map_err(Error::from)?;
         // With a source configured, class, storage and version default from it.
         let defaults = match &cfg.source {
             Some(url) => {
@@ -221,7 +247,8 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
                     url,
                     crate::endpoint::Side::Source,
                     cfg.source_limits.lock_timeout_ms,
-                )?;
+                )
+                .map_err(Error::from)?;
                 Some(crate::rds::source_defaults(&ep).await?)
             }
             None => None,
@@ -235,7 +262,23 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Error>
     if let Some(stop) = sampler {
         stop.cancel();
     }
-    out
+    match out {
+        Ok(out) => Ok(out),
+        // Its own headline already says so, and the source cannot be read.
+        Err(error @ Error::Cutover(crate::cutover::CutoverError::StillFenced { .. })) => Err(Failure {
+            fence: Some((
+                "THE SOURCE IS STILL FENCED: the application cannot write until the fence is lifted (see above)."
+                    .into(),
+                true,
+            )),
+            error,
+        }),
+        Err(error) if matches!(cli.command, Command::Cutover { .. } | Command::Migrate { .. }) => Err(Failure {
+            fence: crate::cutover::abort::fence_verdict(&m).await,
+            error,
+        }),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Serves metrics and samples the source while a working command runs

@@ -349,6 +349,32 @@ pub struct CutoverConfig {
     /// blocking writes (CONCURRENTLY where a unique index allows it).
     #[serde(default)]
     pub materialized_views: MatviewRefresh,
+    /// When a cutover fails with the fence up, how long pgferry keeps
+    /// trying to lift it while the source cannot be reached (with backoff,
+    /// `pgferry_fence_raised` staying 1) before it exits, fence still up,
+    /// naming the command that lifts it. Default 3600000 ms (an hour: a
+    /// failover or a network outage of the source's host usually ends well
+    /// within it, and every minute given up early is a minute the
+    /// application waits for an operator).
+    #[serde(default = "default_fence_lift_timeout_ms")]
+    pub fence_lift_timeout_ms: u64,
+    /// After the switch, `migrate --cutover` keeps the old source fenced
+    /// until no session that could write the captured tables is connected
+    /// to it (pgferry's own and `release_ignore_roles` aside), or until this
+    /// long has passed; then it cleans up, which lifts the fence. Default
+    /// 900000 ms (15 minutes): longer than a dyno's 30 s shutdown, a
+    /// preboot or rolling restart of a fleet, and PgBouncer's default
+    /// `server_idle_timeout` (10 minutes), after which a pooler that was
+    /// switched too has closed its idle sessions to the old source. Waiting
+    /// costs nothing (the application writes to the target); releasing too
+    /// early lets a straggler commit where nobody reads.
+    #[serde(default = "default_release_after_ms")]
+    pub release_after_ms: u64,
+    /// Roles whose sessions never hold the fence after the switch (a
+    /// read-only reporting role that still holds write grants, a
+    /// platform's monitoring role). Default none.
+    #[serde(default, deserialize_with = "list")]
+    pub release_ignore_roles: Vec<String>,
 }
 
 /// When the cutover refreshes materialized views on the target.
@@ -425,6 +451,14 @@ fn default_writer_wait_ms() -> u64 {
     30_000
 }
 
+fn default_fence_lift_timeout_ms() -> u64 {
+    3_600_000
+}
+
+fn default_release_after_ms() -> u64 {
+    900_000
+}
+
 impl Default for SourceLimits {
     fn default() -> Self {
         Self {
@@ -475,6 +509,9 @@ impl Default for CutoverConfig {
             rate_limited: false,
             verify: VerifyScope::Full,
             materialized_views: MatviewRefresh::Fenced,
+            fence_lift_timeout_ms: default_fence_lift_timeout_ms(),
+            release_after_ms: default_release_after_ms(),
+            release_ignore_roles: Vec::new(),
         }
     }
 }

@@ -73,6 +73,9 @@ pub enum ExitCode {
     Usage = 2,
     /// Anything else that went wrong at run time.
     Runtime = 3,
+    /// A cutover failed and the source is still fenced: the application
+    /// cannot write until `pgferry cutover --abort` lifts the fence.
+    Fenced = 4,
 }
 
 impl Error {
@@ -86,6 +89,7 @@ impl Error {
                 | crate::cutover::CutoverError::MismatchBeforeFence(_)
                 | crate::cutover::CutoverError::SchemaChanged(_),
             ) => ExitCode::CheckFailed,
+            Error::Cutover(crate::cutover::CutoverError::StillFenced { .. }) => ExitCode::Fenced,
             // SIGTERM is a normal stop (systemd): state is consistent and a
             // re-run continues.
             Error::Cancelled => ExitCode::Done,

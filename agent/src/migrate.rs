@@ -1,7 +1,8 @@
 //! `migrate`: the whole line, resumed from the stored phase.
 //!
 //! check → install → copy → then either sync until stopped, or (with
-//! `--cutover`) cutover and cleanup of the source. Each step is its own
+//! `--cutover`) cutover, the wait for the application to leave the old
+//! source (fence up), and cleanup of the source. Each step is its own
 //! command too and skips what an earlier run finished, so re-running
 //! `migrate` after a crash continues where it stopped.
 
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::{self, InstallReport};
 use crate::cleanup::{self, CleanupReport};
 use crate::copy::{self, CopyReport};
+use crate::cutover::release::{self, ReleaseReport};
 use crate::cutover::{self, CutoverOptions, CutoverReport};
 use crate::migration::Migration;
 use crate::plan::{self, CheckReport};
@@ -34,8 +36,14 @@ pub struct MigrateReport {
     pub sync: Option<SyncReport>,
     /// Cutover step.
     pub cutover: Option<CutoverReport>,
+    /// The wait, fence up, for the application to leave the old source.
+    pub release: Option<ReleaseReport>,
     /// Cleanup step.
     pub cleanup: Option<CleanupReport>,
+    /// The migration had finished already: an interrupted cleanup was
+    /// completed, nothing else done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_earlier: Option<cleanup::Finished>,
 }
 
 /// Runs the preflight and refuses on blockers (printing the report).
@@ -66,10 +74,29 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<MigrateReport, crate::Error> {
     let mut report = MigrateReport::default();
-    let phase = {
+    let run = {
         let conn = m.source_conn().await?;
-        state::load(&**conn).await?.map(|r| r.phase)
+        state::load(&**conn).await?
     };
+    if run.as_ref().is_some_and(state::Run::target_untidied) {
+        // An aborted cutover's objects on the target go before any drain.
+        resilient(m, "cutover", cancel, || cutover::abort::finish(m)).await?;
+    }
+    if run.is_none() {
+        // Nothing on the source: a new migration, or a finished one whose
+        // cleanup was interrupted after the source's control schema went.
+        if let Some(finished) = resilient(m, "cleanup", cancel, || cleanup::finished_marker(m)).await? {
+            tracing::info!(
+                source_database = %finished.source_database,
+                finished_at = %finished.finished_at,
+                "This migration finished already (its cleanup was interrupted): completing the cleanup"
+            );
+            report.cleanup = Some(resilient(m, "cleanup", cancel, || cleanup::run(m, cancel)).await?);
+            report.finished_earlier = Some(finished);
+            return Ok(report);
+        }
+    }
+    let phase = run.map(|r| r.phase);
     if phase < Some(Phase::CuttingOver) {
         preflight(m).await?;
     }
@@ -86,6 +113,14 @@ pub async fn run(
     }
     let opts = CutoverOptions::default();
     report.cutover = Some(resilient(m, "cutover", cancel, || cutover::run(m, opts, cancel)).await?);
+    // Cleanup lifts the fence: not while the application may still write
+    // to the old source (invariant 8).
+    report.release = Some(
+        resilient(m, "cleanup", cancel, || {
+            release::wait_for_the_application_to_leave(m, cancel)
+        })
+        .await?,
+    );
     report.cleanup = Some(resilient(m, "cleanup", cancel, || cleanup::run(m, cancel)).await?);
     Ok(report)
 }

@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (12, include_str!("../../sql/0012_trigger_stamps.sql")),
     (13, include_str!("../../sql/0013_drain_pass.sql")),
     (14, include_str!("../../sql/0014_cheaper_fence.sql")),
+    (15, include_str!("../../sql/0015_moved_fence.sql")),
 ];
 
 /// Control-schema failures.
@@ -139,6 +140,16 @@ pub struct Run {
     pub writes_blocked_ms: Option<i64>,
     /// The switch command has started: the cutover can no longer be aborted.
     pub switch_started: bool,
+}
+
+impl Run {
+    /// An aborted cutover lifted the fence but could not yet remove what it
+    /// restored on the target (foreign keys, triggers...): phase
+    /// `cutting_over` with the fence down and no switch. Nothing may drain
+    /// into the target until the abort is finished.
+    pub fn target_untidied(&self) -> bool {
+        self.phase == Phase::CuttingOver && self.fence_age_secs.is_none() && !self.switch_started
+    }
 }
 
 /// Copy progress of one table.

@@ -625,6 +625,11 @@ async fn finish_later_copy(m: &Migration, cancel: &CancellationToken) -> Result<
 pub async fn syncable_tables(m: &Migration) -> Result<Vec<TableState>, crate::Error> {
     let conn = m.source_conn().await?;
     match state::load(&**conn).await? {
+        Some(run) if run.target_untidied() => Err(crate::Error::Phase(
+            "an aborted cutover left the foreign keys and triggers it restored on the target, where they would act \
+             on the drain: run `pgferry cutover --abort` (or `pgferry migrate`) to remove them, then sync"
+                .into(),
+        )),
         Some(run) if run.phase >= Phase::Syncing => Ok(state::tables(&**conn).await?),
         Some(run) => Err(crate::Error::Phase(format!(
             "the copy has not finished (phase {}): run `pgferry copy` first",

@@ -234,7 +234,12 @@ impl Env {
     /// one; returns the frozen child (its stdout piped). Kill it with
     /// SIGKILL, or create [`Env::failpoint_release`] to let it carry on.
     pub async fn run_until_failpoint(&self, args: &[&str], failpoint: &str) -> Child {
-        let mut cmd = self.cmd(args);
+        self.spawn_until_failpoint(self.cmd(args), args, failpoint).await
+    }
+
+    /// [`Env::run_until_failpoint`] for a command built by the caller
+    /// (from [`Env::cmd`], with more environment).
+    pub async fn spawn_until_failpoint(&self, mut cmd: Command, args: &[&str], failpoint: &str) -> Child {
         cmd.env("PGFERRY_FAILPOINTS", failpoint)
             .env("PGFERRY_FAILPOINT_RELEASE", self.failpoint_release())
             .stderr(Stdio::piped())

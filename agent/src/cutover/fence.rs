@@ -15,6 +15,7 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use super::decision::{after_fence, WriterDecision, WriterWait};
@@ -23,19 +24,19 @@ use crate::migration::Migration;
 use crate::state::TableState;
 
 /// Raises the fence: from now on no write to a captured table can commit.
-pub async fn raise(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+pub async fn raise(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
     set(client, true).await
 }
 
 /// Lifts the fence: writes are accepted (and captured) again.
-pub async fn lift(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+pub async fn lift(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
     set(client, false).await
 }
 
 /// Sets the fence in one transaction. A control schema from before version
 /// 10 (a migration that began under an older pgferry and has not run
 /// `install` since) has only the flag, which its capture functions read.
-async fn set(client: &tokio_postgres::Client, raised: bool) -> Result<(), tokio_postgres::Error> {
+async fn set(client: &impl GenericClient, raised: bool) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
             "DO $$ BEGIN
@@ -50,8 +51,22 @@ async fn set(client: &tokio_postgres::Client, raised: bool) -> Result<(), tokio_
         .await
 }
 
+/// After the switch: the fence stays up, and its refusal now says that the
+/// database has moved (control schema 15; an older one keeps its message).
+pub async fn mark_moved(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "DO $$ BEGIN
+               IF pg_catalog.to_regprocedure('pgferry.fence_apply(boolean, boolean)') IS NOT NULL THEN
+                 PERFORM pgferry.fence_apply(true, true);
+               END IF;
+             END $$",
+        )
+        .await
+}
+
 /// Whether the fence is up.
-pub async fn is_raised(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+pub async fn is_raised(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one("SELECT last_value <> 0 FROM pgferry.fence", &[])
         .await?;

@@ -6,18 +6,23 @@
 //! writers already in flight ([`fence::wait_for_writers`]), drains what is
 //! left, copies sequences, verifies every table, creates foreign keys
 //! (`NOT VALID`), triggers, rules and policies, and runs the switch command.
-//! Any failure before the point of no return runs [`abort`]: those target
-//! objects are removed, the fence is lifted and sync can continue. The point
-//! of no return is recorded on the source just before the switch command
-//! runs; after it a re-run only completes the cutover. Then the phase is
-//! `cut_over`, the source stays fenced until cleanup, and the foreign keys
-//! are validated.
+//! Any failure before the switch command has run goes to [`abort::abort`]:
+//! the fence is lifted on the source first (retried while the source cannot
+//! be reached), then the target's cutover objects are removed and sync can
+//! continue. The point of no return is recorded on the source just before
+//! the switch command runs; after it a re-run only completes the cutover.
+//! Then the phase is `cut_over`, the fence's refusal says the database has
+//! moved, the source stays fenced until cleanup (`migrate --cutover` waits
+//! for the application to leave it first, [`release`]), and the foreign
+//! keys are validated.
 
+pub mod abort;
 pub mod decision;
 mod entries;
 pub mod fence;
 mod matviews;
 pub mod objects;
+pub mod release;
 mod schema_since;
 
 use std::time::{Duration, Instant};
@@ -64,6 +69,21 @@ pub enum CutoverError {
         .0.join("; ")
     )]
     SchemaChanged(Vec<String>),
+    /// The cutover failed with the fence up, and the fence could not be
+    /// lifted within `cutover.fence_lift_timeout_ms`.
+    #[error(
+        "THE SOURCE IS STILL FENCED: the application cannot write to it. The cutover failed and pgferry could not \
+         lift the fence in {secs} s of trying; once the source can be reached, run `{command}` to lift it"
+    )]
+    StillFenced {
+        /// How long lifting was tried.
+        secs: u64,
+        /// The command that lifts it.
+        command: &'static str,
+        /// Why the last attempt failed.
+        #[source]
+        cause: Box<crate::Error>,
+    },
     /// The switch command failed; the fence is lifted.
     #[error("cutover aborted, writes resumed on the source: the switch command failed ({0})")]
     SwitchFailed(String),
@@ -171,10 +191,18 @@ pub async fn run(
             ));
         }
         drop(conn);
-        abort(m, "requested by the operator").await?;
+        abort::abort(m, "requested by the operator", run.switch_started).await?;
         return Ok(CutoverReport::default());
     }
-    let mut tables = match run.phase {
+    let mut phase = run.phase;
+    if run.target_untidied() {
+        // The fence is down; what the aborted attempt restored on the
+        // target must go before anything drains into it.
+        tracing::warn!("An earlier cutover was aborted before its objects on the target were removed: removing them first");
+        abort::finish(m).await?;
+        phase = Phase::Syncing;
+    }
+    let mut tables = match phase {
         Phase::Syncing | Phase::CuttingOver | Phase::CutOver => state::tables(&**conn).await?,
         other => {
             return Err(crate::Error::Phase(format!(
@@ -184,7 +212,7 @@ pub async fn run(
         }
     };
     drop(conn);
-    if run.phase == Phase::CutOver {
+    if phase == Phase::CutOver {
         let mut report = CutoverReport {
             writes_blocked_ms: run.writes_blocked_ms.unwrap_or_default(),
             ..Default::default()
@@ -194,14 +222,14 @@ pub async fn run(
     }
     if run.switch_started {
         tracing::warn!("Resuming a cutover whose switch had started; the fence stays up");
-        return after_point_of_no_return(m, CutoverReport::default()).await;
+        return after_point_of_no_return(m, CutoverReport::default(), true, cancel).await;
     }
     let mut ahead = (0, 0);
     let mut indexes = crate::copy::indexes::Built::default();
     let mut prepared = None;
     let mut only_on_target = Vec::new();
     let mut report_followed = Vec::new();
-    if run.phase == Phase::Syncing {
+    if phase == Phase::Syncing {
         // Partition maintenance since sync stopped is followed as sync
         // would; during the cutover it stops it.
         if let Err(e) = sync::check_drift(m, &tables).await {
@@ -229,12 +257,25 @@ pub async fn run(
         tracing::warn!("Resuming an interrupted cutover");
     }
     // Raised again on resume too: an abort that lifted the fence but died
-    // before recording it must not leave a resumed cutover unfenced.
-    let conn = m.source_conn().await?;
-    fence::raise(&conn).await.map_err(CutoverError::Source)?;
-    state::record_fence(&**conn, true).await?;
-    state::set_phase(&**conn, Phase::CuttingOver).await?;
-    drop(conn);
+    // before recording it must not leave a resumed cutover unfenced. The
+    // phase moves with the fence, in one transaction, so no stored state
+    // has the fence up in phase `syncing`.
+    let raised = async {
+        let mut conn = m.source_conn().await?;
+        let tx = tokio_postgres::Client::transaction(&mut conn)
+            .await
+            .map_err(CutoverError::Source)?;
+        state::set_phase(&tx, Phase::CuttingOver).await?;
+        fence::raise(&tx).await.map_err(CutoverError::Source)?;
+        state::record_fence(&tx, true).await?;
+        tx.commit().await.map_err(CutoverError::Source)?;
+        Ok::<_, crate::Error>(())
+    }
+    .await;
+    if let Err(e) = raised {
+        // The commit may have gone through before the error.
+        return Err(reopen(m, e, cancel).await);
+    }
     tracing::warn!("Fence raised: writes to captured tables are blocked on the source");
     crate::failpoint::hit("cutover.after_fence").await;
     match fenced(m, &tables, cancel, prepared).await {
@@ -244,18 +285,25 @@ pub async fn run(
             report.indexes_not_migrated = indexes.invalid;
             report.schema_only_on_target = only_on_target;
             report.partitions_followed = report_followed;
-            after_point_of_no_return(m, report).await
+            after_point_of_no_return(m, report, false, cancel).await
         }
-        Err(e) => {
-            if let Err(abort_err) = abort(m, &crate::error::report(&e)).await {
-                tracing::error!(error = %crate::error::report(&abort_err), "Abort failed: the fence may still be up; run `pgferry cutover --abort`");
-            }
-            if cancel.is_cancelled() {
-                return Err(crate::Error::Cancelled);
-            }
-            Err(e)
-        }
+        Err(e) => Err(reopen(m, e, cancel).await),
     }
+}
+
+/// A failure with the fence up and the switch not run: lifts the fence
+/// first ([`abort::abort`]), and returns the error to report: the failure
+/// itself once the fence is down, or [`CutoverError::StillFenced`].
+async fn reopen(m: &Migration, e: crate::Error, cancel: &CancellationToken) -> crate::Error {
+    let why = crate::error::report(&e);
+    tracing::error!(error = %why, "The cutover failed with the fence up");
+    if let Err(still) = abort::abort(m, &why, false).await {
+        return still;
+    }
+    if cancel.is_cancelled() {
+        return crate::Error::Cancelled;
+    }
+    e
 }
 
 /// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
@@ -400,6 +448,10 @@ async fn catch_up(
     }
 }
 
+/// Retries of a failed batch or statement with the fence up (backoff from
+/// 100 ms: about 6 s in all before the cutover aborts).
+const FENCED_RETRIES: u32 = 5;
+
 /// Everything done with the fence up before the point of no return. Every
 /// step is idempotent, and any error leads to [`abort`].
 async fn fenced(
@@ -412,13 +464,18 @@ async fn fenced(
     // Nothing can write now, and every second from here is downtime: the
     // rate limits that kept the source its headroom are off, unless the
     // operator keeps them (`cutover.rate_limited`).
-    let unlimited;
-    let m = if m.cfg.cutover.rate_limited {
-        m
+    // And a failure is retried briefly: a terminated session or a blip is
+    // got past, but a target that is down aborts the cutover in seconds
+    // instead of holding the application's writes for the minutes the
+    // drain would retry outside the fence.
+    let mut fenced_m = if m.cfg.cutover.rate_limited {
+        m.clone()
     } else {
-        unlimited = m.without_rate_limits();
-        &unlimited
+        m.without_rate_limits()
     };
+    let limits = &mut fenced_m.cfg.source_limits;
+    limits.lock_retries = limits.lock_retries.min(FENCED_RETRIES);
+    let m = &fenced_m;
     // A clean slate first: what an interrupted earlier attempt restored
     // (foreign keys, triggers, rules, policies, row security) must not act
     // on the final drain, hide rows from the verification, or make this
@@ -576,29 +633,48 @@ impl std::fmt::Display for Laps {
     }
 }
 
-/// The switch and what follows it.
+/// The switch and what follows it. `resumed`: an earlier run recorded the
+/// point of no return, so the switch command may already have run and
+/// nothing but that command's own failure lifts the fence.
 async fn after_point_of_no_return(
     m: &Migration,
     mut report: CutoverReport,
+    resumed: bool,
+    cancel: &CancellationToken,
 ) -> Result<CutoverReport, crate::Error> {
     // Point of no return: once the switch command may have run, the
     // application may write to the target, so nothing lifts the fence on its
     // own any more; a re-run completes these steps (the switch command must
     // be idempotent). Only the command's own failure report undoes it.
-    let conn = m.source_conn().await?;
-    state::record_switch_started(&**conn).await?;
+    let recorded = async {
+        let conn = m.source_conn().await?;
+        state::record_switch_started(&**conn).await?;
+        Ok::<_, crate::Error>(())
+    }
+    .await;
+    match recorded {
+        Ok(()) => {}
+        // The switch command has not run in this attempt: still ours to undo.
+        Err(e) if !resumed => return Err(reopen(m, e, cancel).await),
+        Err(e) => return Err(e),
+    }
     crate::failpoint::hit("cutover.before_switch").await;
     if let Some(cmd) = &m.cfg.cutover.switch_command {
         if let Err(e) = switch(m, cmd).await {
-            state::clear_switch_started(&**conn).await?;
-            drop(conn);
-            abort(m, &crate::error::report(&e)).await?;
+            let why = crate::error::report(&e);
+            abort::abort(m, &why, true).await?;
             return Err(e.into());
         }
     }
     crate::failpoint::hit("cutover.after_switch").await;
+    let conn = m.source_conn().await?;
     report.writes_blocked_ms = state::record_cutover_done(&**conn).await?;
     tracing::info!(writes_blocked_ms = report.writes_blocked_ms, "Cutover done");
+    // The fence stays; a writer still connected is told where the data went.
+    if let Err(e) = fence::mark_moved(&**conn).await {
+        tracing::warn!(error = %crate::error::report(&e), "The fence's message could not be changed to say the database moved");
+    }
+    drop(conn);
     crate::failpoint::hit("cutover.before_validate").await;
     validate_after_switch(m, &mut report).await?;
     Ok(report)
@@ -675,21 +751,4 @@ async fn switch(m: &Migration, cmd: &str) -> Result<(), CutoverError> {
     } else {
         Err(CutoverError::SwitchFailed(status.to_string()))
     }
-}
-
-/// The abort path: removes what the cutover created on the target, lifts the
-/// fence and returns the migration to `syncing`. Never called once the switch
-/// command may have run, except after that command itself reported failure.
-pub async fn abort(m: &Migration, why: &str) -> Result<(), crate::Error> {
-    tracing::warn!(reason = why, "Aborting the cutover");
-    let mut target = m.target_conn().await?;
-    objects::remove_cutover_objects(&mut target)
-        .await
-        .map_err(CutoverError::Target)?;
-    let conn = m.source_conn().await?;
-    fence::lift(&conn).await.map_err(CutoverError::Source)?;
-    state::record_fence(&**conn, false).await?;
-    state::set_phase(&**conn, Phase::Syncing).await?;
-    tracing::warn!("Fence lifted: writes resume on the source and sync can continue");
-    Ok(())
 }

@@ -245,9 +245,29 @@ pub async fn check_with(m: &Migration, sizing: bool) -> CheckReport {
         }
         Err(e) => f.connect(Side::Source, e),
     }
+    // The same database named twice (a copy-pasted URL, a DNS alias): the
+    // target's checks would call the source's own tables "not empty".
+    let mut same = false;
+    if let (Ok(s), Ok(t)) = (&src, &tgt) {
+        same = same_database(s, t).await.unwrap_or(false);
+        if same {
+            f.add(
+                Severity::Blocker,
+                "target",
+                "the source and the target are the same database",
+                "point --target at the new (empty) database; nothing was changed on either side",
+            );
+        }
+    }
+    let source_tables = match &src {
+        Ok(c) if !same => table_names(c).await.ok(),
+        _ => None,
+    };
     match &tgt {
+        Ok(_) if same => {}
         Ok(c) => {
-            if let Err(e) = check_target(c, &mut report, &mut f, pre_data_done).await {
+            if let Err(e) = check_target(c, &mut report, &mut f, pre_data_done, source_tables.as_ref()).await
+            {
                 f.query(Side::Target, &e);
             }
         }
@@ -502,11 +522,54 @@ async fn check_source(
     Ok(())
 }
 
+/// Whether two sessions are in the same database of the same server: the
+/// target's session list holds the source session's backend, in a database
+/// of the same name and OID.
+async fn same_database(
+    source: &impl GenericClient,
+    target: &impl GenericClient,
+) -> Result<bool, tokio_postgres::Error> {
+    let me = source
+        .query_one(
+            "SELECT pg_backend_pid(), current_database()::text, oid FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    let (pid, name, oid): (i32, String, u32) = (me.get(0), me.get(1), me.get(2));
+    let row = target
+        .query_one(
+            "SELECT current_database() = $2
+                AND (SELECT oid FROM pg_database WHERE datname = current_database()) = $3
+                AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND datname = $2)",
+            &[&pid, &name, &oid],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The user tables of a database (`schema.table`), pgferry's aside.
+async fn table_names(
+    c: &impl GenericClient,
+) -> Result<std::collections::BTreeSet<String>, tokio_postgres::Error> {
+    Ok(c
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry')
+                AND n.nspname NOT LIKE 'pg\\_%'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 async fn check_target(
     c: &impl GenericClient,
     report: &mut CheckReport,
     f: &mut Findings,
     pre_data_done: bool,
+    source_tables: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<(), tokio_postgres::Error> {
     let major = super::server_major(c).await?;
     report.target.major_version = Some(major);
@@ -533,7 +596,24 @@ async fn check_target(
     }
     if !pre_data_done {
         let (count, examples) = super::user_objects(c).await?;
-        if count > 0 {
+        let holds_source = match source_tables {
+            Some(tables) if count > 0 && !tables.is_empty() => tables.is_subset(&table_names(c).await?),
+            _ => false,
+        };
+        if holds_source {
+            // Possibly the new production database: never advise removing
+            // anything from it.
+            f.add(
+                Severity::Blocker,
+                "target",
+                format!(
+                    "the target already holds every table of the source ({count} object(s) in all): a finished \
+                     migration, whose database the application may already use, or an earlier copy"
+                ),
+                "if this migration finished, there is nothing left to do; to migrate this source again, point \
+                 --target at a new, empty database",
+            );
+        } else if count > 0 {
             f.add(
                 Severity::Blocker,
                 "target",

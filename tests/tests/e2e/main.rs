@@ -9,6 +9,7 @@ mod fidelity;
 mod operability;
 mod preflight;
 mod rds;
+mod switch;
 mod tls;
 
 use pgferry_e2e::*;
