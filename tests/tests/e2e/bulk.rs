@@ -282,6 +282,9 @@ async fn a_large_drain_backlog_is_applied_in_parts_with_writes_going_on() {
     );
     let writers = Workload::start(&env, &[APP, WRITER], BACKLOG_OPS).await;
     writers.progress(100).await;
+    // The setup's session would hold the fence after the switch, as an
+    // application instance still connected to the old source does.
+    drop(app);
     cutover_then_compare(&env, writers).await;
 }
 
@@ -314,6 +317,7 @@ async fn a_backlog_naming_most_rows_copies_the_table_again_with_writes_going_on(
     let report: serde_json::Value = serde_json::from_str(&out).expect("sync's JSON report");
     assert_eq!(report["recopies"], 1, "many is copied again, once: {report}");
     writers.progress(200).await;
+    drop(app);
     cutover_then_compare(&env, writers).await;
 }
 

@@ -180,6 +180,7 @@ async fn schema_shapes_arrive_and_nothing_fires_twice() {
     app.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY parents_one_name ON parents ((left(name, 1)))")
         .await
         .expect_err("duplicates");
+    drop(app);
     // The audit rows on the target are exactly the source's: the trigger did
     // not fire again when the drain applied children's changes.
     crate::migrate_while_writing_then_compare(&env, &[APP, APP], SHAPE_OPS, 100).await;
@@ -754,6 +755,9 @@ async fn objects_in_a_tablespace_land_in_the_targets_default_one() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{report}");
     assert!(report.contains("tablespace fast_disk"), "{report}");
+    // A superuser's session left open would hold the fence after the
+    // switch (it could write), as an application's would.
+    drop(su);
     let out = env.run(&["migrate", "--cutover"]).await;
     assert_succeeded(&out, "migrate --cutover");
     assert_same_data(&env).await;
@@ -1238,6 +1242,7 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
     )
     .await
     .unwrap();
+    drop(app);
     crate::gated_config(&env);
     std::fs::write(env.path("release"), "").unwrap();
     env.kill_at(&["migrate", "--cutover"], "cutover.after_objects")
