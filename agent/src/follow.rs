@@ -456,6 +456,7 @@ mod tests {
             partitioned: c.partitioned,
             lock_relid: c.lock_relid,
             parent_relid: c.parent_relid,
+            text_form: false,
         }
     }
 

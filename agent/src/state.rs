@@ -191,9 +191,46 @@ pub struct TableState {
     pub lock_relid: u32,
     /// Its parent in classic inheritance.
     pub parent_relid: Option<u32>,
+    /// Moved in COPY's text form, as pg_dump moves it: a column's binary
+    /// form does not round-trip ([`TEXT_FORM_TYPES`]).
+    pub text_form: bool,
 }
 
+/// SQL: true when a copied column of the registered table `t` (in
+/// `pgferry.tables`) has a type, or holds one within a domain, array or
+/// composite type, whose binary form does not move between servers: the
+/// reg* types (object OIDs, which differ on the target; their text is the
+/// object's name), `tsquery` (an empty one, what `to_tsquery` makes of
+/// stopwords, is sent by the source and refused by the target's receive
+/// function), and types without binary I/O.
+pub const TEXT_FORM_TYPES: &str = "EXISTS (
+    WITH RECURSIVE ty(t) AS (
+        SELECT a.atttypid FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname::text = ANY (t.copy_columns)
+        UNION
+        SELECT inner_t.t FROM ty JOIN pg_catalog.pg_type p ON p.oid = ty.t
+        CROSS JOIN LATERAL (
+            SELECT p.typbasetype WHERE p.typtype = 'd'
+            UNION ALL SELECT p.typelem WHERE p.typcategory = 'A' AND p.typelem <> 0
+            UNION ALL SELECT ca.atttypid FROM pg_catalog.pg_attribute ca
+                       WHERE p.typtype = 'c' AND ca.attrelid = p.typrelid AND ca.attnum > 0 AND NOT ca.attisdropped
+        ) inner_t(t))
+    SELECT 1 FROM ty JOIN pg_catalog.pg_type p ON p.oid = ty.t
+     WHERE p.oid = ANY ('{regclass,regtype,regproc,regprocedure,regoper,regoperator,regconfig,regdictionary,
+                         regnamespace,regrole,regcollation,tsquery}'::pg_catalog.regtype[])
+        OR p.typsend = 0 OR p.typreceive = 0)";
+
 impl TableState {
+    /// The COPY format this table moves in: `binary`, or `text`.
+    pub fn copy_format(&self) -> &'static str {
+        if self.text_form {
+            "text"
+        } else {
+            "binary"
+        }
+    }
+
     /// The table as a FROM/UPDATE/DELETE target: `ONLY t` for a plain table or
     /// a partition (its own rows), `t` for a partitioned table (all its
     /// partitions' rows; ONLY would silently see none).
@@ -461,14 +498,16 @@ pub async fn drop_ledger(client: &impl GenericClient, t: &TableState) -> Result<
 pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, StateError> {
     let rows = client
         .query(
-            "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
+            &format!(
+                "SELECT id, relid, schema_name, table_name, key_columns, copy_columns, copy_state,
                     copied_rows, applied_rows,
                     extract(epoch FROM clock_timestamp() - greatest(
                         synced_through,
                         CASE WHEN copy_state = 'done' AND NOT coalesce(id = ANY (r.pass_dirty), true)
                              THEN r.pass_checked_at END))::float8,
-                    copy_only, partitioned, lock_relid, parent_relid
-               FROM pgferry.tables LEFT JOIN pgferry.run r ON true ORDER BY id",
+                    copy_only, partitioned, lock_relid, parent_relid, {TEXT_FORM_TYPES}
+               FROM pgferry.tables t LEFT JOIN pgferry.run r ON true ORDER BY id"
+            ),
             &[],
         )
         .await
@@ -493,6 +532,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             partitioned: r.get(11),
             lock_relid: r.get(12),
             parent_relid: r.get(13),
+            text_form: r.get(14),
         })
         .collect())
 }

@@ -1614,21 +1614,35 @@ async fn copy_rows(
     throttle: &Throttle,
 ) -> Result<u64, Pumped> {
     let cols = column_list(&member.copy_columns, None);
+    let format = member.copy_format();
+    let target_path = crate::copy::pin_names(ttx, member)
+        .await
+        .map_err(Pumped::Target)?;
+    let source_path = crate::copy::pin_names(stx, member)
+        .await
+        .map_err(Pumped::Source)?;
     let sink = ttx
         .copy_in(&format!(
-            "COPY {} ({cols}) FROM STDIN (FORMAT binary)",
+            "COPY {} ({cols}) FROM STDIN (FORMAT {format})",
             member.table
         ))
         .await
         .map_err(Pumped::Target)?;
     let stream = stx
         .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT {format})",
             member.rel()
         ))
         .await
         .map_err(Pumped::Source)?;
-    Ok(pump(stream, sink, throttle, |_| {}).await?.0)
+    let written = pump(stream, sink, throttle, |_| {}).await?.0;
+    crate::copy::unpin_names(ttx, target_path)
+        .await
+        .map_err(Pumped::Target)?;
+    crate::copy::unpin_names(stx, source_path)
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(written)
 }
 
 /// The tables below `t` in classic inheritance (children, grandchildren...),
@@ -1718,6 +1732,7 @@ mod tests {
             partitioned,
             lock_relid,
             parent_relid: None,
+            text_form: false,
         }
     }
 

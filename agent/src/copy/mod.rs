@@ -190,6 +190,8 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CopyReport
         restore_pre_data(m, &tools, &dump.archive, &tables).await?;
     }
     crate::failpoint::hit("copy.after_pre_data").await;
+    // Before the tables' data: a typmod or a generated column may need them.
+    crate::extension_config::copy(m).await?;
 
     let started = Instant::now();
     match m.cfg.copy.method {
@@ -616,12 +618,13 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
         side: crate::endpoint::Side::Target,
         source,
     };
-    let data = m.data_conn().await?;
+    let mut data = m.data_conn().await?;
     let mut target = m.target_conn().await?;
 
     let cols = column_list(&t.copy_columns, None);
-    let out_sql = format!("COPY {} ({cols}) TO STDOUT (FORMAT binary)", t.table);
-    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT binary, FREEZE)", t.table);
+    let format = t.copy_format();
+    let out_sql = format!("COPY {} ({cols}) TO STDOUT (FORMAT {format})", t.table);
+    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT {format}, FREEZE)", t.table);
 
     // Not synchronous_commit = off: the table is marked done on the source
     // right after this commit, so the commit must be durable first.
@@ -630,8 +633,14 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
     tx.batch_execute(&format!("TRUNCATE ONLY {}", t.table))
         .await
         .map_err(tgt_err)?;
+    pin_names(&tx, t).await.map_err(tgt_err)?;
     let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
-    let stream = data.copy_out(&out_sql).await.map_err(src_err)?;
+    // One statement: the transaction only scopes the pinned names.
+    let stx = tokio_postgres::Client::transaction(&mut data)
+        .await
+        .map_err(src_err)?;
+    pin_names(&stx, t).await.map_err(src_err)?;
+    let stream = stx.copy_out(&out_sql).await.map_err(src_err)?;
     crate::failpoint::hit("copy.mid_table").await;
     let label = t.table.display_name();
     let bar = crate::progress::copy_bar(&label, estimated_bytes);
@@ -645,6 +654,7 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
             Pumped::Source(e) => src_err(e),
             Pumped::Target(e) => tgt_err(e),
         })?;
+    stx.commit().await.map_err(src_err)?;
     tx.commit().await.map_err(tgt_err)?;
     // Back to the pool first: without copy.from it is the source session
     // the mark below takes again.
@@ -704,4 +714,37 @@ pub(crate) async fn pump(
     }
     let rows = sink.finish().await.map_err(Pumped::Target)?;
     Ok((rows, bytes))
+}
+
+/// For a table moved in text form ([`TableState::text_form`]): reg* values
+/// are printed and read schema-qualified, as pg_dump moves them with an
+/// empty `search_path`, so a name means the same object on both sides
+/// whatever each role's `search_path`. For the rest of `tx`, or until
+/// [`unpin_names`]; returns the setting it replaced.
+pub async fn pin_names(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if !t.text_form {
+        return Ok(None);
+    }
+    let row = tx
+        .query_one(
+            "SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', true)",
+            &[],
+        )
+        .await?;
+    Ok(Some(row.get(0)))
+}
+
+/// Puts back what [`pin_names`] replaced.
+pub async fn unpin_names(
+    tx: &tokio_postgres::Transaction<'_>,
+    previous: Option<String>,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(previous) = previous {
+        tx.execute("SELECT set_config('search_path', $1, true)", &[&previous])
+            .await?;
+    }
+    Ok(())
 }

@@ -196,18 +196,19 @@ pub(super) async fn copy_part(
 
     let started = Instant::now();
     let label = format!("{}[{}]", t.table.display_name(), p.part);
-    let data = m.data_conn().await?;
+    let mut data = m.data_conn().await?;
     let mut target = m.target_conn().await?;
     let cols = column_list(&t.copy_columns, None);
+    let format = t.copy_format();
     let upper = p
         .end_block
         .map(|e| format!(" AND ctid < '({e},0)'::tid"))
         .unwrap_or_default();
     let out_sql = format!(
-        "COPY (SELECT {cols} FROM ONLY {} WHERE ctid >= '({},0)'::tid{upper}) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT {cols} FROM ONLY {} WHERE ctid >= '({},0)'::tid{upper}) TO STDOUT (FORMAT {format})",
         t.table, p.first_block
     );
-    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT binary)", t.table);
+    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT {format})", t.table);
 
     let tx = target.transaction().await.map_err(err(t, Side::Target))?;
     set_loading(m, &tx).await.map_err(err(t, Side::Target))?;
@@ -216,8 +217,14 @@ pub(super) async fn copy_part(
         .await
         .map_err(err(t, Side::Target))?
         .get(0);
+    super::pin_names(&tx, t).await.map_err(err(t, Side::Target))?;
     let sink = tx.copy_in(&in_sql).await.map_err(err(t, Side::Target))?;
-    let stream = data.copy_out(&out_sql).await.map_err(err(t, Side::Source))?;
+    // One statement: the transaction only scopes the pinned names.
+    let stx = tokio_postgres::Client::transaction(&mut data)
+        .await
+        .map_err(err(t, Side::Source))?;
+    super::pin_names(&stx, t).await.map_err(err(t, Side::Source))?;
+    let stream = stx.copy_out(&out_sql).await.map_err(err(t, Side::Source))?;
     crate::failpoint::hit("copy.mid_part").await;
     let bar = crate::progress::copy_bar(&label, estimated_bytes);
     let table_label = t.table.display_name();
@@ -231,6 +238,7 @@ pub(super) async fn copy_part(
             Pumped::Source(e) => err(t, Side::Source)(e),
             Pumped::Target(e) => err(t, Side::Target)(e),
         })?;
+    stx.commit().await.map_err(err(t, Side::Source))?;
     drop(data);
     let control = m.source_conn().await?;
     state::part_in_doubt(&**control, t.id, p.part, &xid, rows as i64).await?;

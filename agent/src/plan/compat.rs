@@ -54,12 +54,14 @@ pub(super) async fn compare(
     }
     let wanted = src
         .query(
-            "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            "SELECT e.extname::text, e.extversion, n.nspname::text
+               FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+              WHERE e.extname <> 'plpgsql' ORDER BY 1",
             &[],
         )
         .await?;
     for r in wanted {
-        let name: String = r.get(0);
+        let (name, version, schema): (String, String, String) = (r.get(0), r.get(1), r.get(2));
         let row = tgt
             .query_opt(
                 "SELECT installed_version IS NOT NULL,
@@ -69,6 +71,13 @@ pub(super) async fn compare(
                 &[&name],
             )
             .await?;
+        // What the RDS master user runs, as the platform did on the source.
+        let create = format!(
+            "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {} VERSION '{}'",
+            crate::ident::Ident(name.clone()),
+            crate::ident::Ident(schema),
+            version.replace('\'', "''")
+        );
         match row {
             None => f.add(
                 Severity::Blocker,
@@ -77,10 +86,20 @@ pub(super) async fn compare(
                 "choose a target engine version that offers it, or drop it from the source",
             ),
             Some(r) if !r.get::<_, bool>(0) && !r.get::<_, bool>(1) && !r.get::<_, bool>(2) => f.add(
+                Severity::Blocker,
+                &name,
+                "extension must exist on the target before the copy: the target role may not create it (it is not \
+                 trusted)",
+                format!(
+                    "as the RDS master user (a member of rds_superuser), in the target database: {create}; then run \
+                     check again"
+                ),
+            ),
+            Some(r) if !r.get::<_, bool>(0) => f.add(
                 Severity::Warning,
                 &name,
-                "extension is not trusted, so the target role may not be allowed to create it",
-                "create it on the target beforehand as a privileged role (on RDS: rds_superuser members may)",
+                "extension is not on the target yet: the copy creates it (it is trusted)",
+                format!("or create it first: {create}"),
             ),
             Some(_) => {}
         }
@@ -90,10 +109,9 @@ pub(super) async fn compare(
 
 /// Columns of the source's tables whose values are object OIDs (`regclass`,
 /// `regtype` and the other reg* types, also in arrays, domains and
-/// composite types): they are copied as the numbers they are, and the
-/// target's objects have other OIDs, so they would name other objects or
-/// none (pg_upgrade refuses them for the same reason). A blocker, before
-/// anything is installed. Transaction ids and WAL positions (`xid`, `xid8`,
+/// composite types): the target's objects have other OIDs, so such tables
+/// move in COPY's text form, by name (`state::TEXT_FORM_TYPES`), and a
+/// name the target lacks fails the copy: a warning. Transaction ids and WAL positions (`xid`, `xid8`,
 /// `pg_lsn`, snapshots) arrive intact but count on the source's counters,
 /// which the target's do not continue: a warning.
 pub(super) async fn object_references(
@@ -154,16 +172,14 @@ pub(super) async fn object_references(
             continue;
         }
         f.add(
-            Severity::Blocker,
+            Severity::Warning,
             &table,
             format!(
-                "column {column} holds {reg} values{within}: object OIDs, which differ on the target, so they \
-                 would name other objects or none there"
+                "column {column} holds {reg} values{within}: moved by name (in COPY's text form), as pg_dump \
+                 moves them, so each names the same object on the target; a value naming an object the target \
+                 lacks (a role not recreated there) fails the copy, naming it"
             ),
-            format!(
-                "store names instead (for a plain column: ALTER TABLE {table} ALTER COLUMN {column} TYPE text \
-                 USING {column}::text), then run check again"
-            ),
+            "create on the target what such values name before the copy (roles: `schema.recreate_roles = true`)",
         );
     }
     Ok(())
