@@ -171,6 +171,8 @@ pub async fn install_as(
         tracing::info!(table = %t.table.display_name(), "Capture installed");
         crate::failpoint::hit("install.table_done").await;
     }
+    // Writes to extensions' configuration tables are fenced with the rest.
+    crate::extension_config::fence(m, cancel).await?;
     match run.map(|r| r.phase) {
         None | Some(Phase::Installing) => state::set_phase(&**conn, Phase::Installed).await?,
         Some(phase) if refreshed > 0 && phase >= Phase::Syncing => {

@@ -98,8 +98,12 @@ impl fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// Parses a libpq URL (`postgres://user:pass@host:port/db?sslmode=...`).
+    /// What the URL leaves out comes from libpq's service file, environment
+    /// and password file ([`crate::libpq`]).
     pub fn parse(url: &SecretString, side: Side, lock_timeout_ms: u64) -> Result<Self, ConfigError> {
-        let (driver_url, tls) = crate::tls::split_url(url.expose_secret())
+        let url = crate::libpq::with_defaults(url.expose_secret(), &crate::libpq::ProcessEnv)
+            .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
+        let (driver_url, tls) = crate::tls::split_url(&url)
             .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
         let connector = crate::tls::connector(&tls)?;
         let mut config: tokio_postgres::Config = driver_url.parse().map_err(|_| {

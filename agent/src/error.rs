@@ -51,6 +51,9 @@ pub enum Error {
     /// Cleanup failed.
     #[error(transparent)]
     Cleanup(#[from] crate::cleanup::CleanupError),
+    /// Reading or copying extensions' configuration rows failed.
+    #[error(transparent)]
+    ExtensionConfig(#[from] crate::extension_config::ExtensionConfigError),
     /// The local sandbox clusters (demo, tests) failed.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
@@ -83,7 +86,12 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Config(_) | Error::Rds(crate::rds::RdsError::Invalid(_)) => ExitCode::Usage,
-            Error::CheckFailed(_) | Error::VerifyMismatch(_) | Error::Connect(_) => ExitCode::CheckFailed,
+            // A server that cannot be reached is a failed check, whichever
+            // command met it (verify wraps it in its own error).
+            Error::CheckFailed(_)
+            | Error::VerifyMismatch(_)
+            | Error::Connect(_)
+            | Error::Verify(crate::verify::VerifyError::Connect(_)) => ExitCode::CheckFailed,
             Error::Cutover(
                 crate::cutover::CutoverError::VerifyMismatch(_)
                 | crate::cutover::CutoverError::MismatchBeforeFence(_)
@@ -111,6 +119,7 @@ impl crate::retry::Retryable for Error {
             Error::Copy(e) => e.is_retryable(),
             Error::Sync(e) => e.is_retryable(),
             Error::Cleanup(e) => e.is_retryable(),
+            Error::ExtensionConfig(e) => e.is_retryable(),
             Error::Schema(e) => e.is_retryable(),
             Error::Verify(crate::verify::VerifyError::Query { source, .. }) => is_retryable(source),
             Error::Verify(crate::verify::VerifyError::Connect(e)) => e.is_retryable(),

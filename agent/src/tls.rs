@@ -71,7 +71,8 @@ pub struct TlsSettings {
     pub root_cert: Option<PathBuf>,
 }
 
-fn decode(v: &str) -> String {
+/// Percent-decodes a URL component.
+pub fn decode(v: &str) -> String {
     let bytes = v.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -159,6 +159,10 @@ pub struct CutoverReport {
     pub grant_warnings: Vec<String>,
     /// copy_only tables copied while writes were fenced.
     pub copied_under_fence: Vec<String>,
+    /// The application's rows in extensions' configuration tables (such as
+    /// its own SRIDs in PostGIS's `spatial_ref_sys`), copied and compared
+    /// while writes were fenced.
+    pub extension_config_rows: u64,
     /// Large objects copied while writes were fenced (with `large_objects`).
     pub large_objects: Option<crate::large_objects::LargeObjectReport>,
 }
@@ -518,6 +522,9 @@ async fn fenced(
             .copied_under_fence
             .push(format!("{} ({rows} rows)", t.table.display_name()));
     }
+    // The application's rows of extensions' configuration tables (an
+    // SRID of its own): fenced too, so final now.
+    report.extension_config_rows = crate::extension_config::copy(m).await?;
     if m.cfg.large_objects {
         let lo = crate::large_objects::copy_all(m).await?;
         tracing::info!(
@@ -570,6 +577,14 @@ async fn fenced(
         if !diffs.is_empty() {
             return Err(CutoverError::Aborted(format!("large objects differ: {}", diffs.join(", "))).into());
         }
+    }
+    let config_differ = crate::extension_config::differences(m).await?;
+    if !config_differ.is_empty() {
+        return Err(CutoverError::Aborted(format!(
+            "extension configuration rows differ: {}",
+            config_differ.join(", ")
+        ))
+        .into());
     }
     if verdict.mismatches > 0 {
         return Err(CutoverError::VerifyMismatch(Box::new(verdict)).into());

@@ -26,6 +26,12 @@ pub struct ForeignKey {
     /// On a partitioned table: added without ONLY and valid at once
     /// (PostgreSQL refuses NOT VALID foreign keys there).
     pub partitioned: bool,
+    /// It references a partitioned table. For each of that table's
+    /// partitions PostgreSQL derives a constraint, which a later VALIDATE
+    /// leaves NOT VALID (PostgreSQL 15: it validates only the one named);
+    /// so one valid on the source is added valid at once, its existing
+    /// rows checked with the fence up.
+    pub references_partitioned: bool,
 }
 
 /// One of the application's triggers.
@@ -41,8 +47,14 @@ pub struct Trigger {
     pub enabled: String,
 }
 
+/// SQL: the relation `c`, in namespace `n`, is the application's: not in a
+/// system schema or pgferry's, nor a member of an extension (PostGIS's
+/// views and tables belong to the extension, which the target has already:
+/// its rules, triggers and grants are not the cutover's to touch).
 pub(super) const USER_SCHEMA: &str =
-    "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'";
+    "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%' \
+     AND NOT EXISTS (SELECT 1 FROM pg_depend ext WHERE ext.classid = 'pg_class'::regclass AND ext.objid = c.oid \
+                      AND ext.deptype = 'e')";
 
 /// Foreign keys of the source's user tables.
 pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_postgres::Error> {
@@ -52,7 +64,7 @@ pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_
         .query(
             &format!(
                 "SELECT n.nspname::text, c.relname::text, con.conname::text, pg_get_constraintdef(con.oid), con.convalidated,
-                        c.relkind = 'p'
+                        c.relkind = 'p', (SELECT r.relkind = 'p' FROM pg_class r WHERE r.oid = con.confrelid)
                    FROM pg_constraint con
                    JOIN pg_class c ON c.oid = con.conrelid
                    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -71,6 +83,7 @@ pub async fn foreign_keys(source: &mut Client) -> Result<Vec<ForeignKey>, tokio_
             definition: r.get(3),
             validated: r.get(4),
             partitioned: r.get(5),
+            references_partitioned: r.get(6),
         })
         .collect())
 }
@@ -121,7 +134,8 @@ async fn trigger_exists(
 }
 
 /// Creates the foreign keys `NOT VALID` (instant: existing rows are not
-/// scanned while writes are fenced). Skips those that exist. All at once
+/// scanned while writes are fenced), but for those that must be valid at
+/// once ([`ForeignKey::partitioned`], [`ForeignKey::references_partitioned`]). Skips those that exist. All at once
 /// (pipelined): two round trips in all with writes blocked, not two per key.
 pub async fn create_foreign_keys(
     target: &Client,
@@ -133,7 +147,7 @@ pub async fn create_foreign_keys(
         }
         let (only, not_valid) = if fk.partitioned {
             ("", "")
-        } else if fk.definition.ends_with("NOT VALID") {
+        } else if fk.definition.ends_with("NOT VALID") || fk.references_partitioned {
             ("ONLY ", "")
         } else {
             ("ONLY ", " NOT VALID")

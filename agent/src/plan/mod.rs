@@ -192,6 +192,8 @@ WITH objs AS (
   SELECT format('schema %I', n.nspname)
     FROM pg_namespace n
    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'public') AND n.nspname NOT LIKE 'pg\_%'
+     AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                      WHERE d.classid = 'pg_namespace'::regclass AND d.objid = n.oid AND d.deptype = 'e')
 )
 SELECT count(*), coalesce((SELECT array_agg(name) FROM (SELECT name FROM objs ORDER BY name LIMIT 5) s), '{}')
   FROM objs",

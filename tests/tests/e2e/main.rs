@@ -11,6 +11,7 @@ mod preflight;
 mod rds;
 mod switch;
 mod tls;
+mod world;
 
 use pgferry_e2e::*;
 
