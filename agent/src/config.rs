@@ -532,6 +532,87 @@ fn config_env() -> config::Map<String, String> {
         .collect()
 }
 
+/// A load error as the operator can act on it, and without a secret: a
+/// TOML syntax error keeps its position and reason but not the quoted line
+/// (it may hold a URL with its password); an unknown key names the
+/// `PGFERRY_*` variable it came from and the nearest valid one.
+fn explain_load_error(e: config::ConfigError, env: &config::Map<String, String>) -> ConfigError {
+    match e {
+        config::ConfigError::FileParse { uri, cause } => {
+            let reason: Vec<String> = cause
+                .to_string()
+                .lines()
+                .filter(|l| {
+                    let t = l.trim_start();
+                    !(t.starts_with('|')
+                        || t.split_once('|')
+                            .is_some_and(|(n, _)| n.trim().parse::<u32>().is_ok()))
+                })
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect();
+            ConfigError::Invalid(format!(
+                "the config file {} is not valid TOML: {}",
+                uri.unwrap_or_default(),
+                reason.join(": ")
+            ))
+        }
+        other => {
+            let text = other.to_string();
+            let Some(field) = text
+                .split_once("unknown field `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(f, _)| f.to_string())
+            else {
+                return ConfigError::Load(other);
+            };
+            let expected: Vec<String> = text
+                .split_once("expected ")
+                .map(|(_, rest)| rest.split('`').skip(1).step_by(2).map(str::to_string).collect())
+                .unwrap_or_default();
+            let nearest = expected.iter().min_by_key(|x| edit_distance(x, &field)).cloned();
+            let variable = env.keys().find(|k| {
+                k.strip_prefix("PGFERRY_")
+                    .is_some_and(|rest| rest.to_lowercase().rsplit("__").next() == Some(field.as_str()))
+            });
+            match (variable, nearest) {
+                (Some(var), Some(near)) => {
+                    let prefix = var
+                        .rsplit_once("__")
+                        .map_or("PGFERRY_".to_string(), |(p, _)| format!("{p}__"));
+                    ConfigError::Invalid(format!(
+                        "environment variable {var} is not a setting: did you mean {prefix}{}?",
+                        near.to_uppercase()
+                    ))
+                }
+                (Some(var), None) => {
+                    ConfigError::Invalid(format!("environment variable {var} is not a setting"))
+                }
+                (None, Some(near)) => ConfigError::Invalid(format!(
+                    "unknown setting `{field}` in the config file: did you mean `{near}`?"
+                )),
+                (None, None) => ConfigError::Invalid(format!("unknown setting `{field}`")),
+            }
+        }
+    }
+}
+
+/// Levenshtein distance, for suggesting the nearest setting.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 /// Values given on the command line; they win over file and environment.
 #[derive(Debug, Default)]
 pub struct Overrides {
@@ -547,6 +628,15 @@ impl Config {
     /// Environment keys use `__` between sections: `PGFERRY_COPY__WORKERS=8`,
     /// `PGFERRY_SOURCE=postgres://...`.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        Self::load_from(file, overrides, config_env())
+    }
+
+    /// [`Config::load`] with the `PGFERRY_*` variables given.
+    fn load_from(
+        file: Option<&Path>,
+        overrides: Overrides,
+        env: config::Map<String, String>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -563,12 +653,12 @@ impl Config {
                 .prefix_separator("_")
                 .separator("__")
                 .ignore_empty(true)
-                .source(Some(config_env())),
+                .source(Some(env.clone())),
         );
         let mut cfg: Config = builder
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(ConfigError::Load)?;
+            .map_err(|e| explain_load_error(e, &env))?;
         if overrides.source.is_some() {
             cfg.source = overrides.source;
         }
@@ -646,6 +736,43 @@ mod tests {
     }
 
     #[test]
+    fn a_toml_error_keeps_its_place_and_loses_its_line() {
+        let f = write("[cutover]\nswitch_command = 'x'\nsource = \"postgres://app:hunter2@db/app\n");
+        let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
+        let text = crate::error::report(&err);
+        assert!(
+            text.contains("not valid TOML") && text.contains("line 3"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_variable_and_the_nearest_setting() {
+        let env: config::Map<String, String> =
+            [("PGFERRY_SOURCES".to_string(), "postgres://a@h/d".to_string())].into();
+        let err = Config::load_from(None, Overrides::default(), env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: environment variable PGFERRY_SOURCES is not a setting: did you mean PGFERRY_SOURCE?"
+        );
+        let env: config::Map<String, String> =
+            [("PGFERRY_COPY__WORKRES".to_string(), "4".to_string())].into();
+        let err = Config::load_from(None, Overrides::default(), env).unwrap_err();
+        assert!(
+            err.to_string().contains("PGFERRY_COPY__WORKRES")
+                && err.to_string().contains("PGFERRY_COPY__WORKERS"),
+            "{err}"
+        );
+        let f = write("[sync]\npoll_interval = 5\n");
+        let err = Config::load_from(Some(f.path()), Overrides::default(), Default::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("`poll_interval`") && err.to_string().contains("`poll_interval_ms`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn defaults_then_file_then_overrides() {
         let f = write("source = \"postgres://a@h/db\"\n[copy]\nworkers = 3\n");
         let cfg = Config::load(
@@ -686,7 +813,7 @@ mod tests {
     fn unknown_keys_are_errors() {
         let f = write("[copy]\nwrokers = 3\n");
         let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
-        assert!(matches!(err, ConfigError::Load(_)), "{err:?}");
+        assert!(err.to_string().contains("did you mean `workers`"), "{err:?}");
     }
 
     #[test]
