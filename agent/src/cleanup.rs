@@ -58,6 +58,8 @@ pub struct CleanupReport {
     pub source_schema_dropped: bool,
     /// A stray pgferry schema was dropped on the target.
     pub target_schema_dropped: bool,
+    /// No target URL was given: only the source was cleaned.
+    pub target_skipped: bool,
 }
 
 /// A finished migration whose cleanup was interrupted, as its marker on the
@@ -226,9 +228,10 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
     let mut report = CleanupReport::default();
     let source = m.source_conn().await?;
     // Before the source's last record of the migration goes.
-    if crate::state::load(&**source)
-        .await?
-        .is_some_and(|r| r.phase == crate::state::Phase::CutOver)
+    if m.has_target()
+        && crate::state::load(&**source)
+            .await?
+            .is_some_and(|r| r.phase == crate::state::Phase::CutOver)
     {
         mark_finished(&source, &*m.target_conn().await?).await?;
     }
@@ -284,6 +287,14 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         report.source_schema_dropped = true;
     }
     crate::failpoint::hit("cleanup.after_source_schema_drop").await;
+    if !m.has_target() {
+        tracing::warn!(
+            "No target URL was given: only the source was cleaned; run `pgferry cleanup` with --target to remove \
+             pgferry's leftovers there too"
+        );
+        report.target_skipped = true;
+        return Ok(report);
+    }
     let target = m.target_conn().await?;
     let had_schema = leftovers(&target)
         .await

@@ -216,6 +216,10 @@ fn migration(cli: &Cli) -> Result<Migration, Error> {
             target: cli.target.clone().map(SecretString::from),
         },
     )?;
+    // The source's cleanup must work from any machine with its URL alone.
+    if matches!(cli.command, Command::Cleanup | Command::Status) {
+        return Ok(Migration::without_target(cfg)?);
+    }
     Ok(Migration::new(cfg)?)
 }
 

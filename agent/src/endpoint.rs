@@ -57,6 +57,12 @@ pub enum ConnectError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// No URL was given for this side (a command that can do without it).
+    #[error("no {side} URL was given: pass --{side} URL or set PGFERRY_{}", .side.to_string().to_uppercase())]
+    NotGiven {
+        /// Which side.
+        side: Side,
+    },
     /// A pool could not be built.
     #[error("cannot open a connection pool to the {side} database")]
     Pool {
@@ -75,6 +81,7 @@ impl ConnectError {
         match self {
             ConnectError::Refused { source, .. } => crate::error::is_retryable(source),
             ConnectError::Pool { .. } => true,
+            ConnectError::NotGiven { .. } => false,
         }
     }
 }
@@ -106,9 +113,15 @@ impl Endpoint {
         let (driver_url, tls) = crate::tls::split_url(&url)
             .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
         let connector = crate::tls::connector(&tls)?;
-        let mut config: tokio_postgres::Config = driver_url.parse().map_err(|_| {
+        let mut config: tokio_postgres::Config = driver_url.parse().map_err(|e: tokio_postgres::Error| {
+            // The driver names the option, never its value: safe to show.
+            let what = std::error::Error::source(&e)
+                .map(|c| c.to_string())
+                .filter(|c| c.starts_with("unknown option `") || c.starts_with("invalid value for option `"))
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
             ConfigError::Invalid(format!(
-                "the {side} URL is not a valid libpq URL (expected postgres://user:password@host:5432/dbname); \
+                "the {side} URL is not a valid libpq URL{what} (expected postgres://user:password@host:5432/dbname); \
                  percent-encode special characters in the password"
             ))
         })?;
@@ -330,6 +343,19 @@ impl Endpoint {
                 "the server has no free connection slots: lower source_limits.max_connections or free connections"
             }
             Some(_) => "the server refused the session",
+            // tokio-postgres keeps its error kinds private; their names are
+            // what its Display prints.
+            None if source.to_string() == "invalid configuration" => {
+                "no password was found for this user: put it in the URL (percent-encoded), PGPASSWORD, a service \
+                 file, or the password file (~/.pgpass or PGPASSFILE, mode 0600)"
+            }
+            None if source.to_string() == "error performing TLS handshake" => {
+                "the server does not accept TLS: use sslmode=prefer (or disable) for it, or enable ssl on the server"
+            }
+            None if source.to_string() == "timeout waiting for server" => {
+                "the server did not answer in time: check host and port, that it is running, and that this host may \
+                 reach it"
+            }
             None => {
                 "the server did not answer: check host and port, that it is running, and that this host may reach it"
             }

@@ -14,8 +14,11 @@ pub struct Migration {
     pub cfg: Config,
     /// The source database.
     pub source: Endpoint,
-    /// The target database.
+    /// The target database (a placeholder when none was given, see
+    /// [`Migration::without_target`]).
     pub target: Endpoint,
+    /// Whether a target URL was given.
+    target_given: bool,
     source_pool: Pool,
     target_pool: Pool,
     /// `copy.from`: where the bulk data is read from instead of the source.
@@ -29,9 +32,29 @@ pub struct Migration {
 impl Migration {
     /// Parses both URLs and sizes the pools. Connects lazily.
     pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        let target = cfg.target_url()?.clone();
+        Self::build(cfg, Some(target))
+    }
+
+    /// For the commands that work from the source alone (`cleanup` of the
+    /// source from any machine, `status`): without a target URL, every
+    /// target session is refused with [`ConnectError::NotGiven`].
+    pub fn without_target(cfg: Config) -> Result<Self, ConfigError> {
+        let target = cfg.target.clone();
+        Self::build(cfg, target)
+    }
+
+    fn build(cfg: Config, target: Option<secrecy::SecretString>) -> Result<Self, ConfigError> {
         let lock_timeout = cfg.source_limits.lock_timeout_ms;
         let source = Endpoint::parse(cfg.source_url()?, Side::Source, lock_timeout)?;
-        let target = Endpoint::parse(cfg.target_url()?, Side::Target, lock_timeout)?;
+        let target_given = target.is_some();
+        let placeholder =
+            secrecy::SecretString::from("postgres://pgferry@pgferry.invalid/none?sslmode=disable");
+        let target = Endpoint::parse(
+            target.as_ref().unwrap_or(&placeholder),
+            Side::Target,
+            lock_timeout,
+        )?;
         // The source pool is the whole source budget; the target may take
         // what the widest phase needs plus a control session.
         let source_pool = source.pool(cfg.source_limits.max_connections);
@@ -52,6 +75,7 @@ impl Migration {
             cfg,
             source,
             target,
+            target_given,
             source_pool,
             target_pool,
             data,
@@ -96,7 +120,15 @@ impl Migration {
 
     /// A pooled target session.
     pub async fn target_conn(&self) -> Result<Object, ConnectError> {
+        if !self.target_given {
+            return Err(ConnectError::NotGiven { side: Side::Target });
+        }
         self.target.get(&self.target_pool).await
+    }
+
+    /// Whether a target URL was given.
+    pub fn has_target(&self) -> bool {
+        self.target_given
     }
 
     /// Sessions currently open to the source.
