@@ -85,11 +85,14 @@ pub(super) async fn compare(
                 "extension used by the source is not available on the target",
                 "choose a target engine version that offers it, or drop it from the source",
             ),
+            // A warning: RDS lets rds_superuser members create the
+            // extensions it supports, trusted or not, which no catalog here
+            // tells; elsewhere the copy's schema restore fails on it.
             Some(r) if !r.get::<_, bool>(0) && !r.get::<_, bool>(1) && !r.get::<_, bool>(2) => f.add(
-                Severity::Blocker,
+                Severity::Warning,
                 &name,
-                "extension must exist on the target before the copy: the target role may not create it (it is not \
-                 trusted)",
+                "extension must exist on the target before the copy, and it is not trusted: only a privileged role \
+                 may create it",
                 format!(
                     "as the RDS master user (a member of rds_superuser), in the target database: {create}; then run \
                      check again"
