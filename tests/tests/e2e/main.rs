@@ -6,6 +6,7 @@ mod bulk;
 mod contract;
 mod faults;
 mod fidelity;
+mod habits;
 mod operability;
 mod preflight;
 mod rds;

@@ -170,6 +170,52 @@ async fn target_statements_failing_after_the_fence_never_leave_the_source_fenced
     a_target_failure_after_the_fence_reopens_the_source(TargetFault::StatementsFail).await;
 }
 
+/// pgferry's target sessions terminated at each step after the fence (an
+/// RDS failover's first moments, an operator's `pg_terminate_backend`):
+/// the cutover either gets past it and completes, with both sides equal,
+/// or aborts with the fence down. Never the source left fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_target_sessions_after_the_fence_never_leave_the_source_fenced() {
+    for (i, point) in AFTER_FENCE.iter().enumerate() {
+        let env = synced_with("[sync]\npoll_interval_ms = 50\n[source_limits]\nstep_retries = 0\n").await;
+        let args: &[&str] = if i % 2 == 0 {
+            &["cutover"]
+        } else {
+            &["migrate", "--cutover"]
+        };
+        let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+        writers.progress(20).await;
+        let mut agent = env.run_until_failpoint(args, point).await;
+        terminate_masters(&env).await;
+        std::fs::write(env.failpoint_release(), "").unwrap();
+        let pid = agent.id().expect("running");
+        let status = tokio::time::timeout(Duration::from_secs(170), agent.wait())
+            .await
+            .expect("the agent exits")
+            .unwrap();
+        writers.stop().await;
+        let log = std::fs::read_to_string(env.path(&format!("agent-{pid}.log"))).unwrap_or_default();
+        if status.success() {
+            // Got past it: the migration is as complete as asked.
+            assert_same_data(&env).await;
+            if args.len() == 2 {
+                assert_no_leftovers(&env).await;
+            } else {
+                assert_eq!(env.status().await["phase"], "cut_over", "{point}: {log}");
+            }
+        } else {
+            assert!(
+                matches!(status.code(), Some(1 | 3)),
+                "{point}: exited {status:?}\n{log}"
+            );
+            assert!(!fence_is_up(&env).await, "{point}: the fence is down\n{log}");
+            app_writes(&env)
+                .await
+                .unwrap_or_else(|e| panic!("{point}: the application writes again: {e}"));
+        }
+    }
+}
+
 /// The source itself goes away with the fence up: pgferry keeps trying to
 /// lift it (the alert firing), says so and exits 4 when it gives up, naming
 /// the command that lifts it; when the source comes back in time, it lifts
