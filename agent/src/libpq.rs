@@ -360,6 +360,13 @@ mod tests {
         assert_eq!(q["sslmode"], "require");
         assert!(!q.contains_key("user"), "the URL's user wins: {url}");
         assert!(!q.contains_key("service"), "{url}");
+        // A URL that is nothing but the service.
+        let env2 = vars(&[("PGSERVICEFILE", file.to_str().unwrap())]);
+        let q = query_of(&with_defaults("postgres:///?service=prod", &env2).unwrap());
+        assert_eq!(
+            (q["host"].as_str(), q["user"].as_str()),
+            ("svc.internal", "svcuser")
+        );
         let env = vars(&[("PGSERVICEFILE", file.to_str().unwrap()), ("PGSERVICE", "nope")]);
         let err = with_defaults("postgres://u@h/db", &env).unwrap_err();
         assert!(err.contains("\"nope\"") && err.contains("services"), "{err}");
