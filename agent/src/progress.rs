@@ -4,7 +4,9 @@
 //! here does nothing and the log lines tell the story.
 //!
 //! Log lines are printed through [`LogWriter`], which suspends the bars while
-//! it writes, so logs and bars never tear each other.
+//! it writes, so logs and bars never tear each other. Only tables being
+//! copied have a bar: a finished one leaves its total as a printed line, so
+//! the drawn area stays as small as the copy's workers.
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -41,12 +43,27 @@ pub fn copy_bar(table: &str, estimated_bytes: u64) -> ProgressBar {
     bar
 }
 
-/// Finishes a copy bar with the row count.
+/// Finishes a copy bar: it leaves the drawn area, and its total stays
+/// above it as a printed line. Finished bars kept in the area made it grow
+/// with the tables copied until it outgrew the terminal, whose redraws then
+/// wiped log lines already printed; and a bar left at the end vanished with
+/// the area.
 pub fn copy_done(bar: &ProgressBar, rows: u64) {
-    if !bar.is_hidden() {
-        bar.set_length(bar.position());
-        bar.finish_with_message(format!("{rows} rows"));
+    let Some(multi) = BARS.get() else {
+        return;
+    };
+    if bar.is_hidden() {
+        return;
     }
+    let total = format!(
+        "{:>32} {rows} rows, {} in {:.1} s",
+        bar.prefix(),
+        indicatif::HumanBytes(bar.position()),
+        bar.elapsed().as_secs_f64()
+    );
+    bar.finish_and_clear();
+    multi.remove(bar);
+    let _ = multi.println(total);
 }
 
 /// The one-line sync status (a no-op when progress is off).

@@ -168,3 +168,67 @@ async fn the_source_is_cleaned_up_with_its_url_alone() {
         .get(0);
     assert!(gone, "nothing of pgferry's is left on the source");
 }
+
+/// On a terminal shorter than the copy's bars (tmux, 8 rows), the bars
+/// never wipe a log line already printed, and each finished table leaves
+/// its total behind, as read from tmux's rendered screen and scrollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_on_a_small_terminal_keeps_every_log_line_and_each_total() {
+    let env = seeded().await;
+    env.ok(&["install"]).await;
+    let socket = env.path("tmux.sock");
+    let done = env.path("copy-done");
+    let tmux = |args: &[&str]| {
+        let out = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("tmux (Debian package tmux, installed by scripts/install-deps)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let command = format!("{} copy; touch '{}'; exec sleep 300", crate::BIN, done.display());
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "copy",
+        "-x",
+        "120",
+        "-y",
+        "8",
+        "-e",
+        &format!("PGFERRY_SOURCE={}", env.source_url()),
+        "-e",
+        &format!("PGFERRY_TARGET={}", env.target_url()),
+        "-e",
+        "PGFERRY_METRICS__LISTEN=off",
+        "-e",
+        "PGFERRY_COPY__WORKERS=2",
+        &command,
+    ]);
+    wait_for(
+        "the copy on the terminal",
+        std::time::Duration::from_secs(120),
+        || async { done.exists().then_some(()) },
+    )
+    .await;
+    let screen = tmux(&["capture-pane", "-p", "-J", "-S", "-", "-t", "copy"]);
+    tmux(&["kill-server"]);
+    let copied = screen.lines().filter(|l| l.contains("Table copied")).count();
+    assert_eq!(
+        copied, 7,
+        "every table's log line is still on the terminal:\n{screen}"
+    );
+    for rows in ["9000 rows", "3000 rows", "1000 rows", "500 rows", "100 rows"] {
+        assert!(
+            screen.contains(rows),
+            "a finished table's total ({rows}) stays:\n{screen}"
+        );
+    }
+}
