@@ -96,20 +96,22 @@ pub async fn tables(source: &Client) -> Result<Vec<ConfigTable>, tokio_postgres:
         .collect())
 }
 
+/// [`tables`], its error told as this module's.
+async fn list(source: &Client) -> Result<Vec<ConfigTable>, ExtensionConfigError> {
+    tables(source)
+        .await
+        .map_err(|source| ExtensionConfigError::Query {
+            what: "listing",
+            table: "(all)".into(),
+            side: Side::Source,
+            source,
+        })
+}
+
 /// Puts the fence trigger on every configuration table the source role may
 /// (the one `copy_only` tables get: it refuses writes while the fence is up).
 pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, crate::Error> {
-    let list = {
-        let conn = m.source_conn().await?;
-        tables(&conn)
-            .await
-            .map_err(|source| ExtensionConfigError::Query {
-                what: "listing",
-                table: "(all)".into(),
-                side: Side::Source,
-                source,
-            })?
-    };
+    let list = list(&*m.source_conn().await?).await?;
     let mut fenced = 0;
     for t in list.iter().filter(|t| t.can_fence) {
         let what = format!("fence extension configuration table {}", t.table.display_name());
@@ -155,14 +157,7 @@ pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, c
 pub async fn copy(m: &Migration) -> Result<u64, crate::Error> {
     let source = m.source_conn().await?;
     let mut target = m.target_conn().await?;
-    let list = tables(&source)
-        .await
-        .map_err(|source| ExtensionConfigError::Query {
-            what: "listing",
-            table: "(all)".into(),
-            side: Side::Source,
-            source,
-        })?;
+    let list = list(&source).await?;
     let mut copied = 0;
     for t in &list {
         let err = |what, side| {
@@ -211,14 +206,7 @@ pub async fn copy(m: &Migration) -> Result<u64, crate::Error> {
 pub async fn differences(m: &Migration) -> Result<Vec<String>, crate::Error> {
     let source = m.source_conn().await?;
     let target = m.target_conn().await?;
-    let list = tables(&source)
-        .await
-        .map_err(|source| ExtensionConfigError::Query {
-            what: "listing",
-            table: "(all)".into(),
-            side: Side::Source,
-            source,
-        })?;
+    let list = list(&source).await?;
     let mut differ = Vec::new();
     for t in &list {
         let cols = column_list(&t.columns, None);
