@@ -139,10 +139,13 @@ async fn a_target_failure_after_the_fence_reopens_the_source(fault: TargetFault)
             "{args:?} failing after {point} ({fault:?}) exited {code:?}:\n{log}"
         );
         assert!(
+            !fence_is_up(&env).await,
+            "{point} ({fault:?}): the fence is down:\n{log}"
+        );
+        assert!(
             last_line(&log).contains("The source takes writes"),
             "{args:?} after {point} ({fault:?}): the last line says the fence is down:\n{log}"
         );
-        assert!(!fence_is_up(&env).await, "{point} ({fault:?}): the fence is down");
         app_writes(&env)
             .await
             .unwrap_or_else(|e| panic!("{point} ({fault:?}): the application writes again: {e}"));
@@ -373,14 +376,14 @@ async fn a_connection_kept_through_the_switch_never_commits_after_it() {
         committed.load(Ordering::Relaxed) > 0,
         "the straggler wrote during the migration"
     );
-    assert!(
-        moved.load(Ordering::Relaxed),
-        "the fence told the straggler the database moved"
-    );
     assert_eq!(
         *late.lock().unwrap(),
         Vec::<i64>::new(),
         "writes committed on the source after the switch"
+    );
+    assert!(
+        moved.load(Ordering::Relaxed),
+        "the fence told the straggler the database moved"
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     let release = &report["release"];
