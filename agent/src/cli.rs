@@ -354,6 +354,15 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             }
         }
         Command::Cleanup => {
+            // Run by hand after the switch, cleanup lifts the fence that
+            // keeps stragglers from writing where nobody reads: say who.
+            if let Ok(Some(who)) = crate::cutover::release::connected_now(&m).await {
+                tracing::warn!(
+                    sessions = %who,
+                    "Lifting the old source's fence while sessions that could write to it are connected: what they \
+                     write there from now on is not migrated"
+                );
+            }
             let r = resilient(&m, "cleanup", cancel, || crate::cleanup::run(&m, cancel)).await?;
             Output::ok(&r, pretty("cleanup done", &r))
         }

@@ -195,21 +195,57 @@ pub async fn wait_for_the_application_to_leave(
     Ok(report)
 }
 
-/// `role@address (application) for N s, ...`, for the log.
+/// The sessions that could write to the source now, described, for a
+/// cleanup run by hand after the switch (it lifts the fence).
+pub async fn connected_now(m: &Migration) -> Result<Option<String>, crate::Error> {
+    let conn = m.source_conn().await?;
+    if !still_fenced(&conn).await? {
+        return Ok(None);
+    }
+    let seen = stragglers(&conn, &m.cfg.cutover.release_ignore_roles)
+        .await
+        .map_err(CutoverError::Source)?;
+    let sessions: Vec<Straggler> = seen
+        .into_iter()
+        .map(|(pid, role, application_name, client_addr)| Straggler {
+            pid,
+            role,
+            application_name,
+            client_addr,
+            connected_after_switch_ms: 0,
+        })
+        .collect();
+    Ok((!sessions.is_empty()).then(|| describe_who(&sessions)))
+}
+
+/// `role@address (application) pid N`.
+fn who(s: &Straggler) -> String {
+    format!(
+        "{}@{}{} pid {}",
+        s.role,
+        s.client_addr.as_deref().unwrap_or("local"),
+        if s.application_name.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.application_name)
+        },
+        s.pid
+    )
+}
+
+/// [`who`] of each, joined.
+fn describe_who(sessions: &[Straggler]) -> String {
+    sessions.iter().map(who).collect::<Vec<_>>().join(", ")
+}
+
+/// [`who`] of each and for how long, for the log.
 fn describe(sessions: &[Straggler]) -> String {
     sessions
         .iter()
         .map(|s| {
             format!(
-                "{}@{}{} pid {} for {:.1} s",
-                s.role,
-                s.client_addr.as_deref().unwrap_or("local"),
-                if s.application_name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", s.application_name)
-                },
-                s.pid,
+                "{} for {:.1} s",
+                who(s),
                 s.connected_after_switch_ms as f64 / 1000.0
             )
         })

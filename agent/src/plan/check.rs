@@ -483,6 +483,7 @@ async fn check_source(
     super::compat::row_security(c, m.source.user(), f).await?;
     super::compat::not_migrated(c, f).await?;
     super::compat::sequences(c, m.source.user(), f).await?;
+    super::compat::references_to_partitioned(c, f).await?;
     if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
         let views: i64 = c
             .query_one(

@@ -436,6 +436,29 @@ async fn a_session_that_never_leaves_is_named_when_the_wait_ends() {
     assert_no_leftovers(&env).await;
 }
 
+/// A cleanup run by hand after a `cutover` lifts the old source's fence:
+/// it names the sessions that could still write there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_by_hand_names_who_could_still_write() {
+    let env = synced_with("[sync]\npoll_interval_ms = 50\n").await;
+    env.ok(&["cutover"]).await;
+    let worker = env.source_as(APP).await;
+    worker
+        .batch_execute("SET application_name = 'worker.3'")
+        .await
+        .unwrap();
+    let out = env.run(&["cleanup"]).await;
+    assert_succeeded(&out, "cleanup");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("Lifting the old source's fence while sessions that could write to it are connected")
+            && log.contains("(worker.3)"),
+        "{log}"
+    );
+    drop(worker);
+    assert_no_leftovers(&env).await;
+}
+
 /// `migrate --cutover` killed after its cleanup removed the source's control
 /// schema, then started again (as systemd would): it recognises the finished
 /// migration, completes the cleanup and exits 0. A later run, with nothing

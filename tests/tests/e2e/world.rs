@@ -124,6 +124,14 @@ async fn foreign_keys_to_partitioned_tables_end_as_validated_as_on_the_source() 
         )
         .await
         .expect("seed partitioned references");
+    let (code, report) = check_json(&env, &[], &[]).await;
+    assert_eq!(code, 0, "{report}");
+    let p = problem(
+        &report,
+        "foreign key shops_region_fkey references the partitioned table",
+    )
+    .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(p["severity"], "warning", "{p}");
     const REF_OPS: &[&str] = &[
         "INSERT INTO regions VALUES (5000 + $N % 100000, 'new') ON CONFLICT DO NOTHING",
         "INSERT INTO shops VALUES (10000 + $N, 1 + $N % 2000) ON CONFLICT DO NOTHING",
