@@ -328,10 +328,14 @@ async fn verify_ahead(
     let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
     drop(conn);
     let mut verdicts = Vec::new();
+    let mut backoff = sync::Backoff::default();
     for unit in sync::ahead_units(tables) {
         if unit.iter().all(|t| ledgers.contains(&t.id)) {
             continue;
         }
+        // Each verification reads a whole table on the source: not while
+        // the source's own sessions wait.
+        wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
         sync::check_drift(m, tables).await?;
         sync::drain_pass(m, tables, cancel).await?;
         let others: Vec<TableState> = tables
@@ -416,24 +420,7 @@ async fn catch_up(
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
         }
-        if let Some(pause) = backoff.next(m).await? {
-            if started.elapsed() + pause > timeout {
-                crate::telemetry::sync_backoff(0.0);
-                return Err(CutoverError::Aborted(format!(
-                    "the source stayed under pressure (sessions waiting on locks, or slow to answer) for {} s \
-                     of catching up (limit {} ms); the fence was not raised: cut over at a quieter time, \
-                     or raise sync.max_lock_waiters / sync.max_probe_ms",
-                    started.elapsed().as_secs(),
-                    m.cfg.cutover.catch_up_timeout_ms
-                ))
-                .into());
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return Err(crate::Error::Cancelled),
-                () = tokio::time::sleep(pause) => {}
-            }
-            continue;
-        }
+        wait_out_pressure(m, &mut backoff, started, cancel).await?;
         sync::check_drift(m, tables).await?;
         sync::drain_pass(m, tables, cancel).await?;
         let conn = m.source_conn().await?;
@@ -450,6 +437,37 @@ async fn catch_up(
             decision::Decision::GiveUp(why) => return Err(CutoverError::Aborted(why).into()),
         }
     }
+}
+
+/// Pauses while the source is under pressure, as `sync` does
+/// (`sync.adaptive`): the source's own work wins. Pressure that lasts past
+/// `cutover.catch_up_timeout_ms` counted from `since` gives the cutover up,
+/// the fence never raised.
+async fn wait_out_pressure(
+    m: &Migration,
+    backoff: &mut sync::Backoff,
+    since: Instant,
+    cancel: &CancellationToken,
+) -> Result<(), crate::Error> {
+    let timeout = Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms);
+    while let Some(pause) = backoff.next(m).await? {
+        if since.elapsed() + pause > timeout {
+            crate::telemetry::sync_backoff(0.0);
+            return Err(CutoverError::Aborted(format!(
+                "the source stayed under pressure (sessions waiting on locks, or slow to answer) for {} s \
+                 before the fence (limit {} ms); the fence was not raised: cut over at a quieter time, \
+                 or raise sync.max_lock_waiters / sync.max_probe_ms",
+                since.elapsed().as_secs(),
+                m.cfg.cutover.catch_up_timeout_ms
+            ))
+            .into());
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Retries of a failed batch or statement with the fence up (backoff from
