@@ -330,14 +330,15 @@ pub struct CutoverConfig {
     /// write then, and every second of that work is write downtime.
     #[serde(default)]
     pub rate_limited: bool,
-    /// What the verification reads with the fence up. `full` (the default)
-    /// compares every row of every table, so the write downtime grows with
-    /// the database. `changed` compares each table in full before the
-    /// fence, in the snapshot of a drain batch, and then with the fence up
-    /// only the rows whose keys changed since (a partitioned table with all
-    /// its partitions together; tables in a classic inheritance hierarchy,
-    /// and tables truncated or copied whole since, are still compared in
-    /// full).
+    /// What the verification reads with the fence up. `changed` (the
+    /// default) compares each table in full before the fence, in the
+    /// snapshot of a drain batch, and then with the fence up only the rows
+    /// whose keys changed since (a partitioned table with all its
+    /// partitions together; tables in a classic inheritance hierarchy, and
+    /// tables truncated or copied whole since, are still compared in full),
+    /// so the write downtime follows the writes, not the size. `full`
+    /// compares every row of every table with the fence up: the write
+    /// downtime grows with the database (`check` says by how much).
     #[serde(default)]
     pub verify: VerifyScope,
     /// When the materialized views populated on the source are refreshed on
@@ -393,9 +394,9 @@ pub enum MatviewRefresh {
 #[serde(rename_all = "snake_case")]
 pub enum VerifyScope {
     /// Every row.
-    #[default]
     Full,
     /// The rows changed since a full comparison made before the fence.
+    #[default]
     Changed,
 }
 
@@ -507,7 +508,7 @@ impl Default for CutoverConfig {
             writer_wait_ms: default_writer_wait_ms(),
             switch_command: None,
             rate_limited: false,
-            verify: VerifyScope::Full,
+            verify: VerifyScope::Changed,
             materialized_views: MatviewRefresh::Fenced,
             fence_lift_timeout_ms: default_fence_lift_timeout_ms(),
             release_after_ms: default_release_after_ms(),
@@ -785,16 +786,16 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.copy.workers, 3);
         assert_eq!(cfg.sync.workers, 2);
-        assert_eq!(cfg.cutover.verify, VerifyScope::Full);
+        assert_eq!(cfg.cutover.verify, VerifyScope::Changed);
         assert_eq!(cfg.source.unwrap().expose_secret(), "postgres://a@h/db");
         assert_eq!(cfg.target.unwrap().expose_secret(), "postgres://t@h/db");
     }
 
     #[test]
     fn the_verification_scope_is_full_or_changed() {
-        let f = write("[cutover]\nverify = \"changed\"\n");
+        let f = write("[cutover]\nverify = \"full\"\n");
         let cfg = Config::load(Some(f.path()), Overrides::default()).unwrap();
-        assert_eq!(cfg.cutover.verify, VerifyScope::Changed);
+        assert_eq!(cfg.cutover.verify, VerifyScope::Full);
         let f = write("[cutover]\nverify = \"some\"\n");
         assert!(Config::load(Some(f.path()), Overrides::default()).is_err());
     }

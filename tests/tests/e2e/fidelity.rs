@@ -1243,8 +1243,8 @@ async fn row_security_forced_on_the_owner_arrives_and_a_resumed_cutover_verifies
     .await
     .unwrap();
     drop(app);
-    crate::gated_config(&env);
-    std::fs::write(env.path("release"), "").unwrap();
+    // Every row verified with the fence up, through the policies' switch.
+    env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"full\"\n");
     env.kill_at(&["migrate", "--cutover"], "cutover.after_objects")
         .await;
     assert!(
