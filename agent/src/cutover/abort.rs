@@ -125,18 +125,24 @@ fn lift_command(switch_failed: bool) -> &'static str {
 pub async fn fence_verdict(m: &Migration) -> Option<(String, bool)> {
     let read = async {
         let conn = m.source_conn().await.ok()?;
-        let run = state::load(&**conn).await.ok()??;
+        let Some(run) = state::load(&**conn).await.ok()? else {
+            // Nothing of pgferry's there: no fence either.
+            return Some(None);
+        };
         let raised = fence::is_raised(&**conn).await.ok()?;
-        Some((run, raised))
+        Some(Some((run, raised)))
     };
-    let Ok(Some((run, raised))) = tokio::time::timeout(Duration::from_secs(15), read).await else {
-        return Some((
-            "The source could not be read to tell whether the fence is up: check with `pgferry status` \
-             (`pgferry cutover --abort` lifts a fence left up)"
-                .into(),
-            false,
-        ));
-    };
+    let (run, raised) =
+        match tokio::time::timeout(Duration::from_secs(15), read).await {
+            Ok(Some(Some(found))) => found,
+            Ok(Some(None)) => return None,
+            _ => return Some((
+                "The source could not be read to tell whether the fence is up: check with `pgferry status` \
+                 (`pgferry cutover --abort` lifts a fence left up)"
+                    .into(),
+                false,
+            )),
+        };
     Some(match (raised, run.switch_started || run.phase == Phase::CutOver) {
         (false, _) => ("The source takes writes: the fence is down.".into(), false),
         (true, true) => (
