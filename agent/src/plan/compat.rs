@@ -113,7 +113,7 @@ pub(super) async fn compare(
 /// Columns of the source's tables whose values are object OIDs (`regclass`,
 /// `regtype` and the other reg* types, also in arrays, domains and
 /// composite types): the target's objects have other OIDs, so such tables
-/// move in COPY's text form, by name (`state::TEXT_FORM_TYPES`), and a
+/// move in COPY's text form, by name (`state::TEXT_FORM_TABLES`), and a
 /// name the target lacks fails the copy: a warning. Transaction ids and WAL positions (`xid`, `xid8`,
 /// `pg_lsn`, snapshots) arrive intact but count on the source's counters,
 /// which the target's do not continue: a warning.
