@@ -174,6 +174,13 @@ pub struct SourceLimits {
     /// `lock_timeout` for every DDL statement on the source. Default 1000 ms.
     #[serde(default = "default_lock_timeout_ms")]
     pub lock_timeout_ms: u64,
+    /// The `lock_timeout` of each attempt to create or drop pgferry's
+    /// triggers on an application table, which is asked for only once no
+    /// other session has held the table (or waited for it) longer than
+    /// this: the longest an application statement queues behind pgferry's
+    /// triggers. Default 50 ms.
+    #[serde(default = "default_trigger_lock_timeout_ms")]
+    pub trigger_lock_timeout_ms: u64,
     /// How many times a DDL that hit its lock timeout is retried. Default 60.
     #[serde(default = "default_lock_retries")]
     pub lock_retries: u32,
@@ -341,6 +348,16 @@ pub struct CutoverConfig {
     /// downtime grows with the database (`check` says by how much).
     #[serde(default)]
     pub verify: VerifyScope,
+    /// With `verify = "changed"`: the keys changed since a table was
+    /// verified ahead of the fence that the fence may compare. Just before
+    /// the catch-up, a table (a partitioned table with its partitions)
+    /// whose ledger holds more is compared again ahead of the fence by
+    /// those keys, which starts its ledger afresh, so the fence compares
+    /// what changed in the last minutes, not since the first verification
+    /// (hours before, at hundreds of gigabytes). Default 1000 (about 20 ms
+    /// with the fence up).
+    #[serde(default = "default_max_keys_under_fence")]
+    pub max_keys_under_fence: i64,
     /// When the materialized views populated on the source are refreshed on
     /// the target. `fenced` (the default): with writes blocked, so at the
     /// switch they hold exactly what their queries give on the migrated
@@ -406,6 +423,12 @@ fn default_source_connections() -> usize {
 fn default_lock_timeout_ms() -> u64 {
     1000
 }
+fn default_max_keys_under_fence() -> i64 {
+    1_000
+}
+fn default_trigger_lock_timeout_ms() -> u64 {
+    50
+}
 fn default_lock_retries() -> u32 {
     60
 }
@@ -465,6 +488,7 @@ impl Default for SourceLimits {
         Self {
             max_connections: default_source_connections(),
             lock_timeout_ms: default_lock_timeout_ms(),
+            trigger_lock_timeout_ms: default_trigger_lock_timeout_ms(),
             lock_retries: default_lock_retries(),
             retry_max_backoff_ms: default_retry_max_backoff_ms(),
             step_retries: default_step_retries(),
@@ -509,6 +533,7 @@ impl Default for CutoverConfig {
             switch_command: None,
             rate_limited: false,
             verify: VerifyScope::Changed,
+            max_keys_under_fence: default_max_keys_under_fence(),
             materialized_views: MatviewRefresh::Fenced,
             fence_lift_timeout_ms: default_fence_lift_timeout_ms(),
             release_after_ms: default_release_after_ms(),
@@ -690,6 +715,12 @@ impl Config {
         }
         if self.source_limits.lock_timeout_ms == 0 {
             problems.push("source_limits.lock_timeout_ms must be positive: 0 would let DDL wait forever and queue the application behind it");
+        }
+        if self.cutover.max_keys_under_fence < 0 {
+            problems.push("cutover.max_keys_under_fence must be 0 or more");
+        }
+        if self.source_limits.trigger_lock_timeout_ms == 0 {
+            problems.push("source_limits.trigger_lock_timeout_ms must be positive: 0 would let trigger DDL wait forever and queue the application behind it");
         }
         let metrics = self.metrics.address().err().map(|e| e.to_string());
         if let Some(m) = &metrics {

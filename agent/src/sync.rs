@@ -704,7 +704,7 @@ pub async fn drain_pass(
             let mut stats = Vec::with_capacity(group.len());
             for t in &group {
                 match retry(m.retry_policy(), "batch", "drain a batch", &cancel, || {
-                    drain_table(&m, t, &group, part, false)
+                    drain_table(&m, t, &group, part, None)
                 })
                 .await
                 {
@@ -966,7 +966,7 @@ async fn drain_table(
     t: &TableState,
     group: &[TableState],
     part: Option<Part>,
-    verify: bool,
+    verify: Option<Ahead>,
 ) -> Result<BatchStats, SyncError> {
     let mut source = m.source_conn().await?;
     let locks = match part {
@@ -998,8 +998,8 @@ async fn drain_table(
             busy: true,
             ..Default::default()
         })
-    } else if verify {
-        verify_batch(m, &mut source, group).await
+    } else if let Some(ahead) = verify {
+        verify_batch(m, &mut source, group, ahead).await
     } else {
         batch(m, &mut source, t, group, part).await
     };
@@ -1374,6 +1374,16 @@ async fn record(
     Ok(())
 }
 
+/// What a verification ahead of the fence compares (see [`verify_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Every row: the unit gets its ledgers.
+    All,
+    /// The rows whose keys the unit's ledgers (and the deltas of the batch)
+    /// name: its ledgers start again from the batch's snapshot.
+    Ledger,
+}
+
 /// One batch of every table of `unit` (see [`ahead_units`]) in one source
 /// snapshot S and one target transaction, which leaves the target equal to
 /// the unit as of S; then, with the unit's lock still held so that nothing
@@ -1382,10 +1392,17 @@ async fn record(
 /// each batch moves the deltas it consumes there instead of deleting them:
 /// every key that changed since S. With the fence up, the cutover then
 /// compares only those keys' rows.
+///
+/// With [`Ahead::Ledger`], only the rows whose keys the ledgers and the
+/// batch's deltas name are compared in S, and when equal the ledgers are
+/// emptied in S: what the fence then compares is what changed since S, not
+/// since the first verification, which at hundreds of gigabytes began long
+/// before. A batch that rewrote a table whole (a TRUNCATE) compares all.
 async fn verify_batch(
     m: &Migration,
     source: &mut Object,
     unit: &[TableState],
+    ahead: Ahead,
 ) -> Result<BatchStats, SyncError> {
     let first = &unit[0];
     let started = std::time::Instant::now();
@@ -1418,8 +1435,31 @@ async fn verify_batch(
     ttx.commit()
         .await
         .map_err(|e| batch_err(first, Side::Target, e))?;
+    let rewritten = applied.iter().any(|a| a.truncated || a.recopied);
+    // A ledger dropped since (it grew past its limit) leaves all to compare.
+    let ledgers: Vec<String> = unit.iter().map(|t| t.ledger_table().to_string()).collect();
+    let by_ledger = ahead == Ahead::Ledger
+        && !rewritten
+        && stx
+            .query_one(
+                "SELECT bool_and(to_regclass(l) IS NOT NULL) FROM unnest($1::text[]) l",
+                &[&ledgers],
+            )
+            .await
+            .map_err(|e| batch_err(first, Side::Source, e))?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
     let mut verdicts = Vec::new();
-    for t in unit.iter().filter(|t| !t.partitioned) {
+    if by_ledger {
+        let verdict = crate::verify::compare_changed_on(&*stx, &mut target, unit, !first.partitioned)
+            .await
+            .map_err(|e| match e {
+                crate::verify::VerifyError::Query { side, source, .. } => batch_err(first, side, source),
+                other => SyncError::Verify(Box::new(other)),
+            })?;
+        verdicts.push(verdict);
+    }
+    for t in unit.iter().filter(|t| !t.partitioned && !by_ledger) {
         let subject = crate::verify::Subject {
             table: t.table.clone(),
             key_columns: t.key_columns.clone(),
@@ -1436,17 +1476,23 @@ async fn verify_batch(
     let equal = verdicts.iter().all(|v| v.equal);
     for (t, seen) in unit.iter().zip(&seens) {
         let ledger = t.ledger_table();
-        let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
-        if equal {
-            // Unique, so that a key changed in batch after batch (a hot
-            // row) is there once.
-            let keys = delta_key_list(t);
-            sql += &format!(
-                "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
-                 CREATE UNIQUE INDEX ON {ledger} ({keys});",
-                t.delta_table()
-            );
-        }
+        let sql = if equal && by_ledger {
+            // Nothing else writes the ledger while the batch lock is held.
+            format!("DELETE FROM {ledger}")
+        } else {
+            let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
+            if equal {
+                // Unique, so that a key changed in batch after batch (a hot
+                // row) is there once.
+                let keys = delta_key_list(t);
+                sql += &format!(
+                    "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
+                     CREATE UNIQUE INDEX ON {ledger} ({keys});",
+                    t.delta_table()
+                );
+            }
+            sql
+        };
         stx.batch_execute(&sql)
             .await
             .map_err(|e| batch_err(t, Side::Source, e))?;
@@ -1481,6 +1527,7 @@ const LEDGER_MAX_BYTES: i64 = 64 << 20;
 pub async fn verify_ahead(
     m: &Migration,
     unit: &[TableState],
+    ahead: Ahead,
     cancel: &CancellationToken,
 ) -> Result<Vec<TableVerdict>, crate::Error> {
     loop {
@@ -1489,7 +1536,7 @@ pub async fn verify_ahead(
             "batch",
             "verify a table ahead of the fence",
             cancel,
-            || drain_table(m, &unit[0], unit, None, true),
+            || drain_table(m, &unit[0], unit, None, Some(ahead)),
         )
         .await
         {

@@ -302,13 +302,26 @@ fn sums(only: &str, table: &QualifiedTable, filter: &str) -> String {
 /// source into a temporary table on the target, and each side sums the
 /// rows with those keys.
 async fn compare_changed(m: &Migration, tables: &[TableState]) -> Result<TableVerdict, VerifyError> {
+    let src = m.source_conn().await?;
+    let mut tgt = m.target_conn().await?;
+    compare_changed_on(&**src, &mut tgt, tables, false).await
+}
+
+/// [`compare_changed`] as `src` (a session, or a batch's snapshot) and a
+/// transaction of `tgt` see them; with `only`, the rows of `tables[0]`
+/// itself (a table alone in its unit, whose children, if any, are drained
+/// apart from it).
+pub(crate) async fn compare_changed_on(
+    src: &impl GenericClient,
+    tgt: &mut tokio_postgres::Client,
+    tables: &[TableState],
+    only: bool,
+) -> Result<TableVerdict, VerifyError> {
     let t = &tables[0];
     let err = |side| {
         let table = t.table.display_name();
         move |source| VerifyError::Query { table, side, source }
     };
-    let src = m.source_conn().await?;
-    let mut tgt = m.target_conn().await?;
     let ttx = tgt.transaction().await.map_err(err(Side::Target))?;
     let keys = column_list(&t.key_columns, None);
     let stored = crate::sync::delta_key_list(t);
@@ -328,7 +341,9 @@ async fn compare_changed(m: &Migration, tables: &[TableState]) -> Result<TableVe
         .copy_in("COPY pgferry_keys FROM STDIN (FORMAT binary)")
         .await
         .map_err(err(Side::Target))?;
+    // Through the session itself: within `src`'s transaction, if it is one.
     let stream = src
+        .client()
         .copy_out(&format!("COPY ({changed}) TO STDOUT (FORMAT binary)"))
         .await
         .map_err(err(Side::Source))?;
@@ -351,12 +366,13 @@ async fn compare_changed(m: &Migration, tables: &[TableState]) -> Result<TableVe
         key_columns: t.key_columns.clone(),
     };
     let verdict = compare_on(
-        &**src,
-        &*ttx,
+        src,
+        &ttx,
         &subject,
         Rows::Where {
             source: &source,
             target: &target,
+            only,
         },
     )
     .await?;
@@ -369,12 +385,15 @@ pub(crate) enum Rows<'a> {
     /// Every row of the table itself (ONLY).
     All,
     /// The rows of the table and of the tables below it (the partitions of
-    /// a partitioned table) that each side's WHERE clause keeps (alias `r`).
+    /// a partitioned table; with `only`, of the table itself) that each
+    /// side's WHERE clause keeps (alias `r`).
     Where {
         /// On the source.
         source: &'a str,
         /// On the target.
         target: &'a str,
+        /// The table's own rows only.
+        only: bool,
     },
 }
 
@@ -389,7 +408,12 @@ pub(crate) async fn compare_on(
 ) -> Result<TableVerdict, VerifyError> {
     let (src_filter, tgt_filter, scope, only) = match rows {
         Rows::All => ("", "", VerifyScope::Full, "ONLY"),
-        Rows::Where { source, target } => (source, target, VerifyScope::Changed, ""),
+        Rows::Where { source, target, only } => (
+            source,
+            target,
+            VerifyScope::Changed,
+            if only { "ONLY" } else { "" },
+        ),
     };
     let sql = |filter: &str| sums(only, &s.table, filter);
     let err = |side| {

@@ -114,8 +114,12 @@ pub struct CutoverReport {
     /// Tables verified ahead of the fence by this run (`changed`), and how long
     /// that took (writes were not blocked then).
     pub verified_ahead: usize,
-    /// See `verified_ahead`.
+    /// See `verified_ahead`; with the comparisons of changed rows ahead of
+    /// the fence.
     pub verify_ahead_ms: u64,
+    /// Changed rows compared again ahead of the fence (`changed`), so that
+    /// the fence compares only those changed since.
+    pub changed_rows_verified_ahead: i64,
     /// Tables whose changed rows only were compared with the fence up (a
     /// partitioned table with its partitions counts once).
     pub tables_verified_by_changes: usize,
@@ -165,6 +169,18 @@ pub struct CutoverReport {
     pub extension_config_rows: u64,
     /// Large objects copied while writes were fenced (with `large_objects`).
     pub large_objects: Option<crate::large_objects::LargeObjectReport>,
+    /// Where the write downtime went: each step with the fence up before
+    /// the switch, in order, with its milliseconds.
+    pub fenced_steps: Vec<FencedStep>,
+}
+
+/// One step with the fence up (see [`CutoverReport::fenced_steps`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FencedStep {
+    /// What it did.
+    pub step: String,
+    /// How long it took.
+    pub ms: u64,
 }
 
 /// Runs (or resumes) the cutover.
@@ -229,6 +245,7 @@ pub async fn run(
         return after_point_of_no_return(m, CutoverReport::default(), true, cancel).await;
     }
     let mut ahead = (0, 0);
+    let mut settled = 0;
     let mut indexes = crate::copy::indexes::Built::default();
     let mut prepared = None;
     let mut only_on_target = Vec::new();
@@ -251,6 +268,11 @@ pub async fn run(
         let p = entries::prepare(m).await?;
         only_on_target = p.only_on_target.clone();
         prepared = Some(p);
+        if m.cfg.cutover.verify == VerifyScope::Changed {
+            let (rows, ms) = settle_ledgers(m, &tables, cancel).await?;
+            settled = rows;
+            ahead.1 += ms;
+        }
         catch_up(m, &tables, cancel).await?;
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {
             // Populated at the switch, with the data of a moment before.
@@ -285,6 +307,7 @@ pub async fn run(
     match fenced(m, &tables, cancel, prepared).await {
         Ok(mut report) => {
             (report.verified_ahead, report.verify_ahead_ms) = ahead;
+            report.changed_rows_verified_ahead = settled;
             report.indexes_built = indexes.indexes;
             report.indexes_not_migrated = indexes.invalid;
             report.schema_only_on_target = only_on_target;
@@ -343,7 +366,13 @@ async fn verify_ahead(
             .filter(|t| t.lock_relid != unit[0].lock_relid)
             .cloned()
             .collect();
-        let verified = while_draining(m, &others, cancel, sync::verify_ahead(m, &unit, cancel)).await?;
+        let verified = while_draining(
+            m,
+            &others,
+            cancel,
+            sync::verify_ahead(m, &unit, sync::Ahead::All, cancel),
+        )
+        .await?;
         for verdict in verified {
             tracing::info!(table = %verdict.table, equal = verdict.equal, rows = verdict.source_rows, "Verified ahead of the fence");
             verdicts.push(verdict);
@@ -360,6 +389,104 @@ async fn verify_ahead(
         .into());
     }
     Ok((verified, started.elapsed().as_millis() as u64))
+}
+
+/// Rounds of [`settle_ledgers`] at most: a round takes less time than the
+/// one before, as it compares fewer rows, unless writes outpace it.
+const SETTLE_ROUNDS: usize = 3;
+
+/// `cutover.verify = "changed"`, just before the catch-up: the ledgers
+/// hold every key changed since their unit was verified, and at hundreds
+/// of gigabytes that verification began an hour or more before, so the
+/// fence would compare a number of rows that grows with the database.
+/// Each unit whose ledgers hold more than `cutover.max_keys_under_fence`
+/// is compared by them
+/// ahead of the fence ([`sync::Ahead::Ledger`]), the others draining
+/// meanwhile, which empties them; rounds go on while some unit has that
+/// many, at most [`SETTLE_ROUNDS`]. The fence then compares what changed in
+/// the last round. Returns the rows compared, and in how many
+/// milliseconds.
+async fn settle_ledgers(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<(i64, u64), crate::Error> {
+    let started = Instant::now();
+    let mut rows = 0;
+    let mut backoff = sync::Backoff::default();
+    for _ in 0..SETTLE_ROUNDS {
+        let mut busy = ledger_keys(m, tables).await?;
+        busy.retain(|(_, keys)| *keys > m.cfg.cutover.max_keys_under_fence);
+        if busy.is_empty() {
+            break;
+        }
+        // The fullest first: it grew the longest.
+        busy.sort_by_key(|(_, keys)| std::cmp::Reverse(*keys));
+        let mut verdicts = Vec::new();
+        for (unit, keys) in busy {
+            wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
+            sync::check_drift(m, tables).await?;
+            let others: Vec<TableState> = tables
+                .iter()
+                .filter(|t| t.lock_relid != unit[0].lock_relid)
+                .cloned()
+                .collect();
+            let work = sync::verify_ahead(m, &unit, sync::Ahead::Ledger, cancel);
+            for verdict in while_draining(m, &others, cancel, work).await? {
+                tracing::info!(table = %verdict.table, equal = verdict.equal, ledger_keys = keys, rows = verdict.source_rows, "Changed rows verified ahead of the fence");
+                rows += verdict.source_rows;
+                verdicts.push(verdict);
+            }
+        }
+        let mismatches = verdicts.iter().filter(|v| !v.equal).count();
+        if mismatches > 0 {
+            return Err(CutoverError::MismatchBeforeFence(Box::new(VerifyReport {
+                mismatches,
+                rows: verdicts.iter().map(|v| v.source_rows).sum(),
+                tables: verdicts,
+            }))
+            .into());
+        }
+    }
+    Ok((rows, started.elapsed().as_millis() as u64))
+}
+
+/// The units (see [`sync::ahead_units`]) whose every table has its ledger,
+/// each with the keys its ledgers hold.
+async fn ledger_keys(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<Vec<(Vec<TableState>, i64)>, crate::Error> {
+    let conn = m.source_conn().await?;
+    let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
+    let units: Vec<Vec<TableState>> = sync::ahead_units(tables)
+        .into_iter()
+        .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
+        .collect();
+    let mut out = Vec::with_capacity(units.len());
+    // A statement per hundred units: one round trip, not one per table.
+    for chunk in units.chunks(100) {
+        let arms: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let counts: Vec<String> = u
+                    .iter()
+                    .map(|t| format!("(SELECT count(*) FROM {})", t.ledger_table()))
+                    .collect();
+                format!("SELECT {i}, {}", counts.join(" + "))
+            })
+            .collect();
+        let rows = conn
+            .query(&arms.join(" UNION ALL "), &[])
+            .await
+            .map_err(CutoverError::Source)?;
+        for r in rows {
+            let (i, keys): (i32, i64) = (r.get(0), r.get(1));
+            out.push((chunk[i as usize].clone(), keys));
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `work` while `tables` drain in the background, pass after pass
@@ -633,6 +760,7 @@ async fn fenced(
         laps.lap("materialized views");
     }
     tracing::info!(steps = %laps, "Under the fence so far");
+    report.fenced_steps = laps.done;
     crate::failpoint::hit("cutover.after_objects").await;
     Ok(report)
 }
@@ -641,7 +769,7 @@ async fn fenced(
 /// downtime goes.
 struct Laps {
     last: Instant,
-    done: Vec<String>,
+    done: Vec<FencedStep>,
 }
 
 impl Laps {
@@ -654,15 +782,22 @@ impl Laps {
 
     fn lap(&mut self, step: &str) {
         let now = Instant::now();
-        self.done
-            .push(format!("{step} {} ms", (now - self.last).as_millis()));
+        self.done.push(FencedStep {
+            step: step.to_string(),
+            ms: (now - self.last).as_millis() as u64,
+        });
         self.last = now;
     }
 }
 
 impl std::fmt::Display for Laps {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.done.join(", "))
+        let steps: Vec<String> = self
+            .done
+            .iter()
+            .map(|s| format!("{} {} ms", s.step, s.ms))
+            .collect();
+        f.write_str(&steps.join(", "))
     }
 }
 

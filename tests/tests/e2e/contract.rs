@@ -853,3 +853,55 @@ async fn verify_changed_finds_a_difference_ahead_of_the_fence_and_under_it() {
     env.ok(&["cleanup"]).await;
     assert_no_leftovers(&env).await;
 }
+
+/// `cutover.verify = "changed"` on a database whose verification ahead of
+/// the fence took long: the keys changed since pile up in the ledgers, and
+/// the fence would compare them all. A table whose ledger holds more than
+/// `cutover.max_keys_under_fence` keys is compared by them again ahead of
+/// the fence, just before the catch-up: a difference there ends the
+/// cutover before the fence; once equal, its ledger starts afresh, so the
+/// fence compares none of those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_changed_during_a_long_verification_ahead_are_compared_before_the_fence() {
+    let env = synced_with(
+        "[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nmax_keys_under_fence = 2\n",
+    )
+    .await;
+    let (app, target) = (env.source_as(APP).await, env.target_client().await);
+    // Every table verified ahead, then the agent stops before the fence.
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
+    app.batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id BETWEEN 1 AND 5")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    target
+        .batch_execute("UPDATE accounts SET name = 'tampered' WHERE id = 3")
+        .await
+        .unwrap();
+    let err = env.fails(&["cutover"], 1).await;
+    assert!(err.contains("the fence was never raised"), "{err}");
+    assert!(err.contains("(3) differs"), "{err}");
+    assert!(!fence_is_up(&env).await);
+
+    // Repaired by the source. The difference cost accounts its ledger: it
+    // is verified in full ahead again, then five of its keys change.
+    app.batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id = 3")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
+    app.batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id BETWEEN 1 AND 5")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(
+        report["changed_rows_verified_ahead"], 5,
+        "accounts' five changed rows compared ahead of the fence: {report}"
+    );
+    assert_eq!(
+        report["rows_verified"], 0,
+        "nothing changed since, so the fence compared no row: {report}"
+    );
+    assert_same_data(&env).await;
+}
