@@ -45,6 +45,16 @@ pub enum CaptureError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Another session holds (or waits for) a lock on the table in a
+    /// transaction older than `source_limits.trigger_lock_timeout_ms`:
+    /// asking now would queue the application behind pgferry.
+    #[error("{table} is in use by a longer transaction ({holder}); pgferry waits for its turn")]
+    Busy {
+        /// The table.
+        table: String,
+        /// Who holds it.
+        holder: String,
+    },
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::endpoint::ConnectError),
@@ -157,6 +167,7 @@ pub async fn install_as(
             };
             let mut conn = m.source_conn().await?;
             let tx = conn.transaction().await.map_err(failed)?;
+            take_turn(m, &tx, Some(t.relid), &t.table.display_name()).await?;
             tx.execute(install, &[&t.id]).await.map_err(failed)?;
             tx.execute(
                 &format!("UPDATE pgferry.tables t SET trigger_stamp = {TRIGGER_STAMP} WHERE t.id = $1"),
@@ -297,30 +308,70 @@ pub(crate) async fn drop_triggers(
     table: &str,
     names: &[String],
 ) -> Result<(), crate::Error> {
-    let sql: String = std::iter::once("BEGIN;".to_string())
-        .chain(
-            names
-                .iter()
-                .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone()))),
-        )
-        .chain(std::iter::once("COMMIT;".to_string()))
+    let sql: String = names
+        .iter()
+        .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone())))
         .collect();
     let what = format!("drop capture triggers on {table}");
     let sql = &sql;
-    // A fresh session per attempt: the one that failed may be gone, or be
-    // left inside the failed transaction.
+    // A fresh session per attempt: the one that failed may be gone.
     retry_ddl(m, cancel, &what, || async move {
-        let conn = m.source_conn().await?;
-        let res = conn.batch_execute(sql).await;
-        if res.is_err() {
-            let _ = conn.batch_execute("ROLLBACK").await;
-        }
-        res.map_err(|source| CaptureError::Remove {
+        let failed = |source| CaptureError::Remove {
             table: table.to_string(),
             source,
-        })
+        };
+        let mut conn = m.source_conn().await?;
+        let tx = conn.transaction().await.map_err(failed)?;
+        take_turn(m, &tx, None, table).await?;
+        tx.batch_execute(sql).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)
     })
     .await
+}
+
+/// Before pgferry asks for a lock on an application table, in `tx` (to
+/// create or drop its triggers: ACCESS EXCLUSIVE, behind which every
+/// statement on the table queues while the request waits): asks only when
+/// no other session has held a lock on the table or its partitions longer
+/// than `source_limits.trigger_lock_timeout_ms`, nor waits for one, and
+/// then with that `lock_timeout`. A long transaction of the application's
+/// is waited out ([`CaptureError::Busy`], retried with backoff) instead of
+/// queued behind, so the application's other statements on the table wait
+/// for pgferry at most that long. The table is `relid`, or else `table`
+/// read as SQL text for it (which names it in messages either way).
+/// Sessions whose details pg_stat_activity hides (another role's) count as
+/// short.
+pub(crate) async fn take_turn(
+    m: &Migration,
+    tx: &tokio_postgres::Transaction<'_>,
+    relid: Option<u32>,
+    table: &str,
+) -> Result<(), CaptureError> {
+    let ms = m.cfg.source_limits.trigger_lock_timeout_ms as i64;
+    let busy = tx
+        .query_opt(
+            "SELECT format('pid %s %s %s', l.pid, CASE WHEN l.granted THEN 'holds' ELSE 'waits for' END, l.mode)
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'relation'
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.relation IN (SELECT r.oid FROM (SELECT coalesce($1::oid, to_regclass($2))::regclass AS oid) r
+                                   UNION ALL SELECT p.relid FROM pg_partition_tree(coalesce($1::oid, to_regclass($2))::regclass) p)
+                AND l.pid <> pg_backend_pid()
+                AND (NOT l.granted OR a.xact_start < clock_timestamp() - $3::int8 * interval '1 millisecond')
+              LIMIT 1",
+            &[&relid, &table, &ms],
+        )
+        .await
+        .map_err(CaptureError::Catalog)?;
+    if let Some(row) = busy {
+        return Err(CaptureError::Busy {
+            table: table.to_string(),
+            holder: row.get(0),
+        });
+    }
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))
+        .await
+        .map_err(CaptureError::Catalog)
 }
 
 /// The registered tables whose UPDATE capture takes old keys from the key
@@ -427,6 +478,7 @@ impl Retryable for CaptureError {
             | CaptureError::Remove { source, .. }
             | CaptureError::Catalog(source) => crate::error::is_retryable(source),
             CaptureError::Connect(e) => e.is_retryable(),
+            CaptureError::Busy { .. } => true,
             CaptureError::AlreadyPast(_) => false,
         }
     }

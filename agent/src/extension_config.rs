@@ -39,6 +39,9 @@ pub enum ExtensionConfigError {
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::endpoint::ConnectError),
+    /// The table's turn has not come (see `capture::take_turn`).
+    #[error(transparent)]
+    Turn(#[from] crate::capture::CaptureError),
 }
 
 impl Retryable for ExtensionConfigError {
@@ -46,6 +49,7 @@ impl Retryable for ExtensionConfigError {
         match self {
             ExtensionConfigError::Query { source, .. } => crate::error::is_retryable(source),
             ExtensionConfigError::Connect(e) => e.is_retryable(),
+            ExtensionConfigError::Turn(e) => e.is_retryable(),
         }
     }
 }
@@ -125,9 +129,10 @@ pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, c
                     side: Side::Source,
                     source,
                 };
-                let conn = m.source_conn().await?;
+                let mut conn = m.source_conn().await?;
+                let tx = conn.transaction().await.map_err(failed)?;
                 // The name goes through regclass: the server quotes it.
-                let sql: String = conn
+                let sql: String = tx
                     .query_one(
                         "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname = 'pgferry_fence')
                                      THEN '' ELSE
@@ -140,8 +145,10 @@ pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, c
                     .map_err(failed)?
                     .get(0);
                 if !sql.is_empty() {
-                    conn.batch_execute(&sql).await.map_err(failed)?;
+                    crate::capture::take_turn(m, &tx, None, &name).await?;
+                    tx.batch_execute(&sql).await.map_err(failed)?;
                 }
+                tx.commit().await.map_err(failed)?;
                 Ok::<_, ExtensionConfigError>(())
             }
         })

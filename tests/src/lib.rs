@@ -281,8 +281,15 @@ impl Env {
     pub async fn wait_for_log(&self, agent: &Child, needle: &str) {
         let log = self.path(&format!("agent-{}.log", agent.id().expect("running")));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
-            assert!(Instant::now() < deadline, "the agent never logged {needle:?}");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(needle) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent never logged {needle:?}; it logged:\n{text}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

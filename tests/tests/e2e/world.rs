@@ -235,3 +235,63 @@ async fn postgis_created_by_the_platform_migrates_with_the_applications_srid() {
     let near = "SELECT count(*) FROM places_near";
     assert!(t.query_one(near, &[]).await.unwrap().get::<_, i64>(0) > 0);
 }
+
+/// An application transaction that holds a write lock on a table for long
+/// (a slow request, a batch job): `install` waits for its turn on that
+/// table instead of asking for the lock the triggers need, so the
+/// application's other statements on the table never queue behind
+/// pgferry, even with the source's `lock_timeout` at 30 s. Once the
+/// transaction ends, install completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_waits_out_a_long_transaction_instead_of_queueing_the_application() {
+    let env = seeded().await;
+    let holder = env.source_as(APP).await;
+    holder
+        .batch_execute("BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let mut cmd = env.cmd(&["install"]);
+    cmd.env("PGFERRY_SOURCE_LIMITS__LOCK_TIMEOUT_MS", "30000");
+    let agent = env
+        .spawn_until_failpoint(cmd, &["install"], "install.after_register")
+        .await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(&agent, "in use by a longer transaction").await;
+    // The application goes on writing other rows of the held table.
+    let app = env.source_as(APP).await;
+    app.batch_execute("SET statement_timeout = '2s'").await.unwrap();
+    for i in 0..20 {
+        app.execute(
+            "UPDATE accounts SET balance = balance + 1 WHERE id = 2 + $1::int % 5",
+            &[&i],
+        )
+        .await
+        .expect("an application write queued behind install's lock request");
+        let waiting: i64 = app
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgferry' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            waiting, 0,
+            "a pgferry session waits for a lock the application holds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    let out = agent.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "install failed after the transaction ended");
+    let triggers: i64 = app
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'accounts'::regclass
+                AND tgname IN ('pgferry_capture_ins', 'pgferry_capture_upd', 'pgferry_capture_del', 'pgferry_capture_trunc')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 4, "accounts is captured once its turn came");
+}
