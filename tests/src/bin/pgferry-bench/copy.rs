@@ -43,10 +43,7 @@ struct Args {
 
 fn args(v: &[String]) -> Args {
     let f = crate::flags(v, &["--scale", "--rounds", "--jobs", "--tools"]);
-    let tools: Vec<String> = match f.get("--tools") {
-        Some(t) => t.split(',').map(str::to_string).collect(),
-        None => TOOLS.iter().map(|t| t.to_string()).collect(),
-    };
+    let tools = crate::list(&f, "--tools", &TOOLS.join(","));
     for t in &tools {
         if !TOOLS.contains(&t.as_str()) {
             eprintln!("unknown tool {t}; known: {}", TOOLS.join(", "));

@@ -25,7 +25,7 @@ mod tables;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N] [--modes none,pgferry,bucardo,...]
        pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
-       pgferry-bench cutover [--scale N] [--rate TPS] [--clients N] [--rounds N]
+       pgferry-bench cutover [--scales N,N,...] [--verify full,changed] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
        pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
@@ -52,6 +52,16 @@ pub(crate) fn num<T: std::str::FromStr>(f: &HashMap<String, String>, name: &str,
             std::process::exit(2)
         }),
     }
+}
+
+/// A comma-separated list flag, or its default.
+pub(crate) fn list(f: &HashMap<String, String>, name: &str, default: &str) -> Vec<String> {
+    f.get(name)
+        .map_or(default, String::as_str)
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The median; for an even count, the mean of the two middle values.
