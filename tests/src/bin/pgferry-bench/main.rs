@@ -6,8 +6,12 @@
 //!   against Bucardo's trigger design;
 //! - `copy`: the bulk copy's wall time against `pg_dump | pg_restore`,
 //!   `pg_dump -Fd -j` + `pg_restore -j` and `pgcopydb clone`;
+//! - `cutover`: the write downtime of a cutover by database size and
+//!   verification scope, pgbench writing throughout;
 //! - `drain`: how fast a backlog of changed rows is applied, against
 //!   Bucardo's apply done the simple way;
+//! - `install`: what installing capture adds to the latency of the
+//!   application's writes while one of its transactions holds a table;
 //! - `lag`: end-to-end lag (a heartbeat) and delta storage under a fixed
 //!   pgbench rate, then a burst;
 //! - `tables`: what thousands of small tables (a schema per tenant) cost
@@ -20,13 +24,15 @@ mod capture;
 mod copy;
 mod cutover;
 mod drain;
+mod install;
 mod lag;
 mod tables;
 
 const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--secs N] [--rounds N] [--modes none,pgferry,bucardo,...]
-       pgferry-bench copy [--scale X] [--rounds N] [--jobs N] [--tools a,b,...]
+       pgferry-bench copy [--scale X] [--mix documents|indexes] [--rounds N] [--jobs N] [--tools a,b,...]
        pgferry-bench cutover [--scales N,N,...] [--verify full,changed] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
+       pgferry-bench install [--scale N] [--rate N] [--hold-secs N] [--rounds N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
        pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
 
@@ -220,6 +226,7 @@ async fn main() {
             Some("copy") => copy::run(&v[2..]).await,
             Some("cutover") => cutover::run(&v[2..]).await,
             Some("drain") => drain::run(&v[2..]).await,
+            Some("install") => install::run(&v[2..]).await,
             Some("lag") => lag::run(&v[2..]).await,
             Some("tables") => tables::run(&v[2..]).await,
             _ => {
