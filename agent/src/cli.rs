@@ -1,4 +1,4 @@
-//! The command line (a stable contract, see DESIGN.md): parses flags, loads
+//! The command line (a stable contract, see docs/design.md): parses flags, loads
 //! configuration, starts logging and the runtime, runs the command, prints its
 //! result (human or `--json`) and maps errors to exit codes.
 

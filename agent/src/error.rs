@@ -65,7 +65,7 @@ pub enum Error {
     Cancelled,
 }
 
-/// Process exit codes, as DESIGN.md defines them.
+/// Process exit codes, as docs/design.md defines them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     /// The command did what it was asked.

@@ -668,7 +668,7 @@ async fn check_tools(m: &Migration, report: &CheckReport, f: &mut Findings) {
 
 /// From this much table data on, the write downtime of the default full
 /// verification is worth a warning: about 1.5 s per GB where measured
-/// (README, "Verification and write downtime").
+/// (docs/design.md, "Verification and write downtime").
 const FULL_VERIFY_WARN_BYTES: i64 = 5_000_000_000;
 
 /// The warning (message, fix) about what the cutover's verification costs

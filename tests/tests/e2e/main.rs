@@ -1,5 +1,5 @@
 //! End-to-end tests against real clusters, with the agent binary run the way
-//! operators run it: the correctness contract (DESIGN.md) and the failures a
+//! operators run it: the correctness contract (docs/design.md) and the failures a
 //! real migration meets.
 
 mod bulk;
