@@ -213,7 +213,7 @@ async fn refresh(
     current: &[plan::SourceTable],
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
-    let gaps = crate::sync::CaptureGaps::read(conn)
+    let gaps = crate::drift::CaptureGaps::read(conn)
         .await
         .map_err(CaptureError::Catalog)?;
     let mut changed = 0;
@@ -332,15 +332,23 @@ pub(crate) async fn drop_triggers(
 /// Before pgferry asks for a lock on an application table, in `tx` (to
 /// create or drop its triggers: ACCESS EXCLUSIVE, behind which every
 /// statement on the table queues while the request waits): asks only when
-/// no other session has held a lock on the table or its partitions longer
-/// than `source_limits.trigger_lock_timeout_ms`, nor waits for one, and
-/// then with that `lock_timeout`. A long transaction of the application's
-/// is waited out ([`CaptureError::Busy`], retried with backoff) instead of
-/// queued behind, so the application's other statements on the table wait
-/// for pgferry at most that long. The table is `relid`, or else `table`
-/// read as SQL text for it (which names it in messages either way).
-/// Sessions whose details pg_stat_activity hides (another role's) count as
-/// short.
+/// no other session has held a lock on the table or its partitions in a
+/// transaction open for [`LONG_TRANSACTION_MS`] or more, nor waits for one,
+/// and then with `source_limits.trigger_lock_timeout_ms` as its
+/// `lock_timeout`. A long transaction of the application's is waited out
+/// ([`CaptureError::Busy`], retried with backoff) instead of asked behind
+/// again and again; statements that each take a while (a growing TOAST
+/// value rewritten back to back) are asked between, and a request that
+/// meets one waits at most the timeout. Either way the application's
+/// other statements on the table wait for pgferry at most that long. The
+/// table is `relid`, or else `table` read as SQL text for it (which names
+/// it in messages either way). Sessions whose details pg_stat_activity
+/// hides (another role's) count as short.
+/// How long another session's transaction must have held a table for
+/// [`take_turn`] to wait it out rather than ask: long enough that the
+/// application's ordinary statements, even slow ones, are not taken for it.
+const LONG_TRANSACTION_MS: i64 = 1_000;
+
 pub(crate) async fn take_turn(
     m: &Migration,
     tx: &tokio_postgres::Transaction<'_>,
@@ -348,6 +356,7 @@ pub(crate) async fn take_turn(
     table: &str,
 ) -> Result<(), CaptureError> {
     let ms = m.cfg.source_limits.trigger_lock_timeout_ms as i64;
+    let long = LONG_TRANSACTION_MS.max(ms);
     let busy = tx
         .query_opt(
             "SELECT format('pid %s %s %s', l.pid, CASE WHEN l.granted THEN 'holds' ELSE 'waits for' END, l.mode)
@@ -359,7 +368,7 @@ pub(crate) async fn take_turn(
                 AND l.pid <> pg_backend_pid()
                 AND (NOT l.granted OR a.xact_start < clock_timestamp() - $3::int8 * interval '1 millisecond')
               LIMIT 1",
-            &[&relid, &table, &ms],
+            &[&relid, &table, &long],
         )
         .await
         .map_err(CaptureError::Catalog)?;

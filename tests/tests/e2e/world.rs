@@ -241,7 +241,10 @@ async fn postgis_created_by_the_platform_migrates_with_the_applications_srid() {
 /// table instead of asking for the lock the triggers need, so the
 /// application's other statements on the table never queue behind
 /// pgferry, even with the source's `lock_timeout` at 30 s. Once the
-/// transaction ends, install completes.
+/// transaction ends, install completes. (Statements that each take a while
+/// back to back, with no long transaction, must not keep install waiting:
+/// `fidelity::every_type_and_identifier_arrives_identical` rewrites a
+/// growing TOAST value throughout its migration.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_waits_out_a_long_transaction_instead_of_queueing_the_application() {
     let env = seeded().await;
