@@ -317,7 +317,7 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             out
         }
         Command::Install => {
-            crate::migrate::preflight_for(&m, true).await?;
+            crate::plan::preflight_for(&m, true).await?;
             let r = resilient(&m, "install", cancel, || crate::capture::install(&m, cancel)).await?;
             Output::ok(&r, pretty("install done", &r))
         }

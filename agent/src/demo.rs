@@ -201,7 +201,7 @@ async fn migrate(
         }
     }
     sync_stop.cancel();
-    let synced = sync.await.map_err(crate::sync::SyncError::Worker)??;
+    let synced = sync.await.map_err(crate::drain::SyncError::Worker)??;
     tracing::info!(
         transactions = counters.committed.load(Ordering::Relaxed),
         "Cutting over"

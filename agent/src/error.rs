@@ -41,7 +41,7 @@ pub enum Error {
     Copy(#[from] crate::copy::CopyError),
     /// Delta drain failed.
     #[error(transparent)]
-    Sync(#[from] crate::sync::SyncError),
+    Sync(#[from] crate::drain::SyncError),
     /// Cutover failed.
     #[error(transparent)]
     Cutover(#[from] crate::cutover::CutoverError),

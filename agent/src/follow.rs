@@ -24,11 +24,11 @@
 
 use tokio_util::sync::CancellationToken;
 
+use crate::drain::SyncError;
 use crate::ident::QualifiedTable;
 use crate::migration::Migration;
 use crate::plan::SourceTable;
 use crate::state::TableState;
-use crate::sync::SyncError;
 
 /// The advisory lock class of a follow, taken on the target: `pgfr` less
 /// one (the drain's batch locks, on the source, are `pgfr` and above).
@@ -153,7 +153,7 @@ pub async fn partitions(
         crate::failpoint::hit("follow.target_done").await;
     }
     let target_secs = lap();
-    crate::migrate::preflight_for(m, true).await?;
+    crate::plan::preflight_for(m, true).await?;
     let preflight_secs = lap();
     // What the source did since that reading is the next follow's: its
     // tables are not on the target yet.
@@ -225,10 +225,10 @@ async fn pending(m: &Migration) -> Result<Pending, crate::Error> {
     let current = crate::plan::source_tables(&**conn, false)
         .await
         .map_err(SyncError::Catalog)?;
-    let gaps = crate::sync::CaptureGaps::read(&**conn)
+    let gaps = crate::drift::CaptureGaps::read(&**conn)
         .await
         .map_err(SyncError::Catalog)?;
-    let all = crate::sync::changes(&registered, &current, &gaps);
+    let all = crate::drift::changes(&registered, &current, &gaps);
     // A capture trigger dropped or bypassed is more than maintenance, but
     // for a table that joins or leaves a hierarchy, which is captured and
     // copied afresh anyway (a plain table's key column trigger does not

@@ -13,10 +13,11 @@ use crate::cleanup::{self, CleanupReport};
 use crate::copy::{self, CopyReport};
 use crate::cutover::release::{self, ReleaseReport};
 use crate::cutover::{self, CutoverOptions, CutoverReport};
+use crate::drain::SyncReport;
 use crate::migration::Migration;
 use crate::plan::{self, CheckReport};
 use crate::state::{self, Phase};
-use crate::sync::{self, SyncOptions, SyncReport};
+use crate::sync::{self, SyncOptions};
 
 /// Options of the `migrate` command.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,23 +49,7 @@ pub struct MigrateReport {
 
 /// Runs the preflight and refuses on blockers (printing the report).
 pub async fn preflight(m: &Migration) -> Result<CheckReport, crate::Error> {
-    preflight_for(m, false).await
-}
-
-/// The preflight of `install`, which is the remedy for schema drift and so
-/// proceeds past it.
-pub async fn preflight_for(m: &Migration, installing: bool) -> Result<CheckReport, crate::Error> {
-    let report = plan::check_with(m, false).await;
-    let blockers = if installing {
-        report.blockers_but_drift()
-    } else {
-        report.blockers()
-    };
-    if blockers > 0 {
-        eprint!("{}", report.render());
-        return Err(crate::Error::CheckFailed(blockers));
-    }
-    Ok(report)
+    plan::preflight_for(m, false).await
 }
 
 /// Runs the migration line from wherever it stands.

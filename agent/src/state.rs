@@ -253,6 +253,16 @@ impl TableState {
         QualifiedTable::new(SCHEMA, format!("d_{}", self.id))
     }
 
+    /// The key columns of its delta table (and ledger), in the order of
+    /// the table's key: `k1, k2, ...`. The one place the Rust side knows
+    /// the layout `capture_install` gives a delta table.
+    pub fn delta_key_list(&self) -> String {
+        (1..=self.key_columns.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Its ledger: the keys of the deltas consumed since the table was
     /// last verified equal before the fence (`cutover.verify = "changed"`).
     /// It exists only while that verification holds.

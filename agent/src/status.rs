@@ -69,7 +69,7 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
         });
     };
     let tables = state::tables(&**conn).await?;
-    let backlog = crate::sync::backlog(&conn, &tables).await?;
+    let backlog = crate::drain::backlog(&conn, &tables).await?;
     let fence_raised = crate::cutover::fence::is_raised(&**conn)
         .await
         .map_err(crate::cutover::CutoverError::Source)?;

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use tokio::task::JoinSet;
 use tokio_postgres::GenericClient;
 
 pub use crate::config::VerifyScope;
@@ -44,9 +43,6 @@ pub enum VerifyError {
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::endpoint::ConnectError),
-    /// A worker task panicked.
-    #[error("a verification worker stopped unexpectedly")]
-    Worker(#[source] tokio::task::JoinError),
 }
 
 /// What to compare: a table and its key.
@@ -109,8 +105,8 @@ pub async fn verify(m: &Migration, subjects: Vec<Subject>) -> Result<VerifyRepor
     run(m, subjects.into_iter().map(Job::Full).collect()).await
 }
 
-/// With the fence up, after [`crate::sync::verify_ahead`]: each unit of
-/// [`crate::sync::ahead_units`] whose root and partitioned tables still have
+/// With the fence up, after [`crate::drain::verify_ahead`]: each unit of
+/// [`crate::drain::ahead_units`] whose root and partitioned tables still have
 /// their ledgers compared over the rows whose keys changed since it was
 /// verified (at its root: a partitioned table with its partitions), and
 /// each partition of it that lost its ledger (truncated or copied whole
@@ -121,7 +117,7 @@ pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<Veri
         .await
         .map_err(VerifyError::Catalog)?;
     drop(conn);
-    let units = crate::sync::ahead_units(tables);
+    let units = crate::drain::ahead_units(tables);
     let trusted = |u: &&Vec<TableState>| {
         u.iter()
             .filter(|t| t.partitioned || t.relid == t.lock_relid)
@@ -209,23 +205,19 @@ async fn run(m: &Migration, jobs: Vec<Job>) -> Result<VerifyReport, VerifyError>
     while small.peek().is_some() {
         work.push(Work::Small(small.by_ref().take(GROUP).collect()));
     }
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(m.sync_workers()));
-    let mut tasks = JoinSet::new();
-    for w in work {
-        let (m, permits) = (m.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("never closed");
-            match w {
-                Work::One(i, Job::Full(s)) => Ok(vec![(i, compare(&m, &s).await?)]),
-                Work::One(i, Job::Changed(tables)) => Ok(vec![(i, compare_changed(&m, &tables).await?)]),
-                Work::Small(subjects) => compare_small(&m, subjects).await,
+    let done = crate::parallel::Limit::new(m.sync_workers())
+        .run_all(work, None, |w| {
+            let m = m.clone();
+            async move {
+                match w {
+                    Work::One(i, Job::Full(s)) => Ok(vec![(i, compare(&m, &s).await?)]),
+                    Work::One(i, Job::Changed(tables)) => Ok(vec![(i, compare_changed(&m, &tables).await?)]),
+                    Work::Small(subjects) => compare_small(&m, subjects).await,
+                }
             }
-        });
-    }
-    let mut verdicts = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        verdicts.extend(joined.map_err(VerifyError::Worker)??);
-    }
+        })
+        .await?;
+    let mut verdicts: Vec<(usize, TableVerdict)> = done.into_iter().flatten().collect();
     verdicts.sort_by_key(|(i, _)| *i);
     let tables: Vec<TableVerdict> = verdicts.into_iter().map(|(_, v)| v).collect();
     Ok(VerifyReport {
@@ -324,30 +316,14 @@ pub(crate) async fn compare_changed_on(
     };
     let ttx = tgt.transaction().await.map_err(err(Side::Target))?;
     let keys = column_list(&t.key_columns, None);
-    let stored = crate::sync::delta_key_list(t);
+    let stored = t.delta_key_list();
     let changed = tables
         .iter()
         .flat_map(|t| [t.ledger_table(), t.delta_table()])
         .map(|keyed| format!("SELECT {stored} FROM {keyed}"))
         .collect::<Vec<_>>()
         .join(" UNION ");
-    ttx.batch_execute(&format!(
-        "CREATE TEMP TABLE pgferry_keys ON COMMIT DROP AS SELECT {keys} FROM ONLY {} WITH NO DATA",
-        t.table
-    ))
-    .await
-    .map_err(err(Side::Target))?;
-    let sink = ttx
-        .copy_in("COPY pgferry_keys FROM STDIN (FORMAT binary)")
-        .await
-        .map_err(err(Side::Target))?;
-    // Through the session itself: within `src`'s transaction, if it is one.
-    let stream = src
-        .client()
-        .copy_out(&format!("COPY ({changed}) TO STDOUT (FORMAT binary)"))
-        .await
-        .map_err(err(Side::Source))?;
-    crate::copy::pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
+    crate::copy::stage_keys(src, &ttx, "pgferry_keys", &t.table, &t.key_columns, &changed)
         .await
         .map_err(|e| match e {
             crate::copy::Pumped::Source(e) => err(Side::Source)(e),

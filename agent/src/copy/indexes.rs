@@ -10,10 +10,6 @@
 //! added as constraints. Materialized views' indexes are built the same way.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use super::CopyError;
 use crate::ident::{Ident, QualifiedTable};
@@ -430,52 +426,39 @@ async fn build_one(m: &Migration, idx: &IndexDef) -> Result<bool, CopyError> {
 pub async fn build_table(
     m: &Migration,
     indexes: Vec<IndexDef>,
-    permits: Arc<Semaphore>,
+    limit: crate::parallel::Limit,
 ) -> Result<usize, crate::Error> {
-    build_with(m, indexes, permits).await
+    build_with(m, indexes, limit).await
 }
 
 /// Builds `indexes` in parallel, `copy.workers` at a time.
 async fn build_phase(m: &Migration, indexes: Vec<IndexDef>) -> Result<usize, crate::Error> {
-    build_with(m, indexes, Arc::new(Semaphore::new(m.cfg.copy.workers))).await
+    build_with(m, indexes, crate::parallel::Limit::new(m.cfg.copy.workers)).await
 }
 
 async fn build_with(
     m: &Migration,
     indexes: Vec<IndexDef>,
-    permits: Arc<Semaphore>,
+    limit: crate::parallel::Limit,
 ) -> Result<usize, crate::Error> {
-    let mut tasks = JoinSet::new();
-    for idx in indexes {
-        let (m, permits) = (m.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("never closed");
-            let never = tokio_util::sync::CancellationToken::new();
-            match crate::retry::retry(m.retry_policy(), "index", "build an index", &never, || {
-                build_one(&m, &idx)
-            })
-            .await
-            {
-                Ok(b) => Ok(b),
-                Err(crate::retry::Gave::Up(e)) => Err(e),
-                Err(crate::retry::Gave::Cancelled) => unreachable!("the token is never cancelled"),
+    let built = limit
+        .run_all(indexes, None, |idx| {
+            let m = m.clone();
+            async move {
+                let never = tokio_util::sync::CancellationToken::new();
+                match crate::retry::retry(m.retry_policy(), "index", "build an index", &never, || {
+                    build_one(&m, &idx)
+                })
+                .await
+                {
+                    Ok(b) => Ok(b),
+                    Err(crate::retry::Gave::Up(e)) => Err(e),
+                    Err(crate::retry::Gave::Cancelled) => unreachable!("the token is never cancelled"),
+                }
             }
-        });
-    }
-    let mut built = 0;
-    let mut first_err = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined.map_err(CopyError::Worker) {
-            Ok(Ok(b)) => built += usize::from(b),
-            Ok(Err(e)) | Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e.into());
-    }
-    Ok(built)
+        })
+        .await?;
+    Ok(built.into_iter().filter(|b| *b).count())
 }
 
 /// Builds every missing index and constraint, `copy.workers` at a time,

@@ -30,8 +30,8 @@ mod dump;
 pub mod indexes;
 mod split;
 
-/// Writes to the target are batched to this size (see CRATES.md: per-chunk
-/// sends cost a third of the throughput).
+/// Writes to the target are batched to this size: sending each chunk on as
+/// it arrives from the source cost a third of the throughput.
 const COPY_BATCH_BYTES: usize = 256 * 1024;
 
 /// Copy failures.
@@ -426,7 +426,7 @@ async fn copy_tables(
     }
 
     let permits = Arc::new(Semaphore::new(workers));
-    let index_permits = Arc::new(Semaphore::new(workers));
+    let index_limit = crate::parallel::Limit::new(workers);
     let mut tasks = JoinSet::new();
     let mut index_tasks = JoinSet::new();
     for (size, unit) in units {
@@ -462,8 +462,8 @@ async fn copy_tables(
         let Some(defs) = early.get(&t.table) else {
             return;
         };
-        let (m, defs, permits) = (m.clone(), defs.clone(), index_permits.clone());
-        index_tasks.spawn(async move { indexes::build_table(&m, defs, permits).await });
+        let (m, defs, limit) = (m.clone(), defs.clone(), index_limit.clone());
+        index_tasks.spawn(async move { indexes::build_table(&m, defs, limit).await });
     };
     for t in &finished {
         split::finish(m, t, tables).await?;
@@ -714,6 +714,43 @@ pub(crate) async fn pump(
     }
     let rows = sink.finish().await.map_err(Pumped::Target)?;
     Ok((rows, bytes))
+}
+
+/// Stages keys on the target, in `ttx`: a temporary table `name`, dropped
+/// at commit, with `table`'s `key_columns` (their types as on the target),
+/// filled by binary COPY with the rows of `select` as `src` (a session, or
+/// a batch's snapshot) sees them. The keys the drain applies, the
+/// verification compares and a split copy removes all arrive this way.
+/// Returns how many were staged.
+pub(crate) async fn stage_keys(
+    src: &impl tokio_postgres::GenericClient,
+    ttx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    table: &crate::ident::QualifiedTable,
+    key_columns: &[String],
+    select: &str,
+) -> Result<u64, Pumped> {
+    let keys = crate::ident::column_list(key_columns, None);
+    ttx.batch_execute(&format!(
+        "CREATE TEMP TABLE {name} ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
+    ))
+    .await
+    .map_err(Pumped::Target)?;
+    let sink = ttx
+        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(Pumped::Target)?;
+    // Through the session itself: within `src`'s transaction, if it is one.
+    let stream = src
+        .client()
+        .copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(
+        pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
+            .await?
+            .0,
+    )
 }
 
 /// For a table moved in text form ([`TableState::text_form`]): reg* values

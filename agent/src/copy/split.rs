@@ -310,11 +310,7 @@ async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) ->
     if !any {
         return Ok(0);
     }
-    let keys = column_list(&owner.key_columns, None);
-    let delta_keys = (1..=owner.key_columns.len())
-        .map(|i| format!("k{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let delta_keys = owner.delta_key_list();
     let join = owner
         .key_columns
         .iter()
@@ -326,28 +322,19 @@ async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) ->
         .join(" AND ");
     let mut target = m.target_conn().await?;
     let tx = target.transaction().await.map_err(err(t, Side::Target))?;
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE pgferry_moved ON COMMIT DROP AS SELECT {keys} FROM ONLY {} WITH NO DATA",
-        t.table
-    ))
+    super::stage_keys(
+        &**source,
+        &tx,
+        "pgferry_moved",
+        &t.table,
+        &owner.key_columns,
+        &format!("SELECT DISTINCT {delta_keys} FROM {delta}"),
+    )
     .await
-    .map_err(err(t, Side::Target))?;
-    let sink = tx
-        .copy_in("COPY pgferry_moved FROM STDIN (FORMAT binary)")
-        .await
-        .map_err(err(t, Side::Target))?;
-    let stream = source
-        .copy_out(&format!(
-            "COPY (SELECT DISTINCT {delta_keys} FROM {delta}) TO STDOUT (FORMAT binary)"
-        ))
-        .await
-        .map_err(err(t, Side::Source))?;
-    pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
-        .await
-        .map_err(|e| match e {
-            Pumped::Source(e) => err(t, Side::Source)(e),
-            Pumped::Target(e) => err(t, Side::Target)(e),
-        })?;
+    .map_err(|e| match e {
+        Pumped::Source(e) => err(t, Side::Source)(e),
+        Pumped::Target(e) => err(t, Side::Target)(e),
+    })?;
     let removed = tx
         .execute(
             &format!(

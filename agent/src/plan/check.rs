@@ -367,7 +367,7 @@ async fn check_source(
     report.total_bytes = sizing.then(|| tables.iter().map(|t| t.total_bytes).sum());
     if run.is_some() {
         if let Ok(registered) = state::tables(c).await {
-            for change in crate::sync::schema_changes(c, &registered, &tables).await? {
+            for change in crate::drift::schema_changes(c, &registered, &tables).await? {
                 f.add(
                     Severity::Blocker,
                     DRIFT,

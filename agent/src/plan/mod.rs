@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use crate::ident::QualifiedTable;
+use crate::migration::Migration;
 use crate::state::Registration;
 
 /// One user table on the source, as the catalog describes it.
@@ -201,4 +202,20 @@ SELECT count(*), coalesce((SELECT array_agg(name) FROM (SELECT name FROM objs OR
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// The preflight of `install`, which is the remedy for schema drift and so
+/// proceeds past it.
+pub async fn preflight_for(m: &Migration, installing: bool) -> Result<CheckReport, crate::Error> {
+    let report = check_with(m, false).await;
+    let blockers = if installing {
+        report.blockers_but_drift()
+    } else {
+        report.blockers()
+    };
+    if blockers > 0 {
+        eprint!("{}", report.render());
+        return Err(crate::Error::CheckFailed(blockers));
+    }
+    Ok(report)
 }

@@ -7,11 +7,7 @@
 //! limit. A table that fails is searched by page ranges, then row by row
 //! inside the failing ranges.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use super::{Problem, Severity};
 use crate::ident::QualifiedTable;
@@ -40,26 +36,23 @@ pub async fn scan(m: &Migration) -> Result<Vec<Problem>, crate::Error> {
         .await
         .map_err(crate::cutover::CutoverError::Source)?;
     drop(conn);
-    let permits = Arc::new(Semaphore::new(m.copy_workers()));
-    let mut tasks = JoinSet::new();
-    for t in tables {
-        let (m, permits) = (m.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("never closed");
-            scan_table(&m, &t.table).await
-        });
-    }
-    let mut problems = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        let found = joined.map_err(crate::sync::SyncError::Worker)??;
-        problems.extend(found.into_iter().map(|u| Problem {
+    let found = crate::parallel::Limit::new(m.copy_workers())
+        .run_all(tables, None, |t| {
+            let m = m.clone();
+            async move { scan_table(&m, &t.table).await }
+        })
+        .await?;
+    let problems = found
+        .into_iter()
+        .flatten()
+        .map(|u| Problem {
             severity: Severity::Blocker,
             subject: u.table.display_name(),
             message: format!("the row at ctid {} cannot be read: {}", u.ctid, u.error),
             fix: "restore that row from a backup, or delete it (DELETE ... WHERE ctid = ...); the copy would fail on it"
                 .into(),
-        }));
-    }
+        })
+        .collect();
     Ok(problems)
 }
 

@@ -1,0 +1,279 @@
+//! Before the fence, while the application writes: the verification ahead
+//! of the fence (`cutover.verify = "changed"`), the comparison again of the
+//! rows changed during it, and the catch-up that drains until the backlog
+//! is small enough to fence on; each pauses while the source is under
+//! pressure, and the other tables keep draining while one is verified.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{decision, CutoverError};
+use crate::migration::Migration;
+use crate::state::{self, TableState};
+use crate::verify::VerifyReport;
+use crate::{drain, drift};
+
+/// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
+/// can be ([`drain::ahead_units`]: a table, or a partitioned table with its
+/// partitions) and has a table without its ledger, one at a time after a
+/// drain pass. Each verification holds its unit's batch lock while it reads
+/// the unit on both sides, which can take minutes for a large table: the
+/// other tables keep draining meanwhile. A table that differs ends the
+/// cutover before the fence. Returns how many tables were compared, and in
+/// how many milliseconds.
+pub(super) async fn verify_ahead(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<(usize, u64), crate::Error> {
+    let started = Instant::now();
+    let conn = m.source_conn().await?;
+    let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
+    drop(conn);
+    let mut verdicts = Vec::new();
+    let mut backoff = drain::Backoff::default();
+    for unit in drain::ahead_units(tables) {
+        if unit.iter().all(|t| ledgers.contains(&t.id)) {
+            continue;
+        }
+        // Each verification reads a whole table on the source: not while
+        // the source's own sessions wait.
+        wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
+        drift::check_drift(m, tables).await?;
+        drain::drain_pass(m, tables, cancel).await?;
+        let others: Vec<TableState> = tables
+            .iter()
+            .filter(|t| t.lock_relid != unit[0].lock_relid)
+            .cloned()
+            .collect();
+        let verified = while_draining(
+            m,
+            &others,
+            cancel,
+            drain::verify_ahead(m, &unit, drain::Ahead::All, cancel),
+        )
+        .await?;
+        for verdict in verified {
+            tracing::info!(table = %verdict.table, equal = verdict.equal, rows = verdict.source_rows, "Verified ahead of the fence");
+            verdicts.push(verdict);
+        }
+    }
+    let verified = verdicts.len();
+    let mismatches = verdicts.iter().filter(|v| !v.equal).count();
+    if mismatches > 0 {
+        return Err(CutoverError::MismatchBeforeFence(Box::new(VerifyReport {
+            mismatches,
+            rows: verdicts.iter().map(|v| v.source_rows).sum(),
+            tables: verdicts,
+        }))
+        .into());
+    }
+    Ok((verified, started.elapsed().as_millis() as u64))
+}
+
+/// Rounds of [`settle_ledgers`] at most: a round takes less time than the
+/// one before, as it compares fewer rows, unless writes outpace it.
+pub(super) const SETTLE_ROUNDS: usize = 3;
+
+/// `cutover.verify = "changed"`, just before the catch-up: the ledgers
+/// hold every key changed since their unit was verified, and at hundreds
+/// of gigabytes that verification began an hour or more before, so the
+/// fence would compare a number of rows that grows with the database.
+/// Each unit whose ledgers hold more than `cutover.max_keys_under_fence`
+/// is compared by them
+/// ahead of the fence ([`drain::Ahead::Ledger`]), the others draining
+/// meanwhile, which empties them; rounds go on while some unit has that
+/// many, at most [`SETTLE_ROUNDS`]. The fence then compares what changed in
+/// the last round. Returns the rows compared, and in how many
+/// milliseconds.
+pub(super) async fn settle_ledgers(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<(i64, u64), crate::Error> {
+    let started = Instant::now();
+    let mut rows = 0;
+    let mut backoff = drain::Backoff::default();
+    for _ in 0..SETTLE_ROUNDS {
+        let mut busy = ledger_keys(m, tables).await?;
+        busy.retain(|(_, keys)| *keys > m.cfg.cutover.max_keys_under_fence);
+        if busy.is_empty() {
+            break;
+        }
+        // The fullest first: it grew the longest.
+        busy.sort_by_key(|(_, keys)| std::cmp::Reverse(*keys));
+        let mut verdicts = Vec::new();
+        for (unit, keys) in busy {
+            wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
+            drift::check_drift(m, tables).await?;
+            let others: Vec<TableState> = tables
+                .iter()
+                .filter(|t| t.lock_relid != unit[0].lock_relid)
+                .cloned()
+                .collect();
+            let work = drain::verify_ahead(m, &unit, drain::Ahead::Ledger, cancel);
+            for verdict in while_draining(m, &others, cancel, work).await? {
+                tracing::info!(table = %verdict.table, equal = verdict.equal, ledger_keys = keys, rows = verdict.source_rows, "Changed rows verified ahead of the fence");
+                rows += verdict.source_rows;
+                verdicts.push(verdict);
+            }
+        }
+        let mismatches = verdicts.iter().filter(|v| !v.equal).count();
+        if mismatches > 0 {
+            return Err(CutoverError::MismatchBeforeFence(Box::new(VerifyReport {
+                mismatches,
+                rows: verdicts.iter().map(|v| v.source_rows).sum(),
+                tables: verdicts,
+            }))
+            .into());
+        }
+    }
+    Ok((rows, started.elapsed().as_millis() as u64))
+}
+
+/// The units (see [`drain::ahead_units`]) whose every table has its ledger,
+/// each with the keys its ledgers hold.
+pub(super) async fn ledger_keys(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<Vec<(Vec<TableState>, i64)>, crate::Error> {
+    let conn = m.source_conn().await?;
+    let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
+    let units: Vec<Vec<TableState>> = drain::ahead_units(tables)
+        .into_iter()
+        .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
+        .collect();
+    let mut out = Vec::with_capacity(units.len());
+    // A statement per hundred units: one round trip, not one per table.
+    for chunk in units.chunks(100) {
+        let arms: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let counts: Vec<String> = u
+                    .iter()
+                    .map(|t| format!("(SELECT count(*) FROM {})", t.ledger_table()))
+                    .collect();
+                format!("SELECT {i}, {}", counts.join(" + "))
+            })
+            .collect();
+        let rows = conn
+            .query(&arms.join(" UNION ALL "), &[])
+            .await
+            .map_err(CutoverError::Source)?;
+        for r in rows {
+            let (i, keys): (i32, i64) = (r.get(0), r.get(1));
+            out.push((chunk[i as usize].clone(), keys));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `work` while `tables` drain in the background, pass after pass
+/// (pausing while the source is under pressure, as `sync` does). Once
+/// `work` is done, the drain finishes the batches in hand and stops; a drain
+/// that failed fails the whole, after `work`.
+pub(super) async fn while_draining<T>(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = Result<T, crate::Error>>,
+) -> Result<T, crate::Error> {
+    let stop = cancel.child_token();
+    let drain = async {
+        let mut backoff = drain::Backoff::default();
+        while !stop.is_cancelled() {
+            let pause = match backoff.next(m).await? {
+                Some(pause) => pause,
+                None => match drain::drain_pass(m, tables, &stop).await {
+                    Ok(pass) if pass.is_idle() => Duration::from_millis(m.cfg.sync.poll_interval_ms),
+                    Ok(_) => Duration::ZERO,
+                    Err(crate::Error::Cancelled) if stop.is_cancelled() => break,
+                    Err(e) => return Err(e),
+                },
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        Ok(())
+    };
+    let work = async {
+        let done = work.await;
+        stop.cancel();
+        done
+    };
+    match tokio::join!(work, drain) {
+        (Ok(done), Ok(())) => Ok(done),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    }
+}
+
+/// Drains until the backlog is small enough to fence on. Like `sync`, it
+/// pauses while the source is under pressure (`sync.adaptive`): the source's
+/// own work wins, and the fence is not raised then. Pressure that outlasts
+/// `cutover.catch_up_timeout_ms` gives the cutover up, the fence never
+/// raised.
+pub(super) async fn catch_up(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &CancellationToken,
+) -> Result<(), crate::Error> {
+    let started = Instant::now();
+    let timeout = Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms);
+    let mut backoff = drain::Backoff::default();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
+        wait_out_pressure(m, &mut backoff, started, cancel).await?;
+        drift::check_drift(m, tables).await?;
+        drain::drain_pass(m, tables, cancel).await?;
+        let conn = m.source_conn().await?;
+        let backlog: i64 = drain::backlog(&conn, tables).await?.iter().sum();
+        let d = decision::should_fence(&decision::Readiness {
+            backlog_rows: backlog,
+            max_backlog_rows: m.cfg.cutover.max_backlog_rows,
+            catching_up_for: started.elapsed(),
+            catch_up_timeout: timeout,
+        });
+        match d {
+            decision::Decision::Fence => return Ok(()),
+            decision::Decision::KeepDraining => {}
+            decision::Decision::GiveUp(why) => return Err(CutoverError::Aborted(why).into()),
+        }
+    }
+}
+
+/// Pauses while the source is under pressure, as `sync` does
+/// (`sync.adaptive`): the source's own work wins. Pressure that lasts past
+/// `cutover.catch_up_timeout_ms` counted from `since` gives the cutover up,
+/// the fence never raised.
+pub(super) async fn wait_out_pressure(
+    m: &Migration,
+    backoff: &mut drain::Backoff,
+    since: Instant,
+    cancel: &CancellationToken,
+) -> Result<(), crate::Error> {
+    let timeout = Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms);
+    while let Some(pause) = backoff.next(m).await? {
+        if since.elapsed() + pause > timeout {
+            crate::telemetry::sync_backoff(0.0);
+            return Err(CutoverError::Aborted(format!(
+                "the source stayed under pressure (sessions waiting on locks, or slow to answer) for {} s \
+                 before the fence (limit {} ms); the fence was not raised: cut over at a quieter time, \
+                 or raise sync.max_lock_waiters / sync.max_probe_ms",
+                since.elapsed().as_secs(),
+                m.cfg.cutover.catch_up_timeout_ms
+            ))
+            .into());
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    Ok(())
+}

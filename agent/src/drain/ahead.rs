@@ -1,0 +1,291 @@
+//! Verification ahead of the fence (`cutover.verify = "changed"`): a batch
+//! that leaves the target equal to a unit as of its snapshot, compares the
+//! two there, and keeps the unit's ledger of the keys changed since.
+
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{apply, batch_err, begin, consume, drain_table, record, seen};
+use super::{BatchStats, SyncError};
+use crate::endpoint::Side;
+use crate::migration::Migration;
+use crate::retry::{retry, Gave};
+use crate::state::TableState;
+use crate::verify::TableVerdict;
+
+/// What a verification ahead of the fence compares (see [`verify_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Every row: the unit gets its ledgers.
+    All,
+    /// The rows whose keys the unit's ledgers (and the deltas of the batch)
+    /// name: its ledgers start again from the batch's snapshot.
+    Ledger,
+}
+
+/// One batch of every table of `unit` (see [`ahead_units`]) in one source
+/// snapshot S and one target transaction, which leaves the target equal to
+/// the unit as of S; then, with the unit's lock still held so that nothing
+/// else writes it, every table holding rows compared in full in S. When all
+/// are equal, each table of the unit gets its ledger in S, and from then on
+/// each batch moves the deltas it consumes there instead of deleting them:
+/// every key that changed since S. With the fence up, the cutover then
+/// compares only those keys' rows.
+///
+/// With [`Ahead::Ledger`], only the rows whose keys the ledgers and the
+/// batch's deltas name are compared in S, and when equal the ledgers are
+/// emptied in S: what the fence then compares is what changed since S, not
+/// since the first verification, which at hundreds of gigabytes began long
+/// before. A batch that rewrote a table whole (a TRUNCATE) compares all.
+pub(crate) async fn verify_batch(
+    m: &Migration,
+    source: &mut Object,
+    unit: &[TableState],
+    ahead: Ahead,
+) -> Result<BatchStats, SyncError> {
+    let first = &unit[0];
+    let started = std::time::Instant::now();
+    let stx = begin(source, &unit.iter().collect::<Vec<_>>())
+        .await
+        .map_err(|e| batch_err(first, Side::Source, e))?;
+    let mut seens = Vec::with_capacity(unit.len());
+    for t in unit {
+        seens.push(
+            seen(&stx, t, None)
+                .await
+                .map_err(|e| batch_err(t, Side::Source, e))?,
+        );
+    }
+    // S is taken: what commits from now on is for the next batch.
+    crate::failpoint::hit("sync.verify_snapshot").await;
+    let mut target = m.target_conn().await?;
+    let ttx = target
+        .transaction()
+        .await
+        .map_err(|e| batch_err(first, Side::Target, e))?;
+    let mut applied = Vec::with_capacity(unit.len());
+    for (t, seen) in unit.iter().zip(&seens) {
+        applied.push(if seen.pending() {
+            apply(m, &stx, &ttx, t, unit, None, seen).await?
+        } else {
+            BatchStats::default()
+        });
+    }
+    ttx.commit()
+        .await
+        .map_err(|e| batch_err(first, Side::Target, e))?;
+    let rewritten = applied.iter().any(|a| a.truncated || a.recopied);
+    // A ledger dropped since (it grew past its limit) leaves all to compare.
+    let ledgers: Vec<String> = unit.iter().map(|t| t.ledger_table().to_string()).collect();
+    let by_ledger = ahead == Ahead::Ledger
+        && !rewritten
+        && stx
+            .query_one(
+                "SELECT bool_and(to_regclass(l) IS NOT NULL) FROM unnest($1::text[]) l",
+                &[&ledgers],
+            )
+            .await
+            .map_err(|e| batch_err(first, Side::Source, e))?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
+    let mut verdicts = Vec::new();
+    if by_ledger {
+        let verdict = crate::verify::compare_changed_on(&*stx, &mut target, unit, !first.partitioned)
+            .await
+            .map_err(|e| match e {
+                crate::verify::VerifyError::Query { side, source, .. } => batch_err(first, side, source),
+                other => SyncError::Verify(Box::new(other)),
+            })?;
+        verdicts.push(verdict);
+    }
+    for t in unit.iter().filter(|t| !t.partitioned && !by_ledger) {
+        let subject = crate::verify::Subject {
+            table: t.table.clone(),
+            key_columns: t.key_columns.clone(),
+        };
+        let verdict = crate::verify::compare_on(&*stx, &**target, &subject, crate::verify::Rows::All)
+            .await
+            .map_err(|e| match e {
+                crate::verify::VerifyError::Query { side, source, .. } => batch_err(t, side, source),
+                other => SyncError::Verify(Box::new(other)),
+            })?;
+        verdicts.push(verdict);
+    }
+    crate::failpoint::hit("sync.verified_ahead").await;
+    let equal = verdicts.iter().all(|v| v.equal);
+    for (t, seen) in unit.iter().zip(&seens) {
+        let ledger = t.ledger_table();
+        let sql = if equal && by_ledger {
+            // Nothing else writes the ledger while the batch lock is held.
+            format!("DELETE FROM {ledger}")
+        } else {
+            let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
+            if equal {
+                // Unique, so that a key changed in batch after batch (a hot
+                // row) is there once.
+                let keys = t.delta_key_list();
+                sql += &format!(
+                    "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
+                     CREATE UNIQUE INDEX ON {ledger} ({keys});",
+                    t.delta_table()
+                );
+            }
+            sql
+        };
+        stx.batch_execute(&sql)
+            .await
+            .map_err(|e| batch_err(t, Side::Source, e))?;
+        consume(&stx, t, None, seen, false, false)
+            .await
+            .map_err(|e| batch_err(t, Side::Source, e))?;
+    }
+    stx.commit()
+        .await
+        .map_err(|e| batch_err(first, Side::Source, e))?;
+    let mut total = BatchStats::default();
+    for ((t, seen), stats) in unit.iter().zip(&seens).zip(&applied) {
+        record(source, t, None, seen, stats, started).await?;
+        total.keys += stats.keys;
+        total.rows_deleted += stats.rows_deleted;
+        total.rows_written += stats.rows_written;
+        total.truncated |= stats.truncated;
+        total.recopied |= stats.recopied;
+    }
+    total.verified = Some(verdicts);
+    Ok(total)
+}
+
+/// A ledger bigger than this is dropped: its table is compared in full
+/// again, which then costs about as much as reading that many keys' rows.
+pub(crate) const LEDGER_MAX_BYTES: i64 = 64 << 20;
+
+/// Verifies `unit` (see [`ahead_units`]) ahead of the fence
+/// (`cutover.verify = "changed"`) with a [`verify_batch`]. Waits while
+/// another agent drains it. Returns the verdicts of its tables that hold
+/// rows.
+pub async fn verify_ahead(
+    m: &Migration,
+    unit: &[TableState],
+    ahead: Ahead,
+    cancel: &CancellationToken,
+) -> Result<Vec<TableVerdict>, crate::Error> {
+    loop {
+        let stats = match retry(
+            m.retry_policy(),
+            "batch",
+            "verify a table ahead of the fence",
+            cancel,
+            || drain_table(m, &unit[0], unit, None, Some(ahead)),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(Gave::Up(e)) => return Err(e.into()),
+            Err(Gave::Cancelled) => return Err(crate::Error::Cancelled),
+        };
+        if let Some(v) = stats.verified {
+            return Ok(v);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(Duration::from_millis(m.cfg.sync.poll_interval_ms)) => {}
+        }
+    }
+}
+
+/// The units verified ahead of the fence, each in one snapshot: a synced
+/// table alone in its hierarchy, and a partitioned table with all its
+/// partitions. A partition's rows change through its own statements and
+/// through those aimed at the partitioned tables above it (each firing only
+/// its own triggers), never through another partition's: so the deltas of
+/// the unit's tables name every key of the unit that changed. Not classic
+/// inheritance, whose tables have keys of their own; not `copy_only`
+/// tables. The unit's root comes first.
+pub fn ahead_units(all: &[TableState]) -> Vec<Vec<TableState>> {
+    let mut units: Vec<Vec<TableState>> = Vec::new();
+    for t in all {
+        match units.iter_mut().find(|u| u[0].lock_relid == t.lock_relid) {
+            Some(u) if t.relid == t.lock_relid => u.insert(0, t.clone()),
+            Some(u) => u.push(t.clone()),
+            None => units.push(vec![t.clone()]),
+        }
+    }
+    units.retain(|u| {
+        let root = &u[0];
+        root.relid == root.lock_relid
+            && u.iter().all(|t| {
+                !t.copy_only
+                    && t.parent_relid.is_none()
+                    && t.key_columns == root.key_columns
+                    && (t.relid == root.relid || root.partitioned)
+            })
+    });
+    units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ident::QualifiedTable;
+    use crate::state::CopyState;
+
+    fn table(relid: u32, lock_relid: u32, partitioned: bool) -> TableState {
+        TableState {
+            id: relid as i32,
+            relid,
+            table: QualifiedTable::new("public", format!("t{relid}")),
+            key_columns: vec!["id".into()],
+            copy_columns: vec!["id".into()],
+            copy_state: CopyState::Done,
+            copied_rows: None,
+            applied_rows: 0,
+            lag_secs: None,
+            copy_only: false,
+            partitioned,
+            lock_relid,
+            parent_relid: None,
+            text_form: false,
+        }
+    }
+
+    fn relids(units: &[Vec<TableState>]) -> Vec<Vec<u32>> {
+        units
+            .iter()
+            .map(|u| u.iter().map(|t| t.relid).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_partitioned_table_is_verified_with_its_partitions_and_root_first() {
+        // A plain table; a partition listed before its root, under a
+        // partitioned partition.
+        let all = [
+            table(1, 1, false),
+            table(12, 10, false),
+            table(11, 10, true),
+            table(10, 10, true),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![1], vec![10, 12, 11]]);
+    }
+
+    #[test]
+    fn inheritance_copy_only_and_keys_of_their_own_are_compared_in_full() {
+        let mut child = table(21, 20, false);
+        child.parent_relid = Some(20);
+        let mut copy_only = table(3, 3, false);
+        copy_only.copy_only = true;
+        let mut other_key = table(32, 30, false);
+        other_key.key_columns = vec!["id".into(), "at".into()];
+        let all = [
+            table(20, 20, false),
+            child,
+            copy_only,
+            table(30, 30, true),
+            other_key,
+            table(4, 4, false),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![4]]);
+    }
+}
