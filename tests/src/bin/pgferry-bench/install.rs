@@ -65,7 +65,8 @@ pub async fn run(v: &[String]) {
             })
             .await;
             let inserts = Stream::start(source.port(), rate, || {
-                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())".to_string()
+                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())"
+                    .to_string()
             })
             .await;
             tokio::time::sleep(Duration::from_secs(1)).await;
