@@ -1662,3 +1662,77 @@ async fn a_partition_detached_while_syncing_is_drift_until_the_target_follows() 
     );
     assert_same_then_clean_up(&env).await;
 }
+
+/// The rows changed during a long verification ahead of the fence are
+/// compared again ahead of it (`cutover.max_keys_under_fence`), for a
+/// partitioned table at its root over the ledgers of its whole hierarchy,
+/// whichever table each statement named: a difference in any partition is
+/// found before the fence; once equal, the ledgers start afresh and the
+/// fence compares none of those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_partition_rows_are_compared_again_before_the_fence() {
+    let env = partitioned().await;
+    let app = env.source_as(APP).await;
+    env.config("[sync]\npoll_interval_ms = 50\n[cutover]\nverify = \"changed\"\nmax_keys_under_fence = 0\n");
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let target = env.target_client().await;
+    let first = |leaf: &str| format!("(device, at) = (SELECT device, at FROM {leaf} ORDER BY 1, 2 LIMIT 1)");
+    let changed = [
+        ("readings", "readings_2023"),
+        ("readings_2024", "readings_2024_lo"),
+        ("readings_other", "readings_other"),
+    ];
+    let change = |note: &'static str| {
+        let app = &app;
+        async move {
+            for (named, leaf) in changed {
+                app.batch_execute(&format!(
+                    "UPDATE {named} SET note = '{note}' WHERE {}",
+                    first(leaf)
+                ))
+                .await
+                .unwrap();
+            }
+        }
+    };
+
+    // Verified ahead, then the agent stops before the fence; rows change
+    // through the root, a partitioned partition and a leaf, and go wrong
+    // on the target once drained.
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
+    change("later").await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    for (_, leaf) in changed {
+        target
+            .batch_execute(&format!("UPDATE {leaf} SET v = -1 WHERE {}", first(leaf)))
+            .await
+            .unwrap();
+    }
+    let err = env.fails(&["cutover"], 1).await;
+    assert!(err.contains("the fence was never raised"), "{err}");
+    assert_eq!(err.matches(" differs").count(), 3, "one key per partition: {err}");
+    assert!(!crate::fence_is_up(&env).await);
+
+    // Rewritten by the source; the difference cost the hierarchy its
+    // ledgers, so it is verified in full ahead again. Then three rows
+    // change once more.
+    change("fixed").await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.kill_at(&["cutover"], "cutover.before_fence").await;
+    change("once more").await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
+    assert_eq!(
+        report["changed_rows_verified_ahead"], 3,
+        "the three changed rows, compared ahead of the fence: {report}"
+    );
+    assert_eq!(
+        report["rows_verified"], 0,
+        "nothing changed since, so the fence compared no row: {report}"
+    );
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
