@@ -265,15 +265,30 @@ impl Env {
         );
         // Keep draining stderr so the frozen agent never blocks on a full
         // pipe, into a file [`Env::wait_for_log`] reads.
-        let log = self.path(&format!("agent-{}.log", child.id().expect("running")));
+        let pid = child.id().expect("running");
+        let log = self.path(&format!("agent-{pid}.log"));
+        let ended = self.path(&format!("agent-{pid}.log.ended"));
         let mut file = std::fs::File::create(&log).expect("agent log");
         tokio::spawn(async move {
             use std::io::Write;
             while let Ok(Some(line)) = lines.next_line().await {
                 let _ = writeln!(file, "{line}");
             }
+            // Every line is in: see [`Env::final_log`].
+            let _ = std::fs::write(ended, "");
         });
         child
+    }
+
+    /// The whole log of an agent started by [`Env::run_until_failpoint`]
+    /// that has exited (`pid`), once its last line is in the file.
+    pub async fn final_log(&self, pid: u32) -> String {
+        let ended = self.path(&format!("agent-{pid}.log.ended"));
+        wait_for("the agent's log to end", Duration::from_secs(10), || async {
+            ended.exists().then_some(())
+        })
+        .await;
+        std::fs::read_to_string(self.path(&format!("agent-{pid}.log"))).expect("agent log")
     }
 
     /// Waits until an agent started by [`Env::run_until_failpoint`] has

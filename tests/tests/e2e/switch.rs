@@ -90,13 +90,7 @@ async fn finish(env: &Env, agent: &mut tokio::process::Child) -> (Option<i32>, S
         .await
         .expect("the agent exits")
         .expect("wait for the agent");
-    let path = env.path(&format!("agent-{pid}.log"));
-    let log = wait_for("the agent's last line", Duration::from_secs(10), || async {
-        let log = std::fs::read_to_string(&path).unwrap_or_default();
-        log.contains("error:").then_some(log)
-    })
-    .await;
-    (status.code(), log)
+    (status.code(), env.final_log(pid).await)
 }
 
 /// The last line an agent printed.
@@ -197,7 +191,7 @@ async fn terminated_target_sessions_after_the_fence_never_leave_the_source_fence
             .expect("the agent exits")
             .unwrap();
         writers.stop().await;
-        let log = std::fs::read_to_string(env.path(&format!("agent-{pid}.log"))).unwrap_or_default();
+        let log = env.final_log(pid).await;
         if status.success() {
             // Got past it: the migration is as complete as asked.
             assert_same_data(&env).await;
