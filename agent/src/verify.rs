@@ -220,11 +220,7 @@ async fn run(m: &Migration, jobs: Vec<Job>) -> Result<VerifyReport, VerifyError>
     let mut verdicts: Vec<(usize, TableVerdict)> = done.into_iter().flatten().collect();
     verdicts.sort_by_key(|(i, _)| *i);
     let tables: Vec<TableVerdict> = verdicts.into_iter().map(|(_, v)| v).collect();
-    Ok(VerifyReport {
-        mismatches: tables.iter().filter(|t| !t.equal).count(),
-        rows: tables.iter().map(|t| t.source_rows).sum(),
-        tables,
-    })
+    Ok(VerifyReport::of(tables))
 }
 
 async fn compare(m: &Migration, s: &Subject) -> Result<TableVerdict, VerifyError> {
@@ -437,6 +433,16 @@ pub(crate) async fn compare_on(
 }
 
 impl VerifyReport {
+    /// The report of these verdicts: how many differ, and the source rows
+    /// they compared.
+    pub fn of(tables: Vec<TableVerdict>) -> Self {
+        Self {
+            mismatches: tables.iter().filter(|t| !t.equal).count(),
+            rows: tables.iter().map(|t| t.source_rows).sum(),
+            tables,
+        }
+    }
+
     /// The report as an operator reads it.
     pub fn render(&self) -> String {
         use std::fmt::Write as _;

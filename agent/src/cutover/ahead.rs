@@ -60,15 +60,7 @@ pub(super) async fn verify_ahead(
         }
     }
     let verified = verdicts.len();
-    let mismatches = verdicts.iter().filter(|v| !v.equal).count();
-    if mismatches > 0 {
-        return Err(CutoverError::MismatchBeforeFence(Box::new(VerifyReport {
-            mismatches,
-            rows: verdicts.iter().map(|v| v.source_rows).sum(),
-            tables: verdicts,
-        }))
-        .into());
-    }
+    equal_ahead(verdicts)?;
     Ok((verified, started.elapsed().as_millis() as u64))
 }
 
@@ -119,17 +111,19 @@ pub(super) async fn settle_ledgers(
                 verdicts.push(verdict);
             }
         }
-        let mismatches = verdicts.iter().filter(|v| !v.equal).count();
-        if mismatches > 0 {
-            return Err(CutoverError::MismatchBeforeFence(Box::new(VerifyReport {
-                mismatches,
-                rows: verdicts.iter().map(|v| v.source_rows).sum(),
-                tables: verdicts,
-            }))
-            .into());
-        }
+        equal_ahead(verdicts)?;
     }
     Ok((rows, started.elapsed().as_millis() as u64))
+}
+
+/// Verdicts reached ahead of the fence: a table that differs ends the
+/// cutover there, the fence never raised.
+fn equal_ahead(verdicts: Vec<crate::verify::TableVerdict>) -> Result<(), CutoverError> {
+    let report = VerifyReport::of(verdicts);
+    if report.mismatches > 0 {
+        return Err(CutoverError::MismatchBeforeFence(Box::new(report)));
+    }
+    Ok(())
 }
 
 /// The units (see [`drain::ahead_units`]) whose every table has its ledger,

@@ -19,21 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::{connect, median};
+use crate::{connect, median, percentile};
 
 /// Sessions per stream: enough that a write never waits for one unless
 /// the writes before it are stuck.
 const SESSIONS: usize = 64;
-
-/// The latency at quantile `p` (0..1) of `v`, in milliseconds.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
 
 /// Runs the install benchmark and prints its JSON.
 pub async fn run(v: &[String]) {

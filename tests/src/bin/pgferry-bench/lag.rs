@@ -18,16 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::{connect, connect_as};
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
+use crate::{connect, connect_as, percentile};
 
 /// pgbench's TPS from its output.
 fn tps(out: &std::process::Output) -> f64 {

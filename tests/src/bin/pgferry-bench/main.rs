@@ -70,6 +70,16 @@ pub(crate) fn list(f: &HashMap<String, String>, name: &str, default: &str) -> Ve
         .collect()
 }
 
+/// The value at quantile `p` (0..1) of `v`, nearest rank; 0 for none.
+pub(crate) fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
 /// The median; for an even count, the mean of the two middle values.
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
