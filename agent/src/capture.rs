@@ -15,10 +15,10 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ident::Ident;
-use crate::migration::Migration;
+use crate::db::ident::Ident;
+use crate::db::Migration;
 use crate::plan;
-use crate::retry::{retry, Gave, Retryable};
+use crate::db::retry::{retry, Gave, Retryable};
 use crate::state::{self, Phase, Registration, TableState};
 
 /// Capture failures.
@@ -57,7 +57,7 @@ pub enum CaptureError {
     },
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// A migration is already past installation.
     #[error("capture is already installed and the migration is in phase {0:?}")]
     AlreadyPast(Phase),
@@ -301,7 +301,7 @@ const SUFFIXES: [&str; 5] = ["ins", "upd", "del", "trunc", "key"];
 
 /// Drops the named triggers of one table in one short transaction, under the
 /// source's lock timeout and retries. `table` is SQL text for the table: a
-/// `regclass` rendering or a [`QualifiedTable`](crate::ident::QualifiedTable).
+/// `regclass` rendering or a [`QualifiedTable`](crate::db::ident::QualifiedTable).
 pub(crate) async fn drop_triggers(
     m: &Migration,
     cancel: &CancellationToken,
@@ -485,7 +485,7 @@ impl Retryable for CaptureError {
         match self {
             CaptureError::Install { source, .. }
             | CaptureError::Remove { source, .. }
-            | CaptureError::Catalog(source) => crate::error::is_retryable(source),
+            | CaptureError::Catalog(source) => crate::db::errors::is_retryable(source),
             CaptureError::Connect(e) => e.is_retryable(),
             CaptureError::Busy { .. } => true,
             CaptureError::AlreadyPast(_) => false,

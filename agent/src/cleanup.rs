@@ -16,9 +16,9 @@
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::retry_ddl;
-use crate::ident::{Ident, QualifiedTable};
-use crate::migration::Migration;
-use crate::retry::Retryable;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::db::retry::Retryable;
 use crate::state::SCHEMA;
 
 /// Cleanup failures.
@@ -26,14 +26,14 @@ use crate::state::SCHEMA;
 pub enum CleanupError {
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// A statement failed on one side.
     #[error("{what} failed on the {side}")]
     Query {
         /// Which step.
         what: String,
         /// Which side.
-        side: crate::endpoint::Side,
+        side: crate::db::endpoint::Side,
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
@@ -43,7 +43,7 @@ pub enum CleanupError {
 impl Retryable for CleanupError {
     fn is_retryable(&self) -> bool {
         match self {
-            CleanupError::Query { source, .. } => crate::error::is_retryable(source),
+            CleanupError::Query { source, .. } => crate::db::errors::is_retryable(source),
             CleanupError::Connect(e) => e.is_retryable(),
         }
     }
@@ -88,7 +88,7 @@ async fn mark_finished(
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
 ) -> Result<(), CleanupError> {
-    use crate::endpoint::Side;
+    use crate::db::endpoint::Side;
     let (name, oid) = source_identity(source)
         .await
         .map_err(|source| CleanupError::Query {
@@ -124,7 +124,7 @@ async fn mark_finished(
 /// The marker of a finished migration of this source whose cleanup did not
 /// complete, if the target holds one.
 pub async fn finished_marker(m: &Migration) -> Result<Option<Finished>, crate::Error> {
-    use crate::endpoint::Side;
+    use crate::db::endpoint::Side;
     let q = |what: &str, side| {
         let what = what.to_string();
         move |source| CleanupError::Query { what, side, source }
@@ -224,7 +224,7 @@ pub async fn leftovers(client: &tokio_postgres::Client) -> Result<Leftovers, tok
 
 /// Removes pgferry from both sides.
 pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupReport, crate::Error> {
-    use crate::endpoint::Side;
+    use crate::db::endpoint::Side;
     let mut report = CleanupReport::default();
     let source = m.source_conn().await?;
     // Before the source's last record of the migration goes.

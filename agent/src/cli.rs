@@ -10,7 +10,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
-use crate::error::{report, Error, ExitCode};
+use crate::db::errors::report;
+use crate::error::{Error, ExitCode};
 use crate::migrate::resilient;
 use crate::Migration;
 
@@ -247,9 +248,9 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Failur
         // With a source configured, class, storage and version default from it.
         let defaults = match &cfg.source {
             Some(url) => {
-                let ep = crate::endpoint::Endpoint::parse(
+                let ep = crate::db::endpoint::Endpoint::parse(
                     url,
-                    crate::endpoint::Side::Source,
+                    crate::db::endpoint::Side::Source,
                     cfg.source_limits.lock_timeout_ms,
                 )
                 .map_err(Error::from)?;

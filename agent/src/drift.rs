@@ -3,7 +3,7 @@
 //! capture trigger disabled), read by the drain, the cutover and `check`.
 
 use crate::drain::SyncError;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::TableState;
 
 /// What changed in the source schema since the tables were registered: new

@@ -15,10 +15,10 @@
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoint::Side;
-use crate::ident::{column_list, QualifiedTable};
-use crate::migration::Migration;
-use crate::retry::Retryable;
+use crate::db::endpoint::Side;
+use crate::db::ident::{column_list, QualifiedTable};
+use crate::db::Migration;
+use crate::db::retry::Retryable;
 
 /// Failures reading or copying configuration rows.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum ExtensionConfigError {
     },
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// The table's turn has not come (see `capture::take_turn`).
     #[error(transparent)]
     Turn(#[from] crate::capture::CaptureError),
@@ -47,7 +47,7 @@ pub enum ExtensionConfigError {
 impl Retryable for ExtensionConfigError {
     fn is_retryable(&self) -> bool {
         match self {
-            ExtensionConfigError::Query { source, .. } => crate::error::is_retryable(source),
+            ExtensionConfigError::Query { source, .. } => crate::db::errors::is_retryable(source),
             ExtensionConfigError::Connect(e) => e.is_retryable(),
             ExtensionConfigError::Turn(e) => e.is_retryable(),
         }
@@ -193,7 +193,7 @@ pub async fn copy(m: &Migration) -> Result<u64, crate::Error> {
             ))
             .await
             .map_err(err("copying", Side::Source))?;
-        let (rows, _) = crate::copy::pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
+        let (rows, _) = crate::copy::pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
             .await
             .map_err(|e| match e {
                 crate::copy::Pumped::Source(e) => err("copying", Side::Source)(e),

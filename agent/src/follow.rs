@@ -25,8 +25,8 @@
 use tokio_util::sync::CancellationToken;
 
 use crate::drain::SyncError;
-use crate::ident::QualifiedTable;
-use crate::migration::Migration;
+use crate::db::ident::QualifiedTable;
+use crate::db::Migration;
 use crate::plan::SourceTable;
 use crate::state::TableState;
 

@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::cutover::CutoverError;
-use crate::migration::Migration;
+use crate::db::Migration;
 
 /// What the copy did.
 #[derive(Debug, Clone, Default, Serialize)]

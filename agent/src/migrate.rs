@@ -14,7 +14,7 @@ use crate::copy::{self, CopyReport};
 use crate::cutover::release::{self, ReleaseReport};
 use crate::cutover::{self, CutoverOptions, CutoverReport};
 use crate::drain::SyncReport;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::plan::{self, CheckReport};
 use crate::state::{self, Phase};
 use crate::sync::{self, SyncOptions};
@@ -124,14 +124,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::Error>>,
 {
-    let policy = crate::retry::RetryPolicy {
+    let policy = crate::db::retry::RetryPolicy {
         retries: m.cfg.source_limits.step_retries,
         base: std::time::Duration::from_millis(500),
         cap: std::time::Duration::from_millis(m.cfg.source_limits.retry_max_backoff_ms),
     };
-    match crate::retry::retry(policy, step, step, cancel, &mut f).await {
+    match crate::db::retry::retry(policy, step, step, cancel, &mut f).await {
         Ok(v) => Ok(v),
-        Err(crate::retry::Gave::Up(e)) => Err(e),
-        Err(crate::retry::Gave::Cancelled) => Err(crate::Error::Cancelled),
+        Err(crate::db::retry::Gave::Up(e)) => Err(e),
+        Err(crate::db::retry::Gave::Cancelled) => Err(crate::Error::Cancelled),
     }
 }

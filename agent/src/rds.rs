@@ -216,7 +216,7 @@ pub struct SourceDefaults {
 }
 
 /// Reads the defaults from the source, when one is configured.
-pub async fn source_defaults(source: &crate::endpoint::Endpoint) -> Result<SourceDefaults, crate::Error> {
+pub async fn source_defaults(source: &crate::db::endpoint::Endpoint) -> Result<SourceDefaults, crate::Error> {
     let c = source.connect().await?;
     let row = c
         .query_one(

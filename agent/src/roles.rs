@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::schema::PgTools;
 
 /// What happened to the source's roles.
@@ -105,7 +105,7 @@ pub async fn recreate(m: &Migration) -> Result<RoleReport, crate::Error> {
             continue;
         };
         if let Err(e) = target.batch_execute(&statement).await {
-            let why = crate::error::db_message(&e);
+            let why = crate::db::errors::db_message(&e);
             report.skipped.push(format!("{statement}: {why}"));
         }
     }

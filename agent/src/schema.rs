@@ -20,7 +20,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::endpoint::Endpoint;
+use crate::db::endpoint::Endpoint;
 use crate::scratch::Scratch;
 
 /// Schema transfer failures.
@@ -185,7 +185,7 @@ impl PgTools {
         source: &Endpoint,
         lock_wait_ms: u64,
         privileges: bool,
-        tables: &[crate::ident::QualifiedTable],
+        tables: &[crate::db::ident::QualifiedTable],
     ) -> Result<SchemaDump, SchemaError> {
         let scratch =
             Scratch::new_in(&std::env::temp_dir(), "pgferry-schema-").map_err(SchemaError::Scratch)?;

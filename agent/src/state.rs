@@ -10,7 +10,7 @@
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
-use crate::ident::{Ident, QualifiedTable};
+use crate::db::ident::{Ident, QualifiedTable};
 
 /// The control schema's name.
 pub const SCHEMA: &str = "pgferry";
@@ -71,9 +71,9 @@ impl StateError {
     }
 }
 
-impl crate::retry::Retryable for StateError {
+impl crate::db::retry::Retryable for StateError {
     fn is_retryable(&self) -> bool {
-        self.db().is_some_and(crate::error::is_retryable)
+        self.db().is_some_and(crate::db::errors::is_retryable)
     }
 }
 
@@ -398,7 +398,7 @@ pub async fn set_phase(client: &impl GenericClient, phase: Phase) -> Result<(), 
         .await
         .map_err(q("set the phase"))?;
     tracing::info!(phase = phase.as_str(), "Phase changed");
-    crate::telemetry::phase(phase);
+    crate::telemetry::phase(phase.as_str());
     Ok(())
 }
 
@@ -764,4 +764,26 @@ pub async fn record_cutover_done(client: &impl GenericClient) -> Result<i64, Sta
         .await
         .map_err(q("record the finished cutover"))?;
     Ok(row.get::<_, Option<i64>>(0).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_gauge_knows_every_phase() {
+        let all = [
+            Phase::Installing,
+            Phase::Installed,
+            Phase::Copying,
+            Phase::Syncing,
+            Phase::CuttingOver,
+            Phase::CutOver,
+        ];
+        let names: Vec<&str> = all.iter().map(|p| p.as_str()).collect();
+        assert_eq!(names, crate::telemetry::PHASES);
+        for name in crate::telemetry::PHASES {
+            assert_eq!(Phase::parse(name).unwrap().as_str(), name);
+        }
+    }
 }

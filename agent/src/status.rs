@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::{self, CopyState, Phase};
 
 /// One table's line.
@@ -134,7 +134,7 @@ pub async fn sample_forever(
                     known = names;
                 }
                 crate::telemetry::sampled(&crate::telemetry::Sample {
-                    phase: s.phase,
+                    phase: s.phase.map(crate::state::Phase::as_str),
                     tables: s
                         .tables
                         .iter()
@@ -154,7 +154,7 @@ pub async fn sample_forever(
                     delta_bytes: s.delta_storage_bytes,
                 });
             }
-            Err(e) => tracing::debug!(error = %crate::error::report(&e), "Metrics sample skipped"),
+            Err(e) => tracing::debug!(error = %crate::db::errors::report(&e), "Metrics sample skipped"),
         }
         tokio::select! {
             () = cancel.cancelled() => return,

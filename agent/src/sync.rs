@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drain::{backlog, drain_pass, Backoff, SyncError, SyncReport};
 use crate::drift::check_drift;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::{self, Phase, TableState};
 
 /// How `sync` should end.

@@ -11,7 +11,6 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::state::Phase;
 
 /// Current phase: 1 for the phase the migration is in, 0 for the others.
 pub const PHASE: &str = "pgferry_phase";
@@ -83,13 +82,15 @@ pub const ALL: &[&str] = &[
     UP,
 ];
 
-const ALL_PHASES: [Phase; 6] = [
-    Phase::Installing,
-    Phase::Installed,
-    Phase::Copying,
-    Phase::Syncing,
-    Phase::CuttingOver,
-    Phase::CutOver,
+/// The values of the `phase` label: the control state's phases as stored
+/// (a unit test of the control state keeps the two lists equal).
+pub const PHASES: [&str; 6] = [
+    "installing",
+    "installed",
+    "copying",
+    "syncing",
+    "cutting_over",
+    "cut_over",
 ];
 
 /// Starts the exporter on `listen` (inside the current runtime) and describes
@@ -178,9 +179,9 @@ pub fn install(listen: SocketAddr) {
 }
 
 /// The migration entered `phase`.
-pub fn phase(current: Phase) {
-    for p in ALL_PHASES {
-        gauge!(PHASE, "phase" => p.as_str()).set(if p == current { 1.0 } else { 0.0 });
+pub fn phase(current: &str) {
+    for p in PHASES {
+        gauge!(PHASE, "phase" => p).set(if p == current { 1.0 } else { 0.0 });
     }
 }
 
@@ -235,7 +236,7 @@ pub fn failed(kind: &'static str) {
 #[derive(Debug, Default)]
 pub struct Sample {
     /// Phase, when a migration is under way.
-    pub phase: Option<Phase>,
+    pub phase: Option<&'static str>,
     /// Per table: name, copy done, backlog rows, lag seconds, size bytes.
     pub tables: Vec<(String, bool, i64, Option<f64>, i64)>,
     /// Fence up, and for how long.

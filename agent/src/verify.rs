@@ -13,9 +13,9 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 pub use crate::config::VerifyScope;
-use crate::endpoint::Side;
-use crate::ident::{column_list, QualifiedTable};
-use crate::migration::Migration;
+use crate::db::endpoint::Side;
+use crate::db::ident::{column_list, QualifiedTable};
+use crate::db::Migration;
 use crate::state::TableState;
 
 /// Above this many rows a differing table is reported without its keys.
@@ -42,7 +42,7 @@ pub enum VerifyError {
     Catalog(#[source] tokio_postgres::Error),
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
 }
 
 /// What to compare: a table and its key.

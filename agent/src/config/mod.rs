@@ -329,7 +329,7 @@ mod tests {
     fn a_toml_error_keeps_its_place_and_loses_its_line() {
         let f = write("[cutover]\nswitch_command = 'x'\nsource = \"postgres://app:hunter2@db/app\n");
         let err = Config::load(Some(f.path()), Overrides::default()).unwrap_err();
-        let text = crate::error::report(&err);
+        let text = crate::db::errors::report(&err);
         assert!(
             text.contains("not valid TOML") && text.contains("line 3"),
             "{text}"

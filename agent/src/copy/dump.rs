@@ -6,7 +6,7 @@
 //! on the target first and marked copied only after the whole restore, so an
 //! interrupted run dumps and restores them again from scratch.
 
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::schema::PgTools;
 use crate::state::{self, TableState};
 

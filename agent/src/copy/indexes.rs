@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 
 use super::CopyError;
-use crate::ident::{Ident, QualifiedTable};
-use crate::migration::Migration;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
 
 /// One index of a captured table (or materialized view), and the constraint
 /// it backs, if any.
@@ -446,14 +446,14 @@ async fn build_with(
             let m = m.clone();
             async move {
                 let never = tokio_util::sync::CancellationToken::new();
-                match crate::retry::retry(m.retry_policy(), "index", "build an index", &never, || {
+                match crate::db::retry::retry(m.retry_policy(), "index", "build an index", &never, || {
                     build_one(&m, &idx)
                 })
                 .await
                 {
                     Ok(b) => Ok(b),
-                    Err(crate::retry::Gave::Up(e)) => Err(e),
-                    Err(crate::retry::Gave::Cancelled) => unreachable!("the token is never cancelled"),
+                    Err(crate::db::retry::Gave::Up(e)) => Err(e),
+                    Err(crate::db::retry::Gave::Cancelled) => unreachable!("the token is never cancelled"),
                 }
             }
         })

@@ -20,9 +20,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::ident::{column_list, QualifiedTable};
-use crate::migration::Migration;
-use crate::retry::{retry, Gave, Retryable};
+use crate::db::ident::{column_list, QualifiedTable};
+use crate::db::Migration;
+use crate::db::retry::{retry, Gave, Retryable};
 use crate::schema::PgTools;
 use crate::state::{self, CopyState, Phase, SchemaStep, TableState};
 
@@ -43,7 +43,7 @@ pub enum CopyError {
         /// The table.
         table: String,
         /// Which side failed.
-        side: crate::endpoint::Side,
+        side: crate::db::endpoint::Side,
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
@@ -67,7 +67,7 @@ pub enum CopyError {
     },
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// Recording progress failed.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
@@ -95,7 +95,7 @@ impl CopyError {
     pub(crate) fn catalog(source: tokio_postgres::Error) -> CopyError {
         CopyError::Table {
             table: "catalog".into(),
-            side: crate::endpoint::Side::Source,
+            side: crate::db::endpoint::Side::Source,
             source,
         }
     }
@@ -105,7 +105,7 @@ impl Retryable for CopyError {
     fn is_retryable(&self) -> bool {
         match self {
             CopyError::Table { source, .. } | CopyError::Target { source, .. } => {
-                crate::error::is_retryable(source)
+                crate::db::errors::is_retryable(source)
             }
             CopyError::Connect(e) => e.is_retryable(),
             CopyError::State(e) => e.is_retryable(),
@@ -380,7 +380,7 @@ async fn copy_tables(
     // constraints, wait for the pass after the data).
     let relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
     let defs = indexes::read(m, &relids).await?.indexes;
-    let mut early: std::collections::HashMap<crate::ident::QualifiedTable, Vec<indexes::IndexDef>> =
+    let mut early: std::collections::HashMap<crate::db::ident::QualifiedTable, Vec<indexes::IndexDef>> =
         Default::default();
     for d in defs.into_iter().filter(|d| d.phase == 0) {
         early.entry(d.table.clone()).or_default().push(d);
@@ -610,12 +610,12 @@ async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Resu
     let name = t.table.display_name();
     let src_err = |source| CopyError::Table {
         table: name.clone(),
-        side: crate::endpoint::Side::Source,
+        side: crate::db::endpoint::Side::Source,
         source,
     };
     let tgt_err = |source| CopyError::Table {
         table: name.clone(),
-        side: crate::endpoint::Side::Target,
+        side: crate::db::endpoint::Side::Target,
         source,
     };
     let mut data = m.data_conn().await?;
@@ -690,7 +690,7 @@ pub(crate) enum Pumped {
 pub(crate) async fn pump(
     stream: tokio_postgres::CopyOutStream,
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
-    throttle: &crate::throttle::Throttle,
+    throttle: &crate::db::throttle::Throttle,
     mut on_write: impl FnMut(usize),
 ) -> Result<(u64, u64), Pumped> {
     futures_util::pin_mut!(sink);
@@ -726,11 +726,11 @@ pub(crate) async fn stage_keys(
     src: &impl tokio_postgres::GenericClient,
     ttx: &tokio_postgres::Transaction<'_>,
     name: &str,
-    table: &crate::ident::QualifiedTable,
+    table: &crate::db::ident::QualifiedTable,
     key_columns: &[String],
     select: &str,
 ) -> Result<u64, Pumped> {
-    let keys = crate::ident::column_list(key_columns, None);
+    let keys = crate::db::ident::column_list(key_columns, None);
     ttx.batch_execute(&format!(
         "CREATE TEMP TABLE {name} ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
     ))
@@ -747,7 +747,7 @@ pub(crate) async fn stage_keys(
         .await
         .map_err(Pumped::Source)?;
     Ok(
-        pump(stream, sink, &crate::throttle::Throttle::unlimited(), |_| {})
+        pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
             .await?
             .0,
     )

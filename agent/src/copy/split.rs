@@ -22,9 +22,9 @@
 use std::time::{Duration, Instant};
 
 use crate::config::CopyConfig;
-use crate::endpoint::Side;
-use crate::ident::column_list;
-use crate::migration::Migration;
+use crate::db::endpoint::Side;
+use crate::db::ident::column_list;
+use crate::db::Migration;
 use crate::state::{self, CopyPart, TableState};
 
 use super::{pump, set_loading, CopyError, Pumped};
@@ -315,7 +315,7 @@ async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) ->
         .key_columns
         .iter()
         .map(|k| {
-            let k = crate::ident::Ident(k.clone());
+            let k = crate::db::ident::Ident(k.clone());
             format!("t.{k} = k.{k}")
         })
         .collect::<Vec<_>>()

@@ -19,8 +19,8 @@
 use std::time::{Duration, Instant};
 
 use super::{fence, objects, CutoverError};
-use crate::migration::Migration;
-use crate::retry::RetryPolicy;
+use crate::db::Migration;
+use crate::db::retry::RetryPolicy;
 use crate::state::{self, Phase};
 
 /// Lifts the fence first, then tidies the target and returns the migration
@@ -35,7 +35,7 @@ pub async fn abort(m: &Migration, why: &str, switch_failed: bool) -> Result<(), 
     tracing::warn!("Fence lifted: the source takes writes again");
     if let Err(e) = finish(m).await {
         tracing::warn!(
-            error = %crate::error::report(&e),
+            error = %crate::db::errors::report(&e),
             "The target still holds the foreign keys and triggers the cutover restored: the next `pgferry cutover`, \
              `pgferry cutover --abort` or `pgferry migrate` removes them before syncing"
         );
@@ -101,7 +101,7 @@ async fn lift_persistently(m: &Migration, switch_failed: bool) -> Result<(), cra
         let pause = policy.backoff(attempt).min(limit - waited);
         tracing::error!(
             attempt,
-            error = %crate::error::report(&e),
+            error = %crate::db::errors::report(&e),
             retry_in_ms = pause.as_millis() as u64,
             "THE SOURCE IS STILL FENCED: the fence could not be lifted; trying again"
         );

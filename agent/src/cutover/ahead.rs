@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{decision, CutoverError};
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::{self, TableState};
 use crate::verify::VerifyReport;
 use crate::{drain, drift};

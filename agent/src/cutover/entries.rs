@@ -11,7 +11,7 @@
 use deadpool_postgres::Object;
 
 use super::CutoverError;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::schema::{PgTools, Step};
 
 /// The entries to restore, as SQL, and the catalogs they were read from.
@@ -178,7 +178,7 @@ pub async fn restore(m: &Migration, prepared: Option<Prepared>) -> Result<Vec<St
     let mut warnings = Vec::new();
     for (statement, outcome) in entries.grants.iter().zip(outcomes) {
         if let Err(e) = outcome {
-            let why = crate::error::db_message(&e);
+            let why = crate::db::errors::db_message(&e);
             warnings.push(format!("{statement} -- {why}"));
         }
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decision::{after_fence, WriterDecision, WriterWait};
 use super::CutoverError;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::TableState;
 
 /// Raises the fence: from now on no write to a captured table can commit.
@@ -119,7 +119,7 @@ pub async fn wait_for_writers(
                 .await;
             match res {
                 Ok(()) => {}
-                Err(e) if crate::error::is_lock_timeout(&e) => {
+                Err(e) if crate::db::errors::is_lock_timeout(&e) => {
                     conn.batch_execute("ROLLBACK")
                         .await
                         .map_err(CutoverError::Source)?;

@@ -16,8 +16,8 @@ use tokio_postgres::Client;
 
 use super::objects::USER_SCHEMA;
 use super::CutoverError;
-use crate::ident::QualifiedTable;
-use crate::migration::Migration;
+use crate::db::ident::QualifiedTable;
+use crate::db::Migration;
 
 /// A materialized view populated on the source.
 #[derive(Debug, Clone)]
@@ -205,8 +205,8 @@ pub async fn refresh_all_after_switch(
         .into_iter()
         .filter_map(|(i, outcome)| {
             let why = match outcome.err()? {
-                CutoverError::Target(e) | CutoverError::Source(e) => crate::error::db_message(&e),
-                other => crate::error::report(&other),
+                CutoverError::Target(e) | CutoverError::Source(e) => crate::db::errors::db_message(&e),
+                other => crate::db::errors::report(&other),
             };
             Some((i, format!("{} -- {why}", views[i].name.display_name())))
         })

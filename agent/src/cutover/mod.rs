@@ -31,8 +31,8 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MatviewRefresh;
-use crate::ident::Ident;
-use crate::migration::Migration;
+use crate::db::ident::Ident;
+use crate::db::Migration;
 use crate::state::{self, Phase, TableState};
 use crate::verify::{self, Subject, VerifyReport, VerifyScope};
 use crate::{drain, drift, sync};
@@ -49,7 +49,7 @@ pub enum CutoverError {
     Target(#[source] tokio_postgres::Error),
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// The cutover was abandoned; the fence is lifted.
     #[error("cutover aborted, writes resumed on the source: {0}")]
     Aborted(String),
@@ -324,7 +324,7 @@ pub async fn run(
 /// first ([`abort::abort`]), and returns the error to report: the failure
 /// itself once the fence is down, or [`CutoverError::StillFenced`].
 async fn reopen(m: &Migration, e: crate::Error, cancel: &CancellationToken) -> crate::Error {
-    let why = crate::error::report(&e);
+    let why = crate::db::errors::report(&e);
     tracing::error!(error = %why, "The cutover failed with the fence up");
     if let Err(still) = abort::abort(m, &why, false).await {
         return still;
@@ -567,7 +567,7 @@ async fn after_point_of_no_return(
     crate::failpoint::hit("cutover.before_switch").await;
     if let Some(cmd) = &m.cfg.cutover.switch_command {
         if let Err(e) = switch(m, cmd).await {
-            let why = crate::error::report(&e);
+            let why = crate::db::errors::report(&e);
             abort::abort(m, &why, true).await?;
             return Err(e.into());
         }
@@ -578,7 +578,7 @@ async fn after_point_of_no_return(
     tracing::info!(writes_blocked_ms = report.writes_blocked_ms, "Cutover done");
     // The fence stays; a writer still connected is told where the data went.
     if let Err(e) = fence::mark_moved(&**conn).await {
-        tracing::warn!(error = %crate::error::report(&e), "The fence's message could not be changed to say the database moved");
+        tracing::warn!(error = %crate::db::errors::report(&e), "The fence's message could not be changed to say the database moved");
     }
     drop(conn);
     crate::failpoint::hit("cutover.before_validate").await;
@@ -624,7 +624,7 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
             } else {
                 format!("run {validate} once the error is dealt with")
             };
-            tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::error::report(&e), fix, "Foreign key left NOT VALID");
+            tracing::warn!(constraint = %fk.name, table = %fk.table.display_name(), error = %crate::db::errors::report(&e), fix, "Foreign key left NOT VALID");
             report
                 .unvalidated_foreign_keys
                 .push(format!("{}.{}", fk.table.display_name(), fk.name));

@@ -10,7 +10,7 @@
 use futures_util::future::join_all;
 use tokio_postgres::Client;
 
-use crate::ident::{Ident, QualifiedTable};
+use crate::db::ident::{Ident, QualifiedTable};
 
 /// A foreign key as the source defines it.
 #[derive(Debug, Clone)]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{fence, CutoverError};
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::state::{self, Phase};
 
 /// How often the source's sessions are looked at.

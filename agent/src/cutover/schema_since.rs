@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::CutoverError;
-use crate::migration::Migration;
+use crate::db::Migration;
 use crate::schema::PgTools;
 
 /// An entry's header (`NAME; Type: TYPE; Schema: SCHEMA; Owner: -`) as

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{apply, batch_err, begin, consume, drain_table, record, seen};
 use super::{BatchStats, SyncError};
-use crate::endpoint::Side;
-use crate::migration::Migration;
-use crate::retry::{retry, Gave};
+use crate::db::endpoint::Side;
+use crate::db::Migration;
+use crate::db::retry::{retry, Gave};
 use crate::state::TableState;
 use crate::verify::TableVerdict;
 
@@ -228,7 +228,7 @@ pub fn ahead_units(all: &[TableState]) -> Vec<Vec<TableState>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ident::QualifiedTable;
+    use crate::db::ident::QualifiedTable;
     use crate::state::CopyState;
 
     fn table(relid: u32, lock_relid: u32, partitioned: bool) -> TableState {

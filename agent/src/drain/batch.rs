@@ -8,11 +8,11 @@ use tokio_postgres::IsolationLevel;
 use super::ahead::{verify_batch, Ahead, LEDGER_MAX_BYTES};
 use super::{BatchStats, SyncError};
 use crate::copy::{pump, Pumped};
-use crate::endpoint::Side;
-use crate::ident::{column_list, Ident};
-use crate::migration::Migration;
+use crate::db::endpoint::Side;
+use crate::db::ident::{column_list, Ident};
+use crate::db::Migration;
 use crate::state::{self, TableState};
-use crate::throttle::Throttle;
+use crate::db::throttle::Throttle;
 
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;

@@ -41,8 +41,8 @@ pub use pass::drain_pass;
 pub use pending::backlog;
 pub(crate) use pressure::Backoff;
 
-use crate::endpoint::Side;
-use crate::retry::Retryable;
+use crate::db::endpoint::Side;
+use crate::db::retry::Retryable;
 use crate::verify::TableVerdict;
 
 /// Drain failures.
@@ -70,7 +70,7 @@ pub enum SyncError {
     },
     /// A session could not be opened.
     #[error(transparent)]
-    Connect(#[from] crate::endpoint::ConnectError),
+    Connect(#[from] crate::db::endpoint::ConnectError),
     /// Recording progress failed.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
@@ -125,12 +125,12 @@ impl Retryable for SyncError {
     fn is_retryable(&self) -> bool {
         match self {
             SyncError::Batch { source, .. } | SyncError::Backlog { source, .. } => {
-                crate::error::is_retryable(source)
+                crate::db::errors::is_retryable(source)
             }
             SyncError::Connect(e) => e.is_retryable(),
             SyncError::State(e) => e.is_retryable(),
             SyncError::Catalog(source) | SyncError::Follow { source, .. } => {
-                crate::error::is_retryable(source)
+                crate::db::errors::is_retryable(source)
             }
             SyncError::Worker(_)
             | SyncError::SchemaDrift(_)

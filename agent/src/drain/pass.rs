@@ -7,10 +7,10 @@ use super::batch::{batch_err, drain_table, splittable, Part, PARTS, SPLIT_FROM_R
 use super::pending::Pending;
 use super::{SyncError, SyncReport};
 use crate::drift::check_drift;
-use crate::endpoint::Side;
-use crate::ident::Ident;
-use crate::migration::Migration;
-use crate::retry::{retry, Gave};
+use crate::db::endpoint::Side;
+use crate::db::ident::Ident;
+use crate::db::Migration;
+use crate::db::retry::{retry, Gave};
 use crate::state::{self, TableState};
 
 /// One batch for every table, `sync.workers` tables at a time.

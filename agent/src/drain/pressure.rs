@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::SyncError;
-use crate::migration::Migration;
+use crate::db::Migration;
 
 /// The drain's adaptive pause: doubles while the source is under pressure
 /// (sessions waiting on locks, or a slow round trip), ends when it is not.

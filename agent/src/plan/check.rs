@@ -6,8 +6,8 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use crate::config::MatviewRefresh;
-use crate::endpoint::{ConnectError, Side};
-use crate::migration::Migration;
+use crate::db::endpoint::{ConnectError, Side};
+use crate::db::Migration;
 use crate::schema::PgTools;
 use crate::state::{self, Phase};
 use crate::verify::VerifyScope;
@@ -182,7 +182,7 @@ impl Findings {
         self.add(
             Severity::Blocker,
             side.to_string(),
-            crate::error::report(err).replace('\n', " "),
+            crate::db::errors::report(err).replace('\n', " "),
             format!("correct the {side} URL or make the server reachable from this host"),
         );
     }
@@ -193,7 +193,7 @@ impl Findings {
             side.to_string(),
             format!(
                 "catalog query failed: {}",
-                crate::error::report(err).replace('\n', " ")
+                crate::db::errors::report(err).replace('\n', " ")
             ),
             "check that the role may read the system catalogs",
         );
@@ -337,7 +337,7 @@ async fn check_source(
             f.add(
                 Severity::Blocker,
                 "source",
-                crate::error::report(&e).replace('\n', " "),
+                crate::db::errors::report(&e).replace('\n', " "),
                 "run `pgferry cleanup` to remove the broken control schema, then start again",
             );
             None
@@ -660,7 +660,7 @@ async fn check_tools(m: &Migration, report: &CheckReport, f: &mut Findings) {
         Err(e) => f.add(
             Severity::Blocker,
             "pg_dump",
-            crate::error::report(&e).replace('\n', " "),
+            crate::db::errors::report(&e).replace('\n', " "),
             "install the PostgreSQL client tools (apt-get install postgresql-client) or set pg_bin_dir",
         ),
     }

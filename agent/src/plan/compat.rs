@@ -74,8 +74,8 @@ pub(super) async fn compare(
         // What the RDS master user runs, as the platform did on the source.
         let create = format!(
             "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {} VERSION '{}'",
-            crate::ident::Ident(name.clone()),
-            crate::ident::Ident(schema),
+            crate::db::ident::Ident(name.clone()),
+            crate::db::ident::Ident(schema),
             version.replace('\'', "''")
         );
         match row {

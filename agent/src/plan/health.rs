@@ -6,7 +6,7 @@ use tokio_postgres::GenericClient;
 
 use super::check::Findings;
 use super::Severity;
-use crate::migration::Migration;
+use crate::db::Migration;
 
 /// Storage and capacity advice for the target.
 #[derive(Debug, Clone, Serialize)]
@@ -213,12 +213,12 @@ pub(super) async fn source(
 /// second of `COPY ... TO STDOUT` from the largest table.
 /// Opens its own session for the sample: a COPY left unfinished makes a
 /// session unusable.
-pub(super) async fn sizing(m: &Migration) -> Result<Sizing, crate::endpoint::ConnectError> {
+pub(super) async fn sizing(m: &Migration) -> Result<Sizing, crate::db::endpoint::ConnectError> {
     let c = m.source.connect().await?;
     sample(&c)
         .await
-        .map_err(|source| crate::endpoint::ConnectError::Refused {
-            side: crate::endpoint::Side::Source,
+        .map_err(|source| crate::db::endpoint::ConnectError::Refused {
+            side: crate::db::endpoint::Side::Source,
             at: m.source.redacted(),
             hint: "the sizing sample failed",
             source,

@@ -18,8 +18,8 @@ pub use check::{check, check_with, CheckReport, Problem, Severity, DRIFT};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
-use crate::ident::QualifiedTable;
-use crate::migration::Migration;
+use crate::db::ident::QualifiedTable;
+use crate::db::Migration;
 use crate::state::Registration;
 
 /// One user table on the source, as the catalog describes it.

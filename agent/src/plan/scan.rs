@@ -10,8 +10,8 @@
 use futures_util::StreamExt;
 
 use super::{Problem, Severity};
-use crate::ident::QualifiedTable;
-use crate::migration::Migration;
+use crate::db::ident::QualifiedTable;
+use crate::db::Migration;
 
 /// Pages checked at once while searching a failing table.
 const PAGES_PER_PROBE: i64 = 128;
@@ -73,7 +73,7 @@ async fn scan_table(m: &Migration, table: &QualifiedTable) -> Result<Vec<Unreada
     match read_all.await {
         Ok(()) => Ok(Vec::new()),
         Err(e) if e.as_db_error().is_some() => {
-            tracing::warn!(table = %table.display_name(), error = %crate::error::db_message(&e), "Unreadable data: searching for the rows");
+            tracing::warn!(table = %table.display_name(), error = %crate::db::errors::db_message(&e), "Unreadable data: searching for the rows");
             locate(&c, table)
                 .await
                 .map_err(|e| crate::cutover::CutoverError::Source(e).into())
@@ -117,7 +117,7 @@ async fn locate(
                     found.push(Unreadable {
                         table: table.clone(),
                         ctid,
-                        error: crate::error::db_message(&e),
+                        error: crate::db::errors::db_message(&e),
                     });
                     if found.len() >= MAX_ROWS {
                         break;

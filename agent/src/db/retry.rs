@@ -19,7 +19,7 @@ pub trait Retryable {
 
 impl Retryable for tokio_postgres::Error {
     fn is_retryable(&self) -> bool {
-        crate::error::is_retryable(self)
+        crate::db::errors::is_retryable(self)
     }
 }
 
@@ -89,7 +89,7 @@ where
                 crate::telemetry::retried(kind);
                 attempt += 1;
                 let wait = policy.backoff(attempt);
-                tracing::info!(what, attempt, wait_ms = wait.as_millis() as u64, error = %crate::error::report(&e), "Retrying");
+                tracing::info!(what, attempt, wait_ms = wait.as_millis() as u64, error = %crate::db::errors::report(&e), "Retrying");
                 tokio::select! {
                     () = cancel.cancelled() => return Err(Gave::Cancelled),
                     () = tokio::time::sleep(wait) => {}

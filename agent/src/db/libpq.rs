@@ -61,7 +61,7 @@ pub fn with_defaults(url: &str, env: &impl Environment) -> Result<String, String
     let mut kept: Vec<&str> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("service", v)) => service = Some(crate::tls::decode(v)),
+            Some(("service", v)) => service = Some(crate::db::tls::decode(v)),
             _ => kept.push(pair),
         }
     }
@@ -75,7 +75,7 @@ pub fn with_defaults(url: &str, env: &impl Environment) -> Result<String, String
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    let Ok((driver_url, _)) = crate::tls::split_url(&rest) else {
+    let Ok((driver_url, _)) = crate::db::tls::split_url(&rest) else {
         return Ok(rest);
     };
     let Ok(cfg) = driver_url.parse::<tokio_postgres::Config>() else {
@@ -306,7 +306,7 @@ mod tests {
             .unwrap_or("")
             .split('&')
             .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_string(), crate::tls::decode(v)))
+            .map(|(k, v)| (k.to_string(), crate::db::tls::decode(v)))
             .collect()
     }
 
@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(q["sslmode"], "verify-full");
         assert_eq!(q["sslrootcert"], "/etc/ca.pem");
         assert!(!q.contains_key("user") && !q.contains_key("dbname"));
-        let cfg: tokio_postgres::Config = crate::tls::split_url(&url).unwrap().0.parse().unwrap();
+        let cfg: tokio_postgres::Config = crate::db::tls::split_url(&url).unwrap().0.parse().unwrap();
         assert_eq!(cfg.get_password(), Some(&b"s3cret:/@"[..]));
     }
 

@@ -4,8 +4,8 @@
 use deadpool_postgres::{Object, Pool};
 
 use crate::config::{Config, ConfigError};
-use crate::endpoint::{ConnectError, Endpoint, Side};
-use crate::retry::RetryPolicy;
+use crate::db::endpoint::{ConnectError, Endpoint, Side};
+use crate::db::retry::RetryPolicy;
 
 /// One migration's configuration and connections.
 #[derive(Debug, Clone)]
@@ -24,9 +24,9 @@ pub struct Migration {
     /// `copy.from`: where the bulk data is read from instead of the source.
     data: Option<(Endpoint, Pool)>,
     /// The copy's rate limit, shared by its workers.
-    pub copy_throttle: std::sync::Arc<crate::throttle::Throttle>,
+    pub copy_throttle: std::sync::Arc<crate::db::throttle::Throttle>,
     /// The drain's rate limit, shared by its workers.
-    pub sync_throttle: std::sync::Arc<crate::throttle::Throttle>,
+    pub sync_throttle: std::sync::Arc<crate::db::throttle::Throttle>,
 }
 
 impl Migration {
@@ -69,8 +69,8 @@ impl Migration {
             }
             None => None,
         };
-        let copy_throttle = crate::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
-        let sync_throttle = crate::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
+        let copy_throttle = crate::db::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
+        let sync_throttle = crate::db::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
         Ok(Self {
             cfg,
             source,
@@ -88,8 +88,8 @@ impl Migration {
     /// rate limits.
     pub fn without_rate_limits(&self) -> Self {
         Self {
-            copy_throttle: crate::throttle::Throttle::unlimited().into(),
-            sync_throttle: crate::throttle::Throttle::unlimited().into(),
+            copy_throttle: crate::db::throttle::Throttle::unlimited().into(),
+            sync_throttle: crate::db::throttle::Throttle::unlimited().into(),
             ..self.clone()
         }
     }

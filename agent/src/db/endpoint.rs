@@ -79,7 +79,7 @@ impl ConnectError {
     /// connection slots full), false for wrong credentials or names.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ConnectError::Refused { source, .. } => crate::error::is_retryable(source),
+            ConnectError::Refused { source, .. } => crate::db::errors::is_retryable(source),
             ConnectError::Pool { .. } => true,
             ConnectError::NotGiven { .. } => false,
         }
@@ -93,7 +93,7 @@ pub struct Endpoint {
     side: Side,
     config: tokio_postgres::Config,
     lock_timeout_ms: u64,
-    tls: crate::tls::TlsSettings,
+    tls: crate::db::tls::TlsSettings,
     connector: MakeRustlsConnect,
 }
 
@@ -106,13 +106,13 @@ impl fmt::Debug for Endpoint {
 impl Endpoint {
     /// Parses a libpq URL (`postgres://user:pass@host:port/db?sslmode=...`).
     /// What the URL leaves out comes from libpq's service file, environment
-    /// and password file ([`crate::libpq`]).
+    /// and password file ([`crate::db::libpq`]).
     pub fn parse(url: &SecretString, side: Side, lock_timeout_ms: u64) -> Result<Self, ConfigError> {
-        let url = crate::libpq::with_defaults(url.expose_secret(), &crate::libpq::ProcessEnv)
+        let url = crate::db::libpq::with_defaults(url.expose_secret(), &crate::db::libpq::ProcessEnv)
             .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
-        let (driver_url, tls) = crate::tls::split_url(&url)
+        let (driver_url, tls) = crate::db::tls::split_url(&url)
             .map_err(|why| ConfigError::Invalid(format!("the {side} URL: {why}")))?;
-        let connector = crate::tls::connector(&tls)?;
+        let connector = crate::db::tls::connector(&tls)?;
         let mut config: tokio_postgres::Config = driver_url.parse().map_err(|e: tokio_postgres::Error| {
             // The driver names the option, never its value: safe to show.
             let what = std::error::Error::source(&e)
@@ -334,7 +334,7 @@ impl Endpoint {
                 "the server refused this connection (pg_hba.conf): check the user and database, and sslmode \
                  (RDS requires TLS: sslmode=require or verify-full with sslrootcert)"
             }
-            None if crate::tls::is_tls_failure(&source) => {
+            None if crate::db::tls::is_tls_failure(&source) => {
                 "TLS failed: the server's certificate could not be verified for this sslmode; check sslrootcert \
                  (RDS: its CA bundle), and that the host name matches the certificate for verify-full"
             }
