@@ -493,6 +493,12 @@ impl Retryable for CaptureError {
     }
 }
 
+impl crate::error::Failure for CaptureError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 /// Runs one source DDL step under the retry policy, mapping give-ups to errors.
 pub(crate) async fn retry_ddl<T, E, F, Fut>(
     m: &Migration,

@@ -49,6 +49,12 @@ impl Retryable for CleanupError {
     }
 }
 
+impl crate::error::Failure for CleanupError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 /// What cleanup removed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CleanupReport {

@@ -270,14 +270,21 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Failur
     match out {
         Ok(out) => Ok(out),
         // Its own headline already says so, and the source cannot be read.
-        Err(error @ Error::Cutover(crate::cutover::CutoverError::StillFenced { .. })) => Err(Failure {
+        Err(error)
+            if matches!(
+                error.downcast_ref(),
+                Some(crate::cutover::CutoverError::StillFenced { .. })
+            ) =>
+        {
+            Err(Failure {
             fence: Some((
                 "THE SOURCE IS STILL FENCED: the application cannot write until the fence is lifted (see above)."
                     .into(),
                 true,
             )),
             error,
-        }),
+        })
+        }
         Err(error) if matches!(cli.command, Command::Cutover { .. } | Command::Migrate { .. }) => Err(Failure {
             fence: crate::cutover::abort::fence_verdict(&m).await,
             error,
@@ -341,17 +348,15 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             let r = resilient(&m, "cutover", cancel, || crate::cutover::run(&m, opts, cancel)).await;
             match r {
                 Ok(r) => Output::ok(&r, pretty("cutover done", &r)),
-                Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v))) => {
-                    eprint!("{}", v.render());
-                    return Err(Error::Cutover(crate::cutover::CutoverError::VerifyMismatch(v)));
+                Err(e) => {
+                    use crate::cutover::CutoverError;
+                    if let Some(CutoverError::VerifyMismatch(v) | CutoverError::MismatchBeforeFence(v)) =
+                        e.downcast_ref()
+                    {
+                        eprint!("{}", v.render());
+                    }
+                    return Err(e);
                 }
-                Err(Error::Cutover(crate::cutover::CutoverError::MismatchBeforeFence(v))) => {
-                    eprint!("{}", v.render());
-                    return Err(Error::Cutover(crate::cutover::CutoverError::MismatchBeforeFence(
-                        v,
-                    )));
-                }
-                Err(e) => return Err(e),
             }
         }
         Command::Cleanup => {

@@ -54,6 +54,12 @@ impl Retryable for ExtensionConfigError {
     }
 }
 
+impl crate::error::Failure for ExtensionConfigError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 /// One extension configuration table, as the source marks it.
 #[derive(Debug, Clone)]
 pub struct ConfigTable {

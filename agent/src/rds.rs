@@ -126,6 +126,15 @@ pub enum RdsError {
     NotFound(String),
 }
 
+impl crate::error::Failure for RdsError {
+    fn exit_code(&self) -> crate::error::ExitCode {
+        match self {
+            RdsError::Invalid(_) => crate::error::ExitCode::Usage,
+            _ => crate::error::ExitCode::Runtime,
+        }
+    }
+}
+
 fn api<E: std::error::Error + Send + Sync + 'static>(call: &'static str) -> impl FnOnce(E) -> RdsError {
     move |e| RdsError::Api {
         call,

@@ -40,6 +40,8 @@ pub enum SandboxError {
     Query(#[source] tokio_postgres::Error),
 }
 
+impl crate::error::Failure for SandboxError {}
+
 /// A running throwaway cluster.
 #[derive(Debug)]
 pub struct Cluster {

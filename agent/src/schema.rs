@@ -56,6 +56,12 @@ pub enum SchemaError {
     },
 }
 
+impl crate::error::Failure for SchemaError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
 /// What a client tool prints for failures a later attempt may get past: a
 /// connection lost, refused or cut (libpq's messages, in the C locale the
 /// tools run in), a server starting, stopping or out of slots, a lock or

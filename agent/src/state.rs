@@ -77,6 +77,12 @@ impl crate::db::retry::Retryable for StateError {
     }
 }
 
+impl crate::error::Failure for StateError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
     move |source| StateError::Query { what, source }
 }

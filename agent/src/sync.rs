@@ -141,7 +141,7 @@ pub(crate) async fn follow_drift(
     cancel: &CancellationToken,
     e: crate::Error,
 ) -> Result<(Vec<TableState>, Vec<String>), crate::Error> {
-    if !matches!(e, crate::Error::Sync(SyncError::SchemaDrift(_))) {
+    if !matches!(e.downcast_ref(), Some(SyncError::SchemaDrift(_))) {
         return Err(e);
     }
     let Some(changes) = crate::follow::partitions(m, cancel).await? else {

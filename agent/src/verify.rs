@@ -45,6 +45,24 @@ pub enum VerifyError {
     Connect(#[from] crate::db::endpoint::ConnectError),
 }
 
+impl crate::error::Failure for VerifyError {
+    /// A server that cannot be reached is a failed check.
+    fn exit_code(&self) -> crate::error::ExitCode {
+        match self {
+            VerifyError::Connect(_) => crate::error::ExitCode::CheckFailed,
+            _ => crate::error::ExitCode::Runtime,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            VerifyError::Query { source, .. } => crate::db::errors::is_retryable(source),
+            VerifyError::Connect(e) => e.is_retryable(),
+            VerifyError::Catalog(_) => false,
+        }
+    }
+}
+
 /// What to compare: a table and its key.
 #[derive(Debug, Clone)]
 pub struct Subject {

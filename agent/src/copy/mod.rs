@@ -115,6 +115,12 @@ impl Retryable for CopyError {
     }
 }
 
+impl crate::error::Failure for CopyError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 /// What the copy did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CopyReport {

@@ -91,6 +91,27 @@ pub enum CutoverError {
     SwitchFailed(String),
 }
 
+impl crate::error::Failure for CutoverError {
+    fn exit_code(&self) -> crate::error::ExitCode {
+        use crate::error::ExitCode;
+        match self {
+            CutoverError::VerifyMismatch(_)
+            | CutoverError::MismatchBeforeFence(_)
+            | CutoverError::SchemaChanged(_) => ExitCode::CheckFailed,
+            CutoverError::StillFenced { .. } => ExitCode::Fenced,
+            _ => ExitCode::Runtime,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            CutoverError::Source(e) | CutoverError::Target(e) => crate::db::errors::is_retryable(e),
+            CutoverError::Connect(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
 /// Options of the `cutover` command.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CutoverOptions {

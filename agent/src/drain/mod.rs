@@ -141,6 +141,12 @@ impl Retryable for SyncError {
     }
 }
 
+impl crate::error::Failure for SyncError {
+    fn retryable(&self) -> bool {
+        crate::db::retry::Retryable::is_retryable(self)
+    }
+}
+
 /// What a drain did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SyncReport {

@@ -100,7 +100,7 @@ pub async fn drain_pass(
 /// then says so, with what to run on the target. Looked for only then, so
 /// it costs nothing while the drain works.
 async fn explained(m: &Migration, tables: &[TableState], e: crate::Error) -> crate::Error {
-    let crate::Error::Sync(SyncError::Batch { table, side, source }) = &e else {
+    let Some(SyncError::Batch { table, side, source }) = e.downcast_ref() else {
         return e;
     };
     // `sync` checks for drift only every few seconds: a batch that met a
