@@ -15,11 +15,12 @@
 
 use tokio_util::sync::CancellationToken;
 
+use crate::control::state::{self, Phase, Registration, TableState};
 use crate::db::ident::Ident;
+use crate::db::retry::Retryable;
 use crate::db::Migration;
+use crate::ddl::{retry_ddl, take_turn};
 use crate::plan;
-use crate::db::retry::{retry, Gave, Retryable};
-use crate::state::{self, Phase, Registration, TableState};
 
 /// Capture failures.
 #[derive(Debug, thiserror::Error)]
@@ -36,25 +37,9 @@ pub enum CaptureError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// Removing one table's triggers failed for good.
-    #[error("could not remove capture from {table}")]
-    Remove {
-        /// The table.
-        table: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// Another session holds (or waits for) a lock on the table in a
-    /// transaction older than `source_limits.trigger_lock_timeout_ms`:
-    /// asking now would queue the application behind pgferry.
-    #[error("{table} is in use by a longer transaction ({holder}); pgferry waits for its turn")]
-    Busy {
-        /// The table.
-        table: String,
-        /// Who holds it.
-        holder: String,
-    },
+    /// The table's turn has not come (see [`crate::ddl::take_turn`]).
+    #[error(transparent)]
+    Turn(#[from] crate::ddl::DdlError),
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::db::endpoint::ConnectError),
@@ -122,7 +107,7 @@ pub async fn install_as(
     };
     // Creating the schema takes no lock on any application table; on an
     // existing one this applies the migrations a newer pgferry brings.
-    state::ensure_schema(&mut conn).await?;
+    crate::control::ensure_schema(&mut conn).await?;
     let mut refreshed = 0;
     match &run {
         None => {
@@ -170,7 +155,10 @@ pub async fn install_as(
             take_turn(m, &tx, Some(t.relid), &t.table.display_name()).await?;
             tx.execute(install, &[&t.id]).await.map_err(failed)?;
             tx.execute(
-                &format!("UPDATE pgferry.tables t SET trigger_stamp = {TRIGGER_STAMP} WHERE t.id = $1"),
+                &format!(
+                    "UPDATE pgferry.tables t SET trigger_stamp = {} WHERE t.id = $1",
+                    crate::plan::drift::TRIGGER_STAMP
+                ),
                 &[&t.id],
             )
             .await
@@ -213,7 +201,7 @@ async fn refresh(
     current: &[plan::SourceTable],
 ) -> Result<usize, crate::Error> {
     let registered = state::tables(conn).await?;
-    let gaps = crate::drift::CaptureGaps::read(conn)
+    let gaps = crate::plan::drift::CaptureGaps::read(conn)
         .await
         .map_err(CaptureError::Catalog)?;
     let mut changed = 0;
@@ -278,7 +266,7 @@ async fn remove(
             .await
             .map_err(CaptureError::Catalog)?
             .get(0);
-        drop_triggers(m, cancel, &relid_table, &names).await?;
+        crate::ddl::drop_triggers(m, cancel, &relid_table, &names).await?;
     }
     let functions: String = SUFFIXES
         .iter()
@@ -298,166 +286,6 @@ async fn remove(
 /// The capture triggers and functions, by the suffix of their names: the
 /// four events, and the key column trigger of plain tables.
 const SUFFIXES: [&str; 5] = ["ins", "upd", "del", "trunc", "key"];
-
-/// Drops the named triggers of one table in one short transaction, under the
-/// source's lock timeout and retries. `table` is SQL text for the table: a
-/// `regclass` rendering or a [`QualifiedTable`](crate::db::ident::QualifiedTable).
-pub(crate) async fn drop_triggers(
-    m: &Migration,
-    cancel: &CancellationToken,
-    table: &str,
-    names: &[String],
-) -> Result<(), crate::Error> {
-    let sql: String = names
-        .iter()
-        .map(|n| format!("DROP TRIGGER IF EXISTS {} ON {table};", Ident(n.clone())))
-        .collect();
-    let what = format!("drop capture triggers on {table}");
-    let sql = &sql;
-    // A fresh session per attempt: the one that failed may be gone.
-    retry_ddl(m, cancel, &what, || async move {
-        let failed = |source| CaptureError::Remove {
-            table: table.to_string(),
-            source,
-        };
-        let mut conn = m.source_conn().await?;
-        let tx = conn.transaction().await.map_err(failed)?;
-        take_turn(m, &tx, None, table).await?;
-        tx.batch_execute(sql).await.map_err(failed)?;
-        tx.commit().await.map_err(failed)
-    })
-    .await
-}
-
-/// Before pgferry asks for a lock on an application table, in `tx` (to
-/// create or drop its triggers: ACCESS EXCLUSIVE, behind which every
-/// statement on the table queues while the request waits): asks only when
-/// no other session has held a lock on the table or its partitions in a
-/// transaction open for [`LONG_TRANSACTION_MS`] or more, nor waits for one,
-/// and then with `source_limits.trigger_lock_timeout_ms` as its
-/// `lock_timeout`. A long transaction of the application's is waited out
-/// ([`CaptureError::Busy`], retried with backoff) instead of asked behind
-/// again and again; statements that each take a while (a growing TOAST
-/// value rewritten back to back) are asked between, and a request that
-/// meets one waits at most the timeout. Either way the application's
-/// other statements on the table wait for pgferry at most that long. The
-/// table is `relid`, or else `table` read as SQL text for it (which names
-/// it in messages either way). Sessions whose details pg_stat_activity
-/// hides (another role's) count as short.
-/// How long another session's transaction must have held a table for
-/// [`take_turn`] to wait it out rather than ask: long enough that the
-/// application's ordinary statements, even slow ones, are not taken for it.
-const LONG_TRANSACTION_MS: i64 = 1_000;
-
-pub(crate) async fn take_turn(
-    m: &Migration,
-    tx: &tokio_postgres::Transaction<'_>,
-    relid: Option<u32>,
-    table: &str,
-) -> Result<(), CaptureError> {
-    let ms = m.cfg.source_limits.trigger_lock_timeout_ms as i64;
-    let long = LONG_TRANSACTION_MS.max(ms);
-    let busy = tx
-        .query_opt(
-            "SELECT format('pid %s %s %s', l.pid, CASE WHEN l.granted THEN 'holds' ELSE 'waits for' END, l.mode)
-               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE l.locktype = 'relation'
-                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND l.relation IN (SELECT r.oid FROM (SELECT coalesce($1::oid, to_regclass($2))::regclass AS oid) r
-                                   UNION ALL SELECT p.relid FROM pg_partition_tree(coalesce($1::oid, to_regclass($2))::regclass) p)
-                AND l.pid <> pg_backend_pid()
-                AND (NOT l.granted OR a.xact_start < clock_timestamp() - $3::int8 * interval '1 millisecond')
-              LIMIT 1",
-            &[&relid, &table, &long],
-        )
-        .await
-        .map_err(CaptureError::Catalog)?;
-    if let Some(row) = busy {
-        return Err(CaptureError::Busy {
-            table: table.to_string(),
-            holder: row.get(0),
-        });
-    }
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))
-        .await
-        .map_err(CaptureError::Catalog)
-}
-
-/// The registered tables whose UPDATE capture takes old keys from the key
-/// column trigger and that have since got a BEFORE UPDATE row trigger of
-/// their own: a key that such a trigger changes goes unseen by the column
-/// trigger, so these tables must be captured (and copied) afresh.
-/// None before control schema version 9, which brought the key column
-/// trigger.
-pub(crate) async fn key_trigger_bypassed(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Vec<u32>, tokio_postgres::Error> {
-    let v9: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pgferry.schema_migrations WHERE version = 9)",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !v9 {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(
-            "SELECT t.relid FROM pgferry.tables t
-              WHERE t.key_trigger AND NOT pgferry.key_trigger_fits(t.relid)
-                AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The names and row versions (xmin) of registered table `t`'s pgferry
-/// triggers: any ALTER TABLE ... ENABLE/DISABLE TRIGGER on one changes it
-/// (`sql/0012_trigger_stamps.sql`).
-const TRIGGER_STAMP: &str = r"(SELECT string_agg(s.tgname || ':' || s.xmin::text, ',' ORDER BY s.tgname)
-                                FROM pg_trigger s WHERE s.tgrelid = t.relid AND s.tgname LIKE 'pgferry\_%')";
-
-/// The registered tables (still on the source) whose capture is not all
-/// there and enabled: a capture trigger (or a copy_only table's fence
-/// trigger) dropped, or disabled (`ALTER TABLE ... DISABLE TRIGGER`, which
-/// the table's owner may run). pgferry's triggers are `ENABLE ALWAYS`, so
-/// `session_replication_role` does not bypass them, and one disabled and
-/// enabled again the plain way (`ENABLE TRIGGER`) shows here too; one
-/// enabled again `ENABLE ALWAYS` shows by its row version, recorded at
-/// install. Writes made meanwhile may have gone uncaptured, so these tables
-/// must be captured and copied afresh. None while the first install is
-/// still under way: a table it has yet to reach has no triggers.
-pub(crate) async fn capture_lost(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Vec<u32>, tokio_postgres::Error> {
-    // `key_trigger` arrived with control schema version 9 and
-    // `trigger_stamp` with 12; read through jsonb so that an older schema
-    // reads as "no key column trigger" and "nothing recorded".
-    let rows = client
-        .query(
-            &format!(
-                r"SELECT t.relid FROM pgferry.tables t
-               CROSS JOIN LATERAL (
-                 SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS enabled
-                   FROM pg_trigger g
-                  WHERE g.tgrelid = t.relid
-                    AND g.tgname LIKE CASE WHEN t.copy_only THEN 'pgferry\_fence' ELSE 'pgferry\_capture\_%' END
-               ) g
-              WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid)
-                AND (SELECT phase FROM pgferry.run) <> 'installing'
-                AND (g.enabled < g.present
-                     OR g.present < CASE WHEN t.copy_only THEN 1
-                                         WHEN coalesce((to_jsonb(t) ->> 'key_trigger')::boolean, false) THEN 5
-                                         ELSE 4 END
-                     OR coalesce((to_jsonb(t) ->> 'trigger_stamp') <> {TRIGGER_STAMP}, false))"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
 
 /// The registered tables that have all their triggers: the four capture
 /// triggers, or the fence trigger of a copy_only table. One round trip for
@@ -483,11 +311,11 @@ async fn captured(client: &tokio_postgres::Client) -> Result<Vec<i32>, tokio_pos
 impl Retryable for CaptureError {
     fn is_retryable(&self) -> bool {
         match self {
-            CaptureError::Install { source, .. }
-            | CaptureError::Remove { source, .. }
-            | CaptureError::Catalog(source) => crate::db::errors::is_retryable(source),
+            CaptureError::Install { source, .. } | CaptureError::Catalog(source) => {
+                crate::db::errors::is_retryable(source)
+            }
             CaptureError::Connect(e) => e.is_retryable(),
-            CaptureError::Busy { .. } => true,
+            CaptureError::Turn(e) => e.is_retryable(),
             CaptureError::AlreadyPast(_) => false,
         }
     }
@@ -496,24 +324,5 @@ impl Retryable for CaptureError {
 impl crate::error::Failure for CaptureError {
     fn retryable(&self) -> bool {
         crate::db::retry::Retryable::is_retryable(self)
-    }
-}
-
-/// Runs one source DDL step under the retry policy, mapping give-ups to errors.
-pub(crate) async fn retry_ddl<T, E, F, Fut>(
-    m: &Migration,
-    cancel: &CancellationToken,
-    what: &str,
-    op: F,
-) -> Result<T, crate::Error>
-where
-    E: Retryable + std::error::Error + 'static + Into<crate::Error>,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    match retry(m.retry_policy(), "ddl", what, cancel, op).await {
-        Ok(v) => Ok(v),
-        Err(Gave::Up(e)) => Err(e.into()),
-        Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
     }
 }

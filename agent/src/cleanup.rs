@@ -15,11 +15,11 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::retry_ddl;
+use crate::control::SCHEMA;
 use crate::db::ident::{Ident, QualifiedTable};
-use crate::db::Migration;
 use crate::db::retry::Retryable;
-use crate::state::SCHEMA;
+use crate::db::Migration;
+use crate::ddl::retry_ddl;
 
 /// Cleanup failures.
 #[derive(Debug, thiserror::Error)]
@@ -235,9 +235,9 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
     let source = m.source_conn().await?;
     // Before the source's last record of the migration goes.
     if m.has_target()
-        && crate::state::load(&**source)
+        && crate::control::state::load(&**source)
             .await?
-            .is_some_and(|r| r.phase == crate::state::Phase::CutOver)
+            .is_some_and(|r| r.phase == crate::control::state::Phase::CutOver)
     {
         mark_finished(&source, &*m.target_conn().await?).await?;
     }
@@ -269,7 +269,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         }
     }
     for (table, names) in &by_table {
-        crate::capture::drop_triggers(m, cancel, &table.to_string(), names).await?;
+        crate::ddl::drop_triggers(m, cancel, &table.to_string(), names).await?;
         report.triggers_dropped += names.len();
         tracing::info!(table = %table.display_name(), "Capture removed");
         crate::failpoint::hit("cleanup.table_done").await;

@@ -49,7 +49,10 @@ impl fmt::Display for Error {
         match self {
             Error::CheckFailed(n) => write!(f, "preflight check found {n} blocking problem(s)"),
             Error::VerifyMismatch(n) => {
-                write!(f, "verification found {n} table(s) that differ between source and target")
+                write!(
+                    f,
+                    "verification found {n} table(s) that differ between source and target"
+                )
             }
             Error::Phase(text) => f.write_str(text),
             Error::Cancelled => {
@@ -147,6 +150,12 @@ impl Failure for crate::db::endpoint::ConnectError {
 
     fn retryable(&self) -> bool {
         self.is_retryable()
+    }
+}
+
+impl Failure for crate::db::errors::StatementFailed {
+    fn retryable(&self) -> bool {
+        crate::db::errors::is_retryable(&self.source)
     }
 }
 

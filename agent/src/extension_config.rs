@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::endpoint::Side;
 use crate::db::ident::{column_list, QualifiedTable};
-use crate::db::Migration;
 use crate::db::retry::Retryable;
+use crate::db::Migration;
 
 /// Failures reading or copying configuration rows.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +39,9 @@ pub enum ExtensionConfigError {
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::db::endpoint::ConnectError),
-    /// The table's turn has not come (see `capture::take_turn`).
+    /// The table's turn has not come (see [`crate::ddl::take_turn`]).
     #[error(transparent)]
-    Turn(#[from] crate::capture::CaptureError),
+    Turn(#[from] crate::ddl::DdlError),
 }
 
 impl Retryable for ExtensionConfigError {
@@ -126,7 +126,7 @@ pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, c
     for t in list.iter().filter(|t| t.can_fence) {
         let what = format!("fence extension configuration table {}", t.table.display_name());
         let name = t.table.to_string();
-        crate::capture::retry_ddl(m, cancel, &what, || {
+        crate::ddl::retry_ddl(m, cancel, &what, || {
             let name = name.clone();
             async move {
                 let failed = |source| ExtensionConfigError::Query {
@@ -151,7 +151,7 @@ pub async fn fence(m: &Migration, cancel: &CancellationToken) -> Result<usize, c
                     .map_err(failed)?
                     .get(0);
                 if !sql.is_empty() {
-                    crate::capture::take_turn(m, &tx, None, &name).await?;
+                    crate::ddl::take_turn(m, &tx, None, &name).await?;
                     tx.batch_execute(&sql).await.map_err(failed)?;
                 }
                 tx.commit().await.map_err(failed)?;
@@ -199,11 +199,11 @@ pub async fn copy(m: &Migration) -> Result<u64, crate::Error> {
             ))
             .await
             .map_err(err("copying", Side::Source))?;
-        let (rows, _) = crate::copy::pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
+        let (rows, _) = crate::rows::pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
             .await
             .map_err(|e| match e {
-                crate::copy::Pumped::Source(e) => err("copying", Side::Source)(e),
-                crate::copy::Pumped::Target(e) => err("copying", Side::Target)(e),
+                crate::rows::Pumped::Source(e) => err("copying", Side::Source)(e),
+                crate::rows::Pumped::Target(e) => err("copying", Side::Target)(e),
             })?;
         tx.commit().await.map_err(err("copying", Side::Target))?;
         if rows > 0 {

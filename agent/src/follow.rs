@@ -24,11 +24,11 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::drain::SyncError;
+use crate::control::state::TableState;
 use crate::db::ident::QualifiedTable;
 use crate::db::Migration;
+use crate::drain::SyncError;
 use crate::plan::SourceTable;
-use crate::state::TableState;
 
 /// The advisory lock class of a follow, taken on the target: `pgfr` less
 /// one (the drain's batch locks, on the source, are `pgfr` and above).
@@ -221,14 +221,14 @@ struct Pending {
 
 async fn pending(m: &Migration) -> Result<Pending, crate::Error> {
     let conn = m.source_conn().await?;
-    let registered = crate::state::tables(&**conn).await?;
+    let registered = crate::control::state::tables(&**conn).await?;
     let current = crate::plan::source_tables(&**conn, false)
         .await
         .map_err(SyncError::Catalog)?;
-    let gaps = crate::drift::CaptureGaps::read(&**conn)
+    let gaps = crate::plan::drift::CaptureGaps::read(&**conn)
         .await
         .map_err(SyncError::Catalog)?;
-    let all = crate::drift::changes(&registered, &current, &gaps);
+    let all = crate::plan::drift::changes(&registered, &current, &gaps);
     // A capture trigger dropped or bypassed is more than maintenance, but
     // for a table that joins or leaves a hierarchy, which is captured and
     // copied afresh anyway (a plain table's key column trigger does not
@@ -448,7 +448,7 @@ mod tests {
             table: c.table.clone(),
             key_columns: c.key_columns.clone().unwrap(),
             copy_columns: c.copy_columns.clone(),
-            copy_state: crate::state::CopyState::Done,
+            copy_state: crate::control::state::CopyState::Done,
             copied_rows: None,
             applied_rows: 0,
             lag_secs: None,

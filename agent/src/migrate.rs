@@ -10,13 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::{self, InstallReport};
 use crate::cleanup::{self, CleanupReport};
+use crate::control::state::{self, Phase};
 use crate::copy::{self, CopyReport};
 use crate::cutover::release::{self, ReleaseReport};
 use crate::cutover::{self, CutoverOptions, CutoverReport};
-use crate::drain::SyncReport;
 use crate::db::Migration;
+use crate::drain::SyncReport;
 use crate::plan::{self, CheckReport};
-use crate::state::{self, Phase};
 use crate::sync::{self, SyncOptions};
 
 /// Options of the `migrate` command.

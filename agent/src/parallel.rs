@@ -20,6 +20,20 @@ impl Limit {
         Self(Arc::new(Semaphore::new(n.max(1))))
     }
 
+    /// Spawns `job` on `tasks`, to start once a slot is free (jobs spawned
+    /// earlier first), for a caller that takes each output as it comes.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        tasks: &mut JoinSet<T>,
+        job: impl Future<Output = T> + Send + 'static,
+    ) {
+        let slots = self.0.clone();
+        tasks.spawn(async move {
+            let _permit = slots.acquire_owned().await.expect("never closed");
+            job.await
+        });
+    }
+
     /// Runs `work` on each of `items` in its own task, in their order, each
     /// once a slot is free; once `cancel` fires, starts no more. Waits for
     /// every started job, then returns their outputs in the items' order,

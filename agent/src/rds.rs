@@ -233,7 +233,7 @@ pub async fn source_defaults(source: &crate::db::endpoint::Endpoint) -> Result<S
             &[],
         )
         .await
-        .map_err(crate::cutover::CutoverError::Source)?;
+        .map_err(crate::db::errors::StatementFailed::source)?;
     let (major, bytes): (i32, i64) = (row.get(0), row.get(1));
     Ok(SourceDefaults {
         engine_version: major.to_string(),

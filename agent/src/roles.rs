@@ -42,7 +42,7 @@ pub async fn recreate(m: &Migration) -> Result<RoleReport, crate::Error> {
     let existing: HashSet<String> = target
         .query("SELECT rolname::text FROM pg_roles", &[])
         .await
-        .map_err(crate::cutover::CutoverError::Target)?
+        .map_err(crate::db::errors::StatementFailed::target)?
         .iter()
         .map(|r| r.get(0))
         .collect();

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
+use crate::control::state::{self, CopyState, Phase};
 use crate::db::Migration;
-use crate::state::{self, CopyState, Phase};
 
 /// One table's line.
 #[derive(Debug, Clone, Serialize)]
@@ -134,7 +134,7 @@ pub async fn sample_forever(
                     known = names;
                 }
                 crate::telemetry::sampled(&crate::telemetry::Sample {
-                    phase: s.phase.map(crate::state::Phase::as_str),
+                    phase: s.phase.map(crate::control::state::Phase::as_str),
                     tables: s
                         .tables
                         .iter()

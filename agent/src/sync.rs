@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::drain::{backlog, drain_pass, Backoff, SyncError, SyncReport};
-use crate::drift::check_drift;
+use crate::control::state::{self, Phase, TableState};
 use crate::db::Migration;
-use crate::state::{self, Phase, TableState};
+use crate::drain::check_drift;
+use crate::drain::{backlog, drain_pass, Backoff, SyncError, SyncReport};
 
 /// How `sync` should end.
 #[derive(Debug, Clone, Copy, Default)]

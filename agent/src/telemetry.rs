@@ -11,7 +11,6 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-
 /// Current phase: 1 for the phase the migration is in, 0 for the others.
 pub const PHASE: &str = "pgferry_phase";
 /// Rows copied by the bulk copy, per table.

@@ -13,10 +13,10 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 pub use crate::config::VerifyScope;
+use crate::control::state::TableState;
 use crate::db::endpoint::Side;
 use crate::db::ident::{column_list, QualifiedTable};
 use crate::db::Migration;
-use crate::state::TableState;
 
 /// Above this many rows a differing table is reported without its keys.
 const MAX_ROWS_FOR_KEY_DIFF: i64 = 1_000_000;
@@ -124,18 +124,18 @@ pub async fn verify(m: &Migration, subjects: Vec<Subject>) -> Result<VerifyRepor
 }
 
 /// With the fence up, after [`crate::drain::verify_ahead`]: each unit of
-/// [`crate::drain::ahead_units`] whose root and partitioned tables still have
+/// [`ahead_units`] whose root and partitioned tables still have
 /// their ledgers compared over the rows whose keys changed since it was
 /// verified (at its root: a partitioned table with its partitions), and
 /// each partition of it that lost its ledger (truncated or copied whole
 /// since) in full; every other table in full.
 pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<VerifyReport, VerifyError> {
     let conn = m.source_conn().await?;
-    let ledgers = crate::state::ledgers(&**conn)
+    let ledgers = crate::control::state::ledgers(&**conn)
         .await
         .map_err(VerifyError::Catalog)?;
     drop(conn);
-    let units = crate::drain::ahead_units(tables);
+    let units = ahead_units(tables);
     let trusted = |u: &&Vec<TableState>| {
         u.iter()
             .filter(|t| t.partitioned || t.relid == t.lock_relid)
@@ -337,11 +337,11 @@ pub(crate) async fn compare_changed_on(
         .map(|keyed| format!("SELECT {stored} FROM {keyed}"))
         .collect::<Vec<_>>()
         .join(" UNION ");
-    crate::copy::stage_keys(src, &ttx, "pgferry_keys", &t.table, &t.key_columns, &changed)
+    crate::rows::stage_keys(src, &ttx, "pgferry_keys", &t.table, &t.key_columns, &changed)
         .await
         .map_err(|e| match e {
-            crate::copy::Pumped::Source(e) => err(Side::Source)(e),
-            crate::copy::Pumped::Target(e) => err(Side::Target)(e),
+            crate::rows::Pumped::Source(e) => err(Side::Source)(e),
+            crate::rows::Pumped::Target(e) => err(Side::Target)(e),
         })?;
     ttx.batch_execute("ANALYZE pgferry_keys")
         .await
@@ -488,5 +488,100 @@ impl VerifyReport {
             self.mismatches
         );
         out
+    }
+}
+
+/// The units verified ahead of the fence, each in one snapshot: a synced
+/// table alone in its hierarchy, and a partitioned table with all its
+/// partitions. A partition's rows change through its own statements and
+/// through those aimed at the partitioned tables above it (each firing only
+/// its own triggers), never through another partition's: so the deltas of
+/// the unit's tables name every key of the unit that changed. Not classic
+/// inheritance, whose tables have keys of their own; not `copy_only`
+/// tables. The unit's root comes first.
+pub fn ahead_units(all: &[TableState]) -> Vec<Vec<TableState>> {
+    let mut units: Vec<Vec<TableState>> = Vec::new();
+    for t in all {
+        match units.iter_mut().find(|u| u[0].lock_relid == t.lock_relid) {
+            Some(u) if t.relid == t.lock_relid => u.insert(0, t.clone()),
+            Some(u) => u.push(t.clone()),
+            None => units.push(vec![t.clone()]),
+        }
+    }
+    units.retain(|u| {
+        let root = &u[0];
+        root.relid == root.lock_relid
+            && u.iter().all(|t| {
+                !t.copy_only
+                    && t.parent_relid.is_none()
+                    && t.key_columns == root.key_columns
+                    && (t.relid == root.relid || root.partitioned)
+            })
+    });
+    units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::state::CopyState;
+    use crate::db::ident::QualifiedTable;
+
+    fn table(relid: u32, lock_relid: u32, partitioned: bool) -> TableState {
+        TableState {
+            id: relid as i32,
+            relid,
+            table: QualifiedTable::new("public", format!("t{relid}")),
+            key_columns: vec!["id".into()],
+            copy_columns: vec!["id".into()],
+            copy_state: CopyState::Done,
+            copied_rows: None,
+            applied_rows: 0,
+            lag_secs: None,
+            copy_only: false,
+            partitioned,
+            lock_relid,
+            parent_relid: None,
+            text_form: false,
+        }
+    }
+
+    fn relids(units: &[Vec<TableState>]) -> Vec<Vec<u32>> {
+        units
+            .iter()
+            .map(|u| u.iter().map(|t| t.relid).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_partitioned_table_is_verified_with_its_partitions_and_root_first() {
+        // A plain table; a partition listed before its root, under a
+        // partitioned partition.
+        let all = [
+            table(1, 1, false),
+            table(12, 10, false),
+            table(11, 10, true),
+            table(10, 10, true),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![1], vec![10, 12, 11]]);
+    }
+
+    #[test]
+    fn inheritance_copy_only_and_keys_of_their_own_are_compared_in_full() {
+        let mut child = table(21, 20, false);
+        child.parent_relid = Some(20);
+        let mut copy_only = table(3, 3, false);
+        copy_only.copy_only = true;
+        let mut other_key = table(32, 30, false);
+        other_key.key_columns = vec!["id".into(), "at".into()];
+        let all = [
+            table(20, 20, false),
+            child,
+            copy_only,
+            table(30, 30, true),
+            other_key,
+            table(4, 4, false),
+        ];
+        assert_eq!(relids(&ahead_units(&all)), vec![vec![4]]);
     }
 }

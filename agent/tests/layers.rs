@@ -1,37 +1,36 @@
-//! The crate's modules and the `crate::` paths between them: no module may
-//! join an import cycle. Today one cycle remains, tied mostly by `error`
-//! (which wraps every phase's error while the phases call back into it)
-//! and `migration`; its members are listed below and the list may only
-//! shrink: a module outside it that joins a cycle fails this test, and so
-//! does a listed module that has left every cycle (take it off the list).
-//! docs/design.md ("Layout") says where the shape is headed.
+//! The crate's modules and the `crate::` paths between them: no import
+//! cycle, and nothing below imports anything above (docs/design.md,
+//! "Layout").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The members of today's one cycle.
-const IN_TODAYS_CYCLE: &[&str] = &[
-    "capture",
-    "cleanup",
-    "copy",
-    "cutover",
-    "drain",
-    "drift",
-    "endpoint",
-    "error",
-    "extension_config",
-    "large_objects",
-    "migration",
-    "plan",
-    "rds",
-    "retry",
-    "roles",
-    "sandbox",
-    "schema",
-    "state",
-    "telemetry",
-    "throttle",
-    "verify",
+/// The layers, bottom up (docs/design.md, "Layout"). A module imports only
+/// from layers below its own; in a layer marked ordered (the sequences and
+/// the interfaces, which compose one another) it may also import the
+/// modules listed before it there. Every module is in exactly one layer.
+const LAYERS: &[(&str, bool, &[&str])] = &[
+    (
+        "foundation",
+        false,
+        &[
+            "config",
+            "failpoint",
+            "parallel",
+            "progress",
+            "scratch",
+            "telemetry",
+        ],
+    ),
+    ("db", false, &["db"]),
+    ("error", false, &["error"]),
+    ("control", false, &["control"]),
+    ("mechanics", false, &["ddl", "rows", "schema"]),
+    ("catalog", false, &["plan"]),
+    ("parts", false, &["extension_config", "roles", "verify"]),
+    ("capabilities", false, &["capture", "cleanup", "copy", "drain"]),
+    ("sequences", true, &["follow", "sync", "cutover", "migrate"]),
+    ("interfaces", true, &["sandbox", "rds", "status", "demo", "cli"]),
 ];
 
 /// Top-level module → the top-level modules its files name with `crate::`,
@@ -66,21 +65,48 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
             // Unit tests may reach anywhere.
             let code = text.split("#[cfg(test)]").next().unwrap_or_default();
             let edges = graph.entry(top.clone()).or_default();
-            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for (at, _) in line.match_indices("crate::") {
-                    let name: String = line[at + "crate::".len()..]
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && name != top && name.chars().next().is_some_and(char::is_lowercase)
-                    {
-                        edges.insert(name);
-                    }
+            let code: String = code
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for name in root_names(&code) {
+                // The crate root's re-exports name their modules.
+                let name = match name.as_str() {
+                    "Error" | "ExitCode" => "error".to_string(),
+                    "Migration" => "db".to_string(),
+                    _ => name,
+                };
+                if name != top {
+                    edges.insert(name);
                 }
             }
         }
     }
     graph
+}
+
+/// The names `code` takes from the crate root: `crate::a::...`, and each
+/// of `crate::{a, b::c}`.
+fn root_names(code: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut names = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            names.extend(group.split(',').map(ident));
+        } else {
+            names.push(ident(rest));
+        }
+    }
+    names.retain(|n| !n.is_empty() && n != "self");
+    names
 }
 
 /// The modules that are in a cycle (strongly connected components of more
@@ -144,29 +170,88 @@ fn in_cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<BTreeSet<String>
 }
 
 #[test]
-fn no_module_joins_an_import_cycle() {
+fn no_import_cycle() {
     let graph = imports();
     assert!(
-        graph.contains_key("drain"),
+        graph.contains_key("drain") && graph["drain"].contains("db"),
         "the module graph was read: {graph:?}"
     );
     let cycles = in_cycles(&graph);
-    let listed: BTreeSet<String> = IN_TODAYS_CYCLE.iter().map(|s| s.to_string()).collect();
-    let mut problems = Vec::new();
-    for cycle in &cycles {
-        let new: Vec<&String> = cycle.difference(&listed).collect();
-        if !new.is_empty() {
-            problems.push(format!("{new:?} joined an import cycle: {cycle:?}"));
+    assert!(cycles.is_empty(), "modules in an import cycle: {cycles:?}");
+}
+
+/// Layer index and place in it, per module.
+fn places() -> BTreeMap<&'static str, (usize, usize)> {
+    let mut at = BTreeMap::new();
+    for (layer, (_, _, modules)) in LAYERS.iter().enumerate() {
+        for (i, m) in modules.iter().enumerate() {
+            assert!(at.insert(*m, (layer, i)).is_none(), "{m} is in two layers");
         }
     }
-    let still: BTreeSet<&String> = cycles.iter().flatten().collect();
-    let left: Vec<&String> = listed.iter().filter(|m| !still.contains(m)).collect();
-    if !left.is_empty() {
-        problems.push(format!(
-            "{left:?} left every cycle: take them off IN_TODAYS_CYCLE"
-        ));
+    at
+}
+
+/// The imports that break the layering.
+fn upward(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let at = places();
+    let mut wrong = Vec::new();
+    for (from, tos) in graph {
+        let Some(&(lf, pf)) = at.get(from.as_str()) else {
+            wrong.push(format!(
+                "{from} is in no layer: add it to LAYERS and to docs/design.md"
+            ));
+            continue;
+        };
+        for to in tos {
+            let Some(&(lt, pt)) = at.get(to.as_str()) else {
+                continue; // reported as its own module, or not a module
+            };
+            let ordered = LAYERS[lf].1;
+            let fine = lt < lf || (lt == lf && ordered && pt < pf);
+            if !fine {
+                wrong.push(format!(
+                    "{from} ({}) imports {to} ({})",
+                    LAYERS[lf].0, LAYERS[lt].0
+                ));
+            }
+        }
     }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    wrong
+}
+
+#[test]
+fn nothing_below_imports_anything_above() {
+    let graph = imports();
+    let wrong = upward(&graph);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_layer_check_finds_an_import_upward_or_sideways() {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    graph.insert("db".into(), ["cli".to_string()].into());
+    graph.insert("capture".into(), ["copy".to_string()].into());
+    graph.insert("cutover".into(), ["sync".to_string()].into());
+    graph.insert("sync".into(), ["cutover".to_string()].into());
+    graph.insert("newcomer".into(), BTreeSet::new());
+    let wrong = upward(&graph);
+    assert_eq!(
+        wrong,
+        vec![
+            "capture (capabilities) imports copy (capabilities)".to_string(),
+            "db (db) imports cli (interfaces)".to_string(),
+            "newcomer is in no layer: add it to LAYERS and to docs/design.md".to_string(),
+            "sync (sequences) imports cutover (sequences)".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn grouped_imports_count() {
+    assert_eq!(
+        root_names("use crate::{drain, sync::follow};\nlet e: crate::Error = crate::db::x();"),
+        vec!["drain", "sync", "Error", "db"]
+    );
 }
 
 #[test]

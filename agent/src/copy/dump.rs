@@ -6,9 +6,9 @@
 //! on the target first and marked copied only after the whole restore, so an
 //! interrupted run dumps and restores them again from scratch.
 
+use crate::control::state::{self, TableState};
 use crate::db::Migration;
 use crate::schema::PgTools;
-use crate::state::{self, TableState};
 
 use super::{CopyError, CopyReport};
 

@@ -170,7 +170,10 @@ pub fn mark_statements(
 /// materialized views that it lacks: after the copy, all of them; at
 /// cutover, those the source gained since (an index added during a sync
 /// of days). Returns how many indexes it built.
-pub async fn build_all(m: &Migration, tables: &[crate::state::TableState]) -> Result<Built, crate::Error> {
+pub async fn build_all(
+    m: &Migration,
+    tables: &[crate::control::state::TableState],
+) -> Result<Built, crate::Error> {
     let mut relids: Vec<u32> = tables.iter().map(|t| t.relid).collect();
     relids.extend(materialized_views(m).await?);
     let defs = read(m, &relids).await?;

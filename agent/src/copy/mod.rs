@@ -11,28 +11,24 @@
 //! in one transaction, so re-running an interrupted copy redoes only the
 //! tables not marked done, from scratch. On exit the phase is `syncing`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::ident::{column_list, QualifiedTable};
-use crate::db::Migration;
+use crate::control::state::{self, CopyState, Phase, SchemaStep, TableState};
+use crate::db::ident::QualifiedTable;
 use crate::db::retry::{retry, Gave, Retryable};
+use crate::db::Migration;
 use crate::schema::PgTools;
-use crate::state::{self, CopyState, Phase, SchemaStep, TableState};
 
 mod dump;
 pub mod indexes;
 mod split;
+mod table;
 
-/// Writes to the target are batched to this size: sending each chunk on as
-/// it arrives from the source cost a third of the throughput.
-const COPY_BATCH_BYTES: usize = 256 * 1024;
+use table::copy_table;
+pub(crate) use table::recopy;
 
 /// Copy failures.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +66,7 @@ pub enum CopyError {
     Connect(#[from] crate::db::endpoint::ConnectError),
     /// Recording progress failed.
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::control::state::StateError),
     /// A part's target transaction stayed in progress after its agent left.
     #[error("part {part} of {table} is in doubt: its target transaction {xid} is still in progress; end that session on the target (pg_terminate_backend) or wait, then run copy again")]
     InDoubt {
@@ -431,15 +427,14 @@ async fn copy_tables(
         }
     }
 
-    let permits = Arc::new(Semaphore::new(workers));
+    let copy_limit = crate::parallel::Limit::new(workers);
     let index_limit = crate::parallel::Limit::new(workers);
     let mut tasks = JoinSet::new();
     let mut index_tasks = JoinSet::new();
     for (size, unit) in units {
-        let (m, cancel, permits) = (m.clone(), cancel.clone(), permits.clone());
-        tasks.spawn(async move {
-            // Tasks queue on the semaphore in spawn order: largest first.
-            let _permit = permits.acquire_owned().await.expect("never closed");
+        let (m, cancel) = (m.clone(), cancel.clone());
+        // Units start in spawn order: largest first.
+        copy_limit.spawn(&mut tasks, async move {
             if cancel.is_cancelled() {
                 return (unit, Err(crate::Error::Cancelled));
             }
@@ -537,25 +532,6 @@ async fn copy_tables(
     Ok(())
 }
 
-/// Copies one table again from scratch (a copy_only table under the
-/// fence), with the copy's retries.
-pub(crate) async fn recopy(m: &Migration, t: &TableState) -> Result<u64, crate::Error> {
-    let never = CancellationToken::new();
-    match retry(
-        m.retry_policy(),
-        "copy",
-        "copy a table under the fence",
-        &never,
-        || copy_table(m, t, 0),
-    )
-    .await
-    {
-        Ok((rows, _)) => Ok(rows),
-        Err(Gave::Up(e)) => Err(e.into()),
-        Err(Gave::Cancelled) => Err(crate::Error::Cancelled),
-    }
-}
-
 /// How big a table is on the source.
 #[derive(Debug, Clone, Copy, Default)]
 struct TableSize {
@@ -588,206 +564,4 @@ async fn table_sizes(m: &Migration, tables: &[TableState]) -> Result<Vec<TableSi
             blocks: r.get(2),
         })
         .collect())
-}
-
-/// Sets the loading session's TOAST compression (`copy.toast_compression`)
-/// for the current transaction; lz4 only where the target has it.
-pub async fn set_loading(
-    m: &Migration,
-    tx: &tokio_postgres::Transaction<'_>,
-) -> Result<(), tokio_postgres::Error> {
-    let method = match m.cfg.copy.toast_compression {
-        crate::config::ToastCompression::Server => return Ok(()),
-        crate::config::ToastCompression::Lz4 => "lz4",
-        crate::config::ToastCompression::Pglz => "pglz",
-    };
-    tx.execute(
-        "SELECT set_config('default_toast_compression', $1, true)
-           FROM pg_settings WHERE name = 'default_toast_compression' AND $1 = ANY (enumvals)",
-        &[&method],
-    )
-    .await
-    .map(drop)
-}
-
-/// Copies one table and marks it done. Returns rows and bytes.
-async fn copy_table(m: &Migration, t: &TableState, estimated_bytes: u64) -> Result<(u64, u64), CopyError> {
-    let started = Instant::now();
-    let name = t.table.display_name();
-    let src_err = |source| CopyError::Table {
-        table: name.clone(),
-        side: crate::db::endpoint::Side::Source,
-        source,
-    };
-    let tgt_err = |source| CopyError::Table {
-        table: name.clone(),
-        side: crate::db::endpoint::Side::Target,
-        source,
-    };
-    let mut data = m.data_conn().await?;
-    let mut target = m.target_conn().await?;
-
-    let cols = column_list(&t.copy_columns, None);
-    let format = t.copy_format();
-    let out_sql = format!("COPY {} ({cols}) TO STDOUT (FORMAT {format})", t.table);
-    let in_sql = format!("COPY {} ({cols}) FROM STDIN (FORMAT {format}, FREEZE)", t.table);
-
-    // Not synchronous_commit = off: the table is marked done on the source
-    // right after this commit, so the commit must be durable first.
-    let tx = target.transaction().await.map_err(tgt_err)?;
-    set_loading(m, &tx).await.map_err(tgt_err)?;
-    tx.batch_execute(&format!("TRUNCATE ONLY {}", t.table))
-        .await
-        .map_err(tgt_err)?;
-    pin_names(&tx, t).await.map_err(tgt_err)?;
-    let sink = tx.copy_in(&in_sql).await.map_err(tgt_err)?;
-    // One statement: the transaction only scopes the pinned names.
-    let stx = tokio_postgres::Client::transaction(&mut data)
-        .await
-        .map_err(src_err)?;
-    pin_names(&stx, t).await.map_err(src_err)?;
-    let stream = stx.copy_out(&out_sql).await.map_err(src_err)?;
-    crate::failpoint::hit("copy.mid_table").await;
-    let label = t.table.display_name();
-    let bar = crate::progress::copy_bar(&label, estimated_bytes);
-    let progress = |n| {
-        crate::telemetry::copy_progress(&label, n);
-        bar.inc(n as u64);
-    };
-    let (rows, bytes) = pump(stream, sink, &m.copy_throttle, progress)
-        .await
-        .map_err(|e| match e {
-            Pumped::Source(e) => src_err(e),
-            Pumped::Target(e) => tgt_err(e),
-        })?;
-    stx.commit().await.map_err(src_err)?;
-    tx.commit().await.map_err(tgt_err)?;
-    // Back to the pool first: without copy.from it is the source session
-    // the mark below takes again.
-    drop(data);
-    crate::failpoint::hit("copy.before_mark_done").await;
-    let control = m.source_conn().await?;
-    state::mark_copied(&**control, t.id, rows as i64).await?;
-    crate::telemetry::table_copied(&label, rows);
-    crate::progress::copy_done(&bar, rows);
-    tracing::info!(
-        table = %name,
-        rows,
-        bytes,
-        secs = started.elapsed().as_secs_f64(),
-        "Table copied"
-    );
-    crate::failpoint::hit("copy.table_done").await;
-    Ok((rows, bytes))
-}
-
-/// Which side of a [`pump`] failed.
-#[derive(Debug)]
-pub(crate) enum Pumped {
-    /// Reading from the source.
-    Source(tokio_postgres::Error),
-    /// Writing to the target.
-    Target(tokio_postgres::Error),
-}
-
-/// Streams a `COPY ... TO STDOUT` into a `COPY ... FROM STDIN`, batching the
-/// writes, and returns (rows written, bytes streamed). No intermediate disk,
-/// and memory bounded by one batch.
-pub(crate) async fn pump(
-    stream: tokio_postgres::CopyOutStream,
-    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
-    throttle: &crate::db::throttle::Throttle,
-    mut on_write: impl FnMut(usize),
-) -> Result<(u64, u64), Pumped> {
-    futures_util::pin_mut!(sink);
-    futures_util::pin_mut!(stream);
-    let mut buf = BytesMut::with_capacity(COPY_BATCH_BYTES);
-    let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(Pumped::Source)?;
-        bytes += chunk.len() as u64;
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= COPY_BATCH_BYTES {
-            throttle.take(buf.len() as u64).await;
-            on_write(buf.len());
-            sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
-        }
-    }
-    if !buf.is_empty() {
-        throttle.take(buf.len() as u64).await;
-        on_write(buf.len());
-        sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
-    }
-    let rows = sink.finish().await.map_err(Pumped::Target)?;
-    Ok((rows, bytes))
-}
-
-/// Stages keys on the target, in `ttx`: a temporary table `name`, dropped
-/// at commit, with `table`'s `key_columns` (their types as on the target),
-/// filled by binary COPY with the rows of `select` as `src` (a session, or
-/// a batch's snapshot) sees them. The keys the drain applies, the
-/// verification compares and a split copy removes all arrive this way.
-/// Returns how many were staged.
-pub(crate) async fn stage_keys(
-    src: &impl tokio_postgres::GenericClient,
-    ttx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    table: &crate::db::ident::QualifiedTable,
-    key_columns: &[String],
-    select: &str,
-) -> Result<u64, Pumped> {
-    let keys = crate::db::ident::column_list(key_columns, None);
-    ttx.batch_execute(&format!(
-        "CREATE TEMP TABLE {name} ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
-    ))
-    .await
-    .map_err(Pumped::Target)?;
-    let sink = ttx
-        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
-        .await
-        .map_err(Pumped::Target)?;
-    // Through the session itself: within `src`'s transaction, if it is one.
-    let stream = src
-        .client()
-        .copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
-        .await
-        .map_err(Pumped::Source)?;
-    Ok(
-        pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
-            .await?
-            .0,
-    )
-}
-
-/// For a table moved in text form ([`TableState::text_form`]): reg* values
-/// are printed and read schema-qualified, as pg_dump moves them with an
-/// empty `search_path`, so a name means the same object on both sides
-/// whatever each role's `search_path`. For the rest of `tx`, or until
-/// [`unpin_names`]; returns the setting it replaced.
-pub async fn pin_names(
-    tx: &tokio_postgres::Transaction<'_>,
-    t: &TableState,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    if !t.text_form {
-        return Ok(None);
-    }
-    let row = tx
-        .query_one(
-            "SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', true)",
-            &[],
-        )
-        .await?;
-    Ok(Some(row.get(0)))
-}
-
-/// Puts back what [`pin_names`] replaced.
-pub async fn unpin_names(
-    tx: &tokio_postgres::Transaction<'_>,
-    previous: Option<String>,
-) -> Result<(), tokio_postgres::Error> {
-    if let Some(previous) = previous {
-        tx.execute("SELECT set_config('search_path', $1, true)", &[&previous])
-            .await?;
-    }
-    Ok(())
 }

@@ -22,12 +22,13 @@
 use std::time::{Duration, Instant};
 
 use crate::config::CopyConfig;
+use crate::control::state::{self, CopyPart, TableState};
 use crate::db::endpoint::Side;
 use crate::db::ident::column_list;
 use crate::db::Migration;
-use crate::state::{self, CopyPart, TableState};
 
-use super::{pump, set_loading, CopyError, Pumped};
+use super::CopyError;
+use crate::rows::{pump, set_loading, Pumped};
 
 /// Most parts, whatever the configuration says.
 const MAX_PARTS: usize = 64;
@@ -217,13 +218,17 @@ pub(super) async fn copy_part(
         .await
         .map_err(err(t, Side::Target))?
         .get(0);
-    super::pin_names(&tx, t).await.map_err(err(t, Side::Target))?;
+    crate::rows::pin_names(&tx, t)
+        .await
+        .map_err(err(t, Side::Target))?;
     let sink = tx.copy_in(&in_sql).await.map_err(err(t, Side::Target))?;
     // One statement: the transaction only scopes the pinned names.
     let stx = tokio_postgres::Client::transaction(&mut data)
         .await
         .map_err(err(t, Side::Source))?;
-    super::pin_names(&stx, t).await.map_err(err(t, Side::Source))?;
+    crate::rows::pin_names(&stx, t)
+        .await
+        .map_err(err(t, Side::Source))?;
     let stream = stx.copy_out(&out_sql).await.map_err(err(t, Side::Source))?;
     crate::failpoint::hit("copy.mid_part").await;
     let bar = crate::progress::copy_bar(&label, estimated_bytes);
@@ -322,7 +327,7 @@ async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) ->
         .join(" AND ");
     let mut target = m.target_conn().await?;
     let tx = target.transaction().await.map_err(err(t, Side::Target))?;
-    super::stage_keys(
+    crate::rows::stage_keys(
         &**source,
         &tx,
         "pgferry_moved",

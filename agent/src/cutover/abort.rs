@@ -19,9 +19,9 @@
 use std::time::{Duration, Instant};
 
 use super::{fence, objects, CutoverError};
-use crate::db::Migration;
+use crate::control::state::{self, Phase};
 use crate::db::retry::RetryPolicy;
-use crate::state::{self, Phase};
+use crate::db::Migration;
 
 /// Lifts the fence first, then tidies the target and returns the migration
 /// to `syncing`. `switch_failed`: the switch command reported that it did not

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{decision, CutoverError};
+use crate::control::state::{self, TableState};
 use crate::db::Migration;
-use crate::state::{self, TableState};
+use crate::drain;
 use crate::verify::VerifyReport;
-use crate::{drain, drift};
 
 /// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
-/// can be ([`drain::ahead_units`]: a table, or a partitioned table with its
+/// can be ([`crate::verify::ahead_units`]: a table, or a partitioned table with its
 /// partitions) and has a table without its ledger, one at a time after a
 /// drain pass. Each verification holds its unit's batch lock while it reads
 /// the unit on both sides, which can take minutes for a large table: the
@@ -33,14 +33,14 @@ pub(super) async fn verify_ahead(
     drop(conn);
     let mut verdicts = Vec::new();
     let mut backoff = drain::Backoff::default();
-    for unit in drain::ahead_units(tables) {
+    for unit in crate::verify::ahead_units(tables) {
         if unit.iter().all(|t| ledgers.contains(&t.id)) {
             continue;
         }
         // Each verification reads a whole table on the source: not while
         // the source's own sessions wait.
         wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
-        drift::check_drift(m, tables).await?;
+        drain::check_drift(m, tables).await?;
         drain::drain_pass(m, tables, cancel).await?;
         let others: Vec<TableState> = tables
             .iter()
@@ -98,7 +98,7 @@ pub(super) async fn settle_ledgers(
         let mut verdicts = Vec::new();
         for (unit, keys) in busy {
             wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
-            drift::check_drift(m, tables).await?;
+            drain::check_drift(m, tables).await?;
             let others: Vec<TableState> = tables
                 .iter()
                 .filter(|t| t.lock_relid != unit[0].lock_relid)
@@ -126,7 +126,7 @@ fn equal_ahead(verdicts: Vec<crate::verify::TableVerdict>) -> Result<(), Cutover
     Ok(())
 }
 
-/// The units (see [`drain::ahead_units`]) whose every table has its ledger,
+/// The units (see [`crate::verify::ahead_units`]) whose every table has its ledger,
 /// each with the keys its ledgers hold.
 pub(super) async fn ledger_keys(
     m: &Migration,
@@ -134,7 +134,7 @@ pub(super) async fn ledger_keys(
 ) -> Result<Vec<(Vec<TableState>, i64)>, crate::Error> {
     let conn = m.source_conn().await?;
     let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
-    let units: Vec<Vec<TableState>> = drain::ahead_units(tables)
+    let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
         .into_iter()
         .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
         .collect();
@@ -223,7 +223,7 @@ pub(super) async fn catch_up(
             return Err(crate::Error::Cancelled);
         }
         wait_out_pressure(m, &mut backoff, started, cancel).await?;
-        drift::check_drift(m, tables).await?;
+        drain::check_drift(m, tables).await?;
         drain::drain_pass(m, tables, cancel).await?;
         let conn = m.source_conn().await?;
         let backlog: i64 = drain::backlog(&conn, tables).await?.iter().sum();

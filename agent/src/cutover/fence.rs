@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::decision::{after_fence, WriterDecision, WriterWait};
 use super::CutoverError;
+use crate::control::state::TableState;
 use crate::db::Migration;
-use crate::state::TableState;
 
 /// Raises the fence: from now on no write to a captured table can commit.
 pub async fn raise(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {

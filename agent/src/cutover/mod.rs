@@ -21,6 +21,7 @@ mod ahead;
 pub mod decision;
 mod entries;
 pub mod fence;
+pub mod large_objects;
 mod matviews;
 pub mod objects;
 pub mod release;
@@ -31,11 +32,11 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MatviewRefresh;
+use crate::control::state::{self, Phase, TableState};
 use crate::db::ident::Ident;
 use crate::db::Migration;
-use crate::state::{self, Phase, TableState};
 use crate::verify::{self, Subject, VerifyReport, VerifyScope};
-use crate::{drain, drift, sync};
+use crate::{drain, sync};
 use ahead::{catch_up, settle_ledgers, verify_ahead};
 
 /// Cutover failures.
@@ -191,7 +192,7 @@ pub struct CutoverReport {
     /// while writes were fenced.
     pub extension_config_rows: u64,
     /// Large objects copied while writes were fenced (with `large_objects`).
-    pub large_objects: Option<crate::large_objects::LargeObjectReport>,
+    pub large_objects: Option<large_objects::LargeObjectReport>,
     /// Where the write downtime went: each step with the fence up before
     /// the switch, in order, with its milliseconds.
     pub fenced_steps: Vec<FencedStep>,
@@ -276,7 +277,7 @@ pub async fn run(
     if phase == Phase::Syncing {
         // Partition maintenance since sync stopped is followed as sync
         // would; during the cutover it stops it.
-        if let Err(e) = drift::check_drift(m, &tables).await {
+        if let Err(e) = drain::check_drift(m, &tables).await {
             let followed;
             (tables, followed) = sync::follow_drift(m, cancel, e.into()).await?;
             report_followed = followed;
@@ -413,7 +414,7 @@ async fn fenced(
             }
         }
     };
-    let (drained, drift) = tokio::join!(drain, drift::check_drift(m, tables));
+    let (drained, drift) = tokio::join!(drain, drain::check_drift(m, tables));
     drift?;
     let (keys, took) = drained?;
     report.final_drain_keys = keys;
@@ -430,7 +431,7 @@ async fn fenced(
     // SRID of its own): fenced too, so final now.
     report.extension_config_rows = crate::extension_config::copy(m).await?;
     if m.cfg.large_objects {
-        let lo = crate::large_objects::copy_all(m).await?;
+        let lo = large_objects::copy_all(m).await?;
         tracing::info!(
             copied = lo.copied,
             bytes = lo.bytes,
@@ -477,7 +478,7 @@ async fn fenced(
         .filter(|t| t.scope == VerifyScope::Changed)
         .count();
     if m.cfg.large_objects {
-        let diffs = crate::large_objects::differences(m).await?;
+        let diffs = large_objects::differences(m).await?;
         if !diffs.is_empty() {
             return Err(CutoverError::Aborted(format!("large objects differ: {}", diffs.join(", "))).into());
         }

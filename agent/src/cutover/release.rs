@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{fence, CutoverError};
+use crate::control::state::{self, Phase};
 use crate::db::Migration;
-use crate::state::{self, Phase};
 
 /// How often the source's sessions are looked at.
 const POLL: Duration = Duration::from_millis(250);

@@ -65,6 +65,36 @@ pub fn is_lock_timeout(err: &tokio_postgres::Error) -> bool {
     err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
+/// A statement failed on one side, in a step whose own error has no more to
+/// say (a catalog read, a role listing).
+#[derive(Debug, thiserror::Error)]
+#[error("a statement failed on the {side}")]
+pub struct StatementFailed {
+    /// Which side.
+    pub side: crate::db::endpoint::Side,
+    /// The driver's error.
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl StatementFailed {
+    /// On the source.
+    pub fn source(source: tokio_postgres::Error) -> Self {
+        Self {
+            side: crate::db::endpoint::Side::Source,
+            source,
+        }
+    }
+
+    /// On the target.
+    pub fn target(source: tokio_postgres::Error) -> Self {
+        Self {
+            side: crate::db::endpoint::Side::Target,
+            source,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

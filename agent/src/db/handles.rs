@@ -69,8 +69,10 @@ impl Migration {
             }
             None => None,
         };
-        let copy_throttle = crate::db::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
-        let sync_throttle = crate::db::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
+        let copy_throttle =
+            crate::db::throttle::Throttle::per_second(cfg.copy.rate_bytes_per_sec, "copy").into();
+        let sync_throttle =
+            crate::db::throttle::Throttle::per_second(cfg.sync.rate_rows_per_sec, "sync").into();
         Ok(Self {
             cfg,
             source,

@@ -6,11 +6,11 @@
 //! (docs/design.md, "Layout").
 
 pub mod endpoint;
+pub mod errors;
 mod handles;
 pub mod ident;
 pub mod libpq;
 pub mod retry;
-pub mod errors;
 pub mod throttle;
 pub mod tls;
 

@@ -9,10 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{apply, batch_err, begin, consume, drain_table, record, seen};
 use super::{BatchStats, SyncError};
+use crate::control::state::TableState;
 use crate::db::endpoint::Side;
-use crate::db::Migration;
 use crate::db::retry::{retry, Gave};
-use crate::state::TableState;
+use crate::db::Migration;
 use crate::verify::TableVerdict;
 
 /// What a verification ahead of the fence compares (see [`verify_batch`]).
@@ -192,100 +192,5 @@ pub async fn verify_ahead(
             () = cancel.cancelled() => return Err(crate::Error::Cancelled),
             () = tokio::time::sleep(Duration::from_millis(m.cfg.sync.poll_interval_ms)) => {}
         }
-    }
-}
-
-/// The units verified ahead of the fence, each in one snapshot: a synced
-/// table alone in its hierarchy, and a partitioned table with all its
-/// partitions. A partition's rows change through its own statements and
-/// through those aimed at the partitioned tables above it (each firing only
-/// its own triggers), never through another partition's: so the deltas of
-/// the unit's tables name every key of the unit that changed. Not classic
-/// inheritance, whose tables have keys of their own; not `copy_only`
-/// tables. The unit's root comes first.
-pub fn ahead_units(all: &[TableState]) -> Vec<Vec<TableState>> {
-    let mut units: Vec<Vec<TableState>> = Vec::new();
-    for t in all {
-        match units.iter_mut().find(|u| u[0].lock_relid == t.lock_relid) {
-            Some(u) if t.relid == t.lock_relid => u.insert(0, t.clone()),
-            Some(u) => u.push(t.clone()),
-            None => units.push(vec![t.clone()]),
-        }
-    }
-    units.retain(|u| {
-        let root = &u[0];
-        root.relid == root.lock_relid
-            && u.iter().all(|t| {
-                !t.copy_only
-                    && t.parent_relid.is_none()
-                    && t.key_columns == root.key_columns
-                    && (t.relid == root.relid || root.partitioned)
-            })
-    });
-    units
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::db::ident::QualifiedTable;
-    use crate::state::CopyState;
-
-    fn table(relid: u32, lock_relid: u32, partitioned: bool) -> TableState {
-        TableState {
-            id: relid as i32,
-            relid,
-            table: QualifiedTable::new("public", format!("t{relid}")),
-            key_columns: vec!["id".into()],
-            copy_columns: vec!["id".into()],
-            copy_state: CopyState::Done,
-            copied_rows: None,
-            applied_rows: 0,
-            lag_secs: None,
-            copy_only: false,
-            partitioned,
-            lock_relid,
-            parent_relid: None,
-            text_form: false,
-        }
-    }
-
-    fn relids(units: &[Vec<TableState>]) -> Vec<Vec<u32>> {
-        units
-            .iter()
-            .map(|u| u.iter().map(|t| t.relid).collect())
-            .collect()
-    }
-
-    #[test]
-    fn a_partitioned_table_is_verified_with_its_partitions_and_root_first() {
-        // A plain table; a partition listed before its root, under a
-        // partitioned partition.
-        let all = [
-            table(1, 1, false),
-            table(12, 10, false),
-            table(11, 10, true),
-            table(10, 10, true),
-        ];
-        assert_eq!(relids(&ahead_units(&all)), vec![vec![1], vec![10, 12, 11]]);
-    }
-
-    #[test]
-    fn inheritance_copy_only_and_keys_of_their_own_are_compared_in_full() {
-        let mut child = table(21, 20, false);
-        child.parent_relid = Some(20);
-        let mut copy_only = table(3, 3, false);
-        copy_only.copy_only = true;
-        let mut other_key = table(32, 30, false);
-        other_key.key_columns = vec!["id".into(), "at".into()];
-        let all = [
-            table(20, 20, false),
-            child,
-            copy_only,
-            table(30, 30, true),
-            other_key,
-            table(4, 4, false),
-        ];
-        assert_eq!(relids(&ahead_units(&all)), vec![vec![4]]);
     }
 }

@@ -7,12 +7,12 @@ use tokio_postgres::IsolationLevel;
 
 use super::ahead::{verify_batch, Ahead, LEDGER_MAX_BYTES};
 use super::{BatchStats, SyncError};
-use crate::copy::{pump, Pumped};
+use crate::control::state::{self, TableState};
 use crate::db::endpoint::Side;
 use crate::db::ident::{column_list, Ident};
-use crate::db::Migration;
-use crate::state::{self, TableState};
 use crate::db::throttle::Throttle;
+use crate::db::Migration;
+use crate::rows::{pump, Pumped};
 
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
@@ -325,7 +325,7 @@ pub(crate) async fn apply(
     let delta = t.delta_table();
     let mine = part_filter(t, part);
     // Rows written by the drain are compressed like the copy's.
-    crate::copy::set_loading(m, ttx).await.map_err(tgt_err)?;
+    crate::rows::set_loading(m, ttx).await.map_err(tgt_err)?;
     let table = &t.table;
     // The tables this batch rewrites: the table itself, or for an
     // inheritance parent the parent and every table below it, since a
@@ -354,7 +354,7 @@ pub(crate) async fn apply(
     } else if seen.deltas {
         let keys = column_list(&t.key_columns, None);
         let delta_keys = t.delta_key_list();
-        stats.keys = crate::copy::stage_keys(
+        stats.keys = crate::rows::stage_keys(
             stx,
             ttx,
             "pgferry_keys",
@@ -572,10 +572,10 @@ async fn copy_rows(
 ) -> Result<u64, Pumped> {
     let cols = column_list(&member.copy_columns, None);
     let format = member.copy_format();
-    let target_path = crate::copy::pin_names(ttx, member)
+    let target_path = crate::rows::pin_names(ttx, member)
         .await
         .map_err(Pumped::Target)?;
-    let source_path = crate::copy::pin_names(stx, member)
+    let source_path = crate::rows::pin_names(stx, member)
         .await
         .map_err(Pumped::Source)?;
     let sink = ttx
@@ -593,10 +593,10 @@ async fn copy_rows(
         .await
         .map_err(Pumped::Source)?;
     let written = pump(stream, sink, throttle, |_| {}).await?.0;
-    crate::copy::unpin_names(ttx, target_path)
+    crate::rows::unpin_names(ttx, target_path)
         .await
         .map_err(Pumped::Target)?;
-    crate::copy::unpin_names(stx, source_path)
+    crate::rows::unpin_names(stx, source_path)
         .await
         .map_err(Pumped::Source)?;
     Ok(written)

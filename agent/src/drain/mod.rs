@@ -36,8 +36,8 @@ mod pass;
 mod pending;
 mod pressure;
 
-pub use ahead::{ahead_units, verify_ahead, Ahead};
-pub use pass::drain_pass;
+pub use ahead::{verify_ahead, Ahead};
+pub use pass::{check_drift, drain_pass};
 pub use pending::backlog;
 pub(crate) use pressure::Backoff;
 
@@ -73,7 +73,7 @@ pub enum SyncError {
     Connect(#[from] crate::db::endpoint::ConnectError),
     /// Recording progress failed.
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::control::state::StateError),
     /// A worker task panicked.
     #[error("a drain worker stopped unexpectedly")]
     Worker(#[source] tokio::task::JoinError),

@@ -6,12 +6,11 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{batch_err, drain_table, splittable, Part, PARTS, SPLIT_FROM_ROWS};
 use super::pending::Pending;
 use super::{SyncError, SyncReport};
-use crate::drift::check_drift;
+use crate::control::state::{self, TableState};
 use crate::db::endpoint::Side;
 use crate::db::ident::Ident;
-use crate::db::Migration;
 use crate::db::retry::{retry, Gave};
-use crate::state::{self, TableState};
+use crate::db::Migration;
 
 /// One batch for every table, `sync.workers` tables at a time.
 pub async fn drain_pass(
@@ -201,4 +200,20 @@ async fn enum_values_missing(m: &Migration) -> Result<Vec<String>, crate::Error>
         })
         .map(|r| r.get(2))
         .collect())
+}
+
+/// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
+pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), SyncError> {
+    let conn = m.source_conn().await?;
+    let current = crate::plan::source_tables(&**conn, false)
+        .await
+        .map_err(SyncError::Catalog)?;
+    let changes = crate::plan::drift::schema_changes(&**conn, tables, &current)
+        .await
+        .map_err(SyncError::Catalog)?;
+    if changes.is_empty() {
+        Ok(())
+    } else {
+        Err(SyncError::SchemaDrift(changes))
+    }
 }

@@ -1,7 +1,7 @@
 //! What is left to drain: each table's delta rows.
 
 use super::SyncError;
-use crate::state::TableState;
+use crate::control::state::TableState;
 
 /// What is pending on the source: each table's delta rows and TRUNCATEs
 /// still to apply, read in one round trip of one statement per table. One

@@ -6,11 +6,11 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use crate::config::MatviewRefresh;
+use crate::config::VerifyScope;
+use crate::control::state::{self, Phase};
 use crate::db::endpoint::{ConnectError, Side};
 use crate::db::Migration;
 use crate::schema::PgTools;
-use crate::state::{self, Phase};
-use crate::verify::VerifyScope;
 
 /// How bad a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -367,7 +367,7 @@ async fn check_source(
     report.total_bytes = sizing.then(|| tables.iter().map(|t| t.total_bytes).sum());
     if run.is_some() {
         if let Ok(registered) = state::tables(c).await {
-            for change in crate::drift::schema_changes(c, &registered, &tables).await? {
+            for change in super::drift::schema_changes(c, &registered, &tables).await? {
                 f.add(
                     Severity::Blocker,
                     DRIFT,

@@ -6,6 +6,7 @@
 
 mod check;
 mod compat;
+pub mod drift;
 mod health;
 mod scan;
 
@@ -18,9 +19,9 @@ pub use check::{check, check_with, CheckReport, Problem, Severity, DRIFT};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
+use crate::control::state::Registration;
 use crate::db::ident::QualifiedTable;
 use crate::db::Migration;
-use crate::state::Registration;
 
 /// One user table on the source, as the catalog describes it.
 #[derive(Debug, Clone, Serialize)]

@@ -34,7 +34,7 @@ pub async fn scan(m: &Migration) -> Result<Vec<Problem>, crate::Error> {
     let conn = m.source_conn().await?;
     let tables = super::source_tables(&**conn, false)
         .await
-        .map_err(crate::cutover::CutoverError::Source)?;
+        .map_err(crate::db::errors::StatementFailed::source)?;
     drop(conn);
     let found = crate::parallel::Limit::new(m.copy_workers())
         .run_all(tables, None, |t| {
@@ -76,9 +76,9 @@ async fn scan_table(m: &Migration, table: &QualifiedTable) -> Result<Vec<Unreada
             tracing::warn!(table = %table.display_name(), error = %crate::db::errors::db_message(&e), "Unreadable data: searching for the rows");
             locate(&c, table)
                 .await
-                .map_err(|e| crate::cutover::CutoverError::Source(e).into())
+                .map_err(|e| crate::db::errors::StatementFailed::source(e).into())
         }
-        Err(e) => Err(crate::cutover::CutoverError::Source(e).into()),
+        Err(e) => Err(crate::db::errors::StatementFailed::source(e).into()),
     }
 }
 

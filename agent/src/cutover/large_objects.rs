@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use crate::cutover::CutoverError;
+use super::CutoverError;
 use crate::db::Migration;
 
 /// What the copy did.

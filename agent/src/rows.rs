@@ -1,0 +1,145 @@
+//! Moving rows between the two databases, shared by the copy, the drain,
+//! the verification and the extensions' configuration: the COPY [`pump`],
+//! keys staged on the target ([`stage_keys`]), and the settings of a
+//! loading transaction ([`set_loading`], [`pin_names`]).
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::control::state::TableState;
+use crate::db::Migration;
+
+/// Writes to the target are batched to this size: sending each chunk on as
+/// it arrives from the source cost a third of the throughput.
+const COPY_BATCH_BYTES: usize = 256 * 1024;
+
+/// Sets the loading session's TOAST compression (`copy.toast_compression`)
+/// for the current transaction; lz4 only where the target has it.
+pub async fn set_loading(
+    m: &Migration,
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let method = match m.cfg.copy.toast_compression {
+        crate::config::ToastCompression::Server => return Ok(()),
+        crate::config::ToastCompression::Lz4 => "lz4",
+        crate::config::ToastCompression::Pglz => "pglz",
+    };
+    tx.execute(
+        "SELECT set_config('default_toast_compression', $1, true)
+           FROM pg_settings WHERE name = 'default_toast_compression' AND $1 = ANY (enumvals)",
+        &[&method],
+    )
+    .await
+    .map(drop)
+}
+
+/// Which side of a [`pump`] failed.
+#[derive(Debug)]
+pub enum Pumped {
+    /// Reading from the source.
+    Source(tokio_postgres::Error),
+    /// Writing to the target.
+    Target(tokio_postgres::Error),
+}
+
+/// Streams a `COPY ... TO STDOUT` into a `COPY ... FROM STDIN`, batching the
+/// writes, and returns (rows written, bytes streamed). No intermediate disk,
+/// and memory bounded by one batch.
+pub async fn pump(
+    stream: tokio_postgres::CopyOutStream,
+    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    throttle: &crate::db::throttle::Throttle,
+    mut on_write: impl FnMut(usize),
+) -> Result<(u64, u64), Pumped> {
+    futures_util::pin_mut!(sink);
+    futures_util::pin_mut!(stream);
+    let mut buf = BytesMut::with_capacity(COPY_BATCH_BYTES);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Pumped::Source)?;
+        bytes += chunk.len() as u64;
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= COPY_BATCH_BYTES {
+            throttle.take(buf.len() as u64).await;
+            on_write(buf.len());
+            sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
+        }
+    }
+    if !buf.is_empty() {
+        throttle.take(buf.len() as u64).await;
+        on_write(buf.len());
+        sink.send(buf.split().freeze()).await.map_err(Pumped::Target)?;
+    }
+    let rows = sink.finish().await.map_err(Pumped::Target)?;
+    Ok((rows, bytes))
+}
+
+/// Stages keys on the target, in `ttx`: a temporary table `name`, dropped
+/// at commit, with `table`'s `key_columns` (their types as on the target),
+/// filled by binary COPY with the rows of `select` as `src` (a session, or
+/// a batch's snapshot) sees them. The keys the drain applies, the
+/// verification compares and a split copy removes all arrive this way.
+/// Returns how many were staged.
+pub async fn stage_keys(
+    src: &impl tokio_postgres::GenericClient,
+    ttx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    table: &crate::db::ident::QualifiedTable,
+    key_columns: &[String],
+    select: &str,
+) -> Result<u64, Pumped> {
+    let keys = crate::db::ident::column_list(key_columns, None);
+    ttx.batch_execute(&format!(
+        "CREATE TEMP TABLE {name} ON COMMIT DROP AS SELECT {keys} FROM ONLY {table} WITH NO DATA"
+    ))
+    .await
+    .map_err(Pumped::Target)?;
+    let sink = ttx
+        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(Pumped::Target)?;
+    // Through the session itself: within `src`'s transaction, if it is one.
+    let stream = src
+        .client()
+        .copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(
+        pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
+            .await?
+            .0,
+    )
+}
+
+/// For a table moved in text form ([`TableState::text_form`]): reg* values
+/// are printed and read schema-qualified, as pg_dump moves them with an
+/// empty `search_path`, so a name means the same object on both sides
+/// whatever each role's `search_path`. For the rest of `tx`, or until
+/// [`unpin_names`]; returns the setting it replaced.
+pub async fn pin_names(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if !t.text_form {
+        return Ok(None);
+    }
+    let row = tx
+        .query_one(
+            "SELECT current_setting('search_path'), set_config('search_path', 'pg_catalog', true)",
+            &[],
+        )
+        .await?;
+    Ok(Some(row.get(0)))
+}
+
+/// Puts back what [`pin_names`] replaced.
+pub async fn unpin_names(
+    tx: &tokio_postgres::Transaction<'_>,
+    previous: Option<String>,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(previous) = previous {
+        tx.execute("SELECT set_config('search_path', $1, true)", &[&previous])
+            .await?;
+    }
+    Ok(())
+}
