@@ -4,7 +4,7 @@
 //! its four statement-level capture triggers (INSERT, UPDATE, DELETE,
 //! TRUNCATE) committed, and a plain table also the row trigger that records
 //! an UPDATE's old key when the key changes (see
-//! `sql/0009_key_change_trigger.sql`), and the phase is `installed`, so any
+//! `control/sql/0009_key_change_trigger.sql`), and the phase is `installed`, so any
 //! snapshot taken from now on misses nothing that the delta tables do not
 //! hold.
 //!

@@ -2,10 +2,12 @@
 //! upgrade that applies it ([`ensure_schema`]), and its accessors
 //! ([`state`]).
 //!
-//! The versioned files under `sql/` are embedded in the binary and applied
-//! in order, each in one transaction with `search_path` pinned to the
-//! control schema (docs/design.md, "Dependency choices", says why this is
-//! not an off-the-shelf migration runner).
+//! The files under `sql/` are embedded in the binary and applied in one
+//! transaction with `search_path` pinned to the control schema: the
+//! versioned ones (tables, data, and why each change was made) in order,
+//! once each; then `functions.sql`, every control function as it is now,
+//! whenever it differs from the copy last applied. docs/design.md
+//! ("Dependency choices") says why this is not an off-the-shelf runner.
 
 use tokio_postgres::GenericClient;
 
@@ -34,7 +36,13 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (13, include_str!("sql/0013_drain_pass.sql")),
     (14, include_str!("sql/0014_cheaper_fence.sql")),
     (15, include_str!("sql/0015_moved_fence.sql")),
+    (16, include_str!("sql/0016_functions_in_one_file.sql")),
 ];
+
+/// Every control function as it is now, re-applied after the versioned
+/// files whenever it differs from the copy last applied (see the file's
+/// header).
+const FUNCTIONS: (&str, &str) = ("functions.sql", include_str!("sql/functions.sql"));
 
 /// True when the control schema exists on this database.
 pub async fn exists(client: &impl GenericClient) -> Result<bool, StateError> {
@@ -99,6 +107,49 @@ pub async fn ensure_schema(client: &mut tokio_postgres::Client) -> Result<(), St
         )
         .await
         .map_err(q("record a migration"))?;
+    }
+    let (name, sql) = FUNCTIONS;
+    let stale: bool = tx
+        .query_one(
+            &format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM {}.repeatable
+                                     WHERE name = $1 AND checksum = encode(sha256(convert_to($2, 'UTF8')), 'hex'))",
+                Ident(SCHEMA.into())
+            ),
+            &[&name, &sql],
+        )
+        .await
+        .map_err(q("read the applied functions"))?
+        .get(0);
+    if stale {
+        tx.batch_execute(&format!(
+            "SET LOCAL search_path = {}, pg_catalog",
+            Ident(SCHEMA.into())
+        ))
+        .await
+        .map_err(q("pin search_path"))?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(q("apply the control functions"))?;
+        // The capturing bodies are made by `capture_functions`: made again
+        // with it as it is now, unless the fence is up (then they refuse,
+        // and lifting it makes them again).
+        tx.batch_execute(
+            "SELECT fence_apply(false, false) WHERE coalesce(pg_sequence_last_value('fence'), 0) = 0",
+        )
+        .await
+        .map_err(q("make the capture functions again"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {}.repeatable (name, checksum)
+                 VALUES ($1, encode(sha256(convert_to($2, 'UTF8')), 'hex'))
+                 ON CONFLICT (name) DO UPDATE SET checksum = EXCLUDED.checksum, applied_at = now()",
+                Ident(SCHEMA.into())
+            ),
+            &[&name, &sql],
+        )
+        .await
+        .map_err(q("record the applied functions"))?;
     }
     tx.commit().await.map_err(q("commit the control schema"))
 }

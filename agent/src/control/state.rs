@@ -606,7 +606,7 @@ pub async fn record_batch(
 }
 
 /// Records what a drain pass found: every table but `dirty` was in sync
-/// as of `checked_epoch` (see `sql/0013_drain_pass.sql`). Committed
+/// as of `checked_epoch` (see `control/sql/0013_drain_pass.sql`). Committed
 /// asynchronously: it only tells the lag, and one lost in a crash of the
 /// source leaves an older, larger one.
 pub async fn record_pass(

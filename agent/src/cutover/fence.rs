@@ -3,7 +3,7 @@
 //! Raising it replaces, in one transaction, the body of every capture
 //! function (and of the copy_only tables' `fence_only()`) by one that raises
 //! SQLSTATE 25006; lifting it puts the capturing bodies back
-//! (`sql/0010_fence_in_bodies.sql`). So the capture checks nothing in the
+//! (`control/sql/0010_fence_in_bodies.sql`). So the capture checks nothing in the
 //! statements it records, and the fence holds for every session and role at
 //! once: PL/pgSQL revalidates a function's catalog row at every call, and a
 //! session reads the catalog afresh whenever it takes a lock it did not hold,

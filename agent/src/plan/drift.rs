@@ -101,7 +101,7 @@ async fn key_trigger_bypassed(
 
 /// The names and row versions (xmin) of registered table `t`'s pgferry
 /// triggers: any ALTER TABLE ... ENABLE/DISABLE TRIGGER on one changes it
-/// (`sql/0012_trigger_stamps.sql`).
+/// (`control/sql/0012_trigger_stamps.sql`).
 pub(crate) const TRIGGER_STAMP: &str = r"(SELECT string_agg(s.tgname || ':' || s.xmin::text, ',' ORDER BY s.tgname)
                                 FROM pg_trigger s WHERE s.tgrelid = t.relid AND s.tgname LIKE 'pgferry\_%')";
 

@@ -605,6 +605,65 @@ async fn a_delta_table_from_before_v11_still_captures_and_drains() {
     assert_same_data(&env).await;
 }
 
+/// A control schema left by a pgferry from before the functions lived in
+/// one file (version 15), with a migration in flight, is upgraded by the
+/// next `install`: version 16 and the functions file applied once, in
+/// place of a function that release had otherwise; capture goes on through
+/// the upgrade, and a second `install` applies nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_control_schema_takes_the_functions_file_in_flight() {
+    let env = synced().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "DELETE FROM pgferry.schema_migrations WHERE version = 16;
+         DROP TABLE pgferry.repeatable;
+         CREATE OR REPLACE FUNCTION pgferry.delta_storage() RETURNS text
+           LANGUAGE sql IMMUTABLE AS $$ SELECT 'fillfactor = 100' $$;
+         INSERT INTO scratch VALUES (710000, 'before the upgrade');",
+    )
+    .await
+    .unwrap();
+    let applied = || {
+        let app = &app;
+        async move {
+            let row = app
+                .query_one(
+                    "SELECT (SELECT max(version) FROM pgferry.schema_migrations),
+                            (SELECT applied_at::text FROM pgferry.repeatable WHERE name = 'functions.sql'),
+                            pgferry.delta_storage()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+            )
+        }
+    };
+    env.ok(&["install"]).await;
+    let (version, first, storage) = applied().await;
+    assert_eq!(version, 16);
+    assert!(
+        storage.contains("autovacuum_vacuum_threshold"),
+        "the function as this release has it: {storage}"
+    );
+    app.batch_execute(
+        "INSERT INTO scratch VALUES (710001, 'after the upgrade');
+         UPDATE scratch SET id = 710002 WHERE id = 710000;
+         DELETE FROM scratch WHERE id = 12;",
+    )
+    .await
+    .unwrap();
+    env.ok(&["install"]).await;
+    assert_eq!(applied().await.1, first, "applied once, not on every install");
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_target_privilege_consumes_nothing() {
     let env = seeded().await;

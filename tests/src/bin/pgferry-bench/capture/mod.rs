@@ -230,7 +230,7 @@ pub async fn run(v: &[String]) {
 
     // The floor, and pgferry's delta rows written row by row (into tables
     // stored like pgferry's). Neither checks a fence: pgferry's fence is in
-    // the functions' bodies (`sql/0010_fence_in_bodies.sql`), and a
+    // the functions' bodies (`control/sql/0010_fence_in_bodies.sql`), and a
     // row-level design would have it there too.
     let storage: String = c
         .query_one("SELECT pgferry.delta_storage()", &[])
