@@ -664,6 +664,111 @@ async fn an_older_control_schema_takes_the_functions_file_in_flight() {
     assert_same_data(&env).await;
 }
 
+/// The control schema as version 10 made it, the one before delta rows
+/// were keys only: its files as they are in the tree today, plus the two
+/// functions of those versions that have not changed since and so live in
+/// the functions file now (`fence_install`, `key_trigger_fits`).
+const CONTROL_V10: [&str; 10] = [
+    include_str!("../../../agent/src/control/sql/0001_control.sql"),
+    include_str!("../../../agent/src/control/sql/0002_switch_marker.sql"),
+    include_str!("../../../agent/src/control/sql/0003_copy_only.sql"),
+    include_str!("../../../agent/src/control/sql/0004_partitions.sql"),
+    include_str!("../../../agent/src/control/sql/0005_inheritance.sql"),
+    include_str!("../../../agent/src/control/sql/0006_copy_parts.sql"),
+    include_str!("../../../agent/src/control/sql/0007_cheaper_capture.sql"),
+    include_str!("../../../agent/src/control/sql/0008_qualified_capture.sql"),
+    include_str!("../../../agent/src/control/sql/0009_key_change_trigger.sql"),
+    include_str!("../../../agent/src/control/sql/0010_fence_in_bodies.sql"),
+];
+
+/// A migration begun under control schema 10 is upgraded in flight by a
+/// newer `install`: versions 11 to 16 and the functions file apply, the
+/// table that release captured keeps capturing into its delta table of
+/// that shape, and the migration ends equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_begun_under_control_schema_10_is_upgraded_in_flight() {
+    let env = seeded().await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE SCHEMA pgferry;
+         CREATE TABLE pgferry.schema_migrations (
+             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await
+    .unwrap();
+    for (i, sql) in CONTROL_V10.iter().enumerate() {
+        app.batch_execute(&format!(
+            "BEGIN; SET LOCAL search_path = pgferry, pg_catalog;
+             {sql}
+             ; INSERT INTO pgferry.schema_migrations (version) VALUES ({}); COMMIT;",
+            i + 1
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("control schema version {}: {e}", i + 1));
+    }
+    let functions = include_str!("../../../agent/src/control/sql/functions.sql");
+    for name in ["fence_install", "key_trigger_fits"] {
+        let from = functions
+            .find(&format!("CREATE OR REPLACE FUNCTION {name}("))
+            .expect("defined");
+        let revoke = format!("REVOKE ALL ON FUNCTION {name}(");
+        let to = from + functions[from..].find(&revoke).expect("revoked");
+        let end = to + functions[to..].find('\n').expect("a line");
+        app.batch_execute(&format!(
+            "SET search_path = pgferry, pg_catalog; {}; RESET search_path;",
+            &functions[from..end]
+        ))
+        .await
+        .unwrap();
+    }
+    // scratch registered and captured as version 10 did it, and written.
+    app.batch_execute(
+        "INSERT INTO pgferry.run (phase) VALUES ('installed');
+         INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, lock_relid)
+              VALUES ('scratch'::regclass, 'public', 'scratch', '{id}', '{id,v}', 'scratch'::regclass);
+         SELECT pgferry.capture_install(id) FROM pgferry.tables;
+         INSERT INTO scratch VALUES (720000, 'captured under version 10');",
+    )
+    .await
+    .unwrap();
+
+    env.ok(&["install"]).await;
+    let row = app
+        .query_one(
+            "SELECT (SELECT max(version) FROM pgferry.schema_migrations),
+                    (SELECT count(*) FROM pgferry.repeatable),
+                    (SELECT array_agg(a.attname::text ORDER BY a.attnum)
+                       FROM pgferry.tables t
+                       JOIN pg_attribute a ON a.attrelid = format('pgferry.d_%s', t.id)::regclass
+                      WHERE t.table_name = 'scratch' AND a.attnum > 0 AND NOT a.attisdropped)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 16);
+    assert_eq!(row.get::<_, i64>(1), 1, "the functions file applied");
+    assert_eq!(
+        row.get::<_, Vec<String>>(2),
+        ["xid", "k1"],
+        "scratch's delta table as version 10 made it"
+    );
+    app.batch_execute(
+        "INSERT INTO scratch VALUES (720001, 'captured since');
+         UPDATE scratch SET id = 720002 WHERE id = 720000;
+         DELETE FROM scratch WHERE id = 13;",
+    )
+    .await
+    .unwrap();
+    env.ok(&["copy"]).await;
+    app.batch_execute("UPDATE scratch SET v = 'after the copy' WHERE id IN (720001, 14)")
+        .await
+        .unwrap();
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["cutover"]).await;
+    assert_same_data(&env).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_target_privilege_consumes_nothing() {
     let env = seeded().await;

@@ -3,6 +3,8 @@
 -- A table without a usable key cannot be synced by key; listed under
 -- copy_only it gets no capture, only this fence trigger, and is copied in
 -- full during the cutover, while writes are fenced.
+--
+-- fence_install, as it is now, is in functions.sql (version 16).
 ALTER TABLE tables ADD COLUMN copy_only boolean NOT NULL DEFAULT false;
 
 CREATE FUNCTION fence_only() RETURNS trigger
@@ -19,20 +21,3 @@ BEGIN
 END
 $body$;
 REVOKE ALL ON FUNCTION fence_only() FROM PUBLIC;
-
--- Installs the fence trigger of a copy_only table. Idempotent.
-CREATE FUNCTION fence_install(p_table_id integer) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $install$
-DECLARE
-    rel regclass;
-BEGIN
-    SELECT relid::regclass INTO STRICT rel FROM pgferry.tables WHERE id = p_table_id AND copy_only;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'pgferry_fence') THEN
-        EXECUTE format('CREATE TRIGGER pgferry_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION pgferry.fence_only()', rel);
-        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_fence', rel);
-    END IF;
-END
-$install$;
-REVOKE ALL ON FUNCTION fence_install(integer) FROM PUBLIC;

@@ -23,26 +23,12 @@
 -- records the choice, made once per capture install. A BEFORE UPDATE row
 -- trigger created later is schema drift: `sync` stops, and `install`
 -- captures and copies the table afresh.
+--
+-- key_trigger_fits, as it is now, is in functions.sql (version 16).
 
 ALTER TABLE tables ADD COLUMN key_trigger boolean;
 UPDATE tables t SET key_trigger = false
  WHERE EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = t.relid AND tgname = 'pgferry_capture_upd');
-
--- Whether the capture of `p_relid` may take an UPDATE's old keys from a key
--- column trigger (see above).
-CREATE FUNCTION key_trigger_fits(p_relid oid) RETURNS boolean
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT c.relkind = 'r' AND NOT c.relispartition
-       AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid)
-       AND NOT EXISTS (SELECT 1 FROM pg_trigger tg
-                        WHERE tg.tgrelid = c.oid AND NOT tg.tgisinternal AND tg.tgname NOT LIKE 'pgferry\_%'
-                          -- ROW (1) | BEFORE (2) | UPDATE (16)
-                          AND (tg.tgtype::integer & 19) = 19)
-      FROM pg_class c WHERE c.oid = p_relid
-$$;
-REVOKE ALL ON FUNCTION key_trigger_fits(oid) FROM PUBLIC;
 
 -- (Re)creates the capture functions of one registered table. Takes no lock
 -- on the table: the triggers already installed call the new bodies from

@@ -7,7 +7,9 @@
 -- a change comes with a new versioned file saying what changed and why (it
 -- may hold no statement), so that an older pgferry refuses the newer
 -- schema instead of putting its own functions back. Versions 1 to 15
--- restated functions whole; they are history, applied as they were.
+-- restated functions whole: they keep the definitions an upgrade through
+-- them runs its data steps with, and the ones current at version 15 moved
+-- here.
 --
 -- Only code lives here: the per-table capture functions and the fence
 -- trigger's function are state (made by `capture_functions` and

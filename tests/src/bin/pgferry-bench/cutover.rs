@@ -9,6 +9,9 @@
 //! per second (its updates spread over the largest table), then cleanup.
 //! The cutover's report gives the write downtime and its steps, and for
 //! `changed` the verification ahead of the fence (writes not blocked).
+//! With `--backlog P`, before each cutover P% of `pgbench_accounts` rows
+//! are changed at once on the source and the time `sync --until-caught-up`
+//! takes to drain them is measured (`backlog_drain_secs`).
 //! Prints JSON with each run and the medians by scale and scope.
 
 use serde_json::json;
@@ -17,7 +20,17 @@ use crate::{connect, median};
 
 /// Runs the cutover benchmark and prints its JSON.
 pub async fn run(v: &[String]) {
-    let f = crate::flags(v, &["--scales", "--verify", "--rate", "--clients", "--rounds"]);
+    let f = crate::flags(
+        v,
+        &[
+            "--scales",
+            "--verify",
+            "--rate",
+            "--clients",
+            "--rounds",
+            "--backlog",
+        ],
+    );
     let scales: Vec<u32> = crate::list(&f, "--scales", "70,350,1400")
         .iter()
         .map(|s| {
@@ -35,6 +48,11 @@ pub async fn run(v: &[String]) {
     let rate: u32 = crate::num(&f, "--rate", 200);
     let clients: u32 = crate::num(&f, "--clients", 2);
     let rounds: usize = crate::num(&f, "--rounds", 1);
+    let backlog: u32 = crate::num(&f, "--backlog", 0);
+    if backlog > 100 {
+        eprintln!("--backlog takes a percentage of pgbench_accounts' rows, 0 to 100");
+        std::process::exit(2);
+    }
     let pgferry = crate::copy::pgferry_binary();
 
     let (source, target) = crate::clusters("bench-cutover").await;
@@ -57,7 +75,7 @@ pub async fn run(v: &[String]) {
             }
             for scope in &order {
                 eprintln!("scale {scale}, round {}: cutover.verify = {scope}", round + 1);
-                let report = migrate_once(&pgferry, &source, &target, scope, rate, clients).await;
+                let report = migrate_once(&pgferry, &source, &target, scope, rate, clients, backlog).await;
                 runs.push(json!({
                     "scale": scale,
                     "database_bytes": bytes,
@@ -71,6 +89,8 @@ pub async fn run(v: &[String]) {
                     "verify_ahead_ms": report["verify_ahead_ms"],
                     "rows_verified": report["rows_verified"],
                     "fenced_steps": report["fenced_steps"],
+                    "backlog_rows": report["backlog_rows"],
+                    "backlog_drain_secs": report["backlog_drain_secs"],
                 }));
             }
         }
@@ -93,13 +113,14 @@ pub async fn run(v: &[String]) {
                 "verify_ms": med(scope, "verify_ms"),
                 "verify_ahead_ms": med(scope, "verify_ahead_ms"),
                 "rows_verified": med(scope, "rows_verified"),
+                "backlog_drain_secs": med(scope, "backlog_drain_secs"),
             }));
         }
     }
     let report = json!({
         "benchmark": "write downtime of a cutover by database size and verification scope, pgbench writing at a fixed rate",
         "goal": "cutover.verify = changed (the default): writes_blocked_ms under 1000 at every size",
-        "rate_tps": rate, "clients": clients, "rounds": rounds,
+        "rate_tps": rate, "clients": clients, "rounds": rounds, "backlog_percent": backlog,
         "runs": runs,
         "median": medians,
     });
@@ -108,7 +129,9 @@ pub async fn run(v: &[String]) {
 
 /// One migration into a fresh target database with `cutover.verify =
 /// scope`, pgbench writing through the cutover; returns the cutover's JSON
-/// report with its wall time added (`wall_secs`).
+/// report with its wall time added (`wall_secs`), and with `backlog` > 0
+/// the drain of that percentage of `pgbench_accounts` changed at once
+/// (`backlog_rows`, `backlog_drain_secs`).
 async fn migrate_once(
     pgferry: &std::path::Path,
     source: &pgferry::sandbox::Cluster,
@@ -116,6 +139,7 @@ async fn migrate_once(
     scope: &str,
     rate: u32,
     clients: u32,
+    backlog: u32,
 ) -> serde_json::Value {
     let admin = target.superuser("postgres").await.expect("superuser");
     for sql in [
@@ -133,6 +157,24 @@ async fn migrate_once(
     for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
         let st = agent(step).status().await.expect("pgferry");
         assert!(st.success(), "pgferry {step:?} failed");
+    }
+    let mut drained = None;
+    if backlog > 0 {
+        let changed = connect(source.port(), "bench")
+            .await
+            .execute(
+                "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % (100 / $1::int) = 0",
+                &[&(backlog as i32)],
+            )
+            .await
+            .expect("make a backlog");
+        let started = std::time::Instant::now();
+        let st = agent(&["sync", "--until-caught-up"])
+            .status()
+            .await
+            .expect("pgferry");
+        assert!(st.success(), "pgferry sync (backlog) failed");
+        drained = Some((changed, started.elapsed().as_secs_f64()));
     }
     // The application writes until the fence refuses it.
     let mut writers = tokio::process::Command::new(source.bin_dir().join("pgbench"))
@@ -168,6 +210,8 @@ async fn migrate_once(
     );
     let mut report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cutover JSON");
     report["wall_secs"] = json!(wall);
+    report["backlog_rows"] = json!(drained.map(|d| d.0));
+    report["backlog_drain_secs"] = json!(drained.map(|d| d.1));
     // pgbench's clients end on the fence's error; end it all the same.
     let _ = writers.start_kill();
     let _ = writers.wait().await;
