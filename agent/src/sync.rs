@@ -164,7 +164,7 @@ pub(crate) async fn follow_drift(
 /// capture trigger disabled meanwhile sends its table to be captured and
 /// copied afresh whenever it is seen, and the cutover checks before and
 /// under the fence.
-const DRIFT_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const DRIFT_EVERY: Duration = Duration::from_secs(5);
 
 /// True once the cutover is done or cleanup removed the control schema: a
 /// long-running `sync` (say, a systemd service) then ends cleanly instead of

@@ -15,13 +15,18 @@ use crate::drain;
 use crate::verify::VerifyReport;
 
 /// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
-/// can be ([`crate::verify::ahead_units`]: a table, or a partitioned table with its
-/// partitions) and has a table without its ledger, one at a time after a
-/// drain pass. Each verification holds its unit's batch lock while it reads
-/// the unit on both sides, which can take minutes for a large table: the
-/// other tables keep draining meanwhile. A table that differs ends the
-/// cutover before the fence. Returns how many tables were compared, and in
-/// how many milliseconds.
+/// can be ([`crate::verify::ahead_units`]: a table, or a partitioned table
+/// with its partitions) and has a table without its ledger. Each
+/// verification holds its unit's batch lock while it reads the unit on
+/// both sides, which can take minutes for a large table: large units go
+/// one at a time, the other tables draining meanwhile; small ones
+/// ([`SMALL_UNIT_PAGES`]) take milliseconds each and go `sync.workers` at a
+/// time, a hundred between drain passes. Drift is read at most every few
+/// seconds and a drain pass of every table at most once a second: with
+/// thousands of small tables, those readings before each unit took eight
+/// minutes at 2,000 tables. A table that differs ends the cutover before
+/// the fence. Returns how many tables were compared, and in how many
+/// milliseconds.
 pub(super) async fn verify_ahead(
     m: &Migration,
     tables: &[TableState],
@@ -30,18 +35,20 @@ pub(super) async fn verify_ahead(
     let started = Instant::now();
     let conn = m.source_conn().await?;
     let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
+    let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
+        .into_iter()
+        .filter(|u| !u.iter().all(|t| ledgers.contains(&t.id)))
+        .collect();
+    let pages = unit_pages(&conn, &units).await.map_err(CutoverError::Source)?;
     drop(conn);
+    let (small, large): (Vec<_>, Vec<_>) = units
+        .into_iter()
+        .zip(pages)
+        .partition(|(_, pages)| *pages <= SMALL_UNIT_PAGES);
     let mut verdicts = Vec::new();
-    let mut backoff = drain::Backoff::default();
-    for unit in crate::verify::ahead_units(tables) {
-        if unit.iter().all(|t| ledgers.contains(&t.id)) {
-            continue;
-        }
-        // Each verification reads a whole table on the source: not while
-        // the source's own sessions wait.
-        wait_out_pressure(m, &mut backoff, Instant::now(), cancel).await?;
-        drain::check_drift(m, tables).await?;
-        drain::drain_pass(m, tables, cancel).await?;
+    let mut ready = Readiness::default();
+    for (unit, _) in large {
+        ready.wait(m, tables, cancel).await?;
         let others: Vec<TableState> = tables
             .iter()
             .filter(|t| t.lock_relid != unit[0].lock_relid)
@@ -54,14 +61,95 @@ pub(super) async fn verify_ahead(
             drain::verify_ahead(m, &unit, drain::Ahead::All, cancel),
         )
         .await?;
-        for verdict in verified {
-            tracing::info!(table = %verdict.table, equal = verdict.equal, rows = verdict.source_rows, "Verified ahead of the fence");
-            verdicts.push(verdict);
-        }
+        verdicts.extend(verified);
+    }
+    let small: Vec<Vec<TableState>> = small.into_iter().map(|(unit, _)| unit).collect();
+    for chunk in small.chunks(100) {
+        ready.wait(m, tables, cancel).await?;
+        let verified = crate::parallel::Limit::new(m.sync_workers())
+            .run_all(chunk.to_vec(), Some(cancel), |unit| {
+                let (m, cancel) = (m.clone(), cancel.clone());
+                async move { drain::verify_ahead(&m, &unit, drain::Ahead::All, &cancel).await }
+            })
+            .await?;
+        verdicts.extend(verified.into_iter().flatten());
+    }
+    if cancel.is_cancelled() {
+        return Err(crate::Error::Cancelled);
+    }
+    for verdict in &verdicts {
+        tracing::info!(table = %verdict.table, equal = verdict.equal, rows = verdict.source_rows, "Verified ahead of the fence");
     }
     let verified = verdicts.len();
     equal_ahead(verdicts)?;
     Ok((verified, started.elapsed().as_millis() as u64))
+}
+
+/// Units of at most this many pages (by the source catalog's last count,
+/// all their tables together) are verified ahead of the fence several at a
+/// time: each takes milliseconds.
+const SMALL_UNIT_PAGES: i64 = 128;
+
+/// Each unit's pages, by the source catalog's last count, in one statement.
+async fn unit_pages(
+    client: &tokio_postgres::Client,
+    units: &[Vec<TableState>],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let relids: Vec<u32> = units.iter().flatten().map(|t| t.relid).collect();
+    let rows = client
+        .query(
+            "SELECT u.r, coalesce(c.relpages, 2147483647)::int8
+               FROM unnest($1::oid[]) AS u(r) LEFT JOIN pg_class c ON c.oid = u.r",
+            &[&relids],
+        )
+        .await?;
+    let pages: std::collections::HashMap<u32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(units
+        .iter()
+        .map(|u| {
+            u.iter()
+                .map(|t| pages.get(&t.relid).copied().unwrap_or(i64::MAX / 4))
+                .sum()
+        })
+        .collect())
+}
+
+/// What the verification ahead does before each unit, or chunk of small
+/// ones: waits out pressure on the source, checks drift every few seconds
+/// ([`crate::sync::DRIFT_EVERY`]), drains every table at most once a second.
+#[derive(Default)]
+struct Readiness {
+    backoff: drain::Backoff,
+    drift_checked: Option<Instant>,
+    drained: Option<Instant>,
+}
+
+impl Readiness {
+    async fn wait(
+        &mut self,
+        m: &Migration,
+        tables: &[TableState],
+        cancel: &CancellationToken,
+    ) -> Result<(), crate::Error> {
+        // Each verification reads a whole unit on the source: not while
+        // the source's own sessions wait.
+        wait_out_pressure(m, &mut self.backoff, Instant::now(), cancel).await?;
+        if self
+            .drift_checked
+            .is_none_or(|at| at.elapsed() >= crate::sync::DRIFT_EVERY)
+        {
+            drain::check_drift(m, tables).await?;
+            self.drift_checked = Some(Instant::now());
+        }
+        if self
+            .drained
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            drain::drain_pass(m, tables, cancel).await?;
+            self.drained = Some(Instant::now());
+        }
+        Ok(())
+    }
 }
 
 /// Rounds of [`settle_ledgers`] at most: a round takes less time than the
