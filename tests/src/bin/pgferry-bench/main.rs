@@ -153,7 +153,11 @@ pub(crate) fn pgferry_command(
             ),
         )
         .env("PGFERRY_METRICS__LISTEN", "off")
-        .env("PGFERRY_LOG", "warn")
+        // Warnings only, unless BENCH_PGFERRY_LOG asks for more (say, info).
+        .env(
+            "PGFERRY_LOG",
+            std::env::var("BENCH_PGFERRY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
     c
