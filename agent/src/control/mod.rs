@@ -89,15 +89,7 @@ pub async fn ensure_schema(client: &mut tokio_postgres::Client) -> Result<(), St
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(&format!(
-            "SET LOCAL search_path = {}, pg_catalog",
-            Ident(SCHEMA.into())
-        ))
-        .await
-        .map_err(q("pin search_path"))?;
-        tx.batch_execute(sql)
-            .await
-            .map_err(q("apply a control-schema migration"))?;
+        apply_file(&tx, sql, "apply a control-schema migration").await?;
         tx.execute(
             &format!(
                 "INSERT INTO {}.schema_migrations (version) VALUES ($1)",
@@ -122,15 +114,7 @@ pub async fn ensure_schema(client: &mut tokio_postgres::Client) -> Result<(), St
         .map_err(q("read the applied functions"))?
         .get(0);
     if stale {
-        tx.batch_execute(&format!(
-            "SET LOCAL search_path = {}, pg_catalog",
-            Ident(SCHEMA.into())
-        ))
-        .await
-        .map_err(q("pin search_path"))?;
-        tx.batch_execute(sql)
-            .await
-            .map_err(q("apply the control functions"))?;
+        apply_file(&tx, sql, "apply the control functions").await?;
         // The capturing bodies are made by `capture_functions`: made again
         // with it as it is now, unless the fence is up (then they refuse,
         // and lifting it makes them again).
@@ -152,4 +136,20 @@ pub async fn ensure_schema(client: &mut tokio_postgres::Client) -> Result<(), St
         .map_err(q("record the applied functions"))?;
     }
     tx.commit().await.map_err(q("commit the control schema"))
+}
+
+/// Runs `sql`, a file of the control schema, in `tx` with `search_path`
+/// pinned to the control schema (again for each file: one may change it).
+async fn apply_file(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    what: &'static str,
+) -> Result<(), StateError> {
+    tx.batch_execute(&format!(
+        "SET LOCAL search_path = {}, pg_catalog",
+        Ident(SCHEMA.into())
+    ))
+    .await
+    .map_err(q("pin search_path"))?;
+    tx.batch_execute(sql).await.map_err(q(what))
 }
