@@ -37,7 +37,7 @@ use crate::db::ident::Ident;
 use crate::db::Migration;
 use crate::verify::{self, Subject, VerifyReport, VerifyScope};
 use crate::{drain, sync};
-use ahead::{catch_up, settle_ledgers, verify_ahead};
+use ahead::{catch_up, refresh_key_statistics, settle_ledgers, verify_ahead};
 
 /// Cutover failures.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +296,7 @@ pub async fn run(
             let (rows, ms) = settle_ledgers(m, &tables, cancel).await?;
             settled = rows;
             ahead.1 += ms;
+            refresh_key_statistics(m, &tables).await?;
         }
         catch_up(m, &tables, cancel).await?;
         if m.cfg.cutover.materialized_views == MatviewRefresh::AfterSwitch {

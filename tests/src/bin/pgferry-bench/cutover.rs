@@ -203,6 +203,9 @@ async fn migrate_once(
         .await
         .expect("pgferry cutover");
     let wall = started.elapsed().as_secs_f64();
+    if std::env::var_os("BENCH_PGFERRY_LOG").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     assert!(
         out.status.success(),
         "pgferry cutover failed: {}",
