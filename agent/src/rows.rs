@@ -80,6 +80,14 @@ pub async fn pump(
 /// a batch's snapshot) sees them. The keys the drain applies, the
 /// verification compares and a split copy removes all arrive this way.
 /// Returns how many were staged.
+///
+/// `src` must be in a transaction: `select`'s DISTINCT or UNION is sorted
+/// there, never hashed. The planner cannot count a delta's distinct keys (it
+/// guesses a part's hash filter at 0.5% of the rows, a delta never analyzed
+/// at 200 keys), and on such a guess it aggregates in two stages, hashed in
+/// parallel workers and hashed again: 875,000 keys of a part took minutes
+/// that way instead of 0.6 s sorted (a 10% backlog of a 5.5 GB table,
+/// `docs/benchmarks.md`).
 pub async fn stage_keys(
     src: &impl tokio_postgres::GenericClient,
     ttx: &tokio_postgres::Transaction<'_>,
@@ -98,17 +106,27 @@ pub async fn stage_keys(
         .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
         .await
         .map_err(Pumped::Target)?;
-    // Through the session itself: within `src`'s transaction, if it is one.
+    let hashagg: String = src
+        .query_one(
+            "SELECT current_setting('enable_hashagg'), set_config('enable_hashagg', 'off', true)",
+            &[],
+        )
+        .await
+        .map_err(Pumped::Source)?
+        .get(0);
+    // Through the session itself, within `src`'s transaction.
     let stream = src
         .client()
         .copy_out(&format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
         .await
         .map_err(Pumped::Source)?;
-    Ok(
-        pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
-            .await?
-            .0,
-    )
+    let staged = pump(stream, sink, &crate::db::throttle::Throttle::unlimited(), |_| {})
+        .await?
+        .0;
+    src.execute("SELECT set_config('enable_hashagg', $1, true)", &[&hashagg])
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(staged)
 }
 
 /// For a table moved in text form ([`TableState::text_form`]): reg* values

@@ -375,12 +375,18 @@ fn sums(only: &str, table: &QualifiedTable, filter: &str) -> String {
 /// source into a temporary table on the target, and each side sums the
 /// rows with those keys.
 async fn compare_changed(m: &Migration, tables: &[TableState]) -> Result<TableVerdict, VerifyError> {
-    let src = m.source_conn().await?;
+    let mut src = m.source_conn().await?;
     let mut tgt = m.target_conn().await?;
-    compare_changed_on(&**src, &mut tgt, tables, false).await
+    let stx = src.transaction().await.map_err(|source| VerifyError::Query {
+        table: tables[0].table.display_name(),
+        side: Side::Source,
+        source,
+    })?;
+    // Read-only: ended without a commit round trip.
+    compare_changed_on(&*stx, &mut tgt, tables, false).await
 }
 
-/// [`compare_changed`] as `src` (a session, or a batch's snapshot) and a
+/// [`compare_changed`] as `src` (a transaction, or a batch's snapshot) and a
 /// transaction of `tgt` see them; with `only`, the rows of `tables[0]`
 /// itself (a table alone in its unit, whose children, if any, are drained
 /// apart from it).

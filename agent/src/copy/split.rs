@@ -302,7 +302,7 @@ pub(super) async fn finish(m: &Migration, t: &TableState, all: &[TableState]) ->
 /// Deletes from the target's `t` every row whose key (in `owner`'s key
 /// columns) is named by `owner`'s deltas. Returns the rows deleted.
 async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) -> Result<u64, CopyError> {
-    let source = m.source_conn().await?;
+    let mut source = m.source_conn().await?;
     let delta = owner.delta_table();
     let any: bool = source
         .query_one(
@@ -327,8 +327,9 @@ async fn remove_delta_keys(m: &Migration, t: &TableState, owner: &TableState) ->
         .join(" AND ");
     let mut target = m.target_conn().await?;
     let tx = target.transaction().await.map_err(err(t, Side::Target))?;
+    let stx = source.transaction().await.map_err(err(t, Side::Source))?;
     crate::rows::stage_keys(
-        &**source,
+        &*stx,
         &tx,
         "pgferry_moved",
         &t.table,
