@@ -245,35 +245,7 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         let what = what.to_string();
         move |source| CleanupError::Query { what, side, source }
     };
-    let rows = source
-        .query(
-            "SELECT DISTINCT n.nspname::text, c.relname::text, t.tgname::text
-               FROM pg_trigger t
-               JOIN pg_class c ON c.oid = t.tgrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_proc p ON p.oid = t.tgfoid
-               JOIN pg_namespace pn ON pn.oid = p.pronamespace
-              WHERE pn.nspname = $1
-              ORDER BY 1, 2, 3",
-            &[&SCHEMA],
-        )
-        .await
-        .map_err(q("listing capture triggers", Side::Source))?;
-    let mut by_table: Vec<(QualifiedTable, Vec<String>)> = Vec::new();
-    for r in &rows {
-        let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        let trigger: String = r.get(2);
-        match by_table.last_mut() {
-            Some((t, names)) if *t == table => names.push(trigger),
-            _ => by_table.push((table, vec![trigger])),
-        }
-    }
-    for (table, names) in &by_table {
-        crate::ddl::drop_triggers(m, cancel, &table.to_string(), names).await?;
-        report.triggers_dropped += names.len();
-        tracing::info!(table = %table.display_name(), "Capture removed");
-        crate::failpoint::hit("cleanup.table_done").await;
-    }
+    report.triggers_dropped = remove_capture(m, cancel).await?;
     crate::failpoint::hit("cleanup.before_schema_drop").await;
     let drop_schema = format!("DROP SCHEMA IF EXISTS {} CASCADE", Ident(SCHEMA.into()));
     let had_schema = leftovers(&source)
@@ -314,4 +286,47 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<CleanupRep
         report.target_schema_dropped = true;
     }
     Ok(report)
+}
+
+/// Drops the capture triggers on `m`'s source, one table per transaction
+/// with the source's `lock_timeout` and retries (which lifts a fence that
+/// is still up). Returns how many it dropped.
+pub async fn remove_capture(m: &Migration, cancel: &CancellationToken) -> Result<usize, crate::Error> {
+    let rows = m
+        .source_conn()
+        .await?
+        .query(
+            "SELECT DISTINCT n.nspname::text, c.relname::text, t.tgname::text
+               FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_proc p ON p.oid = t.tgfoid
+               JOIN pg_namespace pn ON pn.oid = p.pronamespace
+              WHERE pn.nspname = $1
+              ORDER BY 1, 2, 3",
+            &[&SCHEMA],
+        )
+        .await
+        .map_err(|source| CleanupError::Query {
+            what: "listing capture triggers".into(),
+            side: m.source.side(),
+            source,
+        })?;
+    let mut by_table: Vec<(QualifiedTable, Vec<String>)> = Vec::new();
+    for r in &rows {
+        let table = QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let trigger: String = r.get(2);
+        match by_table.last_mut() {
+            Some((t, names)) if *t == table => names.push(trigger),
+            _ => by_table.push((table, vec![trigger])),
+        }
+    }
+    let mut dropped = 0;
+    for (table, names) in &by_table {
+        crate::ddl::drop_triggers(m, cancel, &table.to_string(), names).await?;
+        dropped += names.len();
+        tracing::info!(table = %table.display_name(), "Capture removed");
+        crate::failpoint::hit("cleanup.table_done").await;
+    }
+    Ok(dropped)
 }

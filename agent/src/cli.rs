@@ -80,6 +80,17 @@ pub enum Command {
     },
     /// Remove every pgferry object from source and target.
     Cleanup,
+    /// After a cutover with cutover.fallback: the old source follows the
+    /// new database (kept fenced, pgferry applying there what the
+    /// application writes to the target) until stopped.
+    Fallback {
+        /// Stop after a pass that found nothing to apply.
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// End the fallback window: the old source's triggers enabled again,
+    /// pgferry removed from both sides (which lifts the old source's fence).
+    Finish,
     /// Compare source and target: counts, checksums, differing keys.
     Verify,
     /// Phase, per-table progress, backlog, lag.
@@ -369,8 +380,28 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
                      write there from now on is not migrated"
                 );
             }
-            let r = resilient(&m, "cleanup", cancel, || crate::cleanup::run(&m, cancel)).await?;
-            Output::ok(&r, pretty("cleanup done", &r))
+            // A fallback's remains too: its triggers enabled again on the
+            // old source, the target's capture removed table by table.
+            let r = resilient(&m, "cleanup", cancel, || crate::fallback::finish(&m, cancel)).await?;
+            Output::ok(&r.cleanup, pretty("cleanup done", &r.cleanup))
+        }
+        Command::Fallback { until_caught_up } => {
+            let r = resilient(&m, "fallback", cancel, || {
+                crate::fallback::run(&m, *until_caught_up, cancel)
+            })
+            .await?;
+            Output::ok(&r, pretty("fallback stopped", &r))
+        }
+        Command::Finish => {
+            if let Ok(Some(who)) = crate::cutover::release::connected_now(&m).await {
+                tracing::warn!(
+                    sessions = %who,
+                    "Lifting the old source's fence while sessions that could write to it are connected: what they \
+                     write there from now on is not migrated"
+                );
+            }
+            let r = resilient(&m, "finish", cancel, || crate::fallback::finish(&m, cancel)).await?;
+            Output::ok(&r, pretty("fallback finished", &r))
         }
         Command::Verify => {
             let r = crate::verify::verify_all(&m).await?;

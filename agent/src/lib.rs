@@ -20,6 +20,7 @@ pub mod drain;
 pub mod error;
 pub mod extension_config;
 pub mod failpoint;
+pub mod fallback;
 pub mod follow;
 pub mod migrate;
 pub mod parallel;

@@ -41,6 +41,10 @@ pub struct MigrateReport {
     pub release: Option<ReleaseReport>,
     /// Cleanup step.
     pub cleanup: Option<CleanupReport>,
+    /// With `cutover.fallback`: the old source following the new database
+    /// after the switch, until stopped or finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<crate::fallback::FallbackReport>,
     /// The migration had finished already: an interrupted cleanup was
     /// completed, nothing else done.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +102,16 @@ pub async fn run(
     }
     let opts = CutoverOptions::default();
     report.cutover = Some(resilient(m, "cutover", cancel, || cutover::run(m, opts, cancel)).await?);
+    if m.cfg.cutover.fallback {
+        // The old source follows the new database until `pgferry finish`
+        // (or `switchback`); its fence stays.
+        tracing::info!(
+            "Cut over with a way back: the old source now follows the new database until `pgferry finish`"
+        );
+        report.fallback =
+            Some(resilient(m, "fallback", cancel, || crate::fallback::run(m, false, cancel)).await?);
+        return Ok(report);
+    }
     // Cleanup lifts the fence: not while the application may still write
     // to the old source (invariant 8).
     report.release = Some(

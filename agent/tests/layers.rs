@@ -29,7 +29,11 @@ const LAYERS: &[(&str, bool, &[&str])] = &[
     ("catalog", false, &["plan"]),
     ("parts", false, &["extension_config", "roles", "verify"]),
     ("capabilities", false, &["capture", "cleanup", "copy", "drain"]),
-    ("sequences", true, &["follow", "sync", "cutover", "migrate"]),
+    (
+        "sequences",
+        true,
+        &["follow", "sync", "fallback", "cutover", "migrate"],
+    ),
     ("interfaces", true, &["sandbox", "rds", "status", "demo", "cli"]),
 ];
 

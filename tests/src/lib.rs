@@ -517,11 +517,20 @@ impl Workload {
         roles: &[(&'static str, &'static str)],
         ops: &'static [&'static str],
     ) -> Workload {
+        let mut clients = Vec::new();
+        for role in roles {
+            clients.push(env.source_as(*role).await);
+        }
+        Workload::start_with(clients, ops)
+    }
+
+    /// [`Workload::start`] with sessions of the caller's (on the target,
+    /// say): one writer each.
+    pub fn start_with(clients: Vec<Client>, ops: &'static [&'static str]) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         let mut stats = Vec::new();
-        for (i, role) in roles.iter().enumerate() {
-            let c = env.source_as(*role).await;
+        for (i, c) in clients.into_iter().enumerate() {
             let st = Arc::new(WriterStats::default());
             let (stop, st2) = (stop.clone(), st.clone());
             handles.push(tokio::spawn(async move {

@@ -308,6 +308,15 @@ pub struct CutoverConfig {
     /// platform's monitoring role). Default none.
     #[serde(default, deserialize_with = "list")]
     pub release_ignore_roles: Vec<String>,
+    /// Whether the old source follows the new database after the switch,
+    /// for a way back: capture is installed on the target before the fence
+    /// (the RDS master user owns its tables), and after the switch the old
+    /// source stays fenced while pgferry applies there what the application
+    /// writes to the target (`pgferry fallback`; `migrate --cutover` goes
+    /// on with it instead of cleaning up), until `pgferry finish`. Default
+    /// false.
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 /// When the cutover refreshes materialized views on the target.
@@ -453,6 +462,7 @@ impl Default for CutoverConfig {
             fence_lift_timeout_ms: default_fence_lift_timeout_ms(),
             release_after_ms: default_release_after_ms(),
             release_ignore_roles: Vec::new(),
+            fallback: false,
         }
     }
 }

@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (14, include_str!("sql/0014_cheaper_fence.sql")),
     (15, include_str!("sql/0015_moved_fence.sql")),
     (16, include_str!("sql/0016_functions_in_one_file.sql")),
+    (17, include_str!("sql/0017_fallback.sql")),
 ];
 
 /// Every control function as it is now, re-applied after the versioned

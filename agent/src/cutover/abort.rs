@@ -51,6 +51,7 @@ pub async fn finish(m: &Migration) -> Result<(), crate::Error> {
         .await
         .map_err(CutoverError::Target)?;
     drop(target);
+    crate::fallback::withdraw(m, &tokio_util::sync::CancellationToken::new()).await?;
     let conn = m.source_conn().await?;
     state::set_phase(&**conn, Phase::Syncing).await?;
     tracing::info!("Target tidied: sync can continue");

@@ -282,6 +282,11 @@ pub async fn run(
             (tables, followed) = sync::follow_drift(m, cancel, e.into()).await?;
             report_followed = followed;
         }
+        if m.cfg.cutover.fallback {
+            // Committed before the fence, so before the switch: the
+            // application's first write to the target is captured.
+            crate::fallback::prepare(m, cancel).await?;
+        }
         if m.cfg.cutover.verify == VerifyScope::Changed {
             ahead = verify_ahead(m, &tables, cancel).await?;
         }
@@ -519,6 +524,12 @@ async fn fenced(
     if m.cfg.cutover.materialized_views == MatviewRefresh::Fenced {
         matviews::refresh_all(m, &source).await?;
         laps.lap("materialized views");
+    }
+    if m.cfg.cutover.fallback {
+        // Everything the forward line wrote to the target is written:
+        // what the target's capture holds is its echo.
+        crate::fallback::forget_echo(m).await?;
+        laps.lap("way back made ready");
     }
     tracing::info!(steps = %laps, "Under the fence so far");
     report.fenced_steps = laps.done;

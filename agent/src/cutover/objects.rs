@@ -235,6 +235,9 @@ pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_pos
                  SELECT format('DROP TRIGGER IF EXISTS %I ON %I.%I', t.tgname, n.nspname, c.relname)
                    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND {USER_SCHEMA}
+                    -- The target's own capture, for the way back (cutover.fallback).
+                    AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                                     WHERE p.oid = t.tgfoid AND p.pronamespace = to_regnamespace('pgferry'))
                  UNION ALL
                  SELECT format('DROP RULE IF EXISTS %I ON %I.%I', r.rulename, n.nspname, c.relname)
                    FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace

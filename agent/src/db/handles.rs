@@ -96,6 +96,22 @@ impl Migration {
         }
     }
 
+    /// The same migration the other way round, on the same pools: the
+    /// target read and captured as a source, the old source written as a
+    /// target (`cutover.fallback`). Each endpoint keeps its own name in
+    /// errors and logs.
+    pub fn reversed(&self) -> Self {
+        Self {
+            source: self.target.clone(),
+            target: self.source.clone(),
+            target_given: true,
+            source_pool: self.target_pool.clone(),
+            target_pool: self.source_pool.clone(),
+            data: None,
+            ..self.clone()
+        }
+    }
+
     /// A pooled source session.
     pub async fn source_conn(&self) -> Result<Object, ConnectError> {
         self.source.get(&self.source_pool).await

@@ -605,9 +605,12 @@ async fn a_delta_table_from_before_v11_still_captures_and_drains() {
     assert_same_data(&env).await;
 }
 
+/// The control schema's version this release brings.
+const LATEST_CONTROL_VERSION: i32 = 17;
+
 /// A control schema left by a pgferry from before the functions lived in
 /// one file (version 15), with a migration in flight, is upgraded by the
-/// next `install`: version 16 and the functions file applied once, in
+/// next `install`: versions 16 on and the functions file applied once, in
 /// place of a function that release had otherwise; capture goes on through
 /// the upgrade, and a second `install` applies nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,8 +618,10 @@ async fn an_older_control_schema_takes_the_functions_file_in_flight() {
     let env = synced().await;
     let app = env.source_as(APP).await;
     app.batch_execute(
-        "DELETE FROM pgferry.schema_migrations WHERE version = 16;
+        "DELETE FROM pgferry.schema_migrations WHERE version >= 16;
          DROP TABLE pgferry.repeatable;
+         DROP TABLE pgferry.disabled_triggers;
+         ALTER TABLE pgferry.run DROP COLUMN apply_pass, DROP COLUMN direction;
          CREATE OR REPLACE FUNCTION pgferry.delta_storage() RETURNS text
            LANGUAGE sql IMMUTABLE AS $$ SELECT 'fillfactor = 100' $$;
          INSERT INTO scratch VALUES (710000, 'before the upgrade');",
@@ -644,7 +649,7 @@ async fn an_older_control_schema_takes_the_functions_file_in_flight() {
     };
     env.ok(&["install"]).await;
     let (version, first, storage) = applied().await;
-    assert_eq!(version, 16);
+    assert_eq!(version, LATEST_CONTROL_VERSION);
     assert!(
         storage.contains("autovacuum_vacuum_threshold"),
         "the function as this release has it: {storage}"
@@ -682,7 +687,7 @@ const CONTROL_V10: [&str; 10] = [
 ];
 
 /// A migration begun under control schema 10 is upgraded in flight by a
-/// newer `install`: versions 11 to 16 and the functions file apply, the
+/// newer `install`: versions 11 on and the functions file apply, the
 /// table that release captured keeps capturing into its delta table of
 /// that shape, and the migration ends equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,7 +750,7 @@ async fn a_migration_begun_under_control_schema_10_is_upgraded_in_flight() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i32>(0), 16);
+    assert_eq!(row.get::<_, i32>(0), LATEST_CONTROL_VERSION);
     assert_eq!(row.get::<_, i64>(1), 1, "the functions file applied");
     assert_eq!(
         row.get::<_, Vec<String>>(2),

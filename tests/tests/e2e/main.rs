@@ -4,6 +4,7 @@
 
 mod bulk;
 mod contract;
+mod fallback;
 mod faults;
 mod fidelity;
 mod habits;

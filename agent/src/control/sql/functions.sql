@@ -202,9 +202,11 @@ REVOKE ALL ON FUNCTION capture_install(integer) FROM PUBLIC;
 
 -- Sets the fence: raised, every capture function of a table and the
 -- fence trigger of copy_only tables refuse the write (naming the move when
--- `p_moved`: after the switch); lowered, the capturing bodies are made
--- again by `capture_functions`. The fence is state, not code: this file
--- never sets it.
+-- `p_moved`: after the switch), except to a session whose setting
+-- `pgferry.apply` holds `run.apply_pass` when there is one (version 17),
+-- which they let through uncaptured; lowered, the capturing bodies are
+-- made again by `capture_functions`. The fence is state, not code: this
+-- file never sets it.
 CREATE OR REPLACE FUNCTION fence_apply(p_raised boolean, p_moved boolean) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -222,8 +224,14 @@ DECLARE
         MESSAGE = pg_catalog.format('pgferry: writes to %I.%I are blocked while the database moves to its new server', TG_TABLE_SCHEMA, TG_TABLE_NAME),
         HINT = 'Retry against the new database once the cutover has finished.';$r$
     END;
+    pass   text := (SELECT r.apply_pass FROM pgferry.run r);
     f      record;
 BEGIN
+    IF pass IS NOT NULL THEN
+        refuse := pg_catalog.format($r$
+    IF pg_catalog.current_setting('pgferry.apply', true) IS DISTINCT FROM %L THEN%s
+    END IF;$r$, pass, refuse);
+    END IF;
     IF p_raised THEN
         FOR f IN SELECT p.proname FROM pg_proc p
                   WHERE p.pronamespace = 'pgferry'::regnamespace

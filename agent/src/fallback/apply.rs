@@ -1,0 +1,470 @@
+//! Applying the target's changes to the old source, under its foreign keys
+//! and without its triggers (docs/design.md, "Fallback").
+//!
+//! A pass reads every pending table of the target in one REPEATABLE READ
+//! snapshot S (the target enforces its foreign keys, so S is consistent
+//! across tables) and writes the old source in one transaction: rows are
+//! upserted (`INSERT ... ON CONFLICT DO UPDATE`, never deleted and inserted
+//! again, so no `ON DELETE` action fires for a row that still exists)
+//! parents first, then the keys S no longer holds are deleted children
+//! first; the constraints are checked at the end of each statement, and
+//! each statement leaves them holding. Only after the old source committed
+//! are the deltas S saw removed, in S (invariant 4, the other way round).
+
+use tokio_postgres::IsolationLevel;
+use tokio_util::sync::CancellationToken;
+
+use super::query_err;
+use crate::control::state::{self, TableState};
+use crate::db::endpoint::Side;
+use crate::db::ident::{column_list, Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::rows::Pumped;
+
+/// Advisory-lock class held on the target by the one pass applying at a
+/// time (`pgfb`): two passes in different snapshots could commit in the
+/// opposite order and leave the older state on the old source.
+const PASS_LOCK_CLASS: i32 = 0x7067_6662;
+
+/// One pass: applies every change the target's deltas hold to the old
+/// source. Returns the keys applied (0 when nothing was pending, or when
+/// another agent's pass holds the lock).
+pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
+    let back = m.reversed();
+    let mut newdb = back.source_conn().await?;
+    let tables = state::tables(&**newdb).await?;
+    let tgt = |what: &str| query_err(what, Side::Target);
+    let ttx = newdb
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(tgt("starting a pass"))?;
+    let keyed: Vec<&TableState> = tables.iter().filter(|t| !t.copy_only).collect();
+    if keyed.is_empty() {
+        return Ok(0);
+    }
+    // ACCESS SHARE before the first query takes S, as a forward batch
+    // does: a TRUNCATE committed after S but before a read would show S an
+    // empty table.
+    let names: Vec<String> = keyed.iter().map(|t| format!("ONLY {}", t.table)).collect();
+    ttx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
+        .await
+        .map_err(tgt("locking the captured tables"))?;
+    let locked: bool = ttx
+        .query_one("SELECT pg_try_advisory_xact_lock($1, 0)", &[&PASS_LOCK_CLASS])
+        .await
+        .map_err(tgt("taking the pass lock"))?
+        .get(0);
+    if !locked {
+        return Ok(0);
+    }
+    let probe = keyed
+        .iter()
+        .map(|t| format!("SELECT {} WHERE EXISTS (SELECT 1 FROM {})", t.id, t.delta_table()))
+        .chain(std::iter::once(
+            "SELECT table_id FROM pgferry.truncates".to_string(),
+        ))
+        .collect::<Vec<_>>()
+        .join(" UNION ");
+    let pending_ids: Vec<i32> = ttx
+        .query(&probe, &[])
+        .await
+        .map_err(tgt("reading the pending tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let truncated: Vec<i32> = ttx
+        .query("SELECT DISTINCT table_id FROM pgferry.truncates", &[])
+        .await
+        .map_err(tgt("reading the truncations"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let pending: Vec<&TableState> = keyed
+        .iter()
+        .copied()
+        .filter(|t| pending_ids.contains(&t.id))
+        .collect();
+    if pending.is_empty() {
+        return Ok(0);
+    }
+
+    let mut old = m.source_conn().await?;
+    let src = |what: &str| query_err(what, Side::Source);
+    let stx = old.transaction().await.map_err(src("starting a pass"))?;
+    stx.execute(
+        "SELECT set_config('pgferry.apply', (SELECT apply_pass FROM pgferry.run), true)",
+        &[],
+    )
+    .await
+    .map_err(src("passing the fence"))?;
+    let pumped = |what: &'static str| {
+        move |e| match e {
+            Pumped::Source(e) => query_err(what, Side::Target)(e),
+            Pumped::Target(e) => query_err(what, Side::Source)(e),
+        }
+    };
+    let mut keys = 0;
+    for (i, t) in pending.iter().enumerate() {
+        let whole = truncated.contains(&t.id);
+        keys += crate::rows::stage_keys(
+            &*ttx,
+            &stx,
+            &format!("pgferry_k_{i}"),
+            &t.table,
+            &t.key_columns,
+            &format!("SELECT DISTINCT {} FROM {}", t.delta_key_list(), t.delta_table()),
+        )
+        .await
+        .map_err(pumped("staging the changed keys"))?;
+        let cols = column_list(&t.copy_columns, None);
+        stx.batch_execute(&format!(
+            "CREATE TEMP TABLE pgferry_r_{i} ON COMMIT DROP AS SELECT {cols} FROM ONLY {} WITH NO DATA",
+            t.table
+        ))
+        .await
+        .map_err(src("staging the rows"))?;
+        let filter = if whole {
+            String::new()
+        } else {
+            format!(
+                "WHERE ({}) IN (SELECT {} FROM {})",
+                column_list(&t.key_columns, None),
+                t.delta_key_list(),
+                t.delta_table()
+            )
+        };
+        stage_rows(&ttx, &stx, t, &format!("pgferry_r_{i}"), &filter)
+            .await
+            .map_err(pumped("staging the rows"))?;
+    }
+    let order = parents_first(&stx, &pending)
+        .await
+        .map_err(src("reading the foreign keys"))?;
+    for &i in &order {
+        upsert(&stx, pending[i], i)
+            .await
+            .map_err(src("applying the rows"))?;
+    }
+    for &i in order.iter().rev() {
+        remove(&stx, pending[i], i, truncated.contains(&pending[i].id))
+            .await
+            .map_err(src("removing the deleted rows"))?;
+    }
+    crate::failpoint::hit("fallback.before_source_commit").await;
+    stx.commit().await.map_err(src("committing a pass"))?;
+    crate::failpoint::hit("fallback.after_source_commit").await;
+    for t in &pending {
+        ttx.execute(&format!("DELETE FROM {}", t.delta_table()), &[])
+            .await
+            .map_err(tgt("forgetting the applied deltas"))?;
+    }
+    ttx.execute("DELETE FROM pgferry.truncates", &[])
+        .await
+        .map_err(tgt("forgetting the applied truncations"))?;
+    ttx.commit().await.map_err(tgt("committing a pass"))?;
+    tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
+    Ok(keys)
+}
+
+/// Copies the rows of `t` that `filter` keeps, as the target's snapshot
+/// sees them, into the staging table `name` of the old source's pass.
+async fn stage_rows(
+    ttx: &tokio_postgres::Transaction<'_>,
+    stx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    name: &str,
+    filter: &str,
+) -> Result<u64, Pumped> {
+    let cols = column_list(&t.copy_columns, None);
+    let format = t.copy_format();
+    let target_path = crate::rows::pin_names(stx, t).await.map_err(Pumped::Target)?;
+    let source_path = crate::rows::pin_names(ttx, t).await.map_err(Pumped::Source)?;
+    let sink = stx
+        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT {format})"))
+        .await
+        .map_err(Pumped::Target)?;
+    let stream = ttx
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT {format})",
+            t.rel()
+        ))
+        .await
+        .map_err(Pumped::Source)?;
+    let unlimited = crate::db::throttle::Throttle::unlimited();
+    let rows = crate::rows::pump(stream, sink, &unlimited, |_| {}).await?.0;
+    crate::rows::unpin_names(stx, target_path)
+        .await
+        .map_err(Pumped::Target)?;
+    crate::rows::unpin_names(ttx, source_path)
+        .await
+        .map_err(Pumped::Source)?;
+    Ok(rows)
+}
+
+/// Writes the staged rows of `t` into the old source: inserted, or, where
+/// the key exists, its other columns set.
+async fn upsert(
+    stx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    i: usize,
+) -> Result<u64, tokio_postgres::Error> {
+    let cols = column_list(&t.copy_columns, None);
+    let keys = column_list(&t.key_columns, None);
+    let set: Vec<String> = t
+        .copy_columns
+        .iter()
+        .filter(|c| !t.key_columns.contains(c))
+        .map(|c| format!("{c} = EXCLUDED.{c}", c = Ident(c.clone())))
+        .collect();
+    let action = if set.is_empty() {
+        "NOTHING".to_string()
+    } else {
+        format!("UPDATE SET {}", set.join(", "))
+    };
+    stx.execute(
+        &format!(
+            "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pgferry_r_{i}
+             ON CONFLICT ({keys}) DO {action}",
+            t.table
+        ),
+        &[],
+    )
+    .await
+}
+
+/// Deletes from the old source the rows of `t` whose key changed and that
+/// the target's snapshot no longer holds; after a TRUNCATE on the target,
+/// every row it does not hold.
+async fn remove(
+    stx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    i: usize,
+    whole: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    let on = |a: &str, b: &str| {
+        t.key_columns
+            .iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}", k = Ident(k.clone())))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let gone = format!(
+        "NOT EXISTS (SELECT 1 FROM pgferry_r_{i} AS r WHERE {})",
+        on("r", "t")
+    );
+    let sql = if whole {
+        format!("DELETE FROM {} AS t WHERE {gone}", t.rel())
+    } else {
+        format!(
+            "DELETE FROM {} AS t USING pgferry_k_{i} AS k WHERE {} AND {gone}",
+            t.rel(),
+            on("t", "k")
+        )
+    };
+    stx.execute(&sql, &[]).await
+}
+
+/// The indexes of `pending` ordered so that a table comes after every
+/// table it references by a foreign key on the old source (a table that
+/// references itself aside). Tables in a cycle keep their order after the
+/// rest: their keys must be deferrable or the cycle's rows arrive in an
+/// order each statement accepts.
+async fn parents_first(
+    stx: &tokio_postgres::Transaction<'_>,
+    pending: &[&TableState],
+) -> Result<Vec<usize>, tokio_postgres::Error> {
+    let edges: Vec<(QualifiedTable, QualifiedTable)> = stx
+        .query(
+            "SELECT cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+               JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE con.contype = 'f' AND con.conrelid <> con.confrelid",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                QualifiedTable::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                QualifiedTable::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            )
+        })
+        .collect();
+    Ok(order_parents_first(
+        pending.iter().map(|t| &t.table).collect(),
+        &edges,
+    ))
+}
+
+/// [`parents_first`] over names: `edges` are (child, parent) pairs.
+fn order_parents_first(
+    tables: Vec<&QualifiedTable>,
+    edges: &[(QualifiedTable, QualifiedTable)],
+) -> Vec<usize> {
+    let mut placed = vec![false; tables.len()];
+    let mut order = Vec::with_capacity(tables.len());
+    loop {
+        let ready: Vec<usize> = (0..tables.len())
+            .filter(|&i| !placed[i])
+            .filter(|&i| {
+                !edges.iter().any(|(child, parent)| {
+                    child == tables[i]
+                        && tables
+                            .iter()
+                            .enumerate()
+                            .any(|(j, t)| !placed[j] && j != i && t == &parent)
+                })
+            })
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for i in ready {
+            placed[i] = true;
+            order.push(i);
+        }
+    }
+    order.extend((0..tables.len()).filter(|&i| !placed[i]));
+    order
+}
+
+/// Disables, on the old source, the application's enabled triggers on the
+/// captured tables, recording each one's mode: they fired on the new
+/// database for the writes pgferry applies. Each table in its own short
+/// transaction with the source's lock timeout, retried. Returns how many
+/// are disabled (by this run or an earlier one).
+pub async fn disable_triggers(m: &Migration, cancel: &CancellationToken) -> Result<usize, crate::Error> {
+    let found = m
+        .source_conn()
+        .await?
+        .query(
+            "SELECT t.tgrelid, t.tgname::text, t.tgenabled::text, format('%I.%I', n.nspname, c.relname)
+               FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.tgrelid IN (SELECT relid FROM pgferry.tables)
+                AND NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled <> 'D'
+                AND NOT EXISTS (SELECT 1 FROM pg_proc p
+                                 WHERE p.oid = t.tgfoid AND p.pronamespace = 'pgferry'::regnamespace)",
+            &[],
+        )
+        .await
+        .map_err(query_err("listing the application's triggers", Side::Source))?;
+    for r in &found {
+        let (relid, name, mode, table): (u32, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let (name, mode, table) = (&name, &mode, &table);
+        crate::ddl::retry_ddl(m, cancel, "disable a trigger on the old source", || async move {
+            let mut conn = m.source_conn().await?;
+            let tx = conn.transaction().await.map_err(query_err("disabling a trigger", Side::Source))?;
+            tx.execute(
+                "INSERT INTO pgferry.disabled_triggers (relid, tgname, mode) VALUES ($1, $2, $3::text::\"char\")
+                 ON CONFLICT DO NOTHING",
+                &[&relid, name, mode],
+            )
+            .await
+            .map_err(query_err("disabling a trigger", Side::Source))?;
+            tx.batch_execute(&format!("ALTER TABLE {table} DISABLE TRIGGER {}", Ident(name.clone())))
+                .await
+                .map_err(query_err("disabling a trigger", Side::Source))?;
+            tx.commit().await.map_err(query_err("disabling a trigger", Side::Source))?;
+            Ok::<_, crate::Error>(())
+        })
+        .await?;
+        tracing::info!(table = %table, trigger = %name, "Trigger disabled on the old source while it follows the new database");
+    }
+    let disabled: i64 = m
+        .source_conn()
+        .await?
+        .query_one("SELECT count(*) FROM pgferry.disabled_triggers", &[])
+        .await
+        .map_err(query_err("counting the disabled triggers", Side::Source))?
+        .get(0);
+    Ok(disabled as usize)
+}
+
+/// Enables again, in the modes they had, the triggers [`disable_triggers`]
+/// disabled. Returns how many.
+pub async fn restore_triggers(m: &Migration, cancel: &CancellationToken) -> Result<usize, crate::Error> {
+    let conn = m.source_conn().await?;
+    if !crate::control::exists(&**conn).await? {
+        return Ok(0);
+    }
+    let listed = conn
+        .query(
+            "SELECT d.relid, d.tgname::text, d.mode::text, format('%I.%I', n.nspname, c.relname)
+               FROM pgferry.disabled_triggers d
+               JOIN pg_class c ON c.oid = d.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[],
+        )
+        .await;
+    // A control schema older than version 17 has no such table.
+    let found = match listed {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(0),
+        Err(e) => return Err(query_err("listing the disabled triggers", Side::Source)(e).into()),
+    };
+    drop(conn);
+    for r in &found {
+        let (relid, name, mode, table): (u32, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let how = match mode.as_str() {
+            "A" => "ENABLE ALWAYS",
+            "R" => "ENABLE REPLICA",
+            _ => "ENABLE",
+        };
+        let (name, table) = (&name, &table);
+        crate::ddl::retry_ddl(m, cancel, "enable a trigger on the old source", || async move {
+            let mut conn = m.source_conn().await?;
+            let tx = conn
+                .transaction()
+                .await
+                .map_err(query_err("enabling a trigger", Side::Source))?;
+            tx.batch_execute(&format!(
+                "ALTER TABLE {table} {how} TRIGGER {}",
+                Ident(name.clone())
+            ))
+            .await
+            .map_err(query_err("enabling a trigger", Side::Source))?;
+            tx.execute(
+                "DELETE FROM pgferry.disabled_triggers WHERE relid = $1 AND tgname = $2",
+                &[&relid, name],
+            )
+            .await
+            .map_err(query_err("enabling a trigger", Side::Source))?;
+            tx.commit()
+                .await
+                .map_err(query_err("enabling a trigger", Side::Source))?;
+            Ok::<_, crate::Error>(())
+        })
+        .await?;
+    }
+    Ok(found.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> QualifiedTable {
+        QualifiedTable::new("public", name)
+    }
+
+    #[test]
+    fn parents_come_first_and_cycles_last() {
+        let (a, b, c, d) = (t("orders"), t("lines"), t("customers"), t("x"));
+        let edges = vec![
+            (b.clone(), a.clone()),
+            (a.clone(), c.clone()),
+            (d.clone(), d.clone()),
+        ];
+        assert_eq!(
+            order_parents_first(vec![&b, &a, &c, &d], &edges),
+            vec![2, 3, 1, 0]
+        );
+        let cycle = vec![(a.clone(), b.clone()), (b.clone(), a.clone())];
+        assert_eq!(order_parents_first(vec![&a, &b, &c], &cycle), vec![2, 0, 1]);
+    }
+}

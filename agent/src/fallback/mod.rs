@@ -1,0 +1,261 @@
+//! Fallback (`cutover.fallback`): after the switch the old source follows
+//! the new database, until the operator finishes (docs/design.md,
+//! "Fallback").
+//!
+//! Before the fence, [`prepare`] installs capture on the target, as
+//! `install` does on a source, through the migration [reversed]: its
+//! deltas then hold the forward drain's own writes, which [`forget_echo`]
+//! empties under the fence, after the last of them and before the switch
+//! command, so the first thing they hold after it is the application's
+//! first write to the target. After the switch, [`run`] applies those
+//! changes to the old source ([`apply`]), which stays fenced for everyone
+//! but pgferry's apply sessions; [`finish`] removes it all from both sides.
+//!
+//! [reversed]: crate::db::Migration::reversed
+
+pub mod apply;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::control::state::{self, Phase};
+use crate::db::Migration;
+
+/// Fallback failures.
+#[derive(Debug, thiserror::Error)]
+pub enum FallbackError {
+    /// Nothing of a fallback on these databases.
+    #[error("{0}")]
+    NotUnderWay(String),
+    /// A statement failed on one side.
+    #[error("{what} failed on the {side}")]
+    Query {
+        /// Which step.
+        what: String,
+        /// Which side (as the migration names them: the target is the new database).
+        side: crate::db::endpoint::Side,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A session could not be opened.
+    #[error(transparent)]
+    Connect(#[from] crate::db::endpoint::ConnectError),
+}
+
+impl crate::error::Failure for FallbackError {
+    fn exit_code(&self) -> crate::error::ExitCode {
+        match self {
+            FallbackError::NotUnderWay(_) => crate::error::ExitCode::Usage,
+            _ => crate::error::ExitCode::Runtime,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            FallbackError::Query { source, .. } => crate::db::errors::is_retryable(source),
+            FallbackError::Connect(e) => e.is_retryable(),
+            FallbackError::NotUnderWay(_) => false,
+        }
+    }
+}
+
+pub(crate) fn query_err(
+    what: &str,
+    side: crate::db::endpoint::Side,
+) -> impl FnOnce(tokio_postgres::Error) -> FallbackError {
+    let what = what.to_string();
+    move |source| FallbackError::Query { what, side, source }
+}
+
+/// Before the fence: capture on the target (committed, table by table, as
+/// `install` does it), and on the source the pass its fence will let
+/// through. Safe to run again.
+pub async fn prepare(m: &Migration, cancel: &CancellationToken) -> Result<(), crate::Error> {
+    use crate::db::endpoint::Side;
+    m.source_conn()
+        .await?
+        .execute(
+            "UPDATE pgferry.run SET apply_pass = md5(random()::text || clock_timestamp()::text)
+              WHERE apply_pass IS NULL",
+            &[],
+        )
+        .await
+        .map_err(query_err("setting the apply pass", Side::Source))?;
+    let back = m.reversed();
+    let report = crate::capture::install(&back, cancel).await?;
+    let conn = back.source_conn().await?;
+    conn.execute("UPDATE pgferry.run SET direction = 'reverse'", &[])
+        .await
+        .map_err(query_err("recording the direction", Side::Target))?;
+    state::set_phase(&**conn, Phase::Syncing).await?;
+    tracing::info!(
+        tables = report.tables,
+        "Capture installed on the target for the way back"
+    );
+    Ok(())
+}
+
+/// Under the fence, after the last write of the forward line to the target
+/// and before the switch: empties the target's deltas, which hold nothing
+/// but those writes.
+pub async fn forget_echo(m: &Migration) -> Result<(), crate::Error> {
+    let back = m.reversed();
+    let conn = back.source_conn().await?;
+    let tables = state::tables(&**conn).await?;
+    let mut names: Vec<String> = tables
+        .iter()
+        .filter(|t| !t.copy_only)
+        .map(|t| t.delta_table().to_string())
+        .collect();
+    names.push("pgferry.truncates".into());
+    conn.batch_execute(&format!("TRUNCATE {}", names.join(", ")))
+        .await
+        .map_err(query_err(
+            "emptying the target's deltas",
+            crate::db::endpoint::Side::Target,
+        ))?;
+    Ok(())
+}
+
+/// After an aborted cutover: the target is not the application's yet, and
+/// its capture would keep recording the forward drain's writes for nobody.
+/// Removed, table by table; the next cutover installs it again.
+pub async fn withdraw(m: &Migration, cancel: &CancellationToken) -> Result<(), crate::Error> {
+    if !m.has_target() || !under_way(m).await? {
+        return Ok(());
+    }
+    let back = m.reversed();
+    crate::cleanup::remove_capture(&back, cancel).await?;
+    back.source_conn()
+        .await?
+        .batch_execute("DROP SCHEMA IF EXISTS pgferry CASCADE")
+        .await
+        .map_err(query_err(
+            "removing the way back",
+            crate::db::endpoint::Side::Target,
+        ))?;
+    tracing::info!("Capture for the way back removed from the target");
+    Ok(())
+}
+
+/// Whether the target captures for a way back.
+pub async fn under_way(m: &Migration) -> Result<bool, crate::Error> {
+    let conn = m.target_conn().await?;
+    let reverse: Option<bool> = conn
+        .query_opt(
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = to_regnamespace('pgferry') AND relname = 'run')",
+            &[],
+        )
+        .await
+        .map_err(query_err("looking for the way back", crate::db::endpoint::Side::Target))?
+        .map(|r| r.get(0));
+    if reverse != Some(true) {
+        return Ok(false);
+    }
+    let direction: Option<String> = conn
+        .query_opt("SELECT direction FROM pgferry.run", &[])
+        .await
+        .map_err(query_err(
+            "reading the direction",
+            crate::db::endpoint::Side::Target,
+        ))?
+        .map(|r| r.get(0));
+    Ok(direction.as_deref() == Some("reverse"))
+}
+
+/// What `pgferry fallback` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FallbackReport {
+    /// Passes that applied something.
+    pub passes: u64,
+    /// Keys applied to the old source.
+    pub keys_applied: u64,
+    /// The application's triggers disabled on the old source.
+    pub triggers_disabled: usize,
+}
+
+/// After the switch: applies what the application writes to the target to
+/// the old source, until cancelled (or, with `until_caught_up`, after a
+/// pass that found nothing), or until [`finish`] removed the way back.
+pub async fn run(
+    m: &Migration,
+    until_caught_up: bool,
+    cancel: &CancellationToken,
+) -> Result<FallbackReport, crate::Error> {
+    let run = state::load(&**m.source_conn().await?).await?;
+    if run.map(|r| r.phase) != Some(Phase::CutOver) || !under_way(m).await? {
+        return Err(FallbackError::NotUnderWay(
+            "no fallback is under way: the cutover must have finished with cutover.fallback = true".into(),
+        )
+        .into());
+    }
+    let mut report = FallbackReport {
+        triggers_disabled: apply::disable_triggers(m, cancel).await?,
+        ..Default::default()
+    };
+    let poll = Duration::from_millis(m.cfg.sync.poll_interval_ms);
+    let mut failures = 0u32;
+    loop {
+        if cancel.is_cancelled() || !under_way(m).await? {
+            return Ok(report);
+        }
+        match apply::pass(m).await {
+            Ok(keys) => {
+                failures = 0;
+                if keys > 0 {
+                    report.passes += 1;
+                    report.keys_applied += keys;
+                    continue;
+                }
+                if until_caught_up {
+                    return Ok(report);
+                }
+            }
+            Err(e)
+                if crate::db::retry::Retryable::is_retryable(&e)
+                    && failures < m.cfg.source_limits.lock_retries =>
+            {
+                failures += 1;
+                tracing::warn!(error = %crate::db::errors::report(&e), "The way back failed a pass; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(report),
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// What `pgferry finish` removed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FinishReport {
+    /// The application's triggers enabled again on the old source.
+    pub triggers_restored: usize,
+    /// Capture triggers dropped on the target.
+    pub target_triggers_dropped: usize,
+    /// The forward cleanup: the old source's capture (its fence) and control schema.
+    pub cleanup: crate::cleanup::CleanupReport,
+}
+
+/// Ends the fallback window: the old source's triggers enabled again,
+/// capture removed from the target (table by table, as from a source),
+/// then everything of pgferry's from both sides, which lifts the old
+/// source's fence.
+pub async fn finish(m: &Migration, cancel: &CancellationToken) -> Result<FinishReport, crate::Error> {
+    let mut report = FinishReport {
+        triggers_restored: apply::restore_triggers(m, cancel).await?,
+        ..Default::default()
+    };
+    crate::failpoint::hit("finish.after_triggers").await;
+    let back = m.reversed();
+    if m.has_target() && crate::control::exists(&**back.source_conn().await?).await? {
+        let removed = crate::cleanup::remove_capture(&back, cancel).await?;
+        report.target_triggers_dropped = removed;
+        crate::failpoint::hit("finish.after_target_capture").await;
+    }
+    report.cleanup = crate::cleanup::run(m, cancel).await?;
+    Ok(report)
+}

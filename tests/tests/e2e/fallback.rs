@@ -1,0 +1,255 @@
+//! The way back (`cutover.fallback`): after the switch the old source
+//! follows the new database, refusing the application all along, and
+//! `finish` leaves nothing of pgferry's on either side.
+
+use pgferry_e2e::*;
+
+use std::time::Duration;
+
+use crate::{seeded, synced_with, OPS};
+
+const FALLBACK: &str = "[sync]\npoll_interval_ms = 50\n[cutover]\nfallback = true\n";
+
+/// The application's triggers on the old source, with their modes.
+async fn source_triggers(env: &Env) -> Vec<(String, String)> {
+    env.source_as(APP)
+        .await
+        .query(
+            "SELECT tgname::text, tgenabled::text FROM pg_trigger
+              WHERE NOT tgisinternal AND tgname NOT LIKE 'pgferry%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("list triggers")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Writes made on the target after the switch, while `pgferry fallback`
+/// runs (inserts, updates that a trigger on the old source would rewrite,
+/// deletes that cascade, key changes, identity inserts, TRUNCATE), reach
+/// the old source through its foreign keys; the application is refused
+/// there throughout; `finish` enables its trigger again and removes
+/// everything from both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_the_target_after_the_switch_reach_the_old_source() {
+    let env = synced_with(FALLBACK).await;
+    let before = source_triggers(&env).await;
+    assert_eq!(before, vec![("accounts_touch".into(), "O".into())]);
+    env.ok(&["cutover"]).await;
+    let agent = env.cmd(&["fallback"]).spawn().expect("start fallback");
+    let writers = Workload::start_with(vec![env.target_client().await, env.target_client().await], OPS);
+    writers.progress(400).await;
+    assert_fenced(
+        &env.source_as(APP).await,
+        "UPDATE accounts SET balance = 0 WHERE id = 7",
+        "the application on the old source during the fallback",
+    )
+    .await;
+    let stats = writers.stop().await;
+    assert!(stats
+        .iter()
+        .all(|s| !s.fenced.load(std::sync::atomic::Ordering::Relaxed)));
+    stop(agent).await;
+    assert_eq!(
+        source_triggers(&env).await,
+        vec![("accounts_touch".into(), "D".into())],
+        "the old source's trigger is disabled while it follows"
+    );
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_eq!(source_triggers(&env).await, before);
+    assert_same_rows(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// Killed just before and just after the old source committed a pass, the
+/// next run ends with the old source equal to the target, its fence up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_killed_around_its_commit_is_applied_once_the_agent_is_back() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    let target = env.target_client().await;
+    for point in ["fallback.before_source_commit", "fallback.after_source_commit"] {
+        target
+            .batch_execute(
+                "INSERT INTO accounts (name, balance) SELECT 'after ' || g, g FROM generate_series(1, 50) g;
+                 DELETE FROM accounts WHERE id IN (SELECT id FROM accounts ORDER BY id LIMIT 3);
+                 UPDATE codes SET code = code || '*' WHERE n < 5;
+                 TRUNCATE scratch; INSERT INTO scratch VALUES (1, 'one');",
+            )
+            .await
+            .expect("write on the target");
+        env.kill_at(&["fallback"], point).await;
+        assert_fenced(
+            &env.source_as(APP).await,
+            "DELETE FROM scratch",
+            "the application on the old source after a kill",
+        )
+        .await;
+        env.ok(&["fallback", "--until-caught-up"]).await;
+        assert_same_rows(&env).await;
+    }
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// A cutover aborted after the fence takes the way back off the target
+/// (its capture would record the forward drain for nobody), and the next
+/// cutover makes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_cutover_takes_the_way_back_off_the_target() {
+    let env = synced_with(FALLBACK).await;
+    env.kill_at(&["cutover"], "cutover.after_fence").await;
+    env.ok(&["cutover", "--abort"]).await;
+    let target_schema = || async {
+        env.target_client()
+            .await
+            .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'", &[])
+            .await
+            .expect("look for the schema")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(
+        target_schema().await,
+        0,
+        "the target keeps nothing of the way back"
+    );
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    assert_eq!(target_schema().await, 1);
+    env.target_client()
+        .await
+        .batch_execute("UPDATE accounts SET name = 'moved back' WHERE id = 9")
+        .await
+        .expect("write on the target");
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// The application's first write to the target, made while the switch
+/// command still runs, reaches the old source: the target captured before
+/// the switch, and what it held of the forward line was forgotten before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_on_the_target_during_the_switch_reaches_the_old_source() {
+    let env = seeded().await;
+    let (started, release) = (env.path("switch-started"), env.path("release"));
+    env.config(&format!(
+        "{FALLBACK}switch_command = '''{}'''\n",
+        gated_switch(&started, &release)
+    ));
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
+    writers.progress(50).await;
+    let gate = async {
+        writers.wait_all_fenced().await;
+        wait_for("the switch command", Duration::from_secs(120), || async {
+            started.exists().then_some(())
+        })
+        .await;
+        let target = env.target_client().await;
+        target
+            .batch_execute(
+                "INSERT INTO events (kind) VALUES ('first on the target');
+                 UPDATE accounts SET balance = -1 WHERE id = 11;
+                 DELETE FROM ledger WHERE account_id = 12",
+            )
+            .await
+            .expect("the application's first writes on the target");
+        std::fs::write(&release, "").unwrap();
+    };
+    let out = env.run_alongside(&["cutover"], gate).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    let pending: i64 = env
+        .target_client()
+        .await
+        .query_one(
+            "SELECT ((SELECT count(*) FROM pgferry.truncates)
+                  + (SELECT sum((xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM pgferry.%I', 'd_' || id), false, true, '')))[1]::text::bigint)
+                       FROM pgferry.tables WHERE NOT copy_only))::bigint",
+            &[],
+        )
+        .await
+        .expect("count the target's deltas")
+        .get(0);
+    assert!(
+        (1..=10).contains(&pending),
+        "the target's deltas hold the application's first writes only, not the forward drain's: {pending}"
+    );
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// `migrate --cutover` with a way back, run as the service: after the
+/// switch it does not clean up but follows the new database, until stopped;
+/// started again (as systemd would), it goes on following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_goes_on_following_after_the_switch() {
+    let env = seeded().await;
+    env.config(FALLBACK);
+    let on_source = |id: i64| {
+        let env = &env;
+        async move {
+            env.source_as(APP)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM accounts WHERE id = $1 AND name = 'on the target'",
+                    &[&id],
+                )
+                .await
+                .expect("read the old source")
+                .get::<_, i64>(0)
+                == 1
+        }
+    };
+    for (round, id) in [(1, 21_i64), (2, 22)] {
+        let agent = env
+            .cmd(&["migrate", "--cutover"])
+            .spawn()
+            .expect("start the service");
+        wait_for("the cutover", Duration::from_secs(120), || async {
+            let phase: Option<String> = env
+                .source_as(APP)
+                .await
+                .query_one(
+                    "SELECT CASE WHEN to_regclass('pgferry.run') IS NOT NULL
+                                 THEN (xpath('/row/p/text()', query_to_xml('SELECT phase AS p FROM pgferry.run', false, true, '')))[1]::text END",
+                    &[],
+                )
+                .await
+                .expect("read the phase")
+                .get(0);
+            (phase.as_deref() == Some("cut_over")).then_some(())
+        })
+        .await;
+        env.target_client()
+            .await
+            .execute("UPDATE accounts SET name = 'on the target' WHERE id = $1", &[&id])
+            .await
+            .expect("write on the target");
+        wait_for(
+            &format!("round {round}: the write on the old source"),
+            Duration::from_secs(60),
+            || async { on_source(id).await.then_some(()) },
+        )
+        .await;
+        stop(agent).await;
+    }
+    env.ok(&["finish"]).await;
+    assert_same_rows(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// Ends an agent the way systemd stops it, and waits for it.
+async fn stop(mut agent: tokio::process::Child) {
+    crate::faults::sigterm(&agent);
+    crate::faults::exits_ok_within(&mut agent, 60).await;
+}
