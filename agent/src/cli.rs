@@ -88,6 +88,10 @@ pub enum Command {
         #[arg(long)]
         until_caught_up: bool,
     },
+    /// Back to the old source after a cutover with cutover.fallback: fence
+    /// the target, drain the rest, verify, run cutover.switchback_command,
+    /// open the old source; forward sync can start again.
+    Switchback,
     /// End the fallback window: the old source's triggers enabled again,
     /// pgferry removed from both sides (which lifts the old source's fence).
     Finish,
@@ -391,6 +395,13 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             })
             .await?;
             Output::ok(&r, pretty("fallback stopped", &r))
+        }
+        Command::Switchback => {
+            let r = resilient(&m, "switchback", cancel, || {
+                crate::cutover::switchback::run(&m, cancel)
+            })
+            .await?;
+            Output::ok(&r, pretty("switched back", &r))
         }
         Command::Finish => {
             if let Ok(Some(who)) = crate::cutover::release::connected_now(&m).await {

@@ -317,6 +317,12 @@ pub struct CutoverConfig {
     /// false.
     #[serde(default)]
     pub fallback: bool,
+    /// Shell command that points the application back at the old source,
+    /// run by `pgferry switchback` after verification while writes to the
+    /// target are fenced. Its environment carries `PGFERRY_SOURCE_URL`. A
+    /// non-zero exit lifts the target's fence. Default none.
+    #[serde(default)]
+    pub switchback_command: Option<String>,
 }
 
 /// When the cutover refreshes materialized views on the target.
@@ -463,6 +469,7 @@ impl Default for CutoverConfig {
             release_after_ms: default_release_after_ms(),
             release_ignore_roles: Vec::new(),
             fallback: false,
+            switchback_command: None,
         }
     }
 }

@@ -26,6 +26,7 @@ mod matviews;
 pub mod objects;
 pub mod release;
 mod schema_since;
+pub mod switchback;
 
 use std::time::Instant;
 
@@ -670,18 +671,26 @@ async fn validate_after_switch(m: &Migration, report: &mut CutoverReport) -> Res
 /// Runs the operator's switch command; the target URL travels in its
 /// environment only.
 async fn switch(m: &Migration, cmd: &str) -> Result<(), CutoverError> {
+    run_switch_command(cmd, "PGFERRY_TARGET_URL", &m.cfg.target).await
+}
+
+/// Runs a command of the operator's that points the application at the
+/// database `url` names, given to it in `var` of its environment only.
+async fn run_switch_command(
+    cmd: &str,
+    var: &str,
+    url: &Option<secrecy::SecretString>,
+) -> Result<(), CutoverError> {
     use secrecy::ExposeSecret;
-    let url = m
-        .cfg
-        .target
+    let url = url
         .as_ref()
         .map(|u| u.expose_secret().to_string())
         .unwrap_or_default();
-    tracing::info!("Running the switch command");
+    tracing::info!(command = var, "Running the switch command");
     let status = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
-        .env("PGFERRY_TARGET_URL", url)
+        .env(var, url)
         .stdin(std::process::Stdio::null())
         .status()
         .await

@@ -27,9 +27,10 @@ use crate::rows::Pumped;
 const PASS_LOCK_CLASS: i32 = 0x7067_6662;
 
 /// One pass: applies every change the target's deltas hold to the old
-/// source. Returns the keys applied (0 when nothing was pending, or when
-/// another agent's pass holds the lock).
-pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
+/// source. Returns the keys applied (0 when nothing was pending), or None
+/// when another agent's pass holds the lock: what it applies is not
+/// applied yet.
+pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     let back = m.reversed();
     let mut newdb = back.source_conn().await?;
     let tables = state::tables(&**newdb).await?;
@@ -42,7 +43,7 @@ pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
         .map_err(tgt("starting a pass"))?;
     let keyed: Vec<&TableState> = tables.iter().filter(|t| !t.copy_only).collect();
     if keyed.is_empty() {
-        return Ok(0);
+        return Ok(Some(0));
     }
     // ACCESS SHARE before the first query takes S, as a forward batch
     // does: a TRUNCATE committed after S but before a read would show S an
@@ -57,7 +58,7 @@ pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
         .map_err(tgt("taking the pass lock"))?
         .get(0);
     if !locked {
-        return Ok(0);
+        return Ok(None);
     }
     let probe = keyed
         .iter()
@@ -87,7 +88,7 @@ pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
         .filter(|t| pending_ids.contains(&t.id))
         .collect();
     if pending.is_empty() {
-        return Ok(0);
+        return Ok(Some(0));
     }
 
     let mut old = m.source_conn().await?;
@@ -165,7 +166,7 @@ pub async fn pass(m: &Migration) -> Result<u64, crate::Error> {
         .map_err(tgt("forgetting the applied truncations"))?;
     ttx.commit().await.map_err(tgt("committing a pass"))?;
     tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
-    Ok(keys)
+    Ok(Some(keys))
 }
 
 /// Copies the rows of `t` that `filter` keeps, as the target's snapshot

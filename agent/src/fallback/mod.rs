@@ -28,6 +28,15 @@ pub enum FallbackError {
     /// Nothing of a fallback on these databases.
     #[error("{0}")]
     NotUnderWay(String),
+    /// The switchback failed before its command ran; the target's fence
+    /// is lifted.
+    #[error("switchback aborted, the application writes to the target again: {why}")]
+    Aborted {
+        /// What failed.
+        why: String,
+        /// A verification found differences (exit 1).
+        mismatch: bool,
+    },
     /// A statement failed on one side.
     #[error("{what} failed on the {side}")]
     Query {
@@ -48,6 +57,7 @@ impl crate::error::Failure for FallbackError {
     fn exit_code(&self) -> crate::error::ExitCode {
         match self {
             FallbackError::NotUnderWay(_) => crate::error::ExitCode::Usage,
+            FallbackError::Aborted { mismatch: true, .. } => crate::error::ExitCode::CheckFailed,
             _ => crate::error::ExitCode::Runtime,
         }
     }
@@ -56,7 +66,7 @@ impl crate::error::Failure for FallbackError {
         match self {
             FallbackError::Query { source, .. } => crate::db::errors::is_retryable(source),
             FallbackError::Connect(e) => e.is_retryable(),
-            FallbackError::NotUnderWay(_) => false,
+            FallbackError::NotUnderWay(_) | FallbackError::Aborted { .. } => false,
         }
     }
 }
@@ -202,7 +212,7 @@ pub async fn run(
             return Ok(report);
         }
         match apply::pass(m).await {
-            Ok(keys) => {
+            Ok(Some(keys)) => {
                 failures = 0;
                 if keys > 0 {
                     report.passes += 1;
@@ -213,6 +223,8 @@ pub async fn run(
                     return Ok(report);
                 }
             }
+            // Another agent applies; its pass is not ours to count as caught up.
+            Ok(None) => {}
             Err(e)
                 if crate::db::retry::Retryable::is_retryable(&e)
                     && failures < m.cfg.source_limits.lock_retries =>

@@ -248,6 +248,162 @@ async fn the_service_goes_on_following_after_the_switch() {
     assert_no_leftovers(&env).await;
 }
 
+/// The whole way, as the README tells it: cut over with a way back, run on
+/// the new database (the service following), switch back under live
+/// writes on the target (they are refused by its fence, none is lost, the
+/// sequences follow), write on the old source again, sync forward, cut
+/// over again, finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_over_switch_back_and_cut_over_again() {
+    let env = seeded().await;
+    let said = env.path("switched-back-to");
+    env.config(&format!(
+        "{FALLBACK}switchback_command = \"printenv PGFERRY_SOURCE_URL > '{}'\"\n",
+        said.display()
+    ));
+    env.ok(&["install"]).await;
+    env.ok(&["copy"]).await;
+    env.ok(&["cutover"]).await;
+    let service = env.cmd(&["fallback"]).spawn().expect("start fallback");
+    let writers = Workload::start_with(vec![env.target_client().await, env.target_client().await], OPS);
+    writers.progress(200).await;
+    let out = env.run(&["switchback", "--json"]).await;
+    assert_succeeded(&out, "switchback");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("switchback JSON");
+    writers.wait_all_fenced().await;
+    writers.stop().await;
+    stop(service).await;
+    assert!(report["tables_verified"].as_u64() > Some(0), "{report}");
+    assert!(
+        std::fs::read_to_string(&said)
+            .expect("the switchback command ran")
+            .starts_with("postgres"),
+        "the command had the old source's URL"
+    );
+    assert_same_rows(&env).await;
+    sequences_cover_the_rows(&env).await;
+    assert_eq!(
+        source_triggers(&env).await,
+        vec![("accounts_touch".into(), "O".into())]
+    );
+    // The old source takes the application's writes again, captured.
+    let again = Workload::start(&env, &[APP, WRITER], OPS).await;
+    again.progress(100).await;
+    env.ok(&["sync", "--until-caught-up"]).await;
+    env.ok(&["cutover"]).await;
+    again.wait_all_fenced().await;
+    again.stop().await;
+    assert_same_rows(&env).await;
+    sequences_cover_the_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// Killed at every step of the switchback, the next run ends it: the old
+/// source open and equal to the target, which is ready for the forward sync
+/// again, each time before cutting over anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchback_killed_at_any_step_ends_equal_when_run_again() {
+    let env = synced_with(FALLBACK).await;
+    for (n, point) in [
+        "switchback.after_fence",
+        "switchback.after_final_drain",
+        "switchback.after_verify",
+        "switchback.before_switch",
+        "switchback.after_switch",
+        "switchback.after_open",
+        "switchback.before_tidy",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        env.ok(&["cutover"]).await;
+        env.target_client()
+            .await
+            .batch_execute(&format!(
+                "INSERT INTO accounts (name, balance) VALUES ('round {n}', {n});
+                 DELETE FROM ledger WHERE account_id = {};
+                 INSERT INTO events (kind) VALUES ('round {n}')",
+                100 + n
+            ))
+            .await
+            .expect("write on the target");
+        env.kill_at(&["switchback"], point).await;
+        env.ok(&["switchback"]).await;
+        assert_same_data(&env).await;
+        env.source_as(APP)
+            .await
+            .batch_execute(&format!(
+                "UPDATE accounts SET name = 'back {n}' WHERE id = {}",
+                200 + n
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("the old source is open after a kill at {point}: {e}"));
+        env.ok(&["sync", "--until-caught-up"]).await;
+    }
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// A switchback command that fails lifts the target's fence: the
+/// application goes on writing there, the old source goes on following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_switchback_command_reopens_the_target() {
+    let env = synced_with(&format!("{FALLBACK}switchback_command = 'exit 3'\n")).await;
+    env.ok(&["cutover"]).await;
+    let out = env.run(&["switchback"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.target_client()
+        .await
+        .batch_execute("UPDATE accounts SET name = 'still here' WHERE id = 5")
+        .await
+        .expect("the target takes writes again");
+    assert_fenced(
+        &env.source_as(APP).await,
+        "UPDATE accounts SET name = 'x' WHERE id = 5",
+        "the old source after a failed switchback",
+    )
+    .await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// The old source's sequences are past every value the rows hold on either
+/// side: the next row made on the source collides with none. (Not equal to
+/// the target's: a write the fence refuses has taken its value already.)
+async fn sequences_cover_the_rows(env: &Env) {
+    let source = env.source_as(APP).await;
+    let target = env.target_client().await;
+    for (seq, table, column) in [
+        ("accounts_id_seq", "accounts", "id"),
+        ("events_id_seq", "events", "id"),
+    ] {
+        let next: i64 = source
+            .query_one(&format!("SELECT last_value FROM {seq}"), &[])
+            .await
+            .expect("read a sequence")
+            .get(0);
+        for side in [&source, &target] {
+            let max: Option<i64> = side
+                .query_one(&format!("SELECT max({column})::bigint FROM {table}"), &[])
+                .await
+                .expect("read the rows")
+                .get(0);
+            assert!(
+                max.unwrap_or(0) <= next,
+                "{seq} at {next} is behind {table}.{column} {max:?}"
+            );
+        }
+    }
+}
+
 /// Ends an agent the way systemd stops it, and waits for it.
 async fn stop(mut agent: tokio::process::Child) {
     crate::faults::sigterm(&agent);
