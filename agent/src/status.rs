@@ -48,6 +48,11 @@ pub struct Status {
     pub source_xmin_age: i64,
     /// Disk used by pgferry's control schema and delta tables.
     pub delta_storage_bytes: i64,
+    /// `forward` (source to target), or `reverse` after a cutover with
+    /// `cutover.fallback`, while the old source follows the new database.
+    pub direction: &'static str,
+    /// The way back, while the old source follows the target.
+    pub reverse: Option<crate::fallback::ReverseStatus>,
     /// Per table.
     pub tables: Vec<TableStatus>,
 }
@@ -65,6 +70,8 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
             fence_secs: None,
             source_xmin_age: 0,
             delta_storage_bytes: 0,
+            direction: "forward",
+            reverse: None,
             tables: Vec::new(),
         });
     };
@@ -90,6 +97,18 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
     let (source_xmin_age, delta_storage_bytes, sizes): (i64, i64, Vec<i64>) =
         (row.get(0), row.get(1), row.get(2));
     let switched = run.phase == Phase::CutOver;
+    // A way back that cannot be read now is said as none: status reads.
+    let reverse = if switched {
+        match crate::fallback::reverse_status(m).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %crate::db::errors::report(&e), "The way back could not be read");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let tables: Vec<TableStatus> = tables
         .into_iter()
         .zip(backlog)
@@ -113,6 +132,8 @@ pub async fn read(m: &Migration) -> Result<Status, crate::Error> {
         fence_secs: run.fence_age_secs.filter(|_| fence_raised && !switched),
         source_xmin_age,
         delta_storage_bytes,
+        direction: if reverse.is_some() { "reverse" } else { "forward" },
+        reverse,
         tables,
     })
 }
@@ -152,6 +173,10 @@ pub async fn sample_forever(
                     source_connections: m.source_sessions(),
                     xmin_age: s.source_xmin_age,
                     delta_bytes: s.delta_storage_bytes,
+                    reverse: s
+                        .reverse
+                        .as_ref()
+                        .map(|r| (r.backlog_rows, r.lag_secs.unwrap_or(0.0))),
                 });
             }
             Err(e) => tracing::debug!(error = %crate::db::errors::report(&e), "Metrics sample skipped"),
@@ -183,6 +208,19 @@ impl Status {
             self.backlog_rows,
             self.max_lag_secs.map_or("-".into(), |l| format!("{l:.1} s"))
         );
+        if let Some(r) = &self.reverse {
+            let _ = writeln!(
+                out,
+                "way back: the old source follows the target{}; backlog {} rows; lag {}",
+                if r.target_fenced {
+                    " (target fenced: switchback under way)"
+                } else {
+                    ""
+                },
+                r.backlog_rows,
+                r.lag_secs.map_or("-".into(), |l| format!("{l:.1} s"))
+            );
+        }
         for t in &self.tables {
             let _ = writeln!(
                 out,

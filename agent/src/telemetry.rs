@@ -53,6 +53,12 @@ pub const DELTA_BYTES: &str = "pgferry_delta_storage_bytes";
 pub const THROTTLED: &str = "pgferry_rate_limit_wait_seconds";
 /// The drain's current pause for source pressure (0 when not paused).
 pub const SYNC_BACKOFF: &str = "pgferry_sync_backoff_seconds";
+/// After a cutover with `cutover.fallback`: changes on the target not yet
+/// applied to the old source (0 otherwise).
+pub const REVERSE_BACKLOG: &str = "pgferry_reverse_backlog_rows";
+/// Seconds since the snapshot of the way back's last complete pass (0 when
+/// there is no way back).
+pub const REVERSE_LAG: &str = "pgferry_reverse_lag_seconds";
 /// 1 while the agent runs and samples the source; absent when it is down.
 pub const UP: &str = "pgferry_up";
 
@@ -78,6 +84,8 @@ pub const ALL: &[&str] = &[
     DELTA_BYTES,
     THROTTLED,
     SYNC_BACKOFF,
+    REVERSE_BACKLOG,
+    REVERSE_LAG,
     UP,
 ];
 
@@ -164,6 +172,16 @@ pub fn install(listen: SocketAddr) {
         Unit::Bytes,
         "Disk used by pgferry's objects on the source."
     );
+    describe_gauge!(
+        REVERSE_BACKLOG,
+        Unit::Count,
+        "Changes on the target not yet applied to the old source (cutover.fallback)."
+    );
+    describe_gauge!(
+        REVERSE_LAG,
+        Unit::Seconds,
+        "Seconds since the way back's last complete pass (cutover.fallback)."
+    );
     describe_gauge!(UP, "1 while the agent runs and samples the source.");
     describe_gauge!(
         SYNC_BACKOFF,
@@ -246,6 +264,8 @@ pub struct Sample {
     pub xmin_age: i64,
     /// Bytes used by pgferry's objects on the source.
     pub delta_bytes: i64,
+    /// The way back's backlog rows and lag seconds, while there is one.
+    pub reverse: Option<(i64, f64)>,
 }
 
 /// Records a sample.
@@ -269,6 +289,9 @@ pub fn sampled(s: &Sample) {
     gauge!(SOURCE_CONNECTIONS).set(s.source_connections as f64);
     gauge!(XMIN_AGE).set(s.xmin_age as f64);
     gauge!(DELTA_BYTES).set(s.delta_bytes as f64);
+    let (backlog, lag) = s.reverse.unwrap_or((0, 0.0));
+    gauge!(REVERSE_BACKLOG).set(backlog as f64);
+    gauge!(REVERSE_LAG).set(lag);
     gauge!(UP).set(1.0);
 }
 

@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (15, include_str!("sql/0015_moved_fence.sql")),
     (16, include_str!("sql/0016_functions_in_one_file.sql")),
     (17, include_str!("sql/0017_fallback.sql")),
+    (18, include_str!("sql/0018_reverse_lag.sql")),
 ];
 
 /// Every control function as it is now, re-applied after the versioned

@@ -87,7 +87,14 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
         .copied()
         .filter(|t| pending_ids.contains(&t.id))
         .collect();
+    // S's time: once this pass commits, everything committed on the target
+    // before it is on the old source.
+    let synced = "UPDATE pgferry.run SET reverse_synced_through = now()";
     if pending.is_empty() {
+        ttx.execute(synced, &[])
+            .await
+            .map_err(tgt("recording the pass"))?;
+        ttx.commit().await.map_err(tgt("recording the pass"))?;
         return Ok(Some(0));
     }
 
@@ -164,6 +171,9 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     ttx.execute("DELETE FROM pgferry.truncates", &[])
         .await
         .map_err(tgt("forgetting the applied truncations"))?;
+    ttx.execute(synced, &[])
+        .await
+        .map_err(tgt("recording the pass"))?;
     ttx.commit().await.map_err(tgt("committing a pass"))?;
     tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
     Ok(Some(keys))

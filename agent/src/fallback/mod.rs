@@ -175,6 +175,47 @@ pub async fn under_way(m: &Migration) -> Result<bool, crate::Error> {
     Ok(direction.as_deref() == Some("reverse"))
 }
 
+/// The way back, as the target's control schema tells it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReverseStatus {
+    /// Changes on the target not yet applied to the old source (delta rows).
+    pub backlog_rows: i64,
+    /// Seconds since the snapshot of the last pass that applied all it saw:
+    /// bounds the age of the oldest change not yet on the old source. None
+    /// before the first pass.
+    pub lag_secs: Option<f64>,
+    /// Whether the target's fence is up (a switchback under way).
+    pub target_fenced: bool,
+}
+
+/// The way back's backlog and lag, when the target captures for it.
+pub async fn reverse_status(m: &Migration) -> Result<Option<ReverseStatus>, crate::Error> {
+    if !m.has_target() || !under_way(m).await? {
+        return Ok(None);
+    }
+    let back = m.reversed();
+    let conn = back.source_conn().await?;
+    let tables = state::tables(&**conn).await?;
+    let backlog: i64 = crate::drain::backlog(&conn, &tables).await?.iter().sum();
+    let row = conn
+        .query_one(
+            "SELECT extract(epoch FROM clock_timestamp() - reverse_synced_through)::float8,
+                    (SELECT last_value <> 0 FROM pgferry.fence)
+               FROM pgferry.run",
+            &[],
+        )
+        .await
+        .map_err(query_err(
+            "reading the way back's lag",
+            crate::db::endpoint::Side::Target,
+        ))?;
+    Ok(Some(ReverseStatus {
+        backlog_rows: backlog,
+        lag_secs: row.get(0),
+        target_fenced: row.get(1),
+    }))
+}
+
 /// What `pgferry fallback` did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FallbackReport {

@@ -38,9 +38,26 @@ async fn writes_on_the_target_after_the_switch_reach_the_old_source() {
     let before = source_triggers(&env).await;
     assert_eq!(before, vec![("accounts_touch".into(), "O".into())]);
     env.ok(&["cutover"]).await;
-    let agent = env.cmd(&["fallback"]).spawn().expect("start fallback");
+    let port = free_port();
+    let agent = env
+        .cmd(&["fallback"])
+        .env("PGFERRY_METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("PGFERRY_METRICS__SAMPLE_INTERVAL_MS", "100")
+        .spawn()
+        .expect("start fallback");
     let writers = Workload::start_with(vec![env.target_client().await, env.target_client().await], OPS);
     writers.progress(400).await;
+    // The way back is on the dashboard: a lag of passes, not of the writes.
+    let lag = wait_for(
+        "the way back's lag in the metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = http_get(port, "/metrics").await?;
+            metric_value(&text, "pgferry_reverse_lag_seconds", "").filter(|l| *l > 0.0)
+        },
+    )
+    .await;
+    assert!(lag < 30.0, "reverse lag {lag} s while the way back runs");
     assert_fenced(
         &env.source_as(APP).await,
         "UPDATE accounts SET balance = 0 WHERE id = 7",
@@ -57,7 +74,16 @@ async fn writes_on_the_target_after_the_switch_reach_the_old_source() {
         vec![("accounts_touch".into(), "D".into())],
         "the old source's trigger is disabled while it follows"
     );
+    env.target_client()
+        .await
+        .batch_execute("INSERT INTO scratch VALUES (100001, 'after the agent stopped')")
+        .await
+        .expect("write on the target");
+    let status = env.status().await;
+    assert_eq!(status["direction"], "reverse", "{status}");
+    assert!(status["reverse"]["backlog_rows"].as_i64() >= Some(1), "{status}");
     env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_eq!(env.status().await["reverse"]["backlog_rows"], 0);
     assert_same_rows(&env).await;
     env.ok(&["finish"]).await;
     assert_eq!(source_triggers(&env).await, before);
