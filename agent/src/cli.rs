@@ -91,7 +91,12 @@ pub enum Command {
     /// Back to the old source after a cutover with cutover.fallback: fence
     /// the target, drain the rest, verify, run cutover.switchback_command,
     /// open the old source; forward sync can start again.
-    Switchback,
+    Switchback {
+        /// Lift the target's fence of a switchback that stopped before its
+        /// command ran; the old source goes on following.
+        #[arg(long)]
+        abort: bool,
+    },
     /// End the fallback window: the old source's triggers enabled again,
     /// pgferry removed from both sides (which lifts the old source's fence).
     Finish,
@@ -396,7 +401,14 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             .await?;
             Output::ok(&r, pretty("fallback stopped", &r))
         }
-        Command::Switchback => {
+        Command::Switchback { abort: true } => {
+            crate::cutover::switchback::abort(&m).await?;
+            Output::ok(
+                &serde_json::json!({ "target_fence_lifted": true }),
+                "target fence lifted\n".into(),
+            )
+        }
+        Command::Switchback { abort: false } => {
             let r = resilient(&m, "switchback", cancel, || {
                 crate::cutover::switchback::run(&m, cancel)
             })

@@ -69,6 +69,8 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<Switchback
         .ok_or_else(not_under_way)?;
     let mut fenced_at = None;
     if !target_run.switch_started && target_run.phase != Phase::CutOver {
+        // Before any pass of ours, as `fallback` does: none may have run.
+        crate::fallback::apply::disable_triggers(m, cancel).await?;
         let tables = state::tables(&**back.source_conn().await?).await?;
         if target_run.phase != Phase::CuttingOver {
             catch_up(m, cancel).await?;
@@ -143,20 +145,28 @@ fn not_under_way() -> FallbackError {
     )
 }
 
-/// Applies the target's changes until a pass finds nothing, or for
+/// Applies the target's changes until at most `cutover.max_backlog_rows`
+/// delta rows are left (what the writes add while a pass runs), or for
 /// `cutover.catch_up_timeout_ms`: the less is left, the shorter the fence.
+/// The passes may be another agent's (the service following the target).
 async fn catch_up(m: &Migration, cancel: &CancellationToken) -> Result<(), crate::Error> {
     let started = Instant::now();
     let limit = Duration::from_millis(m.cfg.cutover.catch_up_timeout_ms);
+    let back = m.reversed();
+    let tables = state::tables(&**back.source_conn().await?).await?;
     while started.elapsed() < limit {
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
         }
-        match crate::fallback::apply::pass(m).await? {
-            Some(0) => break,
-            Some(_) => {}
-            // Another agent's pass (the service's): wait for it.
-            None => tokio::time::sleep(BUSY_PAUSE).await,
+        let left: i64 = crate::drain::backlog(&*back.source_conn().await?, &tables)
+            .await?
+            .iter()
+            .sum();
+        if left <= m.cfg.cutover.max_backlog_rows {
+            break;
+        }
+        if crate::fallback::apply::pass(m).await?.is_none() {
+            tokio::time::sleep(BUSY_PAUSE).await;
         }
     }
     Ok(())
@@ -176,8 +186,39 @@ async fn raise(back: &Migration) -> Result<(), crate::Error> {
 }
 
 /// Lifts the target's fence: the application goes on writing there, the
-/// old source goes on following.
+/// old source goes on following. Tried again with backoff while the target
+/// cannot be reached, for `cutover.fence_lift_timeout_ms`; then the error
+/// names the command that lifts it.
 async fn reopen_target(back: &Migration) -> Result<(), crate::Error> {
+    let started = Instant::now();
+    let limit = Duration::from_millis(back.cfg.cutover.fence_lift_timeout_ms);
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match reopen_target_once(back).await {
+            Ok(()) => {
+                tracing::warn!("Fence lifted on the target: the application writes there again");
+                return Ok(());
+            }
+            Err(e) if started.elapsed() < limit => {
+                tracing::error!(
+                    error = %crate::db::errors::report(&e),
+                    "THE TARGET IS FENCED and its fence could not be lifted yet; trying again"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                return Err(FallbackError::TargetStillFenced {
+                    secs: started.elapsed().as_secs(),
+                    cause: Box::new(e),
+                }
+                .into())
+            }
+        }
+    }
+}
+
+async fn reopen_target_once(back: &Migration) -> Result<(), crate::Error> {
     let mut conn = back.source_conn().await?;
     let tx = tokio_postgres::Client::transaction(&mut conn)
         .await
@@ -186,8 +227,29 @@ async fn reopen_target(back: &Migration) -> Result<(), crate::Error> {
     state::record_fence(&tx, false).await?;
     state::set_phase(&tx, Phase::Syncing).await?;
     tx.commit().await.map_err(CutoverError::Target)?;
-    tracing::warn!("Fence lifted on the target: the application writes there again");
     Ok(())
+}
+
+/// `switchback --abort`: lifts the target's fence of a switchback that
+/// stopped before its command ran (killed, or its fence could not be
+/// lifted then).
+pub async fn abort(m: &Migration) -> Result<(), crate::Error> {
+    if !crate::fallback::under_way(m).await? {
+        return Err(not_under_way().into());
+    }
+    let back = m.reversed();
+    let run = state::load(&**back.source_conn().await?)
+        .await?
+        .ok_or_else(not_under_way)?;
+    if run.switch_started || run.phase == Phase::CutOver {
+        return Err(FallbackError::NotUnderWay(
+            "the switchback command may have run, so the application may already write to the old source: \
+             run `pgferry switchback` to finish it"
+                .into(),
+        )
+        .into());
+    }
+    reopen_target(&back).await
 }
 
 /// With the target fenced: writers in flight waited for, the rest applied,
@@ -229,7 +291,20 @@ async fn fenced(
             .tables
             .iter()
             .filter(|t| !t.equal)
-            .map(|t| t.table.clone())
+            .map(|t| {
+                let keys: Vec<&str> = t.differing_keys.iter().take(5).map(String::as_str).collect();
+                format!(
+                    "{} ({} rows on the target, {} on the old source{})",
+                    t.table,
+                    t.source_rows,
+                    t.target_rows,
+                    if keys.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; keys {}", keys.join(", "))
+                    }
+                )
+            })
             .collect();
         return Err(FallbackError::Aborted {
             why: format!(

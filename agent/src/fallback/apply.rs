@@ -30,21 +30,52 @@ const PASS_LOCK_CLASS: i32 = 0x7067_6662;
 /// source. Returns the keys applied (0 when nothing was pending), or None
 /// when another agent's pass holds the lock: what it applies is not
 /// applied yet.
+///
+/// The lock is a session lock taken before the pass's transaction, so that
+/// its snapshot is taken after any other pass committed: a snapshot taken
+/// before another pass committed and released could be older than that
+/// pass's, and put its older rows back over the newer ones. On failure the
+/// session is discarded, which releases the lock.
 pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     let back = m.reversed();
     let mut newdb = back.source_conn().await?;
-    let tables = state::tables(&**newdb).await?;
+    let locked: bool = newdb
+        .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&PASS_LOCK_CLASS])
+        .await
+        .map_err(query_err("taking the pass lock", Side::Target))?
+        .get(0);
+    if !locked {
+        return Ok(None);
+    }
+    match pass_locked(m, &mut newdb).await {
+        Ok(keys) => {
+            newdb
+                .execute("SELECT pg_advisory_unlock($1, 0)", &[&PASS_LOCK_CLASS])
+                .await
+                .map_err(query_err("releasing the pass lock", Side::Target))?;
+            Ok(Some(keys))
+        }
+        Err(e) => {
+            let _ = deadpool_postgres::Object::take(newdb);
+            Err(e)
+        }
+    }
+}
+
+/// [`pass`] with its lock held on `newdb`, the target's session.
+async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Result<u64, crate::Error> {
+    let tables = state::tables(&***newdb).await?;
     let tgt = |what: &str| query_err(what, Side::Target);
+    let keyed: Vec<&TableState> = tables.iter().filter(|t| !t.copy_only).collect();
+    if keyed.is_empty() {
+        return Ok(0);
+    }
     let ttx = newdb
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .start()
         .await
         .map_err(tgt("starting a pass"))?;
-    let keyed: Vec<&TableState> = tables.iter().filter(|t| !t.copy_only).collect();
-    if keyed.is_empty() {
-        return Ok(Some(0));
-    }
     // ACCESS SHARE before the first query takes S, as a forward batch
     // does: a TRUNCATE committed after S but before a read would show S an
     // empty table.
@@ -52,14 +83,6 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     ttx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
         .await
         .map_err(tgt("locking the captured tables"))?;
-    let locked: bool = ttx
-        .query_one("SELECT pg_try_advisory_xact_lock($1, 0)", &[&PASS_LOCK_CLASS])
-        .await
-        .map_err(tgt("taking the pass lock"))?
-        .get(0);
-    if !locked {
-        return Ok(None);
-    }
     let probe = keyed
         .iter()
         .map(|t| format!("SELECT {} WHERE EXISTS (SELECT 1 FROM {})", t.id, t.delta_table()))
@@ -87,15 +110,19 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
         .copied()
         .filter(|t| pending_ids.contains(&t.id))
         .collect();
-    // S's time: once this pass commits, everything committed on the target
-    // before it is on the old source.
-    let synced = "UPDATE pgferry.run SET reverse_synced_through = now()";
+    // The pass's time (its transaction's start, just before S): once it
+    // commits, everything committed on the target before it is on the old
+    // source. Recorded after the commit, outside S: the run row is also
+    // written by a switchback, and an update in S would fail on that.
+    let at: f64 = ttx
+        .query_one("SELECT extract(epoch FROM now())::float8", &[])
+        .await
+        .map_err(tgt("reading the pass's time"))?
+        .get(0);
     if pending.is_empty() {
-        ttx.execute(synced, &[])
-            .await
-            .map_err(tgt("recording the pass"))?;
-        ttx.commit().await.map_err(tgt("recording the pass"))?;
-        return Ok(Some(0));
+        ttx.commit().await.map_err(tgt("ending a pass"))?;
+        record_pass(newdb, at).await?;
+        return Ok(0);
     }
 
     let mut old = m.source_conn().await?;
@@ -171,12 +198,22 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     ttx.execute("DELETE FROM pgferry.truncates", &[])
         .await
         .map_err(tgt("forgetting the applied truncations"))?;
-    ttx.execute(synced, &[])
-        .await
-        .map_err(tgt("recording the pass"))?;
     ttx.commit().await.map_err(tgt("committing a pass"))?;
+    record_pass(newdb, at).await?;
     tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
-    Ok(Some(keys))
+    Ok(keys)
+}
+
+/// Records a complete pass's time on the target (the way back's lag).
+async fn record_pass(newdb: &deadpool_postgres::Object, at: f64) -> Result<(), crate::Error> {
+    newdb
+        .execute(
+            "UPDATE pgferry.run SET reverse_synced_through = greatest(reverse_synced_through, to_timestamp($1))",
+            &[&at],
+        )
+        .await
+        .map_err(query_err("recording the pass", Side::Target))?;
+    Ok(())
 }
 
 /// Copies the rows of `t` that `filter` keeps, as the target's snapshot

@@ -37,6 +37,20 @@ pub enum FallbackError {
         /// A verification found differences (exit 1).
         mismatch: bool,
     },
+    /// A switchback failed with the target fenced, and its fence could not
+    /// be lifted within `cutover.fence_lift_timeout_ms`.
+    #[error(
+        "THE TARGET IS STILL FENCED: the application cannot write to it. The switchback failed and pgferry could \
+         not lift the target's fence in {secs} s of trying; once the target can be reached, run `pgferry \
+         switchback --abort` to lift it"
+    )]
+    TargetStillFenced {
+        /// How long lifting was tried.
+        secs: u64,
+        /// Why the last attempt failed.
+        #[source]
+        cause: Box<crate::Error>,
+    },
     /// A statement failed on one side.
     #[error("{what} failed on the {side}")]
     Query {
@@ -58,6 +72,7 @@ impl crate::error::Failure for FallbackError {
         match self {
             FallbackError::NotUnderWay(_) => crate::error::ExitCode::Usage,
             FallbackError::Aborted { mismatch: true, .. } => crate::error::ExitCode::CheckFailed,
+            FallbackError::TargetStillFenced { .. } => crate::error::ExitCode::Fenced,
             _ => crate::error::ExitCode::Runtime,
         }
     }
@@ -66,7 +81,9 @@ impl crate::error::Failure for FallbackError {
         match self {
             FallbackError::Query { source, .. } => crate::db::errors::is_retryable(source),
             FallbackError::Connect(e) => e.is_retryable(),
-            FallbackError::NotUnderWay(_) | FallbackError::Aborted { .. } => false,
+            FallbackError::NotUnderWay(_)
+            | FallbackError::Aborted { .. }
+            | FallbackError::TargetStillFenced { .. } => false,
         }
     }
 }

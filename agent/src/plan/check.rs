@@ -273,6 +273,37 @@ pub async fn check_with(m: &Migration, sizing: bool) -> CheckReport {
         }
         Err(e) => f.connect(Side::Target, e),
     }
+    if m.cfg.cutover.fallback && !same {
+        if let Ok(c) = &src {
+            if let Err(e) = check_fallback_source(m, c, &mut f).await {
+                f.query(Side::Source, &e);
+            }
+        }
+        if let Ok(c) = &tgt {
+            let can: Result<bool, _> = c
+                .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+                .await
+                .map(|r| r.get(0));
+            match can {
+                Ok(true) => {}
+                Ok(false) => f.add(
+                    Severity::Blocker,
+                    "target",
+                    format!(
+                        "with cutover.fallback the target keeps pgferry's capture (schema pgferry) until `pgferry \
+                         finish`, and role {} may not create a schema in its database",
+                        m.target.user()
+                    ),
+                    format!(
+                        "GRANT CREATE ON DATABASE {} TO {}, or set cutover.fallback = false",
+                        m.target.dbname(),
+                        m.target.user()
+                    ),
+                ),
+                Err(e) => f.query(Side::Target, &e),
+            }
+        }
+    }
     // What copy_only tables cost in write downtime, at the sampled rate, or
     // at the copy's rate limit when the cutover keeps it.
     let mut rate = report.sizing.as_ref().and_then(|s| s.sampled_read_bytes_per_sec);
@@ -702,6 +733,65 @@ fn matview_downtime(views: i64) -> Option<(String, &'static str)> {
              the switch until then",
         )
     })
+}
+
+/// With `cutover.fallback`: after the switch pgferry writes the old
+/// source's tables as their rows arrive from the target, and disables
+/// their own triggers meanwhile, which only a table's owner may do.
+async fn check_fallback_source(
+    m: &Migration,
+    c: &tokio_postgres::Client,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname),
+                    has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE'),
+                    pg_has_role(c.relowner, 'USAGE'),
+                    (SELECT string_agg(t.tgname, ', ' ORDER BY t.tgname) FROM pg_trigger t
+                      WHERE t.tgrelid = c.oid AND NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgenabled <> 'D'
+                        AND t.tgname NOT LIKE 'pgferry\\_%')
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgferry') AND n.nspname NOT LIKE 'pg\\_%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+              ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        let (name, writes, owns, triggers): (String, bool, bool, Option<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if !writes {
+            f.add(
+                Severity::Blocker,
+                &name,
+                format!(
+                    "with cutover.fallback pgferry writes it on the old source after the switch, and role {} may not",
+                    m.source.user()
+                ),
+                format!(
+                    "GRANT INSERT, UPDATE, DELETE ON {name} TO {}, or set cutover.fallback = false",
+                    m.source.user()
+                ),
+            );
+        }
+        if let (false, Some(triggers)) = (owns, triggers) {
+            f.add(
+                Severity::Blocker,
+                &name,
+                format!(
+                    "with cutover.fallback pgferry disables its triggers ({triggers}) on the old source while it \
+                     follows the new database (they fired there already), which only its owner may do, and role {} \
+                     does not own it",
+                    m.source.user()
+                ),
+                "run pgferry as the table's owner, or set cutover.fallback = false".to_string(),
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -371,6 +371,36 @@ async fn a_switchback_killed_at_any_step_ends_equal_when_run_again() {
     assert_no_leftovers(&env).await;
 }
 
+/// A switchback killed with the target fenced, then called off by hand:
+/// the target takes writes again (an update that the old source's own
+/// trigger would stamp differently), and a later switchback, with no
+/// `fallback` run in between, ends it equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchback_called_off_reopens_the_target() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    env.kill_at(&["switchback"], "switchback.after_verify").await;
+    let target = env.target_client().await;
+    assert_fenced(
+        &target,
+        "UPDATE accounts SET name = 'x' WHERE id = 6",
+        "the target mid-switchback",
+    )
+    .await;
+    env.ok(&["switchback", "--abort"]).await;
+    target
+        .batch_execute("UPDATE accounts SET name = 'after the abort' WHERE id = 6")
+        .await
+        .expect("the target takes writes again");
+    // The application leaves the target once pointed back (the switchback
+    // keeps the target fenced until it has).
+    drop(target);
+    env.ok(&["switchback"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A switchback command that fails lifts the target's fence: the
 /// application goes on writing there, the old source goes on following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,6 +425,98 @@ async fn a_failed_switchback_command_reopens_the_target() {
         "the old source after a failed switchback",
     )
     .await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// `check` with a way back refuses, with the fix, a table whose triggers
+/// the source role could not disable on the old source (another role owns
+/// it), and one it could not write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_a_way_back_the_source_role_could_not_apply() {
+    let env = seeded().await;
+    env.source_superuser(
+        "CREATE TABLE audited (id int PRIMARY KEY, v text);
+         CREATE FUNCTION audited_stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER audited_stamp BEFORE UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION audited_stamp();
+         GRANT SELECT, INSERT, UPDATE, DELETE, TRIGGER ON audited TO app;
+         CREATE TABLE read_only (id int PRIMARY KEY);
+         GRANT SELECT, TRIGGER ON read_only TO app;",
+    )
+    .await;
+    env.config(FALLBACK);
+    let out = env.run(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.contains("public.audited") && out.contains("audited_stamp") && out.contains("only its owner"),
+        "{out}"
+    );
+    assert!(
+        out.contains("public.read_only") && out.contains("GRANT INSERT, UPDATE, DELETE ON public.read_only"),
+        "{out}"
+    );
+    env.config("");
+    let out = env.run(&["check"]).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("cutover.fallback"),
+        "no fallback, no such blocker: {text}"
+    );
+}
+
+/// Killed at each step of `finish`, the next `finish` ends it: nothing of
+/// pgferry's left on either side, the old source's trigger enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_killed_at_any_step_ends_clean_when_run_again() {
+    for point in [
+        "finish.after_triggers",
+        "finish.after_target_capture",
+        "cleanup.table_done",
+    ] {
+        let env = synced_with(FALLBACK).await;
+        env.ok(&["cutover"]).await;
+        env.target_client()
+            .await
+            .batch_execute("UPDATE accounts SET name = 'last on the target' WHERE id = 3")
+            .await
+            .expect("write on the target");
+        env.ok(&["fallback", "--until-caught-up"]).await;
+        env.kill_at(&["finish"], point).await;
+        env.ok(&["finish"]).await;
+        assert_same_rows(&env).await;
+        assert_no_leftovers(&env).await;
+        assert_eq!(
+            source_triggers(&env).await,
+            vec![("accounts_touch".into(), "O".into())],
+            "after a kill at {point}"
+        );
+    }
+}
+
+/// A cutover killed while it installs capture on the target for the way
+/// back (before the fence) goes on when run again, and the way back works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_killed_while_it_prepares_the_way_back_goes_on() {
+    let env = synced_with(FALLBACK).await;
+    env.kill_at(&["cutover"], "install.after_register").await;
+    assert_eq!(env.status().await["phase"], "syncing", "the fence never went up");
+    env.ok(&["cutover"]).await;
+    env.target_client()
+        .await
+        .batch_execute("DELETE FROM accounts WHERE id = 4")
+        .await
+        .expect("write on the target");
     env.ok(&["fallback", "--until-caught-up"]).await;
     assert_same_rows(&env).await;
     env.ok(&["finish"]).await;

@@ -10,6 +10,9 @@
 //!   verification scope, pgbench writing throughout;
 //! - `drain`: how fast a backlog of changed rows is applied, against
 //!   Bucardo's apply done the simple way;
+//! - `fallback`: the way back after a cutover with `cutover.fallback`: the
+//!   old source's lag behind the new database under a fixed pgbench rate,
+//!   and the switchback's write-blocked window under that load;
 //! - `install`: what installing capture adds to the latency of the
 //!   application's writes while one of its transactions holds a table;
 //! - `lag`: end-to-end lag (a heartbeat) and delta storage under a fixed
@@ -24,6 +27,7 @@ mod capture;
 mod copy;
 mod cutover;
 mod drain;
+mod fallback;
 mod install;
 mod lag;
 mod tables;
@@ -32,6 +36,7 @@ const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--s
        pgferry-bench copy [--scale X] [--mix documents|indexes] [--rounds N] [--jobs N] [--tools a,b,...]
        pgferry-bench cutover [--scales N,N,...] [--verify full,changed] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
+       pgferry-bench fallback [--scale N] [--clients N] [--rate TPS] [--secs N] [--poll-ms N]
        pgferry-bench install [--scale N] [--rate N] [--hold-secs N] [--rounds N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
        pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
@@ -240,6 +245,7 @@ async fn main() {
             Some("copy") => copy::run(&v[2..]).await,
             Some("cutover") => cutover::run(&v[2..]).await,
             Some("drain") => drain::run(&v[2..]).await,
+            Some("fallback") => fallback::run(&v[2..]).await,
             Some("install") => install::run(&v[2..]).await,
             Some("lag") => lag::run(&v[2..]).await,
             Some("tables") => tables::run(&v[2..]).await,
