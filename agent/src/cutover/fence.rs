@@ -28,6 +28,23 @@ pub async fn raise(client: &impl GenericClient) -> Result<(), tokio_postgres::Er
     set(client, true).await
 }
 
+/// Raises the fence with its bookkeeping in one transaction: the phase
+/// moves to `cutting_over` with it, so no stored state has the fence up in
+/// phase `syncing`. `side` names the database in errors (the target's, for
+/// a switchback).
+pub async fn raise_recorded(
+    conn: &mut tokio_postgres::Client,
+    side: fn(tokio_postgres::Error) -> CutoverError,
+) -> Result<(), crate::Error> {
+    use crate::control::state;
+    let tx = conn.transaction().await.map_err(side)?;
+    state::set_phase(&tx, state::Phase::CuttingOver).await?;
+    raise(&tx).await.map_err(side)?;
+    state::record_fence(&tx, true).await?;
+    tx.commit().await.map_err(side)?;
+    Ok(())
+}
+
 /// Lifts the fence: writes are accepted (and captured) again.
 pub async fn lift(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
     set(client, false).await

@@ -319,14 +319,7 @@ pub async fn run(
     // has the fence up in phase `syncing`.
     let raised = async {
         let mut conn = m.source_conn().await?;
-        let tx = tokio_postgres::Client::transaction(&mut conn)
-            .await
-            .map_err(CutoverError::Source)?;
-        state::set_phase(&tx, Phase::CuttingOver).await?;
-        fence::raise(&tx).await.map_err(CutoverError::Source)?;
-        state::record_fence(&tx, true).await?;
-        tx.commit().await.map_err(CutoverError::Source)?;
-        Ok::<_, crate::Error>(())
+        fence::raise_recorded(&mut conn, CutoverError::Source).await
     }
     .await;
     if let Err(e) = raised {

@@ -175,14 +175,7 @@ async fn catch_up(m: &Migration, cancel: &CancellationToken) -> Result<(), crate
 /// The target's fence, with its phase, in one transaction.
 async fn raise(back: &Migration) -> Result<(), crate::Error> {
     let mut conn = back.source_conn().await?;
-    let tx = tokio_postgres::Client::transaction(&mut conn)
-        .await
-        .map_err(CutoverError::Target)?;
-    state::set_phase(&tx, Phase::CuttingOver).await?;
-    fence::raise(&tx).await.map_err(CutoverError::Target)?;
-    state::record_fence(&tx, true).await?;
-    tx.commit().await.map_err(CutoverError::Target)?;
-    Ok(())
+    fence::raise_recorded(&mut conn, CutoverError::Target).await
 }
 
 /// Lifts the target's fence: the application goes on writing there, the

@@ -74,11 +74,11 @@ async fn writes_on_the_target_after_the_switch_reach_the_old_source() {
         vec![("accounts_touch".into(), "D".into())],
         "the old source's trigger is disabled while it follows"
     );
-    env.target_client()
-        .await
-        .batch_execute("INSERT INTO scratch VALUES (100001, 'after the agent stopped')")
-        .await
-        .expect("write on the target");
+    on_target(
+        &env,
+        "INSERT INTO scratch VALUES (100001, 'after the agent stopped')",
+    )
+    .await;
     let status = env.status().await;
     assert_eq!(status["direction"], "reverse", "{status}");
     assert!(status["reverse"]["backlog_rows"].as_i64() >= Some(1), "{status}");
@@ -146,15 +146,8 @@ async fn an_aborted_cutover_takes_the_way_back_off_the_target() {
     env.ok(&["sync", "--until-caught-up"]).await;
     env.ok(&["cutover"]).await;
     assert_eq!(target_schema().await, 1);
-    env.target_client()
-        .await
-        .batch_execute("UPDATE accounts SET name = 'moved back' WHERE id = 9")
-        .await
-        .expect("write on the target");
-    env.ok(&["fallback", "--until-caught-up"]).await;
-    assert_same_rows(&env).await;
-    env.ok(&["finish"]).await;
-    assert_no_leftovers(&env).await;
+    on_target(&env, "UPDATE accounts SET name = 'moved back' WHERE id = 9").await;
+    follow_then_finish(&env).await;
 }
 
 /// The application's first write to the target, made while the switch
@@ -208,10 +201,7 @@ async fn the_first_write_on_the_target_during_the_switch_reaches_the_old_source(
         (1..=10).contains(&pending),
         "the target's deltas hold the application's first writes only, not the forward drain's: {pending}"
     );
-    env.ok(&["fallback", "--until-caught-up"]).await;
-    assert_same_rows(&env).await;
-    env.ok(&["finish"]).await;
-    assert_no_leftovers(&env).await;
+    follow_then_finish(&env).await;
 }
 
 /// `migrate --cutover` with a way back, run as the service: after the
@@ -414,21 +404,14 @@ async fn a_failed_switchback_command_reopens_the_target() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    env.target_client()
-        .await
-        .batch_execute("UPDATE accounts SET name = 'still here' WHERE id = 5")
-        .await
-        .expect("the target takes writes again");
+    on_target(&env, "UPDATE accounts SET name = 'still here' WHERE id = 5").await;
     assert_fenced(
         &env.source_as(APP).await,
         "UPDATE accounts SET name = 'x' WHERE id = 5",
         "the old source after a failed switchback",
     )
     .await;
-    env.ok(&["fallback", "--until-caught-up"]).await;
-    assert_same_rows(&env).await;
-    env.ok(&["finish"]).await;
-    assert_no_leftovers(&env).await;
+    follow_then_finish(&env).await;
 }
 
 /// `check` with a way back refuses, with the fix, a table whose triggers
@@ -512,15 +495,26 @@ async fn a_cutover_killed_while_it_prepares_the_way_back_goes_on() {
     env.kill_at(&["cutover"], "install.after_register").await;
     assert_eq!(env.status().await["phase"], "syncing", "the fence never went up");
     env.ok(&["cutover"]).await;
+    on_target(&env, "DELETE FROM accounts WHERE id = 4").await;
+    follow_then_finish(&env).await;
+}
+
+/// The application writes `sql` on the target.
+async fn on_target(env: &Env, sql: &str) {
     env.target_client()
         .await
-        .batch_execute("DELETE FROM accounts WHERE id = 4")
+        .batch_execute(sql)
         .await
-        .expect("write on the target");
+        .unwrap_or_else(|e| panic!("on the target: {sql}: {e}"));
+}
+
+/// The old source catches up, equals the target row for row, and `finish`
+/// leaves nothing of pgferry's on either side.
+async fn follow_then_finish(env: &Env) {
     env.ok(&["fallback", "--until-caught-up"]).await;
-    assert_same_rows(&env).await;
+    assert_same_rows(env).await;
     env.ok(&["finish"]).await;
-    assert_no_leftovers(&env).await;
+    assert_no_leftovers(env).await;
 }
 
 /// The old source's sequences are past every value the rows hold on either
