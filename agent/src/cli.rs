@@ -99,7 +99,12 @@ pub enum Command {
     },
     /// End the fallback window: the old source's triggers enabled again,
     /// pgferry removed from both sides (which lifts the old source's fence).
-    Finish,
+    Finish {
+        /// Keep the old source fenced (read-only for the application) until
+        /// `pgferry cleanup`; only the target is cleaned now.
+        #[arg(long)]
+        keep_source_fenced: bool,
+    },
     /// Compare source and target: counts, checksums, differing keys.
     Verify,
     /// Phase, per-table progress, backlog, lag.
@@ -391,8 +396,12 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             }
             // A fallback's remains too: its triggers enabled again on the
             // old source, the target's capture removed table by table.
-            let r = resilient(&m, "cleanup", cancel, || crate::fallback::finish(&m, cancel)).await?;
-            Output::ok(&r.cleanup, pretty("cleanup done", &r.cleanup))
+            let r = resilient(&m, "cleanup", cancel, || {
+                crate::fallback::finish(&m, false, cancel)
+            })
+            .await?;
+            let r = r.cleanup.unwrap_or_default();
+            Output::ok(&r, pretty("cleanup done", &r))
         }
         Command::Fallback { until_caught_up } => {
             let r = resilient(&m, "fallback", cancel, || {
@@ -415,15 +424,20 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             .await?;
             Output::ok(&r, pretty("switched back", &r))
         }
-        Command::Finish => {
-            if let Ok(Some(who)) = crate::cutover::release::connected_now(&m).await {
-                tracing::warn!(
-                    sessions = %who,
-                    "Lifting the old source's fence while sessions that could write to it are connected: what they \
-                     write there from now on is not migrated"
-                );
+        Command::Finish { keep_source_fenced } => {
+            if !*keep_source_fenced {
+                if let Ok(Some(who)) = crate::cutover::release::connected_now(&m).await {
+                    tracing::warn!(
+                        sessions = %who,
+                        "Lifting the old source's fence while sessions that could write to it are connected: what \
+                         they write there from now on is not migrated"
+                    );
+                }
             }
-            let r = resilient(&m, "finish", cancel, || crate::fallback::finish(&m, cancel)).await?;
+            let r = resilient(&m, "finish", cancel, || {
+                crate::fallback::finish(&m, *keep_source_fenced, cancel)
+            })
+            .await?;
             Output::ok(&r, pretty("fallback finished", &r))
         }
         Command::Verify => {

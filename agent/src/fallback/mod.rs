@@ -155,14 +155,7 @@ pub async fn withdraw(m: &Migration, cancel: &CancellationToken) -> Result<(), c
     }
     let back = m.reversed();
     crate::cleanup::remove_capture(&back, cancel).await?;
-    back.source_conn()
-        .await?
-        .batch_execute("DROP SCHEMA IF EXISTS pgferry CASCADE")
-        .await
-        .map_err(query_err(
-            "removing the way back",
-            crate::db::endpoint::Side::Target,
-        ))?;
+    withdraw_target_schema(&back).await?;
     tracing::info!("Capture for the way back removed from the target");
     Ok(())
 }
@@ -306,15 +299,25 @@ pub struct FinishReport {
     pub triggers_restored: usize,
     /// Capture triggers dropped on the target.
     pub target_triggers_dropped: usize,
-    /// The forward cleanup: the old source's capture (its fence) and control schema.
-    pub cleanup: crate::cleanup::CleanupReport,
+    /// The old source was left fenced, as asked (`--keep-source-fenced`):
+    /// `pgferry cleanup` releases it.
+    pub source_kept_fenced: bool,
+    /// The forward cleanup: the old source's capture (its fence) and control
+    /// schema; none when the source was kept fenced.
+    pub cleanup: Option<crate::cleanup::CleanupReport>,
 }
 
 /// Ends the fallback window: the old source's triggers enabled again,
 /// capture removed from the target (table by table, as from a source),
 /// then everything of pgferry's from both sides, which lifts the old
-/// source's fence.
-pub async fn finish(m: &Migration, cancel: &CancellationToken) -> Result<FinishReport, crate::Error> {
+/// source's fence. With `keep_source_fenced`, the old source keeps its
+/// fence (and the control schema that holds it), now refusing pgferry's
+/// sessions too, until `pgferry cleanup` releases it.
+pub async fn finish(
+    m: &Migration,
+    keep_source_fenced: bool,
+    cancel: &CancellationToken,
+) -> Result<FinishReport, crate::Error> {
     let mut report = FinishReport {
         triggers_restored: apply::restore_triggers(m, cancel).await?,
         ..Default::default()
@@ -326,6 +329,36 @@ pub async fn finish(m: &Migration, cancel: &CancellationToken) -> Result<FinishR
         report.target_triggers_dropped = removed;
         crate::failpoint::hit("finish.after_target_capture").await;
     }
-    report.cleanup = crate::cleanup::run(m, cancel).await?;
+    if keep_source_fenced {
+        withdraw_target_schema(&back).await?;
+        m.source_conn()
+            .await?
+            .batch_execute(
+                "UPDATE pgferry.run SET apply_pass = NULL;
+                 SELECT pgferry.fence_apply(true, true) WHERE pg_sequence_last_value('pgferry.fence') = 1",
+            )
+            .await
+            .map_err(query_err(
+                "keeping the old source fenced",
+                crate::db::endpoint::Side::Source,
+            ))?;
+        report.source_kept_fenced = true;
+        tracing::info!("The old source stays fenced; `pgferry cleanup` releases it");
+        return Ok(report);
+    }
+    report.cleanup = Some(crate::cleanup::run(m, cancel).await?);
     Ok(report)
+}
+
+/// Drops the target's control schema (its capture triggers gone already).
+async fn withdraw_target_schema(back: &Migration) -> Result<(), crate::Error> {
+    back.source_conn()
+        .await?
+        .batch_execute("DROP SCHEMA IF EXISTS pgferry CASCADE")
+        .await
+        .map_err(query_err(
+            "removing the way back",
+            crate::db::endpoint::Side::Target,
+        ))?;
+    Ok(())
 }

@@ -499,6 +499,50 @@ async fn a_cutover_killed_while_it_prepares_the_way_back_goes_on() {
     follow_then_finish(&env).await;
 }
 
+/// `finish --keep-source-fenced`: the target loses the way back, the old
+/// source keeps refusing the application (and pgferry's pass no longer
+/// opens it) until `cleanup` releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_can_keep_the_old_source_fenced() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    on_target(&env, "UPDATE accounts SET name = 'kept' WHERE id = 8").await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    let source = env.source_as(APP).await;
+    let pass: String = source
+        .query_one("SELECT apply_pass FROM pgferry.run", &[])
+        .await
+        .expect("the pass")
+        .get(0);
+    env.ok(&["finish", "--keep-source-fenced"]).await;
+    let schemas: i64 = env
+        .target_client()
+        .await
+        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgferry'", &[])
+        .await
+        .expect("look for the schema")
+        .get(0);
+    assert_eq!(schemas, 0, "nothing of pgferry's on the target");
+    source
+        .execute("SELECT set_config('pgferry.apply', $1, false)", &[&pass])
+        .await
+        .expect("set the old pass");
+    assert_fenced(
+        &source,
+        "UPDATE accounts SET name = 'x' WHERE id = 8",
+        "the old source kept fenced",
+    )
+    .await;
+    assert_eq!(
+        source_triggers(&env).await,
+        vec![("accounts_touch".into(), "O".into())]
+    );
+    assert_same_rows(&env).await;
+    drop(source);
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// The application writes `sql` on the target.
 async fn on_target(env: &Env, sql: &str) {
     env.target_client()
