@@ -129,6 +129,40 @@ pub async fn stage_keys(
     Ok(staged)
 }
 
+/// Copies `member`'s rows as `from` (a source transaction, or a batch's
+/// snapshot) sees them, those matching `filter` (a WHERE clause, or nothing
+/// for all), by COPY into `dest` in `to` (the same table on the other side,
+/// or a staging table with its columns), at most as fast as `throttle` lets
+/// bytes through. Returns the rows written.
+pub async fn copy_rows(
+    from: &tokio_postgres::Transaction<'_>,
+    to: &tokio_postgres::Transaction<'_>,
+    member: &TableState,
+    dest: &str,
+    filter: &str,
+    throttle: &crate::db::throttle::Throttle,
+) -> Result<u64, Pumped> {
+    let cols = crate::db::ident::column_list(&member.copy_columns, None);
+    let format = member.copy_format();
+    let to_path = pin_names(to, member).await.map_err(Pumped::Target)?;
+    let from_path = pin_names(from, member).await.map_err(Pumped::Source)?;
+    let sink = to
+        .copy_in(&format!("COPY {dest} ({cols}) FROM STDIN (FORMAT {format})"))
+        .await
+        .map_err(Pumped::Target)?;
+    let stream = from
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT {format})",
+            member.rel()
+        ))
+        .await
+        .map_err(Pumped::Source)?;
+    let written = pump(stream, sink, throttle, |_| {}).await?.0;
+    unpin_names(to, to_path).await.map_err(Pumped::Target)?;
+    unpin_names(from, from_path).await.map_err(Pumped::Source)?;
+    Ok(written)
+}
+
 /// For a table moved in text form ([`TableState::text_form`]): reg* values
 /// are printed and read schema-qualified, as pg_dump moves them with an
 /// empty `search_path`, so a name means the same object on both sides

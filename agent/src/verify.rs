@@ -72,6 +72,16 @@ pub struct Subject {
     pub key_columns: Vec<String>,
 }
 
+impl Subject {
+    /// A registered table, compared whole.
+    pub fn of(t: &TableState) -> Self {
+        Subject {
+            table: t.table.clone(),
+            key_columns: t.key_columns.clone(),
+        }
+    }
+}
+
 /// One table's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct TableVerdict {
@@ -152,10 +162,7 @@ pub async fn verify_changed(m: &Migration, tables: &[TableState]) -> Result<Veri
             ),
             // Its rows are among its root's.
             Some(_) if ledgers.contains(&t.id) => continue,
-            _ => Job::Full(Subject {
-                table: t.table.clone(),
-                key_columns: t.key_columns.clone(),
-            }),
+            _ => Job::Full(Subject::of(t)),
         };
         jobs.push(job);
     }
@@ -424,10 +431,7 @@ pub(crate) async fn compare_changed_on(
         format!("WHERE ({mine}) IN ({changed})"),
         format!("WHERE ({mine}) IN (SELECT {keys} FROM pgferry_keys)"),
     );
-    let subject = Subject {
-        table: t.table.clone(),
-        key_columns: t.key_columns.clone(),
-    };
+    let subject = Subject::of(t);
     let verdict = compare_on(
         src,
         &ttx,

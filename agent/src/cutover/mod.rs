@@ -452,13 +452,7 @@ async fn fenced(
         crate::failpoint::hit("cutover.after_sequences").await;
         Ok::<_, crate::Error>(copied)
     };
-    let subjects = tables
-        .iter()
-        .map(|t| Subject {
-            table: t.table.clone(),
-            key_columns: t.key_columns.clone(),
-        })
-        .collect();
+    let subjects = tables.iter().map(Subject::of).collect();
     let verification = async {
         let started = Instant::now();
         let verdict = match m.cfg.cutover.verify {

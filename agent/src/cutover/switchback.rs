@@ -271,13 +271,7 @@ async fn fenced(
         .await
         .map_err(CutoverError::Source)?;
     drop((newdb, old));
-    let subjects = tables
-        .iter()
-        .map(|t| Subject {
-            table: t.table.clone(),
-            key_columns: t.key_columns.clone(),
-        })
-        .collect();
+    let subjects = tables.iter().map(Subject::of).collect();
     let verdict = crate::verify::verify(back, subjects).await?;
     if verdict.mismatches > 0 {
         let differ: Vec<String> = verdict

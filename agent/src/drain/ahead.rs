@@ -101,10 +101,7 @@ pub(crate) async fn verify_batch(
         verdicts.push(verdict);
     }
     for t in unit.iter().filter(|t| !t.partitioned && !by_ledger) {
-        let subject = crate::verify::Subject {
-            table: t.table.clone(),
-            key_columns: t.key_columns.clone(),
-        };
+        let subject = crate::verify::Subject::of(t);
         let verdict = crate::verify::compare_on(&*stx, &**target, &subject, crate::verify::Rows::All)
             .await
             .map_err(|e| match e {

@@ -12,7 +12,7 @@ use crate::db::endpoint::Side;
 use crate::db::ident::{column_list, Ident};
 use crate::db::throttle::Throttle;
 use crate::db::Migration;
-use crate::rows::{pump, Pumped};
+use crate::rows::{copy_rows, Pumped};
 
 /// Advisory-lock class for "a batch of table N is in progress" (`pgfr`).
 const BATCH_LOCK_CLASS: i32 = 0x7067_6672;
@@ -395,9 +395,10 @@ pub(crate) async fn apply(
             // Already limited: the rows counted by the keys above.
             let unlimited = Throttle::unlimited();
             for member in &members {
-                stats.rows_written += copy_rows(stx, ttx, member, &changed, &unlimited)
-                    .await
-                    .map_err(pumped)?;
+                stats.rows_written +=
+                    copy_rows(stx, ttx, member, &member.table.to_string(), &changed, &unlimited)
+                        .await
+                        .map_err(pumped)?;
             }
         }
         // Another table of the same batch may stage its keys next.
@@ -554,51 +555,8 @@ async fn copy_whole(
         .map_err(Pumped::Target)?;
     let mut written = 0;
     for member in members {
-        written += copy_rows(stx, ttx, member, "", &m.copy_throttle).await?;
+        written += copy_rows(stx, ttx, member, &member.table.to_string(), "", &m.copy_throttle).await?;
     }
-    Ok(written)
-}
-
-/// Copies `member`'s rows as of the source transaction's snapshot, those
-/// matching `filter` (a WHERE clause, or nothing for all), straight into the
-/// same table on the target by binary COPY, at most as fast as `throttle`
-/// lets bytes through. Returns the rows written.
-async fn copy_rows(
-    stx: &tokio_postgres::Transaction<'_>,
-    ttx: &tokio_postgres::Transaction<'_>,
-    member: &TableState,
-    filter: &str,
-    throttle: &Throttle,
-) -> Result<u64, Pumped> {
-    let cols = column_list(&member.copy_columns, None);
-    let format = member.copy_format();
-    let target_path = crate::rows::pin_names(ttx, member)
-        .await
-        .map_err(Pumped::Target)?;
-    let source_path = crate::rows::pin_names(stx, member)
-        .await
-        .map_err(Pumped::Source)?;
-    let sink = ttx
-        .copy_in(&format!(
-            "COPY {} ({cols}) FROM STDIN (FORMAT {format})",
-            member.table
-        ))
-        .await
-        .map_err(Pumped::Target)?;
-    let stream = stx
-        .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT {format})",
-            member.rel()
-        ))
-        .await
-        .map_err(Pumped::Source)?;
-    let written = pump(stream, sink, throttle, |_| {}).await?.0;
-    crate::rows::unpin_names(ttx, target_path)
-        .await
-        .map_err(Pumped::Target)?;
-    crate::rows::unpin_names(stx, source_path)
-        .await
-        .map_err(Pumped::Source)?;
     Ok(written)
 }
 

@@ -170,7 +170,8 @@ async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Re
                 t.delta_table()
             )
         };
-        stage_rows(&ttx, &stx, t, &format!("pgferry_r_{i}"), &filter)
+        let unlimited = crate::db::throttle::Throttle::unlimited();
+        crate::rows::copy_rows(&ttx, &stx, t, &format!("pgferry_r_{i}"), &filter, &unlimited)
             .await
             .map_err(pumped("staging the rows"))?;
     }
@@ -214,41 +215,6 @@ async fn record_pass(newdb: &deadpool_postgres::Object, at: f64) -> Result<(), c
         .await
         .map_err(query_err("recording the pass", Side::Target))?;
     Ok(())
-}
-
-/// Copies the rows of `t` that `filter` keeps, as the target's snapshot
-/// sees them, into the staging table `name` of the old source's pass.
-async fn stage_rows(
-    ttx: &tokio_postgres::Transaction<'_>,
-    stx: &tokio_postgres::Transaction<'_>,
-    t: &TableState,
-    name: &str,
-    filter: &str,
-) -> Result<u64, Pumped> {
-    let cols = column_list(&t.copy_columns, None);
-    let format = t.copy_format();
-    let target_path = crate::rows::pin_names(stx, t).await.map_err(Pumped::Target)?;
-    let source_path = crate::rows::pin_names(ttx, t).await.map_err(Pumped::Source)?;
-    let sink = stx
-        .copy_in(&format!("COPY {name} FROM STDIN (FORMAT {format})"))
-        .await
-        .map_err(Pumped::Target)?;
-    let stream = ttx
-        .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {} {filter}) TO STDOUT (FORMAT {format})",
-            t.rel()
-        ))
-        .await
-        .map_err(Pumped::Source)?;
-    let unlimited = crate::db::throttle::Throttle::unlimited();
-    let rows = crate::rows::pump(stream, sink, &unlimited, |_| {}).await?.0;
-    crate::rows::unpin_names(stx, target_path)
-        .await
-        .map_err(Pumped::Target)?;
-    crate::rows::unpin_names(ttx, source_path)
-        .await
-        .map_err(Pumped::Source)?;
-    Ok(rows)
 }
 
 /// Writes the staged rows of `t` into the old source: inserted, or, where
