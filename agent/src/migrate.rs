@@ -2,7 +2,9 @@
 //!
 //! check → install → copy → then either sync until stopped, or (with
 //! `--cutover`) cutover, the wait for the application to leave the old
-//! source (fence up), and cleanup of the source. Each step is its own
+//! source (fence up), and cleanup of the source; after a switchback,
+//! `--cutover` syncs until an explicit `pgferry cutover` (the operator
+//! went back on purpose). Each step is its own
 //! command too and skips what an earlier run finished, so re-running
 //! `migrate` after a crash continues where it stopped.
 
@@ -95,7 +97,19 @@ pub async fn run(
     if phase < Some(Phase::Syncing) {
         report.copy = Some(resilient(m, "copy", cancel, || copy::run(m, cancel)).await?);
     }
-    if !opts.cutover {
+    let switched_back = phase == Some(Phase::Syncing) && {
+        let conn = m.source_conn().await?;
+        state::switched_back(&**conn).await?
+    };
+    if switched_back && opts.cutover {
+        // Restarted after the operator went back: cutting over again is
+        // the operator's decision, not the service's.
+        tracing::warn!(
+            "A switchback went back to this source: migrate --cutover syncs and waits for an explicit \
+             `pgferry cutover` instead of cutting over again on its own"
+        );
+    }
+    if !opts.cutover || switched_back {
         let opts = SyncOptions::default();
         report.sync = Some(resilient(m, "sync", cancel, || sync::run(m, opts, cancel)).await?);
         return Ok(report);

@@ -248,10 +248,13 @@ impl Env {
         let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         let name = failpoint.split('@').next().unwrap_or(failpoint).to_string();
         let want = format!("pgferry failpoint reached: {name}");
+        let mut before = Vec::new();
         let found = tokio::time::timeout(Duration::from_secs(120), async {
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[agent] {line}");
-                if line.contains(&want) {
+                let reached = line.contains(&want);
+                before.push(line);
+                if reached {
                     return true;
                 }
             }
@@ -264,11 +267,18 @@ impl Env {
             "pgferry {args:?} never reached failpoint {failpoint}"
         );
         // Keep draining stderr so the frozen agent never blocks on a full
-        // pipe, into a file [`Env::wait_for_log`] reads.
+        // pipe, into a file [`Env::wait_for_log`] reads, after the lines
+        // up to the failpoint.
         let pid = child.id().expect("running");
         let log = self.path(&format!("agent-{pid}.log"));
         let ended = self.path(&format!("agent-{pid}.log.ended"));
         let mut file = std::fs::File::create(&log).expect("agent log");
+        {
+            use std::io::Write;
+            for line in &before {
+                writeln!(file, "{line}").expect("agent log");
+            }
+        }
         tokio::spawn(async move {
             use std::io::Write;
             while let Ok(Some(line)) = lines.next_line().await {
@@ -291,8 +301,19 @@ impl Env {
         std::fs::read_to_string(self.path(&format!("agent-{pid}.log"))).expect("agent log")
     }
 
+    /// Waits for an agent released from its failpoint; returns its exit
+    /// code and its whole log.
+    pub async fn exited(&self, agent: &mut Child) -> (Option<i32>, String) {
+        let pid = agent.id().expect("running");
+        let status = tokio::time::timeout(Duration::from_secs(170), agent.wait())
+            .await
+            .expect("the agent exits")
+            .expect("wait for the agent");
+        (status.code(), self.final_log(pid).await)
+    }
+
     /// Waits until an agent started by [`Env::run_until_failpoint`] has
-    /// logged a line containing `needle` since its failpoint.
+    /// logged a line containing `needle` (before its failpoint too).
     pub async fn wait_for_log(&self, agent: &Child, needle: &str) {
         let log = self.path(&format!("agent-{}.log", agent.id().expect("running")));
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -325,6 +346,11 @@ impl Env {
         let out = self.ok(&["status", "--json"]).await;
         serde_json::from_str(&out).expect("status JSON")
     }
+}
+
+/// The last line an agent printed.
+pub fn last_line(log: &str) -> &str {
+    log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
 /// Connects over TCP with a password.

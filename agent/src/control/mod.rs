@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (16, include_str!("sql/0016_functions_in_one_file.sql")),
     (17, include_str!("sql/0017_fallback.sql")),
     (18, include_str!("sql/0018_reverse_lag.sql")),
+    (19, include_str!("sql/0019_switched_back.sql")),
 ];
 
 /// Every control function as it is now, re-applied after the versioned

@@ -680,6 +680,39 @@ pub async fn record_cutover_done(client: &impl GenericClient) -> Result<i64, Sta
     Ok(row.get::<_, Option<i64>>(0).unwrap_or(0))
 }
 
+/// Records on the old source that a switchback went back to it, or (`on`
+/// false, when a cutover finishes) forgets it (control schema 19; an older
+/// one records nothing).
+pub async fn record_switched_back(client: &impl GenericClient, on: bool) -> Result<(), StateError> {
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+               IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                           WHERE attrelid = 'pgferry.run'::regclass
+                             AND attname = 'switched_back_at' AND NOT attisdropped) THEN
+                 UPDATE pgferry.run SET switched_back_at = {};
+               END IF;
+             END $$",
+            if on { "now()" } else { "NULL" }
+        ))
+        .await
+        .map_err(q("record the switchback"))?;
+    Ok(())
+}
+
+/// Whether a switchback went back to this source since its last cutover
+/// (see [`record_switched_back`]).
+pub async fn switched_back(client: &impl GenericClient) -> Result<bool, StateError> {
+    let row = client
+        .query_opt(
+            "SELECT (to_jsonb(r) ->> 'switched_back_at') IS NOT NULL FROM pgferry.run r",
+            &[],
+        )
+        .await
+        .map_err(q("read the switchback"))?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

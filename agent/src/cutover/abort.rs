@@ -16,11 +16,10 @@
 //! target whose foreign keys and triggers would act on the drain. Safe to
 //! re-run: lifting a lifted fence and tidying a tidy target change nothing.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{fence, objects, CutoverError};
 use crate::control::state::{self, Phase};
-use crate::db::retry::RetryPolicy;
 use crate::db::Migration;
 
 /// Lifts the fence first, then tidies the target and returns the migration
@@ -76,38 +75,17 @@ async fn lift_once(m: &Migration, switch_failed: bool) -> Result<(), crate::Erro
 /// Lifts the fence, trying again with backoff while the source cannot be
 /// reached, for `cutover.fence_lift_timeout_ms`.
 async fn lift_persistently(m: &Migration, switch_failed: bool) -> Result<(), crate::Error> {
-    let started = Instant::now();
     let limit = Duration::from_millis(m.cfg.cutover.fence_lift_timeout_ms);
-    let policy = RetryPolicy {
-        retries: 0,
-        base: Duration::from_millis(250),
-        cap: Duration::from_secs(30),
-    };
-    let mut attempt = 0;
-    loop {
-        let Err(e) = lift_once(m, switch_failed).await else {
-            return Ok(());
-        };
-        attempt += 1;
-        crate::telemetry::fence_still_up();
-        let waited = started.elapsed();
-        if waited >= limit {
-            return Err(CutoverError::StillFenced {
-                secs: waited.as_secs(),
+    fence::lift_persistently(limit, "THE SOURCE", || lift_once(m, switch_failed))
+        .await
+        .map_err(|(secs, cause)| {
+            CutoverError::StillFenced {
+                secs,
                 command: lift_command(switch_failed),
-                cause: Box::new(e),
+                cause: Box::new(cause),
             }
-            .into());
-        }
-        let pause = policy.backoff(attempt).min(limit - waited);
-        tracing::error!(
-            attempt,
-            error = %crate::db::errors::report(&e),
-            retry_in_ms = pause.as_millis() as u64,
-            "THE SOURCE IS STILL FENCED: the fence could not be lifted; trying again"
-        );
-        tokio::time::sleep(pause).await;
-    }
+            .into()
+        })
 }
 
 /// The command that lifts the fence by hand.

@@ -68,6 +68,49 @@ async fn set(client: &impl GenericClient, raised: bool) -> Result<(), tokio_post
         .await
 }
 
+/// Tries `attempt` (a fence lifted with its bookkeeping) again with backoff
+/// while it fails, for `limit`: a database that cannot be reached for a
+/// while must not stay fenced for want of one more try. Each failure is
+/// logged as `who` still being fenced, and `pgferry_fence_raised` stays 1
+/// so that the alert keeps firing. Gives up with how long it tried and the
+/// last error.
+pub async fn lift_persistently<F, Fut>(
+    limit: Duration,
+    who: &str,
+    mut attempt: F,
+) -> Result<(), (u64, crate::Error)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::Error>>,
+{
+    let started = Instant::now();
+    let policy = crate::db::retry::RetryPolicy {
+        retries: 0,
+        base: Duration::from_millis(250),
+        cap: Duration::from_secs(30),
+    };
+    let mut n = 0;
+    loop {
+        let Err(e) = attempt().await else {
+            return Ok(());
+        };
+        n += 1;
+        crate::telemetry::fence_still_up();
+        let waited = started.elapsed();
+        if waited >= limit {
+            return Err((waited.as_secs(), e));
+        }
+        let pause = policy.backoff(n).min(limit - waited);
+        tracing::error!(
+            attempt = n,
+            error = %crate::db::errors::report(&e),
+            retry_in_ms = pause.as_millis() as u64,
+            "{who} IS STILL FENCED: the fence could not be lifted; trying again"
+        );
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// After the switch: the fence stays up, and its refusal now says that the
 /// database has moved (control schema 15; an older one keeps its message).
 pub async fn mark_moved(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {

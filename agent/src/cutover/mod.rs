@@ -597,6 +597,7 @@ async fn after_point_of_no_return(
     crate::failpoint::hit("cutover.after_switch").await;
     let conn = m.source_conn().await?;
     report.writes_blocked_ms = state::record_cutover_done(&**conn).await?;
+    state::record_switched_back(&**conn, false).await?;
     tracing::info!(writes_blocked_ms = report.writes_blocked_ms, "Cutover done");
     // The fence stays; a writer still connected is told where the data went.
     if let Err(e) = fence::mark_moved(&**conn).await {
@@ -673,7 +674,7 @@ async fn run_switch_command(
         .as_ref()
         .map(|u| u.expose_secret().to_string())
         .unwrap_or_default();
-    tracing::info!(command = var, "Running the switch command");
+    tracing::info!(url_in = var, "Running the switch command");
     let status = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)

@@ -10,9 +10,13 @@
 //!
 //! Where it stands is read from both control schemas, so a killed run
 //! resumes: the target's phase `cutting_over` (fenced), its switch marker
-//! (the command may have run), its phase `cut_over` (the old source is
-//! open), and the old source's phase `cut_over` with its fence down and
-//! nothing left on the target (only the last bookkeeping is missing).
+//! (the command may have run), its phase `cut_over` (the command ran: it is
+//! not run again), the old source's fence (down: it is open), and the old
+//! source's phase `cut_over` with its fence down and nothing left on the
+//! target (only the last bookkeeping is missing). Once the command has run,
+//! the application writes to the old source, so opening it is tried again
+//! while it cannot be reached, for `cutover.fence_lift_timeout_ms`, before
+//! the error says it is still fenced and that `pgferry switchback` opens it.
 
 use std::time::{Duration, Instant};
 
@@ -110,13 +114,19 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<Switchback
             }
         }
         crate::failpoint::hit("switchback.after_switch").await;
-        report.triggers_restored = open_source(m, cancel).await?;
+        // The target's phase says the command ran: a run resumed from here
+        // on opens the old source without running it again.
+        state::record_cutover_done(&**back.source_conn().await?).await?;
+    }
+    if !source_open {
+        // The application now writes to the old source: it stays fenced
+        // only as long as it cannot be reached.
+        crate::failpoint::hit("switchback.before_open").await;
+        report.triggers_restored = open_source_persistently(m, cancel).await?;
         if let Some(at) = fenced_at {
             report.writes_blocked_ms = at.elapsed().as_millis() as u64;
         }
         crate::failpoint::hit("switchback.after_open").await;
-        // The target's phase says the old source is open.
-        state::record_cutover_done(&**back.source_conn().await?).await?;
         tracing::info!(
             writes_blocked_ms = report.writes_blocked_ms,
             "Switched back: the old source takes writes again"
@@ -183,32 +193,15 @@ async fn raise(back: &Migration) -> Result<(), crate::Error> {
 /// cannot be reached, for `cutover.fence_lift_timeout_ms`; then the error
 /// names the command that lifts it.
 async fn reopen_target(back: &Migration) -> Result<(), crate::Error> {
-    let started = Instant::now();
     let limit = Duration::from_millis(back.cfg.cutover.fence_lift_timeout_ms);
-    let mut pause = Duration::from_millis(250);
-    loop {
-        match reopen_target_once(back).await {
-            Ok(()) => {
-                tracing::warn!("Fence lifted on the target: the application writes there again");
-                return Ok(());
-            }
-            Err(e) if started.elapsed() < limit => {
-                tracing::error!(
-                    error = %crate::db::errors::report(&e),
-                    "THE TARGET IS FENCED and its fence could not be lifted yet; trying again"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(30));
-            }
-            Err(e) => {
-                return Err(FallbackError::TargetStillFenced {
-                    secs: started.elapsed().as_secs(),
-                    cause: Box::new(e),
-                }
-                .into())
-            }
-        }
-    }
+    fence::lift_persistently(limit, "THE TARGET", || reopen_target_once(back))
+        .await
+        .map_err(|(secs, cause)| FallbackError::TargetStillFenced {
+            secs,
+            cause: Box::new(cause),
+        })?;
+    tracing::warn!("Fence lifted on the target: the application writes there again");
+    Ok(())
 }
 
 async fn reopen_target_once(back: &Migration) -> Result<(), crate::Error> {
@@ -309,6 +302,24 @@ async fn fenced(
     Ok(())
 }
 
+/// [`open_source`], tried again with backoff while it fails, for
+/// `cutover.fence_lift_timeout_ms`: the switchback command has pointed the
+/// application at the old source.
+async fn open_source_persistently(m: &Migration, cancel: &CancellationToken) -> Result<usize, crate::Error> {
+    let limit = Duration::from_millis(m.cfg.cutover.fence_lift_timeout_ms);
+    let restored = std::cell::Cell::new(0);
+    fence::lift_persistently(limit, "THE OLD SOURCE", || async {
+        restored.set(open_source(m, cancel).await?);
+        Ok(())
+    })
+    .await
+    .map_err(|(secs, cause)| FallbackError::SourceStillFenced {
+        secs,
+        cause: Box::new(cause),
+    })?;
+    Ok(restored.get())
+}
+
 /// The old source takes writes again: its triggers enabled, then its fence
 /// lifted, which makes the capturing bodies again in the same transaction
 /// (forward capture resumes with the first write). Its ledgers go: the
@@ -341,6 +352,7 @@ async fn back_to_syncing(m: &Migration) -> Result<(), crate::Error> {
         .map_err(CutoverError::Source)?;
     state::clear_switch_started(&tx).await?;
     state::set_phase(&tx, Phase::Syncing).await?;
+    state::record_switched_back(&tx, true).await?;
     tx.execute(
         "UPDATE pgferry.run SET cutover_done_at = NULL, writes_blocked_ms = NULL",
         &[],

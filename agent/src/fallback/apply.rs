@@ -47,13 +47,54 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
     if !locked {
         return Ok(None);
     }
-    match pass_locked(m, &mut newdb).await {
+    let applied = async {
+        // `finish` or a switchback may have taken the way back off the
+        // target while this pass waited for its turn.
+        if !super::under_way_on(&**newdb).await? {
+            return Ok(0);
+        }
+        pass_locked(m, &mut newdb).await
+    }
+    .await;
+    match applied {
         Ok(keys) => {
             newdb
                 .execute("SELECT pg_advisory_unlock($1, 0)", &[&PASS_LOCK_CLASS])
                 .await
                 .map_err(query_err("releasing the pass lock", Side::Target))?;
             Ok(Some(keys))
+        }
+        Err(e) => {
+            let _ = deadpool_postgres::Object::take(newdb);
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f` with no pass applying, its own or another agent's: the pass
+/// lock taken on a target session (waiting for a pass in flight), released
+/// after, or its session discarded on failure, which releases it. What
+/// takes the way back off (`finish`, a switchback's tidying) or enables the
+/// old source's triggers runs so: a pass in flight at that moment would
+/// fail on a dropped table, or fire the triggers on what it applies.
+pub async fn without_passes<T, F, Fut>(m: &Migration, f: F) -> Result<T, crate::Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::Error>>,
+{
+    let back = m.reversed();
+    let newdb = back.source_conn().await?;
+    newdb
+        .execute("SELECT pg_advisory_lock($1, 0)", &[&PASS_LOCK_CLASS])
+        .await
+        .map_err(query_err("waiting for the pass in flight", Side::Target))?;
+    match f().await {
+        Ok(v) => {
+            newdb
+                .execute("SELECT pg_advisory_unlock($1, 0)", &[&PASS_LOCK_CLASS])
+                .await
+                .map_err(query_err("releasing the pass lock", Side::Target))?;
+            Ok(v)
         }
         Err(e) => {
             let _ = deadpool_postgres::Object::take(newdb);

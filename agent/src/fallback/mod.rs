@@ -51,6 +51,20 @@ pub enum FallbackError {
         #[source]
         cause: Box<crate::Error>,
     },
+    /// The switchback command ran, and the old source's fence could not be
+    /// lifted within `cutover.fence_lift_timeout_ms`.
+    #[error(
+        "THE OLD SOURCE IS STILL FENCED: the switchback command ran, so the application writes to it, and pgferry \
+         could not open it in {secs} s of trying; once it can be reached, run `pgferry switchback` to open it \
+         (the command does not run again)"
+    )]
+    SourceStillFenced {
+        /// How long opening it was tried.
+        secs: u64,
+        /// Why the last attempt failed.
+        #[source]
+        cause: Box<crate::Error>,
+    },
     /// A statement failed on one side.
     #[error("{what} failed on the {side}")]
     Query {
@@ -72,7 +86,9 @@ impl crate::error::Failure for FallbackError {
         match self {
             FallbackError::NotUnderWay(_) => crate::error::ExitCode::Usage,
             FallbackError::Aborted { mismatch: true, .. } => crate::error::ExitCode::CheckFailed,
-            FallbackError::TargetStillFenced { .. } => crate::error::ExitCode::Fenced,
+            FallbackError::TargetStillFenced { .. } | FallbackError::SourceStillFenced { .. } => {
+                crate::error::ExitCode::Fenced
+            }
             _ => crate::error::ExitCode::Runtime,
         }
     }
@@ -83,7 +99,8 @@ impl crate::error::Failure for FallbackError {
             FallbackError::Connect(e) => e.is_retryable(),
             FallbackError::NotUnderWay(_)
             | FallbackError::Aborted { .. }
-            | FallbackError::TargetStillFenced { .. } => false,
+            | FallbackError::TargetStillFenced { .. }
+            | FallbackError::SourceStillFenced { .. } => false,
         }
     }
 }
@@ -154,33 +171,35 @@ pub async fn withdraw(m: &Migration, cancel: &CancellationToken) -> Result<(), c
         return Ok(());
     }
     let back = m.reversed();
-    crate::cleanup::remove_capture(&back, cancel).await?;
-    withdraw_target_schema(&back).await?;
+    apply::without_passes(m, || async {
+        crate::cleanup::remove_capture(&back, cancel).await?;
+        withdraw_target_schema(&back).await
+    })
+    .await?;
     tracing::info!("Capture for the way back removed from the target");
     Ok(())
 }
 
 /// Whether the target captures for a way back.
 pub async fn under_way(m: &Migration) -> Result<bool, crate::Error> {
-    let conn = m.target_conn().await?;
-    let reverse: Option<bool> = conn
-        .query_opt(
-            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = to_regnamespace('pgferry') AND relname = 'run')",
-            &[],
-        )
+    under_way_on(&**m.target_conn().await?).await
+}
+
+/// [`under_way`], on a session of the target's.
+pub(crate) async fn under_way_on(conn: &impl tokio_postgres::GenericClient) -> Result<bool, crate::Error> {
+    let err = || query_err("looking for the way back", crate::db::endpoint::Side::Target);
+    let exists: bool = conn
+        .query_one("SELECT to_regclass('pgferry.run') IS NOT NULL", &[])
         .await
-        .map_err(query_err("looking for the way back", crate::db::endpoint::Side::Target))?
-        .map(|r| r.get(0));
-    if reverse != Some(true) {
+        .map_err(err())?
+        .get(0);
+    if !exists {
         return Ok(false);
     }
     let direction: Option<String> = conn
         .query_opt("SELECT direction FROM pgferry.run", &[])
         .await
-        .map_err(query_err(
-            "reading the direction",
-            crate::db::endpoint::Side::Target,
-        ))?
+        .map_err(err())?
         .map(|r| r.get(0));
     Ok(direction.as_deref() == Some("reverse"))
 }
@@ -314,6 +333,21 @@ pub struct FinishReport {
 /// fence (and the control schema that holds it), now refusing pgferry's
 /// sessions too, until `pgferry cleanup` releases it.
 pub async fn finish(
+    m: &Migration,
+    keep_source_fenced: bool,
+    cancel: &CancellationToken,
+) -> Result<FinishReport, crate::Error> {
+    if m.has_target() {
+        // Not while the service applies: a pass after the triggers came
+        // back would fire them, one during the removal fail on it.
+        apply::without_passes(m, || finish_alone(m, keep_source_fenced, cancel)).await
+    } else {
+        finish_alone(m, keep_source_fenced, cancel).await
+    }
+}
+
+/// [`finish`], no pass applying meanwhile.
+async fn finish_alone(
     m: &Migration,
     keep_source_fenced: bool,
     cancel: &CancellationToken,

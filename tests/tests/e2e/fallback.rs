@@ -206,7 +206,9 @@ async fn the_first_write_on_the_target_during_the_switch_reaches_the_old_source(
 
 /// `migrate --cutover` with a way back, run as the service: after the
 /// switch it does not clean up but follows the new database, until stopped;
-/// started again (as systemd would), it goes on following.
+/// started again (as systemd would), it goes on following. A switchback
+/// ends it; started again after that, it syncs and does not cut over on
+/// its own: the operator went back on purpose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_goes_on_following_after_the_switch() {
     let env = seeded().await;
@@ -226,7 +228,8 @@ async fn the_service_goes_on_following_after_the_switch() {
                 == 1
         }
     };
-    for (round, id) in [(1, 21_i64), (2, 22)] {
+    let mut following = None;
+    for (round, id) in [(1, 21_i64), (2, 22), (3, 23)] {
         let agent = env
             .cmd(&["migrate", "--cutover"])
             .spawn()
@@ -236,8 +239,9 @@ async fn the_service_goes_on_following_after_the_switch() {
                 .source_as(APP)
                 .await
                 .query_one(
+                    // A table with no row yet (install under way) reads as none.
                     "SELECT CASE WHEN to_regclass('pgferry.run') IS NOT NULL
-                                 THEN (xpath('/row/p/text()', query_to_xml('SELECT phase AS p FROM pgferry.run', false, true, '')))[1]::text END",
+                                 THEN (xpath('//p/text()', query_to_xml('SELECT phase AS p FROM pgferry.run', false, false, '')))[1]::text END",
                     &[],
                 )
                 .await
@@ -257,9 +261,82 @@ async fn the_service_goes_on_following_after_the_switch() {
             || async { on_source(id).await.then_some(()) },
         )
         .await;
-        stop(agent).await;
+        if round < 3 {
+            stop(agent).await;
+        } else {
+            following = Some(agent);
+        }
     }
+    env.ok(&["switchback"]).await;
+    let mut agent = following.expect("the service follows");
+    let ended = tokio::time::timeout(Duration::from_secs(60), agent.wait())
+        .await
+        .expect("the service ends with the way back")
+        .expect("wait for the service");
+    assert_eq!(
+        ended.code(),
+        Some(0),
+        "the service ends cleanly after a switchback"
+    );
+
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET name = 'back on the source' WHERE id = 24")
+        .await
+        .expect("the old source is open");
+    let restarted = env
+        .spawn_until_failpoint(
+            env.cmd(&["migrate", "--cutover"]),
+            &["migrate", "--cutover"],
+            "sync.after_target_commit",
+        )
+        .await;
+    env.wait_for_log(&restarted, "waits for an explicit `pgferry cutover`")
+        .await;
+    assert_eq!(env.status().await["phase"], "syncing");
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET name = 'synced forward' WHERE id = 25")
+        .await
+        .expect("the old source still takes writes");
+    wait_for("the write on the target", Duration::from_secs(60), || async {
+        let n: i64 = env
+            .target_client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM accounts WHERE id = 25 AND name = 'synced forward'",
+                &[],
+            )
+            .await
+            .expect("read the target")
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(env.status().await["phase"], "syncing");
+    stop(restarted).await;
+    env.ok(&["cutover"]).await;
+
+    // `finish` while `fallback` follows: the follower ends cleanly.
+    let mut follower = env.cmd(&["fallback"]).spawn().expect("start fallback");
+    env.target_client()
+        .await
+        .execute("UPDATE accounts SET name = 'on the target' WHERE id = 26", &[])
+        .await
+        .expect("write on the target");
+    wait_for(
+        "the last write on the old source",
+        Duration::from_secs(60),
+        || async { on_source(26).await.then_some(()) },
+    )
+    .await;
     env.ok(&["finish"]).await;
+    let ended = tokio::time::timeout(Duration::from_secs(60), follower.wait())
+        .await
+        .expect("the follower ends with the way back")
+        .expect("wait for the follower");
+    assert_eq!(ended.code(), Some(0), "the follower ends cleanly after finish");
     assert_same_rows(&env).await;
     assert_no_leftovers(&env).await;
 }
@@ -327,6 +404,7 @@ async fn a_switchback_killed_at_any_step_ends_equal_when_run_again() {
         "switchback.after_verify",
         "switchback.before_switch",
         "switchback.after_switch",
+        "switchback.before_open",
         "switchback.after_open",
         "switchback.before_tidy",
     ]
@@ -412,6 +490,87 @@ async fn a_failed_switchback_command_reopens_the_target() {
     )
     .await;
     follow_then_finish(&env).await;
+}
+
+/// The old source cannot be reached just after the switchback command ran
+/// (the application already points at it): pgferry keeps trying to open
+/// it, says so and exits 4 when it gives up; run again, it opens it without
+/// running the command again, waiting for it to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_source_out_of_reach_after_the_switchback_command_is_opened_once_back() {
+    let mut env = seeded().await;
+    let ran = env.path("switchback-ran");
+    let config = |limit_ms: u64| {
+        format!(
+            "{FALLBACK}switchback_command = 'echo ran >> {}'\nfence_lift_timeout_ms = {limit_ms}\n\
+             [source_limits]\nstep_retries = 0\n",
+            ran.display()
+        )
+    };
+    env.config(&config(1_500));
+    for step in [
+        &["install"][..],
+        &["copy"],
+        &["sync", "--until-caught-up"],
+        &["cutover"],
+    ] {
+        env.ok(step).await;
+    }
+    on_target(&env, "UPDATE accounts SET name = 'on the target' WHERE id = 9").await;
+    let runs = || std::fs::read_to_string(&ran).unwrap_or_default().lines().count();
+
+    // Gives up: exit 4, the last line says the old source is fenced and
+    // how to open it.
+    let mut agent = env
+        .run_until_failpoint(&["switchback"], "switchback.before_open")
+        .await;
+    env.source.stop("fast").await.unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    let (code, log) = env.exited(&mut agent).await;
+    assert_eq!(code, Some(4), "{log}");
+    let said = log
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error said: {log}"));
+    assert!(said.contains("THE OLD SOURCE IS STILL FENCED"), "{log}");
+    assert!(said.contains("run `pgferry switchback` to open it"), "{log}");
+    assert_eq!(runs(), 1);
+    std::fs::remove_file(env.failpoint_release()).unwrap();
+    env.source.restart().await.unwrap();
+    assert_fenced(
+        &env.source_as(APP).await,
+        "UPDATE accounts SET name = 'x' WHERE id = 9",
+        "the old source it could not open",
+    )
+    .await;
+
+    // Run again while the old source is still away: it keeps trying, and
+    // opens it once it is back.
+    env.config(&config(120_000));
+    let mut agent = env
+        .run_until_failpoint(&["switchback"], "switchback.before_open")
+        .await;
+    env.source.stop("fast").await.unwrap();
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(
+        &agent,
+        "THE OLD SOURCE IS STILL FENCED: the fence could not be lifted; trying again",
+    )
+    .await;
+    env.source.restart().await.unwrap();
+    let (code, log) = env.exited(&mut agent).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(runs(), 1, "the switchback command ran once");
+    std::fs::remove_file(env.failpoint_release()).unwrap();
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE accounts SET name = 'back' WHERE id = 10")
+        .await
+        .expect("the old source is open");
+    env.ok(&["sync", "--until-caught-up"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
 }
 
 /// `check` with a way back refuses, with the fix, a table whose triggers

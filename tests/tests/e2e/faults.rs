@@ -606,7 +606,7 @@ async fn a_delta_table_from_before_v11_still_captures_and_drains() {
 }
 
 /// The control schema's version this release brings.
-const LATEST_CONTROL_VERSION: i32 = 18;
+const LATEST_CONTROL_VERSION: i32 = 19;
 
 /// A control schema left by a pgferry from before the functions lived in
 /// one file (version 15), with a migration in flight, is upgraded by the
@@ -621,7 +621,8 @@ async fn an_older_control_schema_takes_the_functions_file_in_flight() {
         "DELETE FROM pgferry.schema_migrations WHERE version >= 16;
          DROP TABLE pgferry.repeatable;
          DROP TABLE pgferry.disabled_triggers;
-         ALTER TABLE pgferry.run DROP COLUMN apply_pass, DROP COLUMN direction, DROP COLUMN reverse_synced_through;
+         ALTER TABLE pgferry.run DROP COLUMN apply_pass, DROP COLUMN direction, DROP COLUMN reverse_synced_through,
+           DROP COLUMN switched_back_at;
          CREATE OR REPLACE FUNCTION pgferry.delta_storage() RETURNS text
            LANGUAGE sql IMMUTABLE AS $$ SELECT 'fillfactor = 100' $$;
          INSERT INTO scratch VALUES (710000, 'before the upgrade');",

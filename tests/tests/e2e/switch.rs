@@ -81,23 +81,6 @@ async fn heal(env: &mut Env, fault: TargetFault) {
     }
 }
 
-/// Waits for an agent released from its failpoint; returns its exit code
-/// and its log since the failpoint, whole (the log file is written by a
-/// reader of its stderr, which may lag the exit a little).
-async fn finish(env: &Env, agent: &mut tokio::process::Child) -> (Option<i32>, String) {
-    let pid = agent.id().expect("running");
-    let status = tokio::time::timeout(Duration::from_secs(170), agent.wait())
-        .await
-        .expect("the agent exits")
-        .expect("wait for the agent");
-    (status.code(), env.final_log(pid).await)
-}
-
-/// The last line an agent printed.
-fn last_line(log: &str) -> &str {
-    log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
-}
-
 /// The application's role writes to the source, as it would once the fence
 /// is down.
 async fn app_writes(env: &Env) -> Result<(), tokio_postgres::Error> {
@@ -124,7 +107,7 @@ async fn a_target_failure_after_the_fence_reopens_the_source(fault: TargetFault)
         let mut agent = env.run_until_failpoint(args, point).await;
         inject(&mut env, fault).await;
         std::fs::write(env.failpoint_release(), "").unwrap();
-        let (code, log) = finish(&env, &mut agent).await;
+        let (code, log) = env.exited(&mut agent).await;
         writers.stop().await;
         // 1 for a server that cannot be reached, 3 for a failed statement;
         // never 4, the source still fenced.
@@ -235,7 +218,7 @@ async fn a_fence_the_source_cannot_lift_is_retried_then_said() {
         .await;
     env.source.stop("fast").await.unwrap();
     std::fs::write(env.failpoint_release(), "").unwrap();
-    let (code, log) = finish(&env, &mut agent).await;
+    let (code, log) = env.exited(&mut agent).await;
     assert_eq!(code, Some(4), "{log}");
     assert!(last_line(&log).contains("THE SOURCE IS STILL FENCED"), "{log}");
     assert!(log.contains("run `pgferry cutover --abort`"), "{log}");
@@ -266,7 +249,7 @@ async fn a_fence_the_source_cannot_lift_is_retried_then_said() {
         "{metrics}"
     );
     env.source.restart().await.unwrap();
-    let (code, log) = finish(&env, &mut agent).await;
+    let (code, log) = env.exited(&mut agent).await;
     assert!(matches!(code, Some(1 | 3)), "{log}");
     assert!(last_line(&log).contains("The source takes writes"), "{log}");
     app_writes(&env)
