@@ -120,9 +120,9 @@ fn unless_stopped<T>(r: Result<T, crate::Error>) -> Result<Option<T>, crate::Err
     }
 }
 
-/// Schema drift that is only partition maintenance is repeated on the
-/// target (see [`crate::follow`]); returns the captured tables then.
-/// Anything else is `e` again.
+/// Schema drift that sync can follow is repeated on the target (see
+/// [`crate::follow`]); returns the captured tables then. Anything else is
+/// `e` again.
 async fn follow(
     m: &Migration,
     cancel: &CancellationToken,
@@ -130,7 +130,9 @@ async fn follow(
     report: &mut SyncReport,
 ) -> Result<Vec<TableState>, crate::Error> {
     let (tables, changes) = follow_drift(m, cancel, e).await?;
-    report.partitions_followed.extend(changes);
+    let (partitions, others) = changes.split();
+    report.partitions_followed.extend(partitions);
+    report.schema_changes_followed.extend(others);
     Ok(tables)
 }
 
@@ -140,21 +142,18 @@ pub(crate) async fn follow_drift(
     m: &Migration,
     cancel: &CancellationToken,
     e: crate::Error,
-) -> Result<(Vec<TableState>, Vec<String>), crate::Error> {
+) -> Result<(Vec<TableState>, crate::follow::Followed), crate::Error> {
     if !matches!(e.downcast_ref(), Some(SyncError::SchemaDrift(_))) {
         return Err(e);
     }
-    let Some(changes) = crate::follow::partitions(m, cancel).await? else {
+    let Some(changes) = crate::follow::drift(m, cancel).await? else {
         return Err(e);
     };
     tracing::info!(
         changes = changes.len(),
-        "The target follows the source's partitions: draining on"
+        "The target follows the source's schema: draining on"
     );
-    Ok((
-        syncable_tables(m).await?,
-        changes.iter().map(ToString::to_string).collect(),
-    ))
+    Ok((syncable_tables(m).await?, crate::follow::Followed(changes)))
 }
 
 /// How often `sync` checks the source for drift ([`check_drift`]): the

@@ -61,6 +61,8 @@ pub const REVERSE_BACKLOG: &str = "pgferry_reverse_backlog_rows";
 pub const REVERSE_LAG: &str = "pgferry_reverse_lag_seconds";
 /// 1 while the agent runs and samples the source; absent when it is down.
 pub const UP: &str = "pgferry_up";
+/// Schema changes of the source sync repeated on the target, by kind.
+pub const SCHEMA_FOLLOWED: &str = "pgferry_schema_changes_followed_total";
 
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
@@ -87,6 +89,7 @@ pub const ALL: &[&str] = &[
     REVERSE_BACKLOG,
     REVERSE_LAG,
     UP,
+    SCHEMA_FOLLOWED,
 ];
 
 /// The values of the `phase` label: the control state's phases as stored
@@ -183,6 +186,11 @@ pub fn install(listen: SocketAddr) {
         "Seconds since the way back's last complete pass (cutover.fallback)."
     );
     describe_gauge!(UP, "1 while the agent runs and samples the source.");
+    describe_counter!(
+        SCHEMA_FOLLOWED,
+        Unit::Count,
+        "Schema changes of the source repeated on the target while syncing, by kind."
+    );
     describe_gauge!(
         SYNC_BACKOFF,
         Unit::Seconds,
@@ -312,6 +320,25 @@ pub fn register_counters(tables: &[String]) {
         counter!(RETRIES, "kind" => *kind).increment(0);
         counter!(ERRORS, "kind" => *kind).increment(0);
     }
+    for kind in SCHEMA_KINDS {
+        counter!(SCHEMA_FOLLOWED, "kind" => *kind).increment(0);
+    }
+}
+
+/// The kinds of schema change sync follows (the `kind` label of
+/// [`SCHEMA_FOLLOWED`]).
+pub const SCHEMA_KINDS: &[&str] = &[
+    "partition_attached",
+    "partition_detached",
+    "partition_dropped",
+    "table_created",
+    "columns_added",
+    "columns_dropped",
+];
+
+/// Sync repeated a schema change of the source's on the target.
+pub fn schema_change_followed(kind: &'static str) {
+    counter!(SCHEMA_FOLLOWED, "kind" => kind).increment(1);
 }
 
 /// The kinds of retried operation (the `kind` label).

@@ -223,6 +223,13 @@ pub struct SyncConfig {
     /// False: such a change stops sync as schema drift. Default true.
     #[serde(default = "default_true")]
     pub follow_partitions: bool,
+    /// Repeat on the target the other schema changes an application's
+    /// deploy makes while syncing that sync can follow: a table created,
+    /// columns added or dropped (docs/design.md, "Schema changes during
+    /// sync"). False: such a change stops sync as schema drift. Default
+    /// true.
+    #[serde(default = "default_true")]
+    pub follow_schema_changes: bool,
 }
 
 /// Cutover.
@@ -451,6 +458,7 @@ impl Default for SyncConfig {
             max_probe_ms: default_max_probe_ms(),
             recopy_fraction: default_recopy_fraction(),
             follow_partitions: true,
+            follow_schema_changes: true,
         }
     }
 }

@@ -385,6 +385,23 @@ pub async fn reregister_columns(
     Ok(())
 }
 
+/// Updates a registration whose columns changed on both sides alike (sync
+/// followed the change): no fresh copy.
+pub async fn set_copy_columns(
+    client: &impl GenericClient,
+    id: i32,
+    copy_columns: &[String],
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.tables SET copy_columns = $2 WHERE id = $1",
+            &[&id, &copy_columns],
+        )
+        .await
+        .map_err(q("update a registration's columns"))?;
+    Ok(())
+}
+
 /// Forgets a table: its registration, its TRUNCATE events and its delta table.
 pub async fn unregister(client: &impl GenericClient, t: &TableState) -> Result<(), StateError> {
     client

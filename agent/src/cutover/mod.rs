@@ -166,6 +166,10 @@ pub struct CutoverReport {
     /// the target before the catch-up (see `sync.follow_partitions`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub partitions_followed: Vec<String>,
+    /// The source's other schema changes repeated on the target: tables
+    /// created, columns added or dropped (see `sync.follow_schema_changes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_changes_followed: Vec<String>,
     /// Sequences copied.
     pub sequences: usize,
     /// Foreign keys created.
@@ -274,7 +278,7 @@ pub async fn run(
     let mut indexes = crate::copy::indexes::Built::default();
     let mut prepared = None;
     let mut only_on_target = Vec::new();
-    let mut report_followed = Vec::new();
+    let mut report_followed = crate::follow::Followed::default();
     if phase == Phase::Syncing {
         // Partition maintenance since sync stopped is followed as sync
         // would; during the cutover it stops it.
@@ -335,7 +339,7 @@ pub async fn run(
             report.indexes_built = indexes.indexes;
             report.indexes_not_migrated = indexes.invalid;
             report.schema_only_on_target = only_on_target;
-            report.partitions_followed = report_followed;
+            (report.partitions_followed, report.schema_changes_followed) = report_followed.split();
             after_point_of_no_return(m, report, false, cancel).await
         }
         Err(e) => Err(reopen(m, e, cancel).await),

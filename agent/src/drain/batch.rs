@@ -195,6 +195,10 @@ pub(crate) struct Seen {
     pub(crate) truncated: bool,
     /// The table has its ledger (`cutover.verify = "changed"`).
     pub(crate) ledger: bool,
+    /// The table's columns in this snapshot are not the registered ones:
+    /// an ALTER TABLE committed before it, whose rows the target could not
+    /// take whole until sync follows it.
+    pub(crate) columns_changed: bool,
 }
 
 impl Seen {
@@ -218,11 +222,14 @@ pub(crate) async fn seen(
                         EXISTS (SELECT 1 FROM {} {}),
                         $2 AND EXISTS (SELECT 1 FROM pgferry.truncates WHERE table_id = $1),
                         EXISTS (SELECT 1 FROM pg_class
-                                 WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3)",
+                                 WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3),
+                        ARRAY(SELECT a.attname::text FROM pg_attribute a
+                               WHERE a.attrelid = $4 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                               ORDER BY a.attnum) <> $5::text[]",
                 t.delta_table(),
                 part_filter(t, part)
             ),
-            &[&t.id, &part.is_none(), &t.ledger_table().name],
+            &[&t.id, &part.is_none(), &t.ledger_table().name, &t.relid, &t.copy_columns],
         )
         .await?;
     Ok(Seen {
@@ -230,6 +237,7 @@ pub(crate) async fn seen(
         deltas: row.get(1),
         truncated: row.get(2),
         ledger: row.get(3),
+        columns_changed: row.get(4),
     })
 }
 
@@ -273,6 +281,14 @@ pub(crate) async fn batch(
     // A part applies only its keys; a TRUNCATE waits for a whole batch (what
     // a part applies is the state as of S for its keys all the same).
     let seen = seen(&stx, t, part).await.map_err(src_err)?;
+    if seen.pending() && seen.columns_changed {
+        // A row of the new shape would lose what the target cannot hold
+        // yet: its delta waits for sync to follow the change.
+        return Err(SyncError::SchemaDrift(vec![format!(
+            "table {}: columns changed",
+            t.table.display_name()
+        )]));
+    }
     if !seen.pending() {
         stx.commit().await.map_err(src_err)?;
         let stats = BatchStats::default();

@@ -169,6 +169,10 @@ pub struct SyncReport {
     /// `sync.follow_partitions`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub partitions_followed: Vec<String>,
+    /// The source's other schema changes repeated on the target: tables
+    /// created, columns added or dropped (see `sync.follow_schema_changes`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_changes_followed: Vec<String>,
     /// Delta rows left when `--until-caught-up` stopped (written while the
     /// last pass ran).
     #[serde(skip_serializing_if = "Option::is_none")]

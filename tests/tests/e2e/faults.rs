@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgferry_e2e::*;
 
-use crate::{fence_is_up, seeded, synced, target_has, OPS};
+use crate::{fence_is_up, seeded, synced, synced_with, target_has, OPS};
 
 /// Every kill point, in the order the migration reaches them. `@n` is the
 /// n-th time the agent passes there in that run.
@@ -326,7 +326,8 @@ async fn schema_drift_just_before_the_fence_stops_the_cutover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_stops_sync_by_name_and_the_migration_recovers() {
-    let env = synced().await;
+    // As without sync following the deploy's changes (see deploys.rs).
+    let env = synced_with("[sync]\npoll_interval_ms = 50\nfollow_schema_changes = false\n").await;
     let app = env.source_as(APP).await;
     app.batch_execute(
         "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;

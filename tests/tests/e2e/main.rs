@@ -4,6 +4,7 @@
 
 mod bulk;
 mod contract;
+mod deploys;
 mod fallback;
 mod faults;
 mod fidelity;

@@ -1,10 +1,12 @@
-//! Partition maintenance, followed while syncing.
+//! Schema changes of the source, followed while syncing (docs/design.md,
+//! "Schema changes during sync").
 //!
 //! pg_partman (or a cron job) creates partitions ahead and detaches or drops
-//! old ones, hourly or daily: in a sync of days each such change was schema
+//! old ones, hourly or daily, and an application's deploy creates tables and
+//! adds or drops columns: in a sync of days each such change was schema
 //! drift, and sync stopped until an operator repeated it on the target and
-//! ran `install` and `copy`. When the drift is only that, `sync` does those
-//! steps itself, between two passes:
+//! ran `install` and `copy`. When the drift is only such changes, `sync`
+//! does those steps itself, between two passes:
 //!
 //! - a leaf partition **created or attached** on the source is created on
 //!   the target from `pg_dump`'s definition of it, gets its keys and indexes
@@ -14,13 +16,19 @@
 //!   the attaching transaction;
 //! - a leaf partition **detached** on the source is detached on the target;
 //! - a leaf partition **dropped** on the source is dropped on the target;
+//! - a **table created** on the source, of its own and with a key, is
+//!   created on the target from `pg_dump`'s definition of it;
+//! - **columns added or dropped** are added or dropped on the target
+//!   ([`columns`]);
 //!
 //! then, as an operator would, `install` captures the new and changed
 //! tables (its preflight first) and `copy` copies them, in snapshots taken
 //! after their capture. Every step finds what an interrupted run did and
 //! goes on from there. Anything else (a new partitioned table, classic
-//! inheritance, a change of columns or keys, a capture trigger dropped)
-//! stops sync as drift, as before.
+//! inheritance, a column renamed or its type changed, a key changed, a
+//! capture trigger dropped) stops sync as drift, as before.
+
+mod columns;
 
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +54,44 @@ pub enum Change {
     Detached(u32, QualifiedTable),
     /// A captured leaf partition that no longer exists.
     Dropped(QualifiedTable),
+    /// A table new to the migration, of its own (no hierarchy), with a key
+    /// (source OID).
+    Created(u32, QualifiedTable),
+    /// Columns added to a captured table, or dropped from it, never both at
+    /// once (a rename would read as both, and lose the column's values).
+    Columns {
+        /// The table's source OID.
+        relid: u32,
+        /// The table.
+        table: QualifiedTable,
+        /// Columns added, in the source's order.
+        added: Vec<String>,
+        /// Columns dropped.
+        dropped: Vec<String>,
+    },
+}
+
+impl Change {
+    /// The change's kind, as the metric labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Attached(..) => "partition_attached",
+            Change::Detached(..) => "partition_detached",
+            Change::Dropped(_) => "partition_dropped",
+            Change::Created(..) => "table_created",
+            Change::Columns { added, .. } if !added.is_empty() => "columns_added",
+            Change::Columns { .. } => "columns_dropped",
+        }
+    }
+
+    /// Partition maintenance (`sync.follow_partitions`), or another change
+    /// of the schema (`sync.follow_schema_changes`).
+    pub fn is_partition_maintenance(&self) -> bool {
+        matches!(
+            self,
+            Change::Attached(..) | Change::Detached(..) | Change::Dropped(_)
+        )
+    }
 }
 
 impl std::fmt::Display for Change {
@@ -54,7 +100,45 @@ impl std::fmt::Display for Change {
             Change::Attached(_, t) => write!(f, "partition {} attached", t.display_name()),
             Change::Detached(_, t) => write!(f, "partition {} detached", t.display_name()),
             Change::Dropped(t) => write!(f, "partition {} dropped", t.display_name()),
+            Change::Created(_, t) => write!(f, "table {} created", t.display_name()),
+            Change::Columns {
+                table,
+                added,
+                dropped,
+                ..
+            } => {
+                if !added.is_empty() {
+                    write!(
+                        f,
+                        "table {}: column(s) {} added",
+                        table.display_name(),
+                        added.join(", ")
+                    )
+                } else {
+                    write!(
+                        f,
+                        "table {}: column(s) {} dropped",
+                        table.display_name(),
+                        dropped.join(", ")
+                    )
+                }
+            }
         }
+    }
+}
+
+/// What a follow repeated on the target.
+#[derive(Debug, Default)]
+pub struct Followed(pub Vec<Change>);
+
+impl Followed {
+    /// Partition maintenance, and the other changes, as the reports name
+    /// them.
+    pub fn split(self) -> (Vec<String>, Vec<String>) {
+        let (partitions, others): (Vec<Change>, Vec<Change>) =
+            self.0.into_iter().partition(Change::is_partition_maintenance);
+        let names = |v: Vec<Change>| v.iter().map(ToString::to_string).collect();
+        (names(partitions), names(others))
     }
 }
 
@@ -68,6 +152,7 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
         c.lock_relid != c.relid && !c.partitioned && c.parent_relid.is_none() && !c.multiple_inheritance
     };
     let mut changes = Vec::new();
+    let mut member_columns = Vec::new();
     for t in registered {
         let was_leaf_partition = t.lock_relid != t.relid && !t.partitioned && t.parent_relid.is_none();
         match current.iter().find(|c| c.relid == t.relid) {
@@ -75,18 +160,19 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
                 changes.push(Change::Dropped(t.table.clone()))
             }
             None => return None,
-            Some(c)
-                if c.table != t.table
-                    || c.copy_columns != t.copy_columns
-                    || c.partitioned != t.partitioned =>
-            {
-                return None
-            }
+            Some(c) if c.table != t.table || c.partitioned != t.partitioned => return None,
             Some(c) if c.lock_relid == t.lock_relid && c.parent_relid == t.parent_relid => {
                 if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) {
                     return None;
                 }
+                if c.copy_columns != t.copy_columns {
+                    // A hierarchy's root before its members: what it gains
+                    // or loses, they do with it.
+                    let member = t.lock_relid != t.relid || t.parent_relid.is_some();
+                    if member { &mut member_columns } else { &mut changes }.push(columns(t, c)?);
+                }
             }
+            Some(c) if c.copy_columns != t.copy_columns => return None,
             Some(c) if was_leaf_partition && c.lock_relid == c.relid && c.parent_relid.is_none() => {
                 changes.push(Change::Detached(t.relid, t.table.clone()))
             }
@@ -103,23 +189,61 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
         .iter()
         .filter(|c| !registered.iter().any(|t| t.relid == c.relid))
     {
-        if !leaf_partition(c) || !captured_root(c.lock_relid) || c.key_columns.is_none() {
+        c.key_columns.as_ref()?;
+        let of_its_own = c.lock_relid == c.relid && c.parent_relid.is_none() && !c.partitioned;
+        if of_its_own && !c.multiple_inheritance {
+            changes.push(Change::Created(c.relid, c.table.clone()));
+            continue;
+        }
+        if !leaf_partition(c) || !captured_root(c.lock_relid) {
             return None;
         }
         changes.push(Change::Attached(c.relid, c.table.clone()));
     }
+    changes.append(&mut member_columns);
     (!changes.is_empty()).then_some(changes)
 }
 
-/// Follows the source's partition maintenance when the drift is only that
-/// and `sync.follow_partitions` allows; returns what it followed, or `None`
-/// when sync must stop on the drift instead.
-pub async fn partitions(
-    m: &Migration,
-    cancel: &CancellationToken,
-) -> Result<Option<Vec<Change>>, crate::Error> {
+/// The columns `c` gained or lost since `t` was registered: only added
+/// (after every registered one, in the source's order) or only dropped
+/// (the others in their order); `None` for anything else.
+fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
+    let kept: Vec<&String> = t
+        .copy_columns
+        .iter()
+        .filter(|x| c.copy_columns.contains(x))
+        .collect();
+    let dropped: Vec<String> = t
+        .copy_columns
+        .iter()
+        .filter(|x| !c.copy_columns.contains(x))
+        .cloned()
+        .collect();
+    let added: Vec<String> = c
+        .copy_columns
+        .iter()
+        .filter(|x| !t.copy_columns.contains(x))
+        .cloned()
+        .collect();
+    let in_order = c.copy_columns.iter().take(kept.len()).eq(kept.iter().copied());
+    if !in_order || (added.is_empty() == dropped.is_empty()) {
+        return None;
+    }
+    Some(Change::Columns {
+        relid: t.relid,
+        table: t.table.clone(),
+        added,
+        dropped,
+    })
+}
+
+/// Follows the source's schema changes when the drift is only what sync
+/// can follow and `sync.follow_partitions` and `sync.follow_schema_changes`
+/// allow; returns what it followed, or `None` when sync must stop on the
+/// drift instead.
+pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<Vec<Change>>, crate::Error> {
     // A fork given as `copy.from` lacks what the source created since.
-    if !m.cfg.sync.follow_partitions || m.reads_elsewhere() {
+    if !(m.cfg.sync.follow_partitions || m.cfg.sync.follow_schema_changes) || m.reads_elsewhere() {
         return Ok(None);
     }
     let _one_at_a_time = lock(m, cancel).await?;
@@ -136,6 +260,16 @@ pub async fn partitions(
     else {
         return Ok(None);
     };
+    let allowed = |c: &Change| {
+        if c.is_partition_maintenance() {
+            m.cfg.sync.follow_partitions
+        } else {
+            m.cfg.sync.follow_schema_changes
+        }
+    };
+    if !changes.iter().all(allowed) {
+        return Ok(None);
+    }
     // Each step's seconds, for the log: the drain waits for all of them.
     let mut mark = std::time::Instant::now();
     let mut lap = move || {
@@ -144,12 +278,27 @@ pub async fn partitions(
         secs
     };
     for change in &changes {
-        tracing::info!(%change, "Following the source's partition maintenance on the target");
+        tracing::info!(%change, "Following the source's schema change on the target");
         match change {
             Change::Attached(relid, table) => attach(m, *relid, table).await?,
             Change::Detached(_, table) => detach(m, table).await?,
             Change::Dropped(table) => drop_partition(m, table).await?,
+            Change::Created(_, table) => create(m, table).await?,
+            Change::Columns {
+                relid,
+                table,
+                added,
+                dropped,
+            } => {
+                let now = current
+                    .iter()
+                    .find(|c| c.relid == *relid)
+                    .map(|c| c.copy_columns.as_slice())
+                    .unwrap_or_default();
+                columns::follow(m, *relid, table, added, dropped, now).await?
+            }
         }
+        crate::telemetry::schema_change_followed(change.kind());
         crate::failpoint::hit("follow.target_done").await;
     }
     let target_secs = lap();
@@ -319,25 +468,8 @@ async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(),
         return Ok(());
     }
     if found.is_none() {
-        let tools = crate::schema::PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
-        let dump = tools
-            .dump_schema_of(
-                &m.source,
-                m.cfg.source_limits.lock_timeout_ms,
-                false,
-                std::slice::from_ref(table),
-            )
-            .await?;
         // Attached below, once its indexes exist.
-        let entries: Vec<_> = tools
-            .toc(&dump.archive, "pre-data")
-            .await?
-            .into_iter()
-            .filter(|e| e.desc != "TABLE ATTACH")
-            .collect();
-        tools
-            .restore_entries(&m.target, &dump.archive, &entries, "partition")
-            .await?;
+        restore_definition(m, table, "partition").await?;
     } else {
         // A captured table joining a hierarchy: its rows on the target may
         // be older than the source's, which the source's attach checked;
@@ -370,6 +502,49 @@ async fn attach(m: &Migration, relid: u32, table: &QualifiedTable) -> Result<(),
         let _ = target.batch_execute("ROLLBACK").await;
     }
     attached.map_err(target_err("attaching the partition"))?;
+    Ok(())
+}
+
+/// Creates `table` on the target from `pg_dump`'s definition of it (its
+/// pre-data: the table, its defaults and the sequences it owns; never a
+/// partition's ATTACH, which [`attach`] does once its indexes exist).
+async fn restore_definition(m: &Migration, table: &QualifiedTable, what: &str) -> Result<(), crate::Error> {
+    let tools = crate::schema::PgTools::locate(m.cfg.pg_bin_dir.as_deref()).await?;
+    let dump = tools
+        .dump_schema_of(
+            &m.source,
+            m.cfg.source_limits.lock_timeout_ms,
+            false,
+            std::slice::from_ref(table),
+        )
+        .await?;
+    let entries: Vec<_> = tools
+        .toc(&dump.archive, "pre-data")
+        .await?
+        .into_iter()
+        .filter(|e| e.desc != "TABLE ATTACH")
+        .collect();
+    tools
+        .restore_entries(&m.target, &dump.archive, &entries, what)
+        .await?;
+    Ok(())
+}
+
+/// Creates a table new on the source on the target, unless it is there
+/// already; `install` then captures it and `copy` copies it, with its keys
+/// and indexes (its foreign keys come at the cutover, as every table's).
+async fn create(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
+    let target = m.target_conn().await?;
+    let found: Option<bool> = about(
+        &target,
+        "SELECT true FROM pg_class WHERE oid = to_regclass($1)",
+        table,
+    )
+    .await?;
+    drop(target);
+    if found.is_none() {
+        restore_definition(m, table, "table").await?;
+    }
     Ok(())
 }
 
@@ -471,7 +646,7 @@ mod tests {
     }
 
     #[test]
-    fn partition_maintenance_is_followed_and_nothing_else() {
+    fn what_sync_follows_and_nothing_else() {
         let reg: Vec<TableState> = before().iter().map(registered).collect();
         assert_eq!(plan(&reg, &before()), None, "nothing changed");
 
@@ -490,11 +665,61 @@ mod tests {
             ])
         );
 
-        let refused: [fn(&mut Vec<SourceTable>); 6] = [
+        let mut now = before();
+        now.push(source(5, "other", 5, false));
+        now[3].copy_columns.push("w".into());
+        now[1].copy_columns.push("w".into());
+        now[0].copy_columns.push("w".into());
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![
+                Change::Columns {
+                    relid: 1,
+                    table: QualifiedTable::new("public", "events"),
+                    added: vec!["w".into()],
+                    dropped: vec![],
+                },
+                Change::Columns {
+                    relid: 4,
+                    table: QualifiedTable::new("public", "plain"),
+                    added: vec!["w".into()],
+                    dropped: vec![],
+                },
+                Change::Created(5, QualifiedTable::new("public", "other")),
+                Change::Columns {
+                    relid: 2,
+                    table: QualifiedTable::new("public", "events_1"),
+                    added: vec!["w".into()],
+                    dropped: vec![],
+                },
+            ]),
+            "a table created, a column added, the hierarchy's root before its partitions"
+        );
+        let mut now = before();
+        now[3].copy_columns.retain(|c| c != "v");
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![Change::Columns {
+                relid: 4,
+                table: QualifiedTable::new("public", "plain"),
+                added: vec![],
+                dropped: vec!["v".into()],
+            }])
+        );
+
+        let refused: [fn(&mut Vec<SourceTable>); 8] = [
             // A new partitioned table under the root (sub-partitions).
             |now| now.push(source(5, "events_3", 1, true)),
-            // A new table of its own.
-            |now| now.push(source(5, "other", 5, false)),
+            // A new table without a key.
+            |now| {
+                let mut c = source(5, "other", 5, false);
+                c.key_columns = None;
+                now.push(c)
+            },
+            // A column renamed (one gone, one new).
+            |now| now[3].copy_columns = vec!["id".into(), "w".into()],
+            // Columns reordered.
+            |now| now[3].copy_columns = vec!["v".into(), "id".into()],
             // A new partition without a key.
             |now| {
                 let mut c = source(5, "events_3", 1, false);
@@ -505,9 +730,9 @@ mod tests {
             |now| now.retain(|c| c.relid != 4),
             // The whole hierarchy dropped.
             |now| now.retain(|c| c.lock_relid != 1),
-            // Columns changed beside a new partition.
+            // A key changed beside a new partition.
             |now| {
-                now[3].copy_columns.push("w".into());
+                now[3].key_columns = Some(vec!["v".into()]);
                 now.push(source(5, "events_3", 1, false))
             },
         ];

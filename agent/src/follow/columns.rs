@@ -1,0 +1,234 @@
+//! Columns added to or dropped from a captured table, followed on the
+//! target (docs/design.md, "Schema changes during sync").
+//!
+//! Until the registration names the new columns, no batch applies the
+//! table: each checks, in its own snapshot, that the source's columns are
+//! the registered ones ([`crate::drain`]), so a row written after the
+//! source's ALTER waits in its delta for the target to have its shape. Then:
+//!
+//! - a column **added** is added on the target with the source's type,
+//!   collation, default and NOT NULL. The rows the source had then hold the
+//!   value PostgreSQL stored for them at the ALTER (`attmissingval`, for a
+//!   default that is not volatile, Django's and Rails' way), which the target
+//!   is given as its default for its own rows, then the source's default is
+//!   set; a nullable column without default holds NULL on both sides. So
+//!   the rows agree without being copied. Anything else (a volatile default
+//!   the source evaluated row by row, a default set after the column was
+//!   added) cannot be known without reading every row: the table is emptied
+//!   on the target and copied again, as `install` does after drift.
+//! - a column **dropped** is dropped on the target.
+//!
+//! The registration then names the new columns (and the table loses its
+//! ledger, whose hashes were of the old rows). An identity or generated
+//! column, or a change the target refuses, stops sync as drift with the
+//! reason. Safe to re-run: what the target has already is skipped.
+
+use crate::control::state;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::drain::SyncError;
+
+/// What the source says of one column added.
+struct Added {
+    name: String,
+    /// `format_type`, qualified.
+    sql_type: String,
+    not_null: bool,
+    /// `COLLATE ...` when not the type's own.
+    collate: Option<String>,
+    /// The default's expression, qualified.
+    default: Option<String>,
+    /// The value the rows that existed at the ALTER hold, as a literal
+    /// (`'5'` or `NULL`), when PostgreSQL stored one.
+    missing: Option<String>,
+    identity_or_generated: bool,
+}
+
+impl Added {
+    /// Whether the rows of the target, given this column as below, hold
+    /// what the source's do.
+    fn agrees_without_copy(&self) -> bool {
+        self.missing.is_some() || (self.default.is_none() && !self.not_null)
+    }
+
+    /// `ADD COLUMN` for the rows the target holds, then its default.
+    fn statements(&self, table: &QualifiedTable, copied_again: bool) -> Vec<String> {
+        let name = Ident(self.name.clone());
+        let collate = self
+            .collate
+            .as_ref()
+            .map(|c| format!(" COLLATE {c}"))
+            .unwrap_or_default();
+        let not_null = if self.not_null { " NOT NULL" } else { "" };
+        let (first_default, then) = match (&self.missing, &self.default, copied_again) {
+            // Empty on the target: the definition as the source has it.
+            (_, Some(d), true) => (format!(" DEFAULT {d}"), None),
+            (_, None, true) => (String::new(), None),
+            (Some(v), d, false) => (
+                format!(" DEFAULT {v}::{}", self.sql_type),
+                Some(match d {
+                    Some(d) => format!("ALTER TABLE {table} ALTER COLUMN {name} SET DEFAULT {d}"),
+                    None => format!("ALTER TABLE {table} ALTER COLUMN {name} DROP DEFAULT"),
+                }),
+            ),
+            (None, _, false) => (String::new(), None),
+        };
+        let mut sql = vec![format!(
+            "ALTER TABLE {table} ADD COLUMN {name} {}{collate}{first_default}{not_null}",
+            self.sql_type
+        )];
+        sql.extend(then);
+        sql
+    }
+}
+
+/// Follows `added` or `dropped` columns of the captured table `relid` on
+/// the target, and registers its columns as the source has them.
+pub(super) async fn follow(
+    m: &Migration,
+    relid: u32,
+    table: &QualifiedTable,
+    added: &[String],
+    dropped: &[String],
+    now: &[String],
+) -> Result<(), crate::Error> {
+    let on_target = target_columns(m, table).await?;
+    let mut sql = Vec::new();
+    let mut copy_again = false;
+    if !added.is_empty() {
+        let wanted = read_added(m, relid, added).await?;
+        if let Some(a) = wanted.iter().find(|a| a.identity_or_generated) {
+            return Err(SyncError::SchemaDrift(vec![format!(
+                "table {}: column {} was added as an identity or generated column, which sync does not follow: \
+                 add it on the target as on the source, then run `pgferry install` and `pgferry copy`",
+                table.display_name(),
+                a.name
+            )])
+            .into());
+        }
+        // Decided on every added column, not only those the target lacks: a
+        // partition whose root got the column on the target is copied again
+        // as its root is.
+        copy_again = wanted.iter().any(|a| !a.agrees_without_copy());
+        let missing: Vec<&Added> = wanted.iter().filter(|a| !on_target.contains(&a.name)).collect();
+        if copy_again {
+            tracing::warn!(
+                table = %table.display_name(),
+                "A column was added with a default the source computed row by row: the table is copied again"
+            );
+            sql.push(format!("TRUNCATE {table}"));
+        }
+        for a in missing {
+            sql.extend(a.statements(table, copy_again));
+        }
+    }
+    for d in dropped.iter().filter(|d| on_target.contains(*d)) {
+        sql.push(format!("ALTER TABLE {table} DROP COLUMN {}", Ident(d.clone())));
+    }
+    if !sql.is_empty() {
+        let mut target = m.target_conn().await?;
+        let tx = target
+            .transaction()
+            .await
+            .map_err(target_err("altering the table"))?;
+        for statement in &sql {
+            tx.batch_execute(statement).await.map_err(|e| {
+                SyncError::SchemaDrift(vec![format!(
+                    "table {}: the target refused `{statement}` ({}): make the change there by hand, then run \
+                     `pgferry install` and `pgferry copy`",
+                    table.display_name(),
+                    crate::db::errors::report(&e)
+                )])
+            })?;
+        }
+        tx.commit().await.map_err(target_err("altering the table"))?;
+    }
+    if !copy_again {
+        // Copied again, `install` registers the columns and marks it.
+        register(m, relid, now).await?;
+    }
+    Ok(())
+}
+
+/// The target's columns of `table` (none when it is not there).
+async fn target_columns(m: &Migration, table: &QualifiedTable) -> Result<Vec<String>, crate::Error> {
+    let target = m.target_conn().await?;
+    let rows = target
+        .query(
+            "SELECT attname::text FROM pg_attribute
+              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(target_err("reading the target's columns"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The added columns as the source defines them, names qualified, values
+/// in a form any session reads back the same.
+async fn read_added(m: &Migration, relid: u32, names: &[String]) -> Result<Vec<Added>, crate::Error> {
+    let mut conn = m.source_conn().await?;
+    let tx = conn.transaction().await.map_err(SyncError::Catalog)?;
+    tx.batch_execute(
+        "SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = ISO; SET LOCAL IntervalStyle = postgres;
+         SET LOCAL extra_float_digits = 3",
+    )
+    .await
+    .map_err(SyncError::Catalog)?;
+    let rows = tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                    CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN
+                      (SELECT format('%I.%I', n.nspname, c.collname) FROM pg_collation c
+                         JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation)
+                    END,
+                    pg_get_expr(d.adbin, d.adrelid),
+                    CASE WHEN a.atthasmissing THEN coalesce(quote_literal((a.attmissingval::text::text[])[1]), 'NULL') END,
+                    a.attidentity <> '' OR a.attgenerated <> ''
+               FROM pg_attribute a
+               JOIN pg_type t ON t.oid = a.atttypid
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = $1 AND a.attname = ANY ($2) AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&relid, &names],
+        )
+        .await
+        .map_err(SyncError::Catalog)?;
+    tx.commit().await.map_err(SyncError::Catalog)?;
+    Ok(rows
+        .iter()
+        .map(|r| Added {
+            name: r.get(0),
+            sql_type: r.get(1),
+            not_null: r.get(2),
+            collate: r.get(3),
+            default: r.get(4),
+            missing: r.get(5),
+            identity_or_generated: r.get(6),
+        })
+        .collect())
+}
+
+/// The registration's columns as the source has them `now`, the table's
+/// ledger forgotten.
+async fn register(m: &Migration, relid: u32, now: &[String]) -> Result<(), crate::Error> {
+    let mut conn = m.source_conn().await?;
+    let Some(t) = state::tables(&**conn)
+        .await?
+        .into_iter()
+        .find(|t| t.relid == relid)
+    else {
+        return Ok(());
+    };
+    let tx = tokio_postgres::Client::transaction(&mut conn)
+        .await
+        .map_err(SyncError::Catalog)?;
+    state::set_copy_columns(&tx, t.id, now).await?;
+    state::drop_ledger(&tx, &t).await?;
+    tx.commit().await.map_err(SyncError::Catalog)?;
+    Ok(())
+}
+
+fn target_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    move |source| SyncError::Follow { what, source }
+}
