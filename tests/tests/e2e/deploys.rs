@@ -74,40 +74,27 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     .await
     .expect("the new code's writes");
     writers.progress(100).await;
-    let pid = service.id().expect("running");
-    let log = env.path(&format!("agent-{pid}.log"));
-    let said = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let t = env.target_client().await;
-        let done = t
-            .query_one(
-                // Written last, into a table created last: every change
-                // before it was followed.
-                "SELECT to_regclass('feature_flags') IS NOT NULL
-                    AND EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false);
-        // And the follow that made the table has ended.
-        let log = said();
-        let followed = log
-            .lines()
-            .skip_while(|l| !l.contains("feature_flags created"))
-            .any(|l| l.contains("The target follows the source's schema: draining on"));
-        if done && followed {
-            break;
-        }
-        assert!(
-            !service_ended(&said()) && std::time::Instant::now() < deadline,
-            "the deploy never reached the target; sync said:\n{}",
-            said()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    followed(&env, &service, "table public.feature_flags created").await;
+    // Written last, into the table created last.
+    wait_for(
+        "the last write on the target",
+        Duration::from_secs(60),
+        || async {
+            let t = env.target_client().await;
+            let there: bool = t
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
+                    &[],
+                )
+                .await
+                .expect("read the target")
+                .get(0);
+            there.then_some(())
+        },
+    )
+    .await;
     crate::faults::sigterm(&service);
+    let pid = service.id().expect("running");
     let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
         .await
         .expect("sync stops")
@@ -146,4 +133,145 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
 /// Whether the agent's log says it failed.
 fn service_ended(log: &str) -> bool {
     log.lines().any(|l| l.starts_with("error: "))
+}
+
+/// What the shop's application does, its old code and its new: orders
+/// placed, changed and deleted, customers signing up (the old code's
+/// INSERT fails once a NOT NULL field without a database default is added,
+/// the new code's before: as in a real rolling deploy).
+const SHOP_OPS: &[&str] = &[
+    "INSERT INTO shop_order (customer_id, total, created_at)
+       SELECT id, $N % 500, now() FROM shop_customer ORDER BY id DESC LIMIT 1",
+    "UPDATE shop_order SET total = total + 1 WHERE id = ($N * 13) % 2000 + 1",
+    "DELETE FROM shop_order WHERE id = ($N * 31) % 2000 + 1",
+    "INSERT INTO shop_customer (name, email) VALUES ('old $N', 'old$N@example.com')",
+    "INSERT INTO shop_customer (name, email, vip, loyalty_points) VALUES ('new $N', 'new$N@example.com', $N % 2 = 0, $N % 100)",
+];
+
+/// Runs the shop's `manage.py migrate shop <to>` against the source, as the
+/// application's role.
+async fn django_migrate(env: &Env, to: &str) {
+    let manage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("django/manage.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&manage)
+        .args(["migrate", "--no-input", "shop", to])
+        .env("FERRYSHOP_HOST", "127.0.0.1")
+        .env("FERRYSHOP_PORT", env.source.port().to_string())
+        .env("FERRYSHOP_DB", DB)
+        .env("FERRYSHOP_USER", APP.0)
+        .env("FERRYSHOP_PASSWORD", APP.1)
+        .output()
+        .await
+        .expect("run manage.py");
+    assert!(
+        out.status.success(),
+        "manage.py migrate shop {to}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the agent logged `change` followed and drained on after it.
+async fn followed(env: &Env, agent: &tokio::process::Child, change: &str) {
+    let log = env.path(&format!("agent-{}.log", agent.id().expect("running")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if said
+            .lines()
+            .skip_while(|l| !l.contains(change))
+            .any(|l| l.contains("The target follows the source's schema: draining on"))
+        {
+            return;
+        }
+        assert!(
+            !service_ended(&said) && std::time::Instant::now() < deadline,
+            "{change} was never followed; sync said:\n{said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A Django project's migrations (tests/django), applied by `manage.py
+/// migrate` to the source while sync runs as the service and the
+/// application writes, in two deploys: fields added (Django's NOT NULL
+/// with a default it then drops), an index, a new model with a deferrable
+/// foreign key; then a field removed. Sync follows both; after the cutover
+/// both sides are equal row by row and in schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_migrations_during_sync_are_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    django_migrate(&env, "0001_initial").await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "INSERT INTO shop_customer (name, email, legacy_code)
+               SELECT 'customer ' || g, 'c' || g || '@example.com', 'L' || g FROM generate_series(1, 500) g;
+             INSERT INTO shop_order (customer_id, total, created_at)
+               SELECT 1 + g % 500, g, now() - g * interval '1 minute' FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .expect("seed the shop");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let writers = Workload::start(&env, &[APP, APP], SHOP_OPS).await;
+    writers.progress(50).await;
+    let service = env
+        .spawn_until_failpoint(
+            env.cmd(&["sync", "--json"]),
+            &["sync"],
+            "sync.after_target_commit",
+        )
+        .await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+
+    django_migrate(&env, "0002_deploy").await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "UPDATE shop_customer SET vip = true, loyalty_points = 5 WHERE id % 7 = 0;
+             INSERT INTO shop_coupon (code, percent, order_id) SELECT 'C' || id, 15, id FROM shop_order WHERE id < 60",
+        )
+        .await
+        .expect("the new code's writes");
+    followed(&env, &service, "table public.shop_coupon created").await;
+    writers.progress(100).await;
+    django_migrate(&env, "0003_cleanup").await;
+    followed(
+        &env,
+        &service,
+        "table public.shop_customer: column(s) legacy_code dropped",
+    )
+    .await;
+    writers.progress(100).await;
+
+    crate::faults::sigterm(&service);
+    let pid = service.id().expect("running");
+    let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
+        .await
+        .expect("sync stops")
+        .expect("wait for sync");
+    let log = env.final_log(pid).await;
+    assert_eq!(out.status.code(), Some(0), "sync through the deploys: {log}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sync's JSON report");
+    let followed = report["schema_changes_followed"].to_string();
+    for change in [
+        "table public.shop_customer: column(s) vip, loyalty_points added",
+        "table public.shop_order: column(s) gift_note added",
+        "table public.shop_coupon created",
+        "table public.shop_customer: column(s) legacy_code dropped",
+    ] {
+        assert!(followed.contains(change), "{change} in {report}\n{log}");
+    }
+    assert!(
+        !log.contains("the table is copied again"),
+        "Django's fields agree without a copy: {log}"
+    );
+
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    assert_same_then_clean_up(&env).await;
 }

@@ -1,0 +1,25 @@
+"""The shop as of its last migration."""
+from django.db import models
+
+
+class Customer(models.Model):
+    name = models.CharField(max_length=100)
+    email = models.EmailField(unique=True)
+    vip = models.BooleanField(default=False)
+    loyalty_points = models.IntegerField(default=0)
+
+
+class Order(models.Model):
+    customer = models.ForeignKey(Customer, on_delete=models.CASCADE)
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    created_at = models.DateTimeField(auto_now_add=True)
+    gift_note = models.TextField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["created_at"], name="shop_order_created")]
+
+
+class Coupon(models.Model):
+    code = models.CharField(max_length=32, unique=True)
+    order = models.ForeignKey(Order, null=True, on_delete=models.SET_NULL)
+    percent = models.PositiveSmallIntegerField(default=10)
