@@ -143,11 +143,16 @@ pub(crate) async fn follow_drift(
     cancel: &CancellationToken,
     e: crate::Error,
 ) -> Result<(Vec<TableState>, crate::follow::Followed), crate::Error> {
-    if !matches!(e.downcast_ref(), Some(SyncError::SchemaDrift(_))) {
-        return Err(e);
-    }
-    let Some(changes) = crate::follow::drift(m, cancel).await? else {
-        return Err(e);
+    let changes = match e.downcast_ref() {
+        Some(SyncError::SchemaDrift(_)) => match crate::follow::drift(m, cancel).await? {
+            Some(changes) => changes,
+            None => return Err(e),
+        },
+        Some(SyncError::TypeDrift(_)) => crate::follow::types(m, cancel).await?,
+        Some(SyncError::EnumDrift(statements)) if m.cfg.sync.follow_schema_changes => {
+            crate::follow::enum_values(m, cancel, statements).await?
+        }
+        _ => return Err(e),
     };
     tracing::info!(
         changes = changes.len(),

@@ -334,6 +334,8 @@ pub const SCHEMA_KINDS: &[&str] = &[
     "table_created",
     "columns_added",
     "columns_dropped",
+    "column_widened",
+    "enum_value_added",
 ];
 
 /// Sync repeated a schema change of the source's on the target.

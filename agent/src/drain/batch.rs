@@ -199,6 +199,23 @@ pub(crate) struct Seen {
     /// an ALTER TABLE committed before it, whose rows the target could not
     /// take whole until sync follows it.
     pub(crate) columns_changed: bool,
+    /// The types of the registered columns in this snapshot
+    /// ([`type_signature`]), to be the target's before any row is applied.
+    pub(crate) types: String,
+}
+
+/// The types of `relid_expr`'s columns named in `columns_param` (a text
+/// array) as a JSON object, column to `schema.type:typmod`: the same on both
+/// sides when the types are, whatever `search_path` and the columns' order
+/// ([`super::types::misfits`] compares two).
+pub(crate) fn type_signature(relid_expr: &str, columns_param: &str) -> String {
+    format!(
+        "(SELECT coalesce(jsonb_object_agg(a.attname, tn.nspname || '.' || ty.typname || ':' || a.atttypmod), '{{}}')::text
+            FROM pg_attribute a
+            JOIN pg_type ty ON ty.oid = a.atttypid
+            JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+           WHERE a.attrelid = {relid_expr} AND a.attname = ANY ({columns_param}::text[]) AND NOT a.attisdropped)"
+    )
 }
 
 impl Seen {
@@ -225,9 +242,11 @@ pub(crate) async fn seen(
                                  WHERE relnamespace = to_regnamespace('pgferry') AND relname = $3),
                         ARRAY(SELECT a.attname::text FROM pg_attribute a
                                WHERE a.attrelid = $4 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-                               ORDER BY a.attnum) <> $5::text[]",
+                               ORDER BY a.attnum) <> $5::text[],
+                        {}",
                 t.delta_table(),
-                part_filter(t, part)
+                part_filter(t, part),
+                type_signature("$4", "$5")
             ),
             &[&t.id, &part.is_none(), &t.ledger_table().name, &t.relid, &t.copy_columns],
         )
@@ -238,6 +257,7 @@ pub(crate) async fn seen(
         truncated: row.get(2),
         ledger: row.get(3),
         columns_changed: row.get(4),
+        types: row.get(5),
     })
 }
 
@@ -301,6 +321,25 @@ pub(crate) async fn batch(
         .transaction()
         .await
         .map_err(|e| batch_err(t, Side::Target, e))?;
+    let theirs: String = ttx
+        .query_one(
+            &format!("SELECT {}", type_signature("to_regclass($1)", "$2")),
+            &[&t.table.to_string(), &t.copy_columns],
+        )
+        .await
+        .map_err(|e| batch_err(t, Side::Target, e))?
+        .get(0);
+    let misfits = super::types::misfits(&theirs, &seen.types);
+    if !misfits.is_empty() {
+        // ALTER COLUMN ... TYPE on the source: a value of the new type
+        // could fail on the target, or be rounded there without a word.
+        return Err(SyncError::TypeDrift(
+            misfits
+                .iter()
+                .map(|(c, _)| format!("{}.{c} changed type on the source", t.table.display_name()))
+                .collect(),
+        ));
+    }
     let stats = apply(m, &stx, &ttx, t, group, part, &seen).await?;
     crate::failpoint::hit("sync.before_target_commit").await;
     ttx.commit().await.map_err(|e| batch_err(t, Side::Target, e))?;

@@ -7,6 +7,7 @@
 //! - `ahead`: a batch that also verifies its table ahead of the fence
 //!   (`cutover.verify = "changed"`) and keeps its ledger;
 //! - `pending`: the backlog each table has;
+//! - `types`: whether the target's column types take the source's values;
 //! - `pressure`: pausing while the source is busy.
 //!
 //! On entry: the copy has finished (phase `syncing` or later). A batch for
@@ -35,6 +36,7 @@ mod batch;
 mod pass;
 mod pending;
 mod pressure;
+pub mod types;
 
 pub use ahead::{verify_ahead, Ahead};
 pub use pass::{check_drift, drain_pass};
@@ -104,10 +106,11 @@ pub enum SyncError {
     /// Reading the source catalog for drift failed.
     #[error("could not read the source catalog")]
     Catalog(#[source] tokio_postgres::Error),
-    /// Repeating the source's partition maintenance on the target failed.
+    /// Repeating the source's schema change on the target failed.
     #[error(
-        "could not follow the source's partition maintenance on the target ({what}); sync again to retry, \
-         or set sync.follow_partitions = false and make the change on the target by hand"
+        "could not follow the source's schema change on the target ({what}); sync again to retry, or set \
+         sync.follow_partitions (partitions) or sync.follow_schema_changes (the rest) to false and make the \
+         change on the target by hand"
     )]
     Follow {
         /// The step.

@@ -202,7 +202,9 @@ async fn enum_values_missing(m: &Migration) -> Result<Vec<String>, crate::Error>
         .collect())
 }
 
-/// Fails with [`SyncError::SchemaDrift`] when the source schema changed.
+/// Fails with [`SyncError::SchemaDrift`] when the source schema changed,
+/// and with [`SyncError::TypeDrift`] when a column's type on the target no
+/// longer takes the source's values.
 pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), SyncError> {
     let conn = m.source_conn().await?;
     let current = crate::plan::source_tables(&**conn, false)
@@ -211,9 +213,24 @@ pub async fn check_drift(m: &Migration, tables: &[TableState]) -> Result<(), Syn
     let changes = crate::plan::drift::schema_changes(&**conn, tables, &current)
         .await
         .map_err(SyncError::Catalog)?;
-    if changes.is_empty() {
-        Ok(())
-    } else {
-        Err(SyncError::SchemaDrift(changes))
+    if !changes.is_empty() {
+        return Err(SyncError::SchemaDrift(changes));
     }
+    drop(conn);
+    // ALTER COLUMN ... TYPE changes no column's name: told by the types.
+    let retyped = super::types::drifted(m, tables).await?;
+    if retyped.is_empty() {
+        return Ok(());
+    }
+    Err(SyncError::TypeDrift(
+        retyped
+            .iter()
+            .map(|(i, c, _)| {
+                format!(
+                    "{}.{c} changed type on the source",
+                    tables[*i].table.display_name()
+                )
+            })
+            .collect(),
+    ))
 }

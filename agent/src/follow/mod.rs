@@ -29,6 +29,7 @@
 //! capture trigger dropped) stops sync as drift, as before.
 
 mod columns;
+mod retype;
 
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,10 @@ pub enum Change {
     /// A table new to the migration, of its own (no hierarchy), with a key
     /// (source OID).
     Created(u32, QualifiedTable),
+    /// A column's type widened (`int` to `bigint`, a longer `varchar`).
+    Widened(retype::Widened),
+    /// A value added to an enum type (the statement that added it).
+    EnumValue(String),
     /// Columns added to a captured table, or dropped from it, never both at
     /// once (a rename would read as both, and lose the column's values).
     Columns {
@@ -79,6 +84,8 @@ impl Change {
             Change::Detached(..) => "partition_detached",
             Change::Dropped(_) => "partition_dropped",
             Change::Created(..) => "table_created",
+            Change::Widened(_) => "column_widened",
+            Change::EnumValue(_) => "enum_value_added",
             Change::Columns { added, .. } if !added.is_empty() => "columns_added",
             Change::Columns { .. } => "columns_dropped",
         }
@@ -101,6 +108,14 @@ impl std::fmt::Display for Change {
             Change::Detached(_, t) => write!(f, "partition {} detached", t.display_name()),
             Change::Dropped(t) => write!(f, "partition {} dropped", t.display_name()),
             Change::Created(_, t) => write!(f, "table {} created", t.display_name()),
+            Change::EnumValue(statement) => write!(f, "enum value added ({statement})"),
+            Change::Widened(w) => write!(
+                f,
+                "table {}: column {} widened to {}",
+                w.table.display_name(),
+                w.column,
+                w.to
+            ),
             Change::Columns {
                 table,
                 added,
@@ -284,6 +299,8 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
             Change::Detached(_, table) => detach(m, table).await?,
             Change::Dropped(table) => drop_partition(m, table).await?,
             Change::Created(_, table) => create(m, table).await?,
+            // Found by `types` and `enum_values`, not by the registrations' drift.
+            Change::Widened(_) | Change::EnumValue(_) => {}
             Change::Columns {
                 relid,
                 table,
@@ -300,6 +317,16 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
         }
         crate::telemetry::schema_change_followed(change.kind());
         crate::failpoint::hit("follow.target_done").await;
+    }
+    // A type the same deploy widened: before the copy, whose binary rows
+    // the target's old type would refuse.
+    let registered = crate::control::state::tables(&**m.source_conn().await?).await?;
+    let mut changes = changes;
+    for w in retype::follow(m, &registered).await? {
+        let change = Change::Widened(w);
+        tracing::info!(%change, "Followed the source's schema change on the target");
+        crate::telemetry::schema_change_followed(change.kind());
+        changes.push(change);
     }
     let target_secs = lap();
     crate::plan::preflight_for(m, true).await?;
@@ -323,6 +350,51 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
         "Followed on the target"
     );
     Ok(Some(changes))
+}
+
+/// Follows the column types the source widened (see [`retype`]); fails
+/// with the statements to run by hand on any other type change. Returns
+/// what it widened (nothing when another agent did it first).
+pub async fn types(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Change>, crate::Error> {
+    if m.reads_elsewhere() {
+        // The fork's types are not the source's to compare.
+        return Ok(Vec::new());
+    }
+    let _one_at_a_time = lock(m, cancel).await?;
+    let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
+    let widened = retype::follow(m, &tables).await?;
+    let changes: Vec<Change> = widened.into_iter().map(Change::Widened).collect();
+    for change in &changes {
+        tracing::info!(%change, "Followed the source's schema change on the target");
+        crate::telemetry::schema_change_followed(change.kind());
+    }
+    Ok(changes)
+}
+
+/// Adds on the target the values the source's enum types gained, each in
+/// its place (`statements`, as the failed batch's diagnosis made them);
+/// nothing needs copying: the rows that use them were refused, not applied.
+pub async fn enum_values(
+    m: &Migration,
+    cancel: &CancellationToken,
+    statements: &[String],
+) -> Result<Vec<Change>, crate::Error> {
+    let _one_at_a_time = lock(m, cancel).await?;
+    let target = m.target_conn().await?;
+    let mut changes = Vec::new();
+    for statement in statements {
+        // Another agent may have added it meanwhile.
+        let with_guard = statement.replacen(" ADD VALUE ", " ADD VALUE IF NOT EXISTS ", 1);
+        target
+            .batch_execute(&with_guard)
+            .await
+            .map_err(target_err("adding an enum value"))?;
+        let change = Change::EnumValue(statement.clone());
+        tracing::info!(%change, "Followed the source's schema change on the target");
+        crate::telemetry::schema_change_followed(change.kind());
+        changes.push(change);
+    }
+    Ok(changes)
 }
 
 /// Takes the follow's lock, waiting while another agent holds it: two

@@ -3,7 +3,7 @@ from django.db import models
 
 
 class Customer(models.Model):
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=200)
     email = models.EmailField(unique=True)
     vip = models.BooleanField(default=False)
     loyalty_points = models.IntegerField(default=0)

@@ -14,7 +14,7 @@ use crate::{synced, OPS};
 /// AddField); a nullable column; a column whose default the source computes
 /// row by row (its table is copied again); a column dropped; a table
 /// created with an identity key and a foreign key, in one transaction with
-/// another column. The application writes the new columns before the target
+/// another column; a column widened from `integer` to `bigint`. The application writes the new columns before the target
 /// has them.
 const DEPLOY: &[&str] = &[
     "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
@@ -35,6 +35,7 @@ const DEPLOY: &[&str] = &[
      INSERT INTO referrals (account_id, code) SELECT id, 'ref-' || id FROM accounts WHERE id BETWEEN 1000 AND 1100;
      ALTER TABLE events ADD COLUMN origin text DEFAULT 'web';
      COMMIT",
+    "ALTER TABLE codes ALTER COLUMN n TYPE bigint",
     "CREATE TABLE feature_flags (name text PRIMARY KEY, enabled boolean NOT NULL DEFAULT false)",
 ];
 
@@ -64,12 +65,13 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     }
     // The new code writes the new columns.
     app.batch_execute(
-        "UPDATE accounts SET vip = NOT vip WHERE id BETWEEN 200 AND 260;
+        r#"UPDATE accounts SET vip = NOT vip WHERE id BETWEEN 200 AND 260;
          WITH a AS (INSERT INTO accounts (name, balance) VALUES ('referrer', 0) RETURNING id)
          INSERT INTO referrals (account_id, code) SELECT id, 'late' FROM a;
          UPDATE events SET origin = 'api' WHERE id = (SELECT max(id) FROM events);
          UPDATE scratch SET note = 'noted' WHERE id = 5000;
-         INSERT INTO feature_flags VALUES ('vip', true)",
+         UPDATE codes SET n = 3000000000 + n WHERE n % 50 = 0;
+         INSERT INTO feature_flags VALUES ('vip', true)"#,
     )
     .await
     .expect("the new code's writes");
@@ -112,6 +114,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.referrals created",
         "table public.events: column(s) origin added",
         "table public.feature_flags created",
+        "table public.codes: column n widened to bigint",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -196,7 +199,7 @@ async fn followed(env: &Env, agent: &tokio::process::Child, change: &str) {
 /// migrate` to the source while sync runs as the service and the
 /// application writes, in two deploys: fields added (Django's NOT NULL
 /// with a default it then drops), an index, a new model with a deferrable
-/// foreign key; then a field removed. Sync follows both; after the cutover
+/// foreign key; then a field removed and one made longer. Sync follows both; after the cutover
 /// both sides are equal row by row and in schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_migrations_during_sync_are_followed() {
@@ -245,6 +248,26 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_customer: column(s) legacy_code dropped",
     )
     .await;
+    env.source_as(APP)
+        .await
+        .batch_execute("UPDATE shop_customer SET name = repeat('long name ', 15) WHERE id = 3")
+        .await
+        .expect("a name the widened field takes");
+    wait_for(
+        "the longer name on the target",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = env
+                .target_client()
+                .await
+                .query_one("SELECT count(*) FROM shop_customer WHERE length(name) = 150", &[])
+                .await
+                .expect("read the target")
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
     writers.progress(100).await;
 
     crate::faults::sigterm(&service);
@@ -262,6 +285,7 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_order: column(s) gift_note added",
         "table public.shop_coupon created",
         "table public.shop_customer: column(s) legacy_code dropped",
+        "table public.shop_customer: column name widened to character varying(200)",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }

@@ -644,41 +644,51 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
     assert_same_then_clean_up(&env).await;
 }
 
-/// A column's type changed on the source during the sync (`integer` to
-/// `bigint`, as ids near 2^31) made the drain fail with the target's
-/// "incorrect binary data format": sync now stops naming the column, both
-/// types and the statement for the target; once it is run there, sync goes
-/// on with nothing to copy.
+/// A column's type widened on the source during the sync (`integer` to
+/// `bigint`, as ids near 2^31) is widened on the target by sync itself,
+/// nothing copied; a change that is no widening (a `numeric` scale moved,
+/// which the target would round to without a word) stops sync naming the
+/// statement for the target, and once it is run there, sync goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_column_type_changed_on_the_source_is_named_with_its_fix() {
+async fn a_column_widened_on_the_source_is_followed_and_another_type_change_named() {
     let env = crate::synced().await;
-    env.source_as(APP)
-        .await
-        .batch_execute(
-            "ALTER TABLE codes ALTER COLUMN n TYPE bigint;
-             UPDATE codes SET n = 3000000000 WHERE code = 'code-1';",
-        )
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "ALTER TABLE codes ALTER COLUMN n TYPE bigint;
+         UPDATE codes SET n = 3000000000 WHERE code = 'code-1';",
+    )
+    .await
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["sync", "--until-caught-up", "--json"]).await).unwrap();
+    assert_eq!(
+        report["schema_changes_followed"],
+        serde_json::json!(["table public.codes: column n widened to bigint"]),
+        "{report}"
+    );
+    assert_same_rows(&env).await;
+
+    app.batch_execute("ALTER TABLE ledger ALTER COLUMN amount TYPE numeric(16,4)")
         .await
         .unwrap();
     let err = env.fails(&["sync", "--until-caught-up"], 3).await;
-    let fix = r#"ALTER TABLE "public"."codes" ALTER COLUMN "n" TYPE bigint"#;
-    assert!(
-        err.contains(&format!(
-            "public.codes.n is bigint on the source and integer on the target ({fix})"
-        )),
-        "{err}"
-    );
+    let fix = r#"ALTER TABLE "public"."ledger" ALTER COLUMN "amount" TYPE numeric(16,4)"#;
+    assert!(err.contains(fix), "{err}");
     env.target_client().await.batch_execute(fix).await.unwrap();
+    app.batch_execute("UPDATE ledger SET amount = amount + 0.0001 WHERE seq = 1")
+        .await
+        .unwrap();
     env.ok(&["sync", "--until-caught-up"]).await;
     assert_same_rows(&env).await;
 }
 
 /// A value added to an enum type on the source after the copy (an
 /// application deploy) makes the target refuse the rows that use it: sync
-/// stops saying which values, with the statements that add them in their
-/// place; once they are run on the target, sync and the cutover go on.
+/// adds the values there in their place and goes on, nothing copied; with
+/// `sync.follow_schema_changes = false` it stops saying which values, with
+/// the statements that add them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enum_value_added_on_the_source_is_named_with_its_fix() {
+async fn an_enum_value_added_on_the_source_is_followed() {
     let env = Env::new(crate::BIN).await;
     let app = env.source_as(APP).await;
     app.batch_execute(
@@ -688,7 +698,7 @@ async fn an_enum_value_added_on_the_source_is_named_with_its_fix() {
     )
     .await
     .unwrap();
-    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.config("[sync]\npoll_interval_ms = 50\nfollow_schema_changes = false\n");
     env.ok(&["install"]).await;
     env.ok(&["copy"]).await;
     env.ok(&["sync", "--until-caught-up"]).await;
@@ -707,13 +717,25 @@ async fn an_enum_value_added_on_the_source_is_named_with_its_fix() {
     for stmt in fix {
         assert!(err.contains(stmt), "{stmt}: {err}");
     }
-    let target = env.target_client().await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["sync", "--until-caught-up", "--json"]).await).unwrap();
     for stmt in fix {
-        target.batch_execute(stmt).await.unwrap();
+        assert!(
+            report["schema_changes_followed"].to_string().contains(stmt),
+            "{stmt}: {report}"
+        );
     }
-    env.ok(&["sync", "--until-caught-up"]).await;
     env.ok(&["cutover"]).await;
     assert_same_data(&env).await;
+    let order = "SELECT array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'state'::regtype";
+    let labels = |c: tokio_postgres::Client| async move {
+        c.query_one(order, &[]).await.unwrap().get::<_, Vec<String>>(0)
+    };
+    assert_eq!(
+        labels(env.source_as(APP).await).await,
+        labels(env.target_client().await).await
+    );
 }
 
 /// Tables, indexes and materialized views in a tablespace of the source's

@@ -1,5 +1,6 @@
-"""The next deploy: a field the code no longer uses removed."""
-from django.db import migrations
+"""The next deploy: a field the code no longer uses removed, and names
+allowed to be longer."""
+from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
@@ -7,4 +8,5 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.RemoveField(model_name="customer", name="legacy_code"),
+        migrations.AlterField(model_name="customer", name="name", field=models.CharField(max_length=200)),
     ]
