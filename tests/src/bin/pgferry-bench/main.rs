@@ -13,6 +13,8 @@
 //! - `fallback`: the way back after a cutover with `cutover.fallback`: the
 //!   old source's lag behind the new database under a fixed pgbench rate,
 //!   and the switchback's write-blocked window under that load;
+//! - `follow`: the lag a deploy's schema change causes a running sync,
+//!   followed, next to the `install` + `copy` it took before;
 //! - `install`: what installing capture adds to the latency of the
 //!   application's writes while one of its transactions holds a table;
 //! - `lag`: end-to-end lag (a heartbeat) and delta storage under a fixed
@@ -28,6 +30,7 @@ mod copy;
 mod cutover;
 mod drain;
 mod fallback;
+mod follow;
 mod install;
 mod lag;
 mod tables;
@@ -37,6 +40,7 @@ const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--s
        pgferry-bench cutover [--scales N,N,...] [--verify full,changed] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
        pgferry-bench fallback [--scale N] [--clients N] [--rate TPS] [--secs N] [--poll-ms N]
+       pgferry-bench follow [--scale N] [--rate TPS] [--clients N] [--quiet-secs N] [--poll-ms N]
        pgferry-bench install [--scale N] [--rate N] [--hold-secs N] [--rounds N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
        pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
@@ -246,6 +250,7 @@ async fn main() {
             Some("cutover") => cutover::run(&v[2..]).await,
             Some("drain") => drain::run(&v[2..]).await,
             Some("fallback") => fallback::run(&v[2..]).await,
+            Some("follow") => follow::run(&v[2..]).await,
             Some("install") => install::run(&v[2..]).await,
             Some("lag") => lag::run(&v[2..]).await,
             Some("tables") => tables::run(&v[2..]).await,
