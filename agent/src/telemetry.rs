@@ -336,6 +336,9 @@ pub const SCHEMA_KINDS: &[&str] = &[
     "columns_dropped",
     "column_widened",
     "enum_value_added",
+    "table_renamed",
+    "table_dropped",
+    "column_renamed",
 ];
 
 /// Sync repeated a schema change of the source's on the target.

@@ -402,6 +402,23 @@ pub async fn set_copy_columns(
     Ok(())
 }
 
+/// Updates the name of a registered table (renamed on the source, and on
+/// the target by sync).
+pub async fn rename_registration(
+    client: &impl GenericClient,
+    relid: u32,
+    to: &crate::db::ident::QualifiedTable,
+) -> Result<(), StateError> {
+    client
+        .execute(
+            "UPDATE pgferry.tables SET schema_name = $2, table_name = $3 WHERE relid = $1",
+            &[&relid, &to.schema, &to.name],
+        )
+        .await
+        .map_err(q("rename a registration"))?;
+    Ok(())
+}
+
 /// Forgets a table: its registration, its TRUNCATE events and its delta table.
 pub async fn unregister(client: &impl GenericClient, t: &TableState) -> Result<(), StateError> {
     client

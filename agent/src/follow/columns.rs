@@ -150,6 +150,73 @@ pub(super) async fn follow(
     Ok(())
 }
 
+/// Follows a column renamed on the source: renamed on the target too,
+/// unless done already, and registered under its new name. A rename is one
+/// name changed in its place; the same shape from a column dropped and
+/// another added leaves a dropped column before the new one on the source,
+/// and stops sync instead (following it so would keep the dropped column's
+/// values under the new name).
+pub(super) async fn rename(
+    m: &Migration,
+    relid: u32,
+    table: &QualifiedTable,
+    from: &str,
+    to: &str,
+) -> Result<(), crate::Error> {
+    let source = m.source_conn().await?;
+    let dropped_before: bool = source
+        .query_one(
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_attribute d, pg_attribute n
+                  WHERE n.attrelid = $1 AND n.attname = $2
+                    AND d.attrelid = $1 AND d.attisdropped AND d.attnum < n.attnum
+                    AND d.attnum > coalesce((SELECT max(p.attnum) FROM pg_attribute p
+                                              WHERE p.attrelid = $1 AND p.attnum > 0 AND NOT p.attisdropped
+                                                AND p.attnum < n.attnum), 0))",
+            &[&relid, &to],
+        )
+        .await
+        .map_err(SyncError::Catalog)?
+        .get(0);
+    drop(source);
+    if dropped_before {
+        return Err(SyncError::SchemaDrift(vec![format!(
+            "table {}: column {from} was dropped and {to} added in its place, which sync does not follow: make \
+             the same change on the target, then run `pgferry install` and `pgferry copy`",
+            table.display_name()
+        )])
+        .into());
+    }
+    let on_target = target_columns(m, table).await?;
+    if on_target.iter().any(|c| c == from) && !on_target.iter().any(|c| c == to) {
+        m.target_conn()
+            .await?
+            .batch_execute(&format!(
+                "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+                Ident(from.to_string()),
+                Ident(to.to_string())
+            ))
+            .await
+            .map_err(target_err("renaming a column"))?;
+    }
+    let now: Vec<String> = {
+        let conn = m.source_conn().await?;
+        let t = state::tables(&**conn)
+            .await?
+            .into_iter()
+            .find(|t| t.relid == relid);
+        match t {
+            Some(t) => t
+                .copy_columns
+                .iter()
+                .map(|c| if c == from { to.to_string() } else { c.clone() })
+                .collect(),
+            None => return Ok(()),
+        }
+    };
+    register(m, relid, &now).await
+}
+
 /// The target's columns of `table` (none when it is not there).
 async fn target_columns(m: &Migration, table: &QualifiedTable) -> Result<Vec<String>, crate::Error> {
     let target = m.target_conn().await?;

@@ -18,15 +18,17 @@
 //! - a leaf partition **dropped** on the source is dropped on the target;
 //! - a **table created** on the source, of its own and with a key, is
 //!   created on the target from `pg_dump`'s definition of it;
-//! - **columns added or dropped** are added or dropped on the target
-//!   ([`columns`]);
+//! - **columns added, dropped or renamed** are so on the target
+//!   ([`columns`]); a **table renamed or dropped** too;
 //!
 //! then, as an operator would, `install` captures the new and changed
 //! tables (its preflight first) and `copy` copies them, in snapshots taken
 //! after their capture. Every step finds what an interrupted run did and
-//! goes on from there. Anything else (a new partitioned table, classic
-//! inheritance, a column renamed or its type changed, a key changed, a
-//! capture trigger dropped) stops sync as drift, as before.
+//! goes on from there. Column types widened ([`retype`]) and enum values
+//! added are followed when a batch or the drift check meets them. Anything
+//! else (a new partitioned table, classic inheritance, a key column renamed,
+//! a type changed otherwise, a key changed, a capture trigger dropped)
+//! stops sync as drift, as before.
 
 mod columns;
 mod retype;
@@ -34,7 +36,7 @@ mod retype;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::state::TableState;
-use crate::db::ident::QualifiedTable;
+use crate::db::ident::{Ident, QualifiedTable};
 use crate::db::Migration;
 use crate::drain::SyncError;
 use crate::plan::SourceTable;
@@ -58,6 +60,22 @@ pub enum Change {
     /// A table new to the migration, of its own (no hierarchy), with a key
     /// (source OID).
     Created(u32, QualifiedTable),
+    /// A table of its own renamed, or moved to another schema (source OID,
+    /// old name, new name).
+    Renamed(u32, QualifiedTable, QualifiedTable),
+    /// A captured table of its own that no longer exists.
+    TableDropped(QualifiedTable),
+    /// A column renamed (not a key column): same place, new name.
+    ColumnRenamed {
+        /// The table's source OID.
+        relid: u32,
+        /// The table.
+        table: QualifiedTable,
+        /// Its old name.
+        from: String,
+        /// Its new name.
+        to: String,
+    },
     /// A column's type widened (`int` to `bigint`, a longer `varchar`).
     Widened(retype::Widened),
     /// A value added to an enum type (the statement that added it).
@@ -85,6 +103,9 @@ impl Change {
             Change::Dropped(_) => "partition_dropped",
             Change::Created(..) => "table_created",
             Change::Widened(_) => "column_widened",
+            Change::Renamed(..) => "table_renamed",
+            Change::TableDropped(_) => "table_dropped",
+            Change::ColumnRenamed { .. } => "column_renamed",
             Change::EnumValue(_) => "enum_value_added",
             Change::Columns { added, .. } if !added.is_empty() => "columns_added",
             Change::Columns { .. } => "columns_dropped",
@@ -109,6 +130,18 @@ impl std::fmt::Display for Change {
             Change::Dropped(t) => write!(f, "partition {} dropped", t.display_name()),
             Change::Created(_, t) => write!(f, "table {} created", t.display_name()),
             Change::EnumValue(statement) => write!(f, "enum value added ({statement})"),
+            Change::Renamed(_, from, to) => {
+                write!(
+                    f,
+                    "table {} renamed to {}",
+                    from.display_name(),
+                    to.display_name()
+                )
+            }
+            Change::TableDropped(t) => write!(f, "table {} dropped", t.display_name()),
+            Change::ColumnRenamed { table, from, to, .. } => {
+                write!(f, "table {}: column {from} renamed to {to}", table.display_name())
+            }
             Change::Widened(w) => write!(
                 f,
                 "table {}: column {} widened to {}",
@@ -174,8 +207,23 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
             None if was_leaf_partition && exists(t.lock_relid) => {
                 changes.push(Change::Dropped(t.table.clone()))
             }
+            None if t.lock_relid == t.relid && t.parent_relid.is_none() && !t.partitioned => {
+                changes.push(Change::TableDropped(t.table.clone()))
+            }
             None => return None,
-            Some(c) if c.table != t.table || c.partitioned != t.partitioned => return None,
+            Some(c) if c.partitioned != t.partitioned => return None,
+            Some(c) if c.table != t.table => {
+                // Renamed, and nothing else about it changed.
+                let of_its_own = t.lock_relid == t.relid && t.parent_relid.is_none() && !t.partitioned;
+                let same = c.lock_relid == t.lock_relid
+                    && c.parent_relid == t.parent_relid
+                    && c.copy_columns == t.copy_columns
+                    && (t.copy_only || c.key_columns.as_ref() == Some(&t.key_columns));
+                if !of_its_own || !same {
+                    return None;
+                }
+                changes.push(Change::Renamed(t.relid, t.table.clone(), c.table.clone()));
+            }
             Some(c) if c.lock_relid == t.lock_relid && c.parent_relid == t.parent_relid => {
                 if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) {
                     return None;
@@ -240,6 +288,21 @@ fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
         .filter(|x| !t.copy_columns.contains(x))
         .cloned()
         .collect();
+    if let ([from], [to]) = (dropped.as_slice(), added.as_slice()) {
+        // One name changed in its place: a rename (checked against the
+        // source's dropped columns before it is followed), unless of a key
+        // column, which the capture names.
+        let place = |cols: &[String], name: &String| cols.iter().position(|x| x == name);
+        let renamed = t.copy_columns.len() == c.copy_columns.len()
+            && place(&t.copy_columns, from) == place(&c.copy_columns, to)
+            && !t.key_columns.contains(from);
+        return renamed.then(|| Change::ColumnRenamed {
+            relid: t.relid,
+            table: t.table.clone(),
+            from: from.clone(),
+            to: to.clone(),
+        });
+    }
     let in_order = c.copy_columns.iter().take(kept.len()).eq(kept.iter().copied());
     if !in_order || (added.is_empty() == dropped.is_empty()) {
         return None;
@@ -299,6 +362,14 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
             Change::Detached(_, table) => detach(m, table).await?,
             Change::Dropped(table) => drop_partition(m, table).await?,
             Change::Created(_, table) => create(m, table).await?,
+            Change::Renamed(relid, from, to) => rename_table(m, *relid, from, to).await?,
+            Change::TableDropped(table) => drop_table(m, table).await?,
+            Change::ColumnRenamed {
+                relid,
+                table,
+                from,
+                to,
+            } => columns::rename(m, *relid, table, from, to).await?,
             // Found by `types` and `enum_values`, not by the registrations' drift.
             Change::Widened(_) | Change::EnumValue(_) => {}
             Change::Columns {
@@ -620,6 +691,61 @@ async fn create(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Erro
     Ok(())
 }
 
+/// Renames (and moves) a table on the target as on the source, unless it
+/// is done already, then its registration: nothing is captured or copied
+/// again (capture names the table by OID).
+async fn rename_table(
+    m: &Migration,
+    relid: u32,
+    from: &QualifiedTable,
+    to: &QualifiedTable,
+) -> Result<(), crate::Error> {
+    let target = m.target_conn().await?;
+    let there: Option<bool> = about(
+        &target,
+        "SELECT true FROM pg_class WHERE oid = to_regclass($1)",
+        from,
+    )
+    .await?;
+    if there.is_some() {
+        let mut sql = String::from("BEGIN;\n");
+        let mut at = from.clone();
+        if from.schema != to.schema {
+            sql.push_str(&format!(
+                "ALTER TABLE {from} SET SCHEMA {};\n",
+                Ident(to.schema.clone())
+            ));
+            at = QualifiedTable::new(to.schema.clone(), from.name.clone());
+        }
+        if from.name != to.name {
+            sql.push_str(&format!(
+                "ALTER TABLE {at} RENAME TO {};\n",
+                Ident(to.name.clone())
+            ));
+        }
+        sql.push_str("COMMIT;");
+        let renamed = target.batch_execute(&sql).await;
+        if renamed.is_err() {
+            let _ = target.batch_execute("ROLLBACK").await;
+        }
+        renamed.map_err(target_err("renaming the table"))?;
+    }
+    crate::control::state::rename_registration(&**m.source_conn().await?, relid, to).await?;
+    Ok(())
+}
+
+/// Drops on the target a table the source dropped, unless it is gone
+/// already; `install` then forgets it. A view of the target's that still
+/// uses it (the source's went with it) makes the drop fail, and sync stop.
+async fn drop_table(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
+    m.target_conn()
+        .await?
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .map_err(target_err("dropping the table"))?;
+    Ok(())
+}
+
 /// Detaches a partition on the target, unless it is detached already.
 async fn detach(m: &Migration, table: &QualifiedTable) -> Result<(), crate::Error> {
     let target = m.target_conn().await?;
@@ -779,6 +905,39 @@ mod tests {
             }])
         );
 
+        let mut now = before();
+        now[3].copy_columns = vec!["id".into(), "w".into()];
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![Change::ColumnRenamed {
+                relid: 4,
+                table: QualifiedTable::new("public", "plain"),
+                from: "v".into(),
+                to: "w".into(),
+            }]),
+            "a column renamed in its place"
+        );
+        let mut now = before();
+        now[3].table = QualifiedTable::new("app", "renamed");
+        now.retain(|c| c.relid != 2);
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![
+                Change::Dropped(QualifiedTable::new("public", "events_1")),
+                Change::Renamed(
+                    4,
+                    QualifiedTable::new("public", "plain"),
+                    QualifiedTable::new("app", "renamed")
+                ),
+            ])
+        );
+        let mut now = before();
+        now.retain(|c| c.relid != 4);
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![Change::TableDropped(QualifiedTable::new("public", "plain"))])
+        );
+
         let refused: [fn(&mut Vec<SourceTable>); 8] = [
             // A new partitioned table under the root (sub-partitions).
             |now| now.push(source(5, "events_3", 1, true)),
@@ -788,8 +947,11 @@ mod tests {
                 c.key_columns = None;
                 now.push(c)
             },
-            // A column renamed (one gone, one new).
-            |now| now[3].copy_columns = vec!["id".into(), "w".into()],
+            // A key column renamed (the capture names it).
+            |now| {
+                now[3].copy_columns = vec!["key".into(), "v".into()];
+                now[3].key_columns = Some(vec!["key".into()]);
+            },
             // Columns reordered.
             |now| now[3].copy_columns = vec!["v".into(), "id".into()],
             // A new partition without a key.
@@ -798,8 +960,8 @@ mod tests {
                 c.key_columns = None;
                 now.push(c)
             },
-            // A plain table dropped.
-            |now| now.retain(|c| c.relid != 4),
+            // A partition renamed.
+            |now| now[1].table = QualifiedTable::new("public", "events_one"),
             // The whole hierarchy dropped.
             |now| now.retain(|c| c.lock_relid != 1),
             // A key changed beside a new partition.

@@ -6,7 +6,7 @@ class Customer(models.Model):
     name = models.CharField(max_length=200)
     email = models.EmailField(unique=True)
     vip = models.BooleanField(default=False)
-    loyalty_points = models.IntegerField(default=0)
+    points = models.IntegerField(default=0)
 
 
 class Order(models.Model):
@@ -18,8 +18,3 @@ class Order(models.Model):
     class Meta:
         indexes = [models.Index(fields=["created_at"], name="shop_order_created")]
 
-
-class Coupon(models.Model):
-    code = models.CharField(max_length=32, unique=True)
-    order = models.ForeignKey(Order, null=True, on_delete=models.SET_NULL)
-    percent = models.PositiveSmallIntegerField(default=10)

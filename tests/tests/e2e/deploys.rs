@@ -39,8 +39,16 @@ const DEPLOY: &[&str] = &[
     "CREATE TABLE feature_flags (name text PRIMARY KEY, enabled boolean NOT NULL DEFAULT false)",
 ];
 
+/// The next deploy: a table renamed, a column renamed, a table dropped.
+const NEXT_DEPLOY: &[&str] = &[
+    "ALTER TABLE scratch RENAME TO notes",
+    "ALTER TABLE events RENAME COLUMN kind TO category",
+    r#"DROP TABLE "Mixed Case ""Quoted"" Table""#,
+];
+
 /// The deploy's changes while `sync` runs as the service under live
-/// writes: each is followed with a log line and counted in the report,
+/// writes, then the next deploy's: each is followed with a log line and
+/// counted in the report,
 /// none stops sync, the application's writes of the new columns arrive, and
 /// after the cutover both sides are equal row by row and in schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +103,35 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         },
     )
     .await;
+    // The next deploy renames a table and a column, and drops a table.
+    for step in NEXT_DEPLOY {
+        app.batch_execute(step)
+            .await
+            .unwrap_or_else(|e| panic!("the next deploy: {step}: {e}"));
+    }
+    app.batch_execute(
+        "INSERT INTO notes VALUES (7000, 'renamed', 'kept');
+         UPDATE events SET category = 'renamed' WHERE id = (SELECT max(id) FROM events)",
+    )
+    .await
+    .expect("the next code's writes");
+    followed(&env, &service, "table public.scratch renamed to public.notes").await;
+    wait_for(
+        "the write to the renamed table",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = env
+                .target_client()
+                .await
+                .query_one("SELECT count(*) FROM notes WHERE id = 7000", &[])
+                .await
+                .expect("read the target")
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+
     crate::faults::sigterm(&service);
     let pid = service.id().expect("running");
     let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
@@ -115,6 +152,9 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.events: column(s) origin added",
         "table public.feature_flags created",
         "table public.codes: column n widened to bigint",
+        "table public.scratch renamed to public.notes",
+        "table public.events: column kind renamed to category",
+        "table public.Mixed Case \\\"Quoted\\\" Table dropped",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -199,7 +239,8 @@ async fn followed(env: &Env, agent: &tokio::process::Child, change: &str) {
 /// migrate` to the source while sync runs as the service and the
 /// application writes, in two deploys: fields added (Django's NOT NULL
 /// with a default it then drops), an index, a new model with a deferrable
-/// foreign key; then a field removed and one made longer. Sync follows both; after the cutover
+/// foreign key; then a field removed and one made longer; then a field
+/// renamed and the model deleted. Sync follows each; after the cutover
 /// both sides are equal row by row and in schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_migrations_during_sync_are_followed() {
@@ -269,6 +310,9 @@ async fn django_migrations_during_sync_are_followed() {
     )
     .await;
     writers.progress(100).await;
+    django_migrate(&env, "0004_rename_and_delete").await;
+    followed(&env, &service, "table public.shop_coupon dropped").await;
+    writers.progress(100).await;
 
     crate::faults::sigterm(&service);
     let pid = service.id().expect("running");
@@ -286,6 +330,8 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_coupon created",
         "table public.shop_customer: column(s) legacy_code dropped",
         "table public.shop_customer: column name widened to character varying(200)",
+        "table public.shop_customer: column loyalty_points renamed to points",
+        "table public.shop_coupon dropped",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
