@@ -86,21 +86,10 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     writers.progress(100).await;
     followed(&env, &service, "table public.feature_flags created").await;
     // Written last, into the table created last.
-    wait_for(
+    target_holds(
+        &env,
         "the last write on the target",
-        Duration::from_secs(60),
-        || async {
-            let t = env.target_client().await;
-            let there: bool = t
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
-                    &[],
-                )
-                .await
-                .expect("read the target")
-                .get(0);
-            there.then_some(())
-        },
+        "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
     )
     .await;
     // The next deploy renames a table and a column, and drops a table.
@@ -116,31 +105,14 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     .await
     .expect("the next code's writes");
     followed(&env, &service, "table public.scratch renamed to public.notes").await;
-    wait_for(
+    target_holds(
+        &env,
         "the write to the renamed table",
-        Duration::from_secs(60),
-        || async {
-            let n: i64 = env
-                .target_client()
-                .await
-                .query_one("SELECT count(*) FROM notes WHERE id = 7000", &[])
-                .await
-                .expect("read the target")
-                .get(0);
-            (n == 1).then_some(())
-        },
+        "SELECT EXISTS (SELECT 1 FROM notes WHERE id = 7000)",
     )
     .await;
 
-    crate::faults::sigterm(&service);
-    let pid = service.id().expect("running");
-    let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
-        .await
-        .expect("sync stops")
-        .expect("wait for sync");
-    let log = env.final_log(pid).await;
-    assert_eq!(out.status.code(), Some(0), "sync through the deploy: {log}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sync's JSON report");
+    let (report, log) = stop_service(&env, service).await;
     let followed = report["schema_changes_followed"].to_string();
     for change in [
         "table public.accounts: column(s) vip added",
@@ -171,6 +143,37 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     assert_succeeded(&out, "cutover");
     writers.stop().await;
     assert_same_then_clean_up(&env).await;
+}
+
+/// Waits until `sql` (a boolean) holds on the target.
+async fn target_holds(env: &Env, what: &str, sql: &str) {
+    wait_for(what, Duration::from_secs(60), || async {
+        let holds: bool = env
+            .target_client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect("read the target")
+            .get(0);
+        holds.then_some(())
+    })
+    .await;
+}
+
+/// Stops the sync service as systemd would; its JSON report and its log.
+async fn stop_service(env: &Env, service: tokio::process::Child) -> (serde_json::Value, String) {
+    crate::faults::sigterm(&service);
+    let pid = service.id().expect("running");
+    let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
+        .await
+        .expect("sync stops")
+        .expect("wait for sync");
+    let log = env.final_log(pid).await;
+    assert_eq!(out.status.code(), Some(0), "sync through the deploy: {log}");
+    (
+        serde_json::from_slice(&out.stdout).expect("sync's JSON report"),
+        log,
+    )
 }
 
 /// Whether the agent's log says it failed.
@@ -294,19 +297,10 @@ async fn django_migrations_during_sync_are_followed() {
         .batch_execute("UPDATE shop_customer SET name = repeat('long name ', 15) WHERE id = 3")
         .await
         .expect("a name the widened field takes");
-    wait_for(
+    target_holds(
+        &env,
         "the longer name on the target",
-        Duration::from_secs(60),
-        || async {
-            let n: i64 = env
-                .target_client()
-                .await
-                .query_one("SELECT count(*) FROM shop_customer WHERE length(name) = 150", &[])
-                .await
-                .expect("read the target")
-                .get(0);
-            (n == 1).then_some(())
-        },
+        "SELECT EXISTS (SELECT 1 FROM shop_customer WHERE length(name) = 150)",
     )
     .await;
     writers.progress(100).await;
@@ -314,15 +308,7 @@ async fn django_migrations_during_sync_are_followed() {
     followed(&env, &service, "table public.shop_coupon dropped").await;
     writers.progress(100).await;
 
-    crate::faults::sigterm(&service);
-    let pid = service.id().expect("running");
-    let out = tokio::time::timeout(Duration::from_secs(60), service.wait_with_output())
-        .await
-        .expect("sync stops")
-        .expect("wait for sync");
-    let log = env.final_log(pid).await;
-    assert_eq!(out.status.code(), Some(0), "sync through the deploys: {log}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sync's JSON report");
+    let (report, log) = stop_service(&env, service).await;
     let followed = report["schema_changes_followed"].to_string();
     for change in [
         "table public.shop_customer: column(s) vip, loyalty_points added",
