@@ -62,6 +62,13 @@ pub async fn run(
                 }
                 continue;
             }
+            // Defaults and NOT NULL: no drift, changed where they differ.
+            match unless_stopped(crate::follow::attributes(m, cancel).await)? {
+                Some(altered) => report
+                    .schema_changes_followed
+                    .extend(altered.iter().map(ToString::to_string)),
+                None => return Ok(report),
+            }
             drift_checked = Some(Instant::now());
         }
         let pass = match drain_pass(m, &tables, cancel).await {
@@ -152,6 +159,14 @@ pub(crate) async fn follow_drift(
         Some(SyncError::EnumDrift(statements)) if m.cfg.sync.follow_schema_changes => {
             crate::follow::enum_values(m, cancel, statements).await?
         }
+        // Refused by the target: a NOT NULL the source dropped, say.
+        Some(SyncError::Batch {
+            side: crate::db::endpoint::Side::Target,
+            ..
+        }) => match crate::follow::attributes(m, cancel).await {
+            Ok(altered) if !altered.is_empty() => altered,
+            _ => return Err(e),
+        },
         _ => return Err(e),
     };
     tracing::info!(

@@ -339,6 +339,7 @@ pub const SCHEMA_KINDS: &[&str] = &[
     "table_renamed",
     "table_dropped",
     "column_renamed",
+    "column_altered",
 ];
 
 /// Sync repeated a schema change of the source's on the target.

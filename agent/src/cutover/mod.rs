@@ -287,6 +287,9 @@ pub async fn run(
             (tables, followed) = sync::follow_drift(m, cancel, e.into()).await?;
             report_followed = followed;
         }
+        report_followed
+            .0
+            .extend(crate::follow::attributes(m, cancel).await?);
         if m.cfg.cutover.fallback {
             // Committed before the fence, so before the switch: the
             // application's first write to the target is captured.

@@ -30,6 +30,7 @@
 //! a type changed otherwise, a key changed, a capture trigger dropped)
 //! stops sync as drift, as before.
 
+mod attributes;
 mod columns;
 mod retype;
 
@@ -80,6 +81,8 @@ pub enum Change {
     Widened(retype::Widened),
     /// A value added to an enum type (the statement that added it).
     EnumValue(String),
+    /// A column's default or NOT NULL made the source's.
+    Altered(attributes::Altered),
     /// Columns added to a captured table, or dropped from it, never both at
     /// once (a rename would read as both, and lose the column's values).
     Columns {
@@ -107,6 +110,7 @@ impl Change {
             Change::TableDropped(_) => "table_dropped",
             Change::ColumnRenamed { .. } => "column_renamed",
             Change::EnumValue(_) => "enum_value_added",
+            Change::Altered(_) => "column_altered",
             Change::Columns { added, .. } if !added.is_empty() => "columns_added",
             Change::Columns { .. } => "columns_dropped",
         }
@@ -130,6 +134,13 @@ impl std::fmt::Display for Change {
             Change::Dropped(t) => write!(f, "partition {} dropped", t.display_name()),
             Change::Created(_, t) => write!(f, "table {} created", t.display_name()),
             Change::EnumValue(statement) => write!(f, "enum value added ({statement})"),
+            Change::Altered(a) => write!(
+                f,
+                "table {}: column {} {}",
+                a.table.display_name(),
+                a.column,
+                a.action
+            ),
             Change::Renamed(_, from, to) => {
                 write!(
                     f,
@@ -371,7 +382,7 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
                 to,
             } => columns::rename(m, *relid, table, from, to).await?,
             // Found by `types` and `enum_values`, not by the registrations' drift.
-            Change::Widened(_) | Change::EnumValue(_) => {}
+            Change::Widened(_) | Change::EnumValue(_) | Change::Altered(_) => {}
             Change::Columns {
                 relid,
                 table,
@@ -435,6 +446,30 @@ pub async fn types(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Chan
     let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
     let widened = retype::follow(m, &tables).await?;
     let changes: Vec<Change> = widened.into_iter().map(Change::Widened).collect();
+    for change in &changes {
+        tracing::info!(%change, "Followed the source's schema change on the target");
+        crate::telemetry::schema_change_followed(change.kind());
+    }
+    Ok(changes)
+}
+
+/// Makes the target's column defaults and NOT NULL the source's (see
+/// [`attributes`]); returns what it changed.
+pub async fn attributes(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Change>, crate::Error> {
+    if !m.cfg.sync.follow_schema_changes || m.reads_elsewhere() {
+        return Ok(Vec::new());
+    }
+    let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
+    // Read first: the lock takes a session of its own.
+    if !attributes::differ(m, &tables).await? {
+        return Ok(Vec::new());
+    }
+    let _one_at_a_time = lock(m, cancel).await?;
+    let changes: Vec<Change> = attributes::follow(m, &tables)
+        .await?
+        .into_iter()
+        .map(Change::Altered)
+        .collect();
     for change in &changes {
         tracing::info!(%change, "Followed the source's schema change on the target");
         crate::telemetry::schema_change_followed(change.kind());

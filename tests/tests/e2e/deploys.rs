@@ -39,11 +39,16 @@ const DEPLOY: &[&str] = &[
     "CREATE TABLE feature_flags (name text PRIMARY KEY, enabled boolean NOT NULL DEFAULT false)",
 ];
 
-/// The next deploy: a table renamed, a column renamed, a table dropped.
+/// The next deploy: a table renamed, a column renamed, a table dropped, a
+/// default changed, NOT NULL set on one column and dropped on another (the
+/// new code writes a NULL there at once).
 const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE scratch RENAME TO notes",
     "ALTER TABLE events RENAME COLUMN kind TO category",
     r#"DROP TABLE "Mixed Case ""Quoted"" Table""#,
+    "ALTER TABLE accounts ALTER COLUMN balance SET DEFAULT 10",
+    "ALTER TABLE events ALTER COLUMN origin SET NOT NULL",
+    "ALTER TABLE ledger ALTER COLUMN amount DROP NOT NULL",
 ];
 
 /// The deploy's changes while `sync` runs as the service under live
@@ -100,15 +105,17 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     }
     app.batch_execute(
         "INSERT INTO notes VALUES (7000, 'renamed', 'kept');
-         UPDATE events SET category = 'renamed' WHERE id = (SELECT max(id) FROM events)",
+         UPDATE events SET category = 'renamed' WHERE id = (SELECT max(id) FROM events);
+         INSERT INTO ledger (account_id, seq, amount) SELECT max(id), 999, NULL FROM accounts",
     )
     .await
     .expect("the next code's writes");
     followed(&env, &service, "table public.scratch renamed to public.notes").await;
     target_holds(
         &env,
-        "the write to the renamed table",
-        "SELECT EXISTS (SELECT 1 FROM notes WHERE id = 7000)",
+        "the next code's writes on the target",
+        "SELECT EXISTS (SELECT 1 FROM notes WHERE id = 7000)
+            AND EXISTS (SELECT 1 FROM ledger WHERE seq = 999 AND amount IS NULL)",
     )
     .await;
 
@@ -127,6 +134,9 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.scratch renamed to public.notes",
         "table public.events: column kind renamed to category",
         "table public.Mixed Case \\\"Quoted\\\" Table dropped",
+        "table public.accounts: column balance SET DEFAULT",
+        "table public.events: column origin SET NOT NULL",
+        "table public.ledger: column amount DROP NOT NULL",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }

@@ -1,0 +1,154 @@
+//! Column defaults and NOT NULL, followed on the target (docs/design.md,
+//! "Schema changes during sync").
+//!
+//! `SET/DROP DEFAULT` and `SET/DROP NOT NULL` change neither a column's
+//! name nor its type, and no row: the drift check compares them on both
+//! sides (one catalog read each) and makes the target's the source's, a
+//! hierarchy's root first. A `SET NOT NULL` the target cannot take yet
+//! (a row the drain has not brought up to date holds a NULL) is tried again
+//! at the next check; the cutover's comparison of the schemas names it if
+//! it is still missing then. A batch the target refuses for a NOT NULL the
+//! source dropped is followed the same way before it is tried again.
+
+use std::collections::BTreeMap;
+
+use crate::control::state::TableState;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::drain::SyncError;
+
+/// What one side says of a column: NOT NULL, and its default.
+type Attributes = (bool, Option<String>);
+
+/// A column's default or NOT NULL made the source's on the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Altered {
+    /// The table.
+    pub table: QualifiedTable,
+    /// The column.
+    pub column: String,
+    /// What was done (`SET DEFAULT ...`, `DROP NOT NULL`...).
+    pub action: String,
+}
+
+/// Every column's NOT NULL and default, of each table given (by its index
+/// in the list), names in expressions qualified. `tables_sql` yields
+/// `(i, oid)` pairs from `$1`.
+async fn read(
+    conn: &mut tokio_postgres::Client,
+    tables_sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<BTreeMap<(i64, String), Attributes>, tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT x.i, a.attname::text, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+                   FROM ({tables_sql}) x(i, rel)
+                   JOIN pg_attribute a ON a.attrelid = x.rel
+                   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = '' AND a.attgenerated = ''"
+            ),
+            &[param],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .collect())
+}
+
+/// Whether some column of `tables` has another default or NOT NULL on the
+/// target than on the source (reads only).
+pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool, crate::Error> {
+    Ok(!plan(m, tables).await?.1.is_empty())
+}
+
+/// Makes the target's defaults and NOT NULL those of the source for
+/// `tables`; returns what it changed. One that fails is logged and left
+/// for the next time.
+pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Altered>, crate::Error> {
+    let (target, wanted) = plan(m, tables).await?;
+    let mut done = Vec::new();
+    for (table, column, action) in wanted {
+        let sql = format!(
+            "ALTER TABLE {table} ALTER COLUMN {} {action}",
+            Ident(column.clone())
+        );
+        match target.batch_execute(&sql).await {
+            Ok(()) => done.push(Altered {
+                table,
+                column,
+                action,
+            }),
+            // A member whose root's change reached it already, or a
+            // NULL the drain has not replaced yet.
+            Err(e) => tracing::debug!(
+                table = %table.display_name(),
+                column,
+                error = %crate::db::errors::report(&e),
+                "The target does not take the source's column change (yet)"
+            ),
+        }
+    }
+    Ok(done)
+}
+
+/// What to change on the target, roots first, with a target session.
+async fn plan(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<(deadpool_postgres::Object, Vec<(QualifiedTable, String, String)>), crate::Error> {
+    let mut ordered: Vec<&TableState> = tables.iter().collect();
+    // A hierarchy's root before its members, which follow it.
+    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
+    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
+    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
+    let ours = read(
+        &mut *m.source_conn().await?,
+        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
+        &relids,
+    )
+    .await
+    .map_err(SyncError::Catalog)?;
+    let mut target = m.target_conn().await?;
+    let theirs = read(
+        &mut target,
+        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
+        &names,
+    )
+    .await
+    .map_err(target_err)?;
+    let mut wanted = Vec::new();
+    for ((i, column), (not_null, default)) in &ours {
+        let Some((their_not_null, their_default)) = theirs.get(&(*i, column.clone())) else {
+            continue;
+        };
+        let t = ordered[(*i - 1) as usize];
+        if default != their_default {
+            let action = match default {
+                Some(d) => format!("SET DEFAULT {d}"),
+                None => "DROP DEFAULT".to_string(),
+            };
+            wanted.push((t.table.clone(), column.clone(), action));
+        }
+        if not_null != their_not_null {
+            let action = if *not_null {
+                "SET NOT NULL"
+            } else {
+                "DROP NOT NULL"
+            };
+            wanted.push((t.table.clone(), column.clone(), action.to_string()));
+        }
+    }
+    Ok((target, wanted))
+}
+
+fn target_err(source: tokio_postgres::Error) -> SyncError {
+    SyncError::Follow {
+        what: "reading the target's columns",
+        source,
+    }
+}
