@@ -26,6 +26,9 @@ pub struct Prepared {
     grants: Vec<String>,
     /// Pre-data entries only the target has (see [`super::schema_since`]).
     pub only_on_target: Vec<String>,
+    /// Entries the source created or replaced since the copy, made so on
+    /// the target (see [`super::schema_since`]).
+    pub followed: Vec<String>,
 }
 
 /// Everything in the source's catalogs that the entries restored at
@@ -76,7 +79,7 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         .dump_schema(&m.source, m.cfg.source_limits.lock_timeout_ms, true)
         .await?;
     let archive = &dump.archive;
-    let only_on_target = super::schema_since::check(m, &tools, archive).await?;
+    let since = super::schema_since::check(m, &tools, archive).await?;
     let post_data = tools.toc(archive, "post-data").await?;
     let at_cutover: Vec<_> = post_data
         .iter()
@@ -113,7 +116,8 @@ pub async fn prepare(m: &Migration) -> Result<Prepared, crate::Error> {
         fingerprint,
         script,
         grants,
-        only_on_target,
+        only_on_target: since.only_on_target,
+        followed: since.followed,
     })
 }
 

@@ -278,6 +278,7 @@ pub async fn run(
     let mut indexes = crate::copy::indexes::Built::default();
     let mut prepared = None;
     let mut only_on_target = Vec::new();
+    let mut entries_followed = Vec::new();
     let mut report_followed = crate::follow::Followed::default();
     if phase == Phase::Syncing {
         // Partition maintenance since sync stopped is followed as sync
@@ -304,6 +305,7 @@ pub async fn run(
         indexes = crate::copy::indexes::build_all(m, &tables).await?;
         let p = entries::prepare(m).await?;
         only_on_target = p.only_on_target.clone();
+        entries_followed = p.followed.clone();
         prepared = Some(p);
         if m.cfg.cutover.verify == VerifyScope::Changed {
             let (rows, ms) = settle_ledgers(m, &tables, cancel).await?;
@@ -343,6 +345,7 @@ pub async fn run(
             report.indexes_not_migrated = indexes.invalid;
             report.schema_only_on_target = only_on_target;
             (report.partitions_followed, report.schema_changes_followed) = report_followed.split();
+            report.schema_changes_followed.extend(entries_followed);
             after_point_of_no_return(m, report, false, cancel).await
         }
         Err(e) => Err(reopen(m, e, cancel).await),

@@ -136,7 +136,7 @@ async fn major(conn: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Err
 /// or created on the target by hand): reported, not refused. Skipped, with
 /// a warning, when the local pg_dump is older than the target server (it
 /// needs only be as new as the source's for the rest).
-pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<Vec<String>, crate::Error> {
+pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<SinceCopy, crate::Error> {
     let (source_major, target_major) = {
         let (source, target) = (m.source_conn().await?, m.target_conn().await?);
         (
@@ -151,14 +151,27 @@ pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<Vec
             "Not comparing the schemas: pg_dump is older than the target server; objects created on the source \
              since the copy are not looked for"
         );
-        return Ok(Vec::new());
+        return Ok(SinceCopy {
+            only_on_target: Vec::new(),
+            followed: Vec::new(),
+        });
     }
     let bodies = source_major == target_major;
-    let target_dump = tools
-        .dump_schema(&m.target, m.cfg.source_limits.lock_timeout_ms, false)
-        .await?;
+    let target_entries = || async {
+        let dump = tools
+            .dump_schema(&m.target, m.cfg.source_limits.lock_timeout_ms, false)
+            .await?;
+        Ok::<_, crate::Error>(entries(&tools.section_sql(&dump.archive, "pre-data").await?))
+    };
     let source = entries(&tools.section_sql(archive, "pre-data").await?);
-    let target = entries(&tools.section_sql(&target_dump.archive, "pre-data").await?);
+    let mut target = target_entries().await?;
+    let mut followed = Vec::new();
+    if !differences(&source, &target, bodies).is_empty() && m.cfg.sync.follow_schema_changes {
+        followed = follow(m, tools, archive, &source, &target, bodies).await?;
+        if !followed.is_empty() {
+            target = target_entries().await?;
+        }
+    }
     let found = differences(&source, &target, bodies);
     if !found.is_empty() {
         return Err(CutoverError::SchemaChanged(found).into());
@@ -175,7 +188,131 @@ pub async fn check(m: &Migration, tools: &PgTools, archive: &Path) -> Result<Vec
              if the application no longer has it"
         );
     }
-    Ok(only_on_target)
+    Ok(SinceCopy {
+        only_on_target,
+        followed,
+    })
+}
+
+/// What [`check`] found and did.
+pub struct SinceCopy {
+    /// Entries only the target has: reported, not refused.
+    pub only_on_target: Vec<String>,
+    /// Entries the source created or replaced since the copy, made so on
+    /// the target.
+    pub followed: Vec<String>,
+}
+
+/// The kinds of pre-data entry a cutover creates on the target when the
+/// source created them since the copy (a deploy's functions, views, types,
+/// sequences), and of those the ones it replaces when their definition
+/// changed.
+const CREATED: &[&str] = &[
+    "SEQUENCE OWNED BY",
+    "AGGREGATE",
+    "PROCEDURE",
+    "FUNCTION",
+    "SEQUENCE",
+    "DOMAIN",
+    "VIEW",
+    "TYPE",
+];
+const REPLACED: &[&str] = &["PROCEDURE", "FUNCTION", "VIEW"];
+
+/// A `pg_restore --list` line's entry as [`display`] names it, for the
+/// kinds of [`CREATED`]: `KIND schema.tag` (the owner is the last word).
+fn toc_display(line: &str) -> Option<String> {
+    let (_, rest) = line.split_once("; ")?;
+    let mut parts = rest.splitn(3, ' ');
+    let (_catalog, _oid, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    let kind = CREATED
+        .iter()
+        .find(|k| rest.starts_with(*k) && rest[k.len()..].starts_with(' '))?;
+    let rest = &rest[kind.len() + 1..];
+    let (schema, rest) = rest.split_once(' ')?;
+    let (tag, _owner) = rest.rsplit_once(' ')?;
+    Some(match schema {
+        "-" => format!("{kind} {tag}"),
+        _ => format!("{kind} {schema}.{tag}"),
+    })
+}
+
+/// Creates on the target the entries of [`CREATED`] kinds the source has
+/// and the target lacks, in one transaction, and replaces (`CREATE OR
+/// REPLACE`) the routines and views whose definition changed, in another.
+/// Either failing leaves it to the comparison after to name what is
+/// missing. Returns what it made.
+async fn follow(
+    m: &Migration,
+    tools: &PgTools,
+    archive: &Path,
+    source: &BTreeMap<String, String>,
+    target: &BTreeMap<String, String>,
+    bodies: bool,
+) -> Result<Vec<String>, crate::Error> {
+    let toc = tools.toc(archive, "pre-data").await?;
+    let named: Vec<(String, &crate::schema::TocEntry)> = toc
+        .iter()
+        .filter_map(|e| Some((toc_display(&e.line)?, e)))
+        .collect();
+    let missing: Vec<&(String, &crate::schema::TocEntry)> = named
+        .iter()
+        .filter(|(name, _)| source.contains_key(name) && !target.contains_key(name))
+        .collect();
+    let replaced: Vec<&(String, &crate::schema::TocEntry)> = named
+        .iter()
+        .filter(|(name, _)| {
+            bodies
+                && REPLACED.iter().any(|k| name.starts_with(&format!("{k} ")))
+                && matches!((source.get(name), target.get(name)), (Some(a), Some(b)) if a != b)
+        })
+        .collect();
+    let mut made = Vec::new();
+    if !missing.is_empty() {
+        let entries: Vec<crate::schema::TocEntry> = missing.iter().map(|(_, e)| (*e).clone()).collect();
+        match tools
+            .restore_entries(&m.target, archive, &entries, "since-copy")
+            .await
+        {
+            Ok(()) => made.extend(missing.iter().map(|(name, _)| format!("{name} created"))),
+            Err(e) => {
+                tracing::warn!(error = %e, "The entries created on the source since the copy could not be created on the target")
+            }
+        }
+    }
+    if !replaced.is_empty() {
+        let entries: Vec<crate::schema::TocEntry> = replaced.iter().map(|(_, e)| (*e).clone()).collect();
+        let sql = tools.entries_sql(archive, &entries, "replaced").await?;
+        let sql: String = sql
+            .lines()
+            .filter(|l| !l.starts_with('\\'))
+            .map(|l| {
+                ["FUNCTION", "PROCEDURE", "VIEW"]
+                    .iter()
+                    .find_map(|k| {
+                        l.strip_prefix(&format!("CREATE {k} "))
+                            .map(|rest| format!("CREATE OR REPLACE {k} {rest}"))
+                    })
+                    .unwrap_or_else(|| l.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let target = m.target_conn().await?;
+        match target.batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;")).await {
+            Ok(()) => made.extend(replaced.iter().map(|(name, _)| format!("{name} replaced"))),
+            Err(e) => {
+                let _ = target.batch_execute("ROLLBACK").await;
+                tracing::warn!(
+                    error = %crate::db::errors::report(&e),
+                    "The routines and views the source changed since the copy could not be replaced on the target"
+                );
+            }
+        }
+    }
+    for entry in &made {
+        tracing::info!(entry = %entry, "Followed the source's schema change on the target");
+    }
+    Ok(made)
 }
 
 #[cfg(test)]

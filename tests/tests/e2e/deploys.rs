@@ -41,7 +41,8 @@ const DEPLOY: &[&str] = &[
 
 /// The next deploy: a table renamed, a column renamed, a table dropped, a
 /// default changed, NOT NULL set on one column and dropped on another (the
-/// new code writes a NULL there at once).
+/// new code writes a NULL there at once), a sequence, a function and a view
+/// created (made on the target by the cutover, ahead of the fence).
 const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE scratch RENAME TO notes",
     "ALTER TABLE events RENAME COLUMN kind TO category",
@@ -49,6 +50,10 @@ const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE accounts ALTER COLUMN balance SET DEFAULT 10",
     "ALTER TABLE events ALTER COLUMN origin SET NOT NULL",
     "ALTER TABLE ledger ALTER COLUMN amount DROP NOT NULL",
+    "CREATE SEQUENCE invoice_no START 1000; SELECT nextval('invoice_no'), nextval('invoice_no')",
+    "CREATE FUNCTION tier_of(b numeric) RETURNS text LANGUAGE sql IMMUTABLE
+       AS $$ SELECT CASE WHEN b > 100 THEN 'gold' ELSE 'basic' END $$",
+    "CREATE VIEW vip_accounts AS SELECT id, name, tier_of(balance) AS tier FROM accounts WHERE vip",
 ];
 
 /// The deploy's changes while `sync` runs as the service under live
@@ -149,9 +154,20 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "only the table whose rows the source computed is copied again: {log}"
     );
 
-    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    let out = env
+        .cutover_while_writing(&["cutover", "--json"], &[&writers])
+        .await;
     assert_succeeded(&out, "cutover");
     writers.stop().await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the cutover's JSON report");
+    let followed = report["schema_changes_followed"].to_string();
+    for entry in [
+        "SEQUENCE public.invoice_no created",
+        "FUNCTION public.tier_of(numeric) created",
+        "VIEW public.vip_accounts created",
+    ] {
+        assert!(followed.contains(entry), "{entry} in {report}");
+    }
     assert_same_then_clean_up(&env).await;
 }
 

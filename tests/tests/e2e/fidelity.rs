@@ -596,11 +596,13 @@ async fn clustered_indexes_and_replica_identities_changed_after_the_copy_arrive(
 /// Functions, views and types created on the source after the copy, or a
 /// function whose body was replaced (an application deploy during a long
 /// sync), would be missing or old on the target after the switch: the
-/// cutover refuses before the fence, naming each, until the target has the
+/// cutover creates or replaces them there ahead of the fence, and sets the
+/// default changed meanwhile. With `sync.follow_schema_changes = false` it
+/// refuses before the fence instead, naming each, until the target has the
 /// same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutover() {
-    let env = crate::synced().await;
+async fn objects_created_or_replaced_on_the_source_after_the_copy_are_followed_by_the_cutover() {
+    let env = crate::synced_with("[sync]\npoll_interval_ms = 50\nfollow_schema_changes = false\n").await;
     let app = env.source_as(APP).await;
     let before = "CREATE FUNCTION fee(amount numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT amount * 0.01';
                   CREATE FUNCTION legacy() RETURNS int LANGUAGE sql AS 'SELECT 1';";
@@ -630,12 +632,21 @@ async fn objects_created_or_replaced_on_the_source_after_the_copy_stop_the_cutov
         "only on the target is not refused: {err}"
     );
     assert!(!err.contains("0.02"), "a routine's code is not shown: {err}");
-    env.target_client().await.batch_execute(deploy).await.unwrap();
+    env.config("[sync]\npoll_interval_ms = 50\n");
     let report: serde_json::Value = serde_json::from_str(&env.ok(&["cutover", "--json"]).await).unwrap();
     assert_eq!(
         report["schema_only_on_target"],
         serde_json::json!(["FUNCTION public.legacy()"])
     );
+    let followed = report["schema_changes_followed"].to_string();
+    for what in [
+        "table public.scratch: column v SET DEFAULT 'new'::text",
+        "TYPE public.tier created",
+        "VIEW public.rich created",
+        "FUNCTION public.fee(numeric) replaced",
+    ] {
+        assert!(followed.contains(what), "{what}: {report}");
+    }
     env.target_client()
         .await
         .batch_execute("DROP FUNCTION legacy()")
