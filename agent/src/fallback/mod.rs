@@ -196,11 +196,21 @@ pub(crate) async fn under_way_on(conn: &impl tokio_postgres::GenericClient) -> R
     if !exists {
         return Ok(false);
     }
-    let direction: Option<String> = conn
-        .query_opt("SELECT direction FROM pgferry.run", &[])
-        .await
-        .map_err(err())?
-        .map(|r| r.get(0));
+    let direction: Option<String> = match conn.query_opt("SELECT direction FROM pgferry.run", &[]).await {
+        Ok(row) => row.map(|r| r.get(0)),
+        // Dropped since the look above (`finish` or a switchback, by
+        // another agent): no way back any more.
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+                    | Some(&tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME)
+            ) =>
+        {
+            None
+        }
+        Err(e) => return Err(err()(e).into()),
+    };
     Ok(direction.as_deref() == Some("reverse"))
 }
 
