@@ -371,10 +371,11 @@ pub async fn reregister_columns(
     id: i32,
     copy_columns: &[String],
 ) -> Result<(), StateError> {
+    set_copy_columns(client, id, copy_columns).await?;
     client
         .execute(
-            "UPDATE pgferry.tables SET copy_columns = $2, copy_state = 'pending', copied_rows = NULL WHERE id = $1",
-            &[&id, &copy_columns],
+            "UPDATE pgferry.tables SET copy_state = 'pending', copied_rows = NULL WHERE id = $1",
+            &[&id],
         )
         .await
         .map_err(q("update a registration"))?;

@@ -66,15 +66,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     let env = synced().await;
     let writers = Workload::start(&env, &[APP, WRITER], OPS).await;
     writers.progress(50).await;
-    // Its log kept from its first batch on.
-    let service = env
-        .spawn_until_failpoint(
-            env.cmd(&["sync", "--json"]),
-            &["sync"],
-            "sync.after_target_commit",
-        )
-        .await;
-    std::fs::write(env.failpoint_release(), "").unwrap();
+    let service = start_service(&env).await;
     let app = env.source_as(APP).await;
     for step in DEPLOY {
         app.batch_execute(step)
@@ -186,6 +178,20 @@ async fn target_holds(env: &Env, what: &str, sql: &str) {
     .await;
 }
 
+/// Starts `sync --json` as the service, its log kept from its first batch
+/// on (see [`Env::final_log`]).
+async fn start_service(env: &Env) -> tokio::process::Child {
+    let service = env
+        .spawn_until_failpoint(
+            env.cmd(&["sync", "--json"]),
+            &["sync"],
+            "sync.after_target_commit",
+        )
+        .await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    service
+}
+
 /// Stops the sync service as systemd would; its JSON report and its log.
 async fn stop_service(env: &Env, service: tokio::process::Child) -> (serde_json::Value, String) {
     crate::faults::sigterm(&service);
@@ -291,14 +297,7 @@ async fn django_migrations_during_sync_are_followed() {
     }
     let writers = Workload::start(&env, &[APP, APP], SHOP_OPS).await;
     writers.progress(50).await;
-    let service = env
-        .spawn_until_failpoint(
-            env.cmd(&["sync", "--json"]),
-            &["sync"],
-            "sync.after_target_commit",
-        )
-        .await;
-    std::fs::write(env.failpoint_release(), "").unwrap();
+    let service = start_service(&env).await;
 
     django_migrate(&env, "0002_deploy").await;
     env.source_as(APP)

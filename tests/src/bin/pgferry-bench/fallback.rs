@@ -32,10 +32,7 @@ pub async fn run(v: &[String]) {
     crate::pgbench_init(&source, scale).await;
     connect(source.port(), "bench")
         .await
-        .batch_execute(
-            "CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
-             INSERT INTO heartbeat VALUES (1, clock_timestamp());",
-        )
+        .batch_execute(crate::HEARTBEAT_TABLE)
         .await
         .expect("heartbeat table");
     let agent = |args: &[&str]| {
@@ -70,10 +67,7 @@ pub async fn run(v: &[String]) {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 // Refused once the switchback fences the target.
-                if c.batch_execute("UPDATE heartbeat SET at = clock_timestamp() WHERE id = 1")
-                    .await
-                    .is_err()
-                {
+                if c.batch_execute(crate::HEARTBEAT_BEAT).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -89,10 +83,7 @@ pub async fn run(v: &[String]) {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let lag: f64 = old
-                    .query_one(
-                        "SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM heartbeat WHERE id = 1",
-                        &[],
-                    )
+                    .query_one(crate::HEARTBEAT_AGE, &[])
                     .await
                     .expect("read the heartbeat on the old source")
                     .get(0);

@@ -53,12 +53,9 @@ pub async fn run(v: &[String]) {
     let env = crate::pgbench_env(&source);
     crate::pgbench_init(&source, scale).await;
     let src = connect(source.port(), "bench").await;
-    src.batch_execute(
-        "CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
-         INSERT INTO heartbeat VALUES (1, clock_timestamp());",
-    )
-    .await
-    .expect("heartbeat table");
+    src.batch_execute(crate::HEARTBEAT_TABLE)
+        .await
+        .expect("heartbeat table");
     let rows: i64 = src
         .query_one("SELECT count(*) FROM pgbench_accounts", &[])
         .await
@@ -83,9 +80,7 @@ pub async fn run(v: &[String]) {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 // Refused while the table is rewritten: tried again.
-                let _ = c
-                    .batch_execute("UPDATE heartbeat SET at = clock_timestamp() WHERE id = 1")
-                    .await;
+                let _ = c.batch_execute(crate::HEARTBEAT_BEAT).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -98,14 +93,10 @@ pub async fn run(v: &[String]) {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                if let Ok(row) = dst
-                    .query_one(
-                        "SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM heartbeat WHERE id = 1",
-                        &[],
-                    )
-                    .await
-                {
-                    lags.lock().unwrap().push((started.elapsed().as_secs_f64(), row.get(0)));
+                if let Ok(row) = dst.query_one(crate::HEARTBEAT_AGE, &[]).await {
+                    lags.lock()
+                        .unwrap()
+                        .push((started.elapsed().as_secs_f64(), row.get(0)));
                 }
             }
         })

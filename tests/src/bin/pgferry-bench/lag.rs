@@ -57,12 +57,9 @@ pub async fn run(v: &[String]) {
     let env = crate::pgbench_env(&source);
     crate::pgbench_init(&source, scale).await;
     let src = connect(source.port(), "bench").await;
-    src.batch_execute(
-        "CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
-         INSERT INTO heartbeat VALUES (1, clock_timestamp());",
-    )
-    .await
-    .expect("heartbeat table");
+    src.batch_execute(crate::HEARTBEAT_TABLE)
+        .await
+        .expect("heartbeat table");
 
     let agent = |args: &[&str]| {
         let mut c = crate::pgferry_command(&pgferry, &source, &target, args);
@@ -82,9 +79,7 @@ pub async fn run(v: &[String]) {
         let (stop, c) = (stop.clone(), connect(source.port(), "bench").await);
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                c.batch_execute("UPDATE heartbeat SET at = clock_timestamp() WHERE id = 1")
-                    .await
-                    .expect("heartbeat");
+                c.batch_execute(crate::HEARTBEAT_BEAT).await.expect("heartbeat");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -102,10 +97,7 @@ pub async fn run(v: &[String]) {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let lag: f64 = dst
-                    .query_one(
-                        "SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM heartbeat WHERE id = 1",
-                        &[],
-                    )
+                    .query_one(crate::HEARTBEAT_AGE, &[])
                     .await
                     .expect("read the heartbeat")
                     .get(0);

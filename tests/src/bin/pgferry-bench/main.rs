@@ -45,6 +45,16 @@ const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--s
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
        pgferry-bench tables [--tables N] [--secs N] [--poll-ms N]";
 
+/// The heartbeat of the lag benchmarks: one row holding the time it was
+/// last written, its write, and its age as the other side reads it (both
+/// servers share this machine's clock).
+pub(crate) const HEARTBEAT_TABLE: &str =
+    "CREATE TABLE heartbeat (id int PRIMARY KEY, at timestamptz NOT NULL);
+                                          INSERT INTO heartbeat VALUES (1, clock_timestamp());";
+pub(crate) const HEARTBEAT_BEAT: &str = "UPDATE heartbeat SET at = clock_timestamp() WHERE id = 1";
+pub(crate) const HEARTBEAT_AGE: &str =
+    "SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM heartbeat WHERE id = 1";
+
 /// Parses `--name value` pairs, allowing only `known` names.
 pub(crate) fn flags(v: &[String], known: &[&str]) -> HashMap<String, String> {
     let mut out = HashMap::new();
