@@ -478,7 +478,21 @@ async fn script(mut cmd: Command, tool: String) -> Result<String, SchemaError> {
 
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().collect();
+    // pg_restore quotes the statement that failed ("Command was: ..."),
+    // which for a routine is its code, and code may hold a secret: the
+    // error says what failed, never the statement.
+    let mut quoting = false;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            if l.starts_with("Command was:") {
+                quoting = true;
+            } else if l.starts_with("pg_restore:") || l.starts_with("pg_dump:") {
+                quoting = false;
+            }
+            !quoting
+        })
+        .collect();
     lines[lines.len().saturating_sub(6)..].join(" | ")
 }
 
@@ -563,6 +577,16 @@ impl TocEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_statement_is_not_quoted_in_the_error() {
+        let stderr = b"pg_restore: error: could not execute query: ERROR:  syntax error at or near \"x\"\n\
+Command was: CREATE FUNCTION f() RETURNS text LANGUAGE sql\n    AS $$ SELECT 'postgres://u:s3cret@h/db' $$;\n\
+pg_restore: warning: errors ignored on restore: 1\n";
+        let said = tail(stderr);
+        assert!(!said.contains("s3cret") && !said.contains("Command was"), "{said}");
+        assert!(said.contains("syntax error") && said.contains("errors ignored"), "{said}");
+    }
 
     #[test]
     fn classifies_post_data_entries_exactly() {
