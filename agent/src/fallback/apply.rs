@@ -77,17 +77,57 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
 /// takes the way back off (`finish`, a switchback's tidying) or enables the
 /// old source's triggers runs so: a pass in flight at that moment would
 /// fail on a dropped table, or fire the triggers on what it applies.
-pub async fn without_passes<T, F, Fut>(m: &Migration, f: F) -> Result<T, crate::Error>
+/// While a pass holds the lock it waits, saying every 10 s which session
+/// of the target's holds it (a pass stuck on a lock of the old source's,
+/// an agent's session the network lost and the server has yet to end),
+/// until the lock is free or `cancel` fires.
+pub async fn without_passes<T, F, Fut>(
+    m: &Migration,
+    cancel: &CancellationToken,
+    f: F,
+) -> Result<T, crate::Error>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::Error>>,
 {
+    const SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
     let back = m.reversed();
     let newdb = back.source_conn().await?;
-    newdb
-        .execute("SELECT pg_advisory_lock($1, 0)", &[&PASS_LOCK_CLASS])
+    let err = || query_err("waiting for the pass in flight", Side::Target);
+    let started = std::time::Instant::now();
+    let mut said = std::time::Instant::now();
+    while !newdb
+        .query_one("SELECT pg_try_advisory_lock($1, 0)", &[&PASS_LOCK_CLASS])
         .await
-        .map_err(query_err("waiting for the pass in flight", Side::Target))?;
+        .map_err(err())?
+        .get::<_, bool>(0)
+    {
+        if said.elapsed() >= SAY_EVERY {
+            said = std::time::Instant::now();
+            let holder: Option<String> = newdb
+                .query_opt(
+                    "SELECT format('pid %s %s(%s)', l.pid,
+                                   CASE WHEN a.application_name <> '' THEN a.application_name || ' ' ELSE '' END,
+                                   coalesce(a.state, 'unknown'))
+                       FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid = 0 AND l.granted
+                      LIMIT 1",
+                    &[&PASS_LOCK_CLASS],
+                )
+                .await
+                .map_err(err())?
+                .map(|r| r.get(0));
+            tracing::warn!(
+                holder = %holder.as_deref().unwrap_or("gone"),
+                waited_secs = started.elapsed().as_secs(),
+                "Waiting for the way back's pass in flight to end (the target's session holding its lock)"
+            );
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
+    }
     match f().await {
         Ok(v) => {
             newdb

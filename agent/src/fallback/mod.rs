@@ -171,7 +171,7 @@ pub async fn withdraw(m: &Migration, cancel: &CancellationToken) -> Result<(), c
         return Ok(());
     }
     let back = m.reversed();
-    apply::without_passes(m, || async {
+    apply::without_passes(m, cancel, || async {
         crate::cleanup::remove_capture(&back, cancel).await?;
         withdraw_target_schema(&back).await
     })
@@ -347,10 +347,11 @@ pub async fn finish(
     keep_source_fenced: bool,
     cancel: &CancellationToken,
 ) -> Result<FinishReport, crate::Error> {
+    crate::failpoint::hit("finish.start").await;
     if m.has_target() {
         // Not while the service applies: a pass after the triggers came
         // back would fire them, one during the removal fail on it.
-        apply::without_passes(m, || finish_alone(m, keep_source_fenced, cancel)).await
+        apply::without_passes(m, cancel, || finish_alone(m, keep_source_fenced, cancel)).await
     } else {
         finish_alone(m, keep_source_fenced, cancel).await
     }

@@ -702,6 +702,37 @@ async fn finish_can_keep_the_old_source_fenced() {
     assert_no_leftovers(&env).await;
 }
 
+/// `finish` while the way back's pass lock is held (a pass stuck, or an
+/// agent's session the network lost): it waits, naming the session that
+/// holds it, and finishes once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_waits_for_a_held_pass_lock_naming_its_holder() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    on_target(&env, "UPDATE accounts SET name = 'late' WHERE id = 9").await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    let holder = env.target_client().await;
+    let pid: i32 = holder
+        .query_one(
+            "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock(x'70676662'::int, 0)) l",
+            &[],
+        )
+        .await
+        .expect("hold the pass lock")
+        .get(0);
+    let mut finish = env.run_until_failpoint(&["finish"], "finish.start").await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(&finish, &format!("holder=pid {pid} ")).await;
+    holder
+        .execute("SELECT pg_advisory_unlock(x'70676662'::int, 0)", &[])
+        .await
+        .expect("let the lock go");
+    let (code, log) = env.exited(&mut finish).await;
+    assert_eq!(code, Some(0), "finish once the lock is free: {log}");
+    assert_same_rows(&env).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// The application writes `sql` on the target.
 async fn on_target(env: &Env, sql: &str) {
     env.target_client()
