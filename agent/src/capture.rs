@@ -46,6 +46,18 @@ pub enum CaptureError {
     /// A migration is already past installation.
     #[error("capture is already installed and the migration is in phase {0:?}")]
     AlreadyPast(Phase),
+    /// Widening a delta table's key column as the source widened the key.
+    #[error("could not widen the delta table's key column of {table} as the source widened the key")]
+    WidenDelta {
+        /// The table.
+        table: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A table named on the command line that pgferry does not capture.
+    #[error("{0}")]
+    UnknownTable(String),
 }
 
 /// What install did.
@@ -283,6 +295,133 @@ async fn remove(
     Ok(())
 }
 
+/// What `release-keys` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KeysReleased {
+    /// Tables whose key column trigger this run released: their key
+    /// columns' type may change now.
+    pub released: Vec<String>,
+    /// Tables that had none (released before, or captured without one: a
+    /// partition, an inheritance member, a table with a BEFORE UPDATE
+    /// trigger, a copy_only table).
+    pub without_key_trigger: Vec<String>,
+}
+
+/// Before a deploy that changes the type of a key column: moves each of
+/// `names` (every captured table when none) off its key column trigger,
+/// whose `UPDATE OF <key>` PostgreSQL would not let the column's type
+/// change under, to the UPDATE trigger that reads both transition tables
+/// (`control/sql/0020_key_release.sql`). Each table in its own short
+/// transaction, its turn taken as for install, so it runs beside sync.
+/// Sync then follows the type change itself (docs/design.md, "Schema
+/// changes during sync").
+pub async fn release_keys(
+    m: &Migration,
+    names: &[String],
+    cancel: &CancellationToken,
+) -> Result<KeysReleased, crate::Error> {
+    let mut conn = m.source_conn().await?;
+    let phase = state::load(&**conn).await?.map(|r| r.phase);
+    match phase {
+        None => {
+            return Err(crate::Error::Phase(
+                "pgferry is not installed on this source: there is no key column trigger to release".into(),
+            ))
+        }
+        Some(p) if p >= Phase::CuttingOver => {
+            return Err(crate::Error::Phase(format!(
+                "the migration is in phase {}: key column triggers are released only before the cutover",
+                p.as_str()
+            )))
+        }
+        Some(_) => {}
+    }
+    // Brings `capture_key_release` to a control schema an older pgferry made.
+    crate::control::ensure_schema(&mut conn).await?;
+    let tables = state::tables(&**conn).await?;
+    drop(conn);
+    let mut report = KeysReleased::default();
+    for t in named(&tables, names)? {
+        if cancel.is_cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
+        let name = t.table.display_name();
+        let released = if t.copy_only {
+            false
+        } else {
+            retry_ddl(
+                m,
+                cancel,
+                &format!("release the key column trigger of {name}"),
+                || async {
+                    let failed = |source| CaptureError::Install {
+                        table: name.clone(),
+                        source,
+                    };
+                    let mut conn = m.source_conn().await?;
+                    let tx = conn.transaction().await.map_err(failed)?;
+                    take_turn(m, &tx, Some(t.relid), &name).await?;
+                    let released: bool = tx
+                        .query_one("SELECT pgferry.capture_key_release($1)", &[&t.id])
+                        .await
+                        .map_err(failed)?
+                        .get(0);
+                    tx.execute(
+                        &format!(
+                            "UPDATE pgferry.tables t SET trigger_stamp = {} WHERE t.id = $1",
+                            crate::plan::drift::TRIGGER_STAMP
+                        ),
+                        &[&t.id],
+                    )
+                    .await
+                    .map_err(failed)?;
+                    tx.commit().await.map_err(failed)?;
+                    Ok::<_, CaptureError>(released)
+                },
+            )
+            .await?
+        };
+        if released {
+            tracing::info!(table = %name, "Key column trigger released: the key columns' type may change");
+            report.released.push(name);
+        } else {
+            report.without_key_trigger.push(name);
+        }
+    }
+    Ok(report)
+}
+
+/// The registered tables `names` name (all when none): `schema.table`, or
+/// `table` when one schema has it. A name that matches none is refused
+/// before anything is done.
+fn named<'a>(tables: &'a [TableState], names: &[String]) -> Result<Vec<&'a TableState>, CaptureError> {
+    if names.is_empty() {
+        return Ok(tables.iter().collect());
+    }
+    let mut chosen = Vec::new();
+    for name in names {
+        let exact: Vec<&TableState> = tables
+            .iter()
+            .filter(|t| t.table.display_name() == *name)
+            .collect();
+        let bare: Vec<&TableState> = tables.iter().filter(|t| t.table.name == *name).collect();
+        match (exact.as_slice(), bare.as_slice()) {
+            ([t], _) | ([], [t]) => chosen.push(*t),
+            ([], []) => {
+                return Err(CaptureError::UnknownTable(format!(
+                    "pgferry captures no table {name}: name it as schema.table, as `pgferry status` lists it"
+                )))
+            }
+            _ => {
+                return Err(CaptureError::UnknownTable(format!(
+                    "more than one schema has a captured table {name}: name it as schema.table"
+                )))
+            }
+        }
+    }
+    Ok(chosen)
+}
+
 /// The capture triggers and functions, by the suffix of their names: the
 /// four events, and the key column trigger of plain tables.
 const SUFFIXES: [&str; 5] = ["ins", "upd", "del", "trunc", "key"];
@@ -311,17 +450,24 @@ async fn captured(client: &tokio_postgres::Client) -> Result<Vec<i32>, tokio_pos
 impl Retryable for CaptureError {
     fn is_retryable(&self) -> bool {
         match self {
-            CaptureError::Install { source, .. } | CaptureError::Catalog(source) => {
-                crate::db::errors::is_retryable(source)
-            }
+            CaptureError::Install { source, .. }
+            | CaptureError::WidenDelta { source, .. }
+            | CaptureError::Catalog(source) => crate::db::errors::is_retryable(source),
             CaptureError::Connect(e) => e.is_retryable(),
             CaptureError::Turn(e) => e.is_retryable(),
-            CaptureError::AlreadyPast(_) => false,
+            CaptureError::AlreadyPast(_) | CaptureError::UnknownTable(_) => false,
         }
     }
 }
 
 impl crate::error::Failure for CaptureError {
+    fn exit_code(&self) -> crate::error::ExitCode {
+        match self {
+            CaptureError::UnknownTable(_) => crate::error::ExitCode::Usage,
+            _ => crate::error::ExitCode::Runtime,
+        }
+    }
+
     fn retryable(&self) -> bool {
         crate::db::retry::Retryable::is_retryable(self)
     }

@@ -105,6 +105,16 @@ pub enum Command {
         #[arg(long)]
         keep_source_fenced: bool,
     },
+    /// Before a deploy that changes the type of a key column (an integer
+    /// key made bigint): capture the named tables' key changes without
+    /// the key column trigger, which PostgreSQL would not let the
+    /// column's type change under. Runs beside sync.
+    ReleaseKeys {
+        /// A captured table (`schema.table`, or `table` when only one
+        /// schema has it); repeat for more. None: every captured table.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+    },
     /// Compare source and target: counts, checksums, differing keys.
     Verify,
     /// Phase, per-table progress, backlog, lag.
@@ -243,7 +253,10 @@ fn migration(cli: &Cli) -> Result<Migration, Error> {
         },
     )?;
     // The source's cleanup must work from any machine with its URL alone.
-    if matches!(cli.command, Command::Cleanup | Command::Status) {
+    if matches!(
+        cli.command,
+        Command::Cleanup | Command::Status | Command::ReleaseKeys { .. }
+    ) {
         return Ok(Migration::without_target(cfg)?);
     }
     Ok(Migration::new(cfg)?)
@@ -319,11 +332,16 @@ async fn dispatch(cli: Cli, cancel: &CancellationToken) -> Result<Output, Failur
 }
 
 /// Serves metrics and samples the source while a working command runs
-/// (not for check, verify and status, which are one-shot reads).
+/// (not for check, verify, status and release-keys, which are one-shot).
 fn start_telemetry(command: &Command, m: &Migration) -> Option<CancellationToken> {
     if matches!(
         command,
-        Command::Check { .. } | Command::Verify | Command::Status | Command::Demo(_) | Command::Rds(_)
+        Command::Check { .. }
+            | Command::Verify
+            | Command::Status
+            | Command::ReleaseKeys { .. }
+            | Command::Demo(_)
+            | Command::Rds(_)
     ) {
         return None;
     }
@@ -440,6 +458,10 @@ async fn run_command(cli: &Cli, m: &Migration, cancel: &CancellationToken) -> Re
             .await?;
             Output::ok(&r, pretty("fallback finished", &r))
         }
+        Command::ReleaseKeys { tables } => {
+            let r = crate::capture::release_keys(&m, tables, cancel).await?;
+            Output::ok(&r, pretty("key column triggers released", &r))
+        }
         Command::Verify => {
             let r = crate::verify::verify_all(&m).await?;
             let mut out = Output::ok(&r, r.render());
@@ -486,12 +508,28 @@ mod tests {
             }
         ));
         for cmd in [
-            "check", "install", "copy", "sync", "cutover", "cleanup", "verify", "status", "migrate", "demo",
+            "check",
+            "install",
+            "copy",
+            "sync",
+            "cutover",
+            "cleanup",
+            "verify",
+            "status",
+            "migrate",
+            "demo",
+            "fallback",
+            "switchback",
+            "finish",
+            "release-keys",
         ] {
             Cli::try_parse_from(["pgferry", cmd]).unwrap_or_else(|e| panic!("{cmd}: {e}"));
         }
         let cli = Cli::try_parse_from(["pgferry", "migrate", "--cutover", "--json"]).unwrap();
         assert!(matches!(cli.command, Command::Migrate { cutover: true }));
+        let cli =
+            Cli::try_parse_from(["pgferry", "release-keys", "--table", "public.a", "--table", "b"]).unwrap();
+        assert!(matches!(&cli.command, Command::ReleaseKeys { tables } if tables == &["public.a", "b"]));
     }
 
     #[test]

@@ -102,6 +102,32 @@ pub async fn stage_keys(
     ))
     .await
     .map_err(Pumped::Target)?;
+    // Binary COPY takes a value only as its column's own type: the keys are
+    // sent as the target's types, whatever the delta's (a key type the
+    // source widened, a delta column wider than the key: control schema 20).
+    let types: Vec<String> = ttx
+        .query_one(
+            "SELECT array_agg(quote_ident(n.nspname) || '.' || quote_ident(ty.typname) ORDER BY a.attnum)
+               FROM pg_attribute a
+               JOIN pg_type ty ON ty.oid = a.atttypid
+               JOIN pg_namespace n ON n.oid = ty.typnamespace
+              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&name],
+        )
+        .await
+        .map_err(Pumped::Target)?
+        .get(0);
+    let cast = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("s.c{i}::{ty}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let aliases = (0..types.len())
+        .map(|i| format!("c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let select = format!("SELECT {cast} FROM ({select}) AS s({aliases})");
     let sink = ttx
         .copy_in(&format!("COPY {name} FROM STDIN (FORMAT binary)"))
         .await

@@ -584,8 +584,14 @@ mod tests {
 Command was: CREATE FUNCTION f() RETURNS text LANGUAGE sql\n    AS $$ SELECT 'postgres://u:s3cret@h/db' $$;\n\
 pg_restore: warning: errors ignored on restore: 1\n";
         let said = tail(stderr);
-        assert!(!said.contains("s3cret") && !said.contains("Command was"), "{said}");
-        assert!(said.contains("syntax error") && said.contains("errors ignored"), "{said}");
+        assert!(
+            !said.contains("s3cret") && !said.contains("Command was"),
+            "{said}"
+        );
+        assert!(
+            said.contains("syntax error") && said.contains("errors ignored"),
+            "{said}"
+        );
     }
 
     #[test]

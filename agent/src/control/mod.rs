@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (17, include_str!("sql/0017_fallback.sql")),
     (18, include_str!("sql/0018_reverse_lag.sql")),
     (19, include_str!("sql/0019_switched_back.sql")),
+    (20, include_str!("sql/0020_key_release.sql")),
 ];
 
 /// Every control function as it is now, re-applied after the versioned

@@ -262,8 +262,14 @@ pub async fn remove_cutover_objects(target: &mut Client) -> Result<(), tokio_pos
     tx.commit().await
 }
 
-/// Copies every sequence's state (last_value and is_called) to the target.
+/// Copies every sequence's state (last_value and is_called) to the target,
+/// after making its options (type, increment, bounds, cycling) the
+/// source's where a deploy changed them since the copy (Django's
+/// `ALTER SEQUENCE ... AS bigint` when a serial key was widened: the
+/// target's `integer` sequence would refuse the value, or stop the new
+/// database at 2^31).
 pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, tokio_postgres::Error> {
+    align_sequences(source, target).await?;
     let rows = source
         .query(
             &format!(
@@ -334,6 +340,45 @@ pub async fn copy_sequences(source: &Client, target: &Client) -> Result<usize, t
     }))
     .await?;
     Ok(seqs.len())
+}
+
+/// Makes the options of the target's sequences the source's where they
+/// differ: two catalog reads (no sequence is opened), and a statement only
+/// for a sequence that changed.
+pub(super) async fn align_sequences(source: &Client, target: &Client) -> Result<(), tokio_postgres::Error> {
+    let options = format!(
+        "SELECT n.nspname::text, c.relname::text,
+                format('AS %s INCREMENT BY %s MINVALUE %s MAXVALUE %s %sCYCLE',
+                       format_type(s.seqtypid, NULL), s.seqincrement, s.seqmin, s.seqmax,
+                       CASE WHEN s.seqcycle THEN '' ELSE 'NO ' END)
+           FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE {USER_SCHEMA}"
+    );
+    let read = |rows: Vec<tokio_postgres::Row>| -> std::collections::HashMap<(String, String), String> {
+        rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect()
+    };
+    let theirs = read(source.query(&options, &[]).await?);
+    let ours = read(target.query(&options, &[]).await?);
+    let mut differ: Vec<String> = theirs
+        .iter()
+        .filter(|(name, o)| ours.get(*name).is_some_and(|mine| mine != *o))
+        .map(|((schema, name), o)| {
+            format!(
+                "ALTER SEQUENCE {} {o}",
+                QualifiedTable::new(schema.clone(), name.clone())
+            )
+        })
+        .collect();
+    differ.sort();
+    for statement in &differ {
+        tracing::info!(
+            statement,
+            "Sequence options changed on the source since the copy: made so on the target"
+        );
+        target.batch_execute(statement).await?;
+    }
+    Ok(())
 }
 
 /// Sequences read or set per statement: each locks all of its own until it

@@ -238,8 +238,9 @@ fn toc_display(line: &str) -> Option<String> {
 }
 
 /// Creates on the target the entries of [`CREATED`] kinds the source has
-/// and the target lacks, in one transaction, and replaces (`CREATE OR
-/// REPLACE`) the routines and views whose definition changed, in another.
+/// and the target lacks, in one transaction, replaces (`CREATE OR
+/// REPLACE`) the routines and views whose definition changed, in another,
+/// and gives the sequences whose options changed the source's.
 /// Either failing leaves it to the comparison after to name what is
 /// missing. Returns what it made.
 async fn follow(
@@ -268,6 +269,22 @@ async fn follow(
         })
         .collect();
     let mut made = Vec::new();
+    // A sequence's options (`AS bigint` when a serial key was widened).
+    let resequenced: Vec<&String> = source
+        .iter()
+        .filter(|(name, body)| name.starts_with("SEQUENCE ") && target.get(*name).is_some_and(|b| b != *body))
+        .map(|(name, _)| name)
+        .collect();
+    if bodies && !resequenced.is_empty() {
+        let (source, target) = (m.source_conn().await?, m.target_conn().await?);
+        match super::objects::align_sequences(&source, &target).await {
+            Ok(()) => made.extend(resequenced.iter().map(|name| format!("{name} altered"))),
+            Err(e) => tracing::warn!(
+                error = %crate::db::errors::report(&e),
+                "The sequences the source altered since the copy could not be altered on the target"
+            ),
+        }
+    }
     if !missing.is_empty() {
         let entries: Vec<crate::schema::TocEntry> = missing.iter().map(|(_, e)| (*e).clone()).collect();
         match tools

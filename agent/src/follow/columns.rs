@@ -199,22 +199,36 @@ pub(super) async fn rename(
             .await
             .map_err(target_err("renaming a column"))?;
     }
-    let now: Vec<String> = {
-        let conn = m.source_conn().await?;
-        let t = state::tables(&**conn)
-            .await?
-            .into_iter()
-            .find(|t| t.relid == relid);
-        match t {
-            Some(t) => t
-                .copy_columns
-                .iter()
-                .map(|c| if c == from { to.to_string() } else { c.clone() })
-                .collect(),
-            None => return Ok(()),
-        }
+    let mut conn = m.source_conn().await?;
+    let Some(t) = state::tables(&**conn)
+        .await?
+        .into_iter()
+        .find(|t| t.relid == relid)
+    else {
+        return Ok(());
     };
-    register(m, relid, &now).await
+    let renamed = |cols: &[String]| -> Vec<String> {
+        cols.iter()
+            .map(|c| if c == from { to.to_string() } else { c.clone() })
+            .collect()
+    };
+    let tx = tokio_postgres::Client::transaction(&mut conn)
+        .await
+        .map_err(SyncError::Catalog)?;
+    state::set_copy_columns(&tx, t.id, &renamed(&t.copy_columns)).await?;
+    state::drop_ledger(&tx, &t).await?;
+    if t.key_columns.iter().any(|k| k == from) {
+        // Every write to the table fails from the rename until this
+        // commits: the capture functions name the key.
+        tx.execute(
+            "SELECT pgferry.capture_rekey($1, $2)",
+            &[&t.id, &renamed(&t.key_columns)],
+        )
+        .await
+        .map_err(SyncError::Catalog)?;
+    }
+    tx.commit().await.map_err(SyncError::Catalog)?;
+    Ok(())
 }
 
 /// The target's columns of `table` (none when it is not there).

@@ -26,8 +26,8 @@
 //! after their capture. Every step finds what an interrupted run did and
 //! goes on from there. Column types widened ([`retype`]) and enum values
 //! added are followed when a batch or the drift check meets them. Anything
-//! else (a new partitioned table, classic inheritance, a key column renamed,
-//! a type changed otherwise, a key changed, a capture trigger dropped)
+//! else (a new partitioned table, classic inheritance, a type changed
+//! otherwise, a key changed, a capture trigger dropped)
 //! stops sync as drift, as before.
 
 mod attributes;
@@ -66,7 +66,7 @@ pub enum Change {
     Renamed(u32, QualifiedTable, QualifiedTable),
     /// A captured table of its own that no longer exists.
     TableDropped(QualifiedTable),
-    /// A column renamed (not a key column): same place, new name.
+    /// A column renamed: same place, new name (a key column's too).
     ColumnRenamed {
         /// The table's source OID.
         relid: u32,
@@ -236,7 +236,7 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
                 changes.push(Change::Renamed(t.relid, t.table.clone(), c.table.clone()));
             }
             Some(c) if c.lock_relid == t.lock_relid && c.parent_relid == t.parent_relid => {
-                if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) {
+                if !t.copy_only && c.key_columns.as_ref() != Some(&t.key_columns) && !key_renamed(t, c) {
                     return None;
                 }
                 if c.copy_columns != t.copy_columns {
@@ -278,6 +278,22 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
     (!changes.is_empty()).then_some(changes)
 }
 
+/// Whether `c`'s key is `t`'s with one key column renamed in its place
+/// (and nothing else about the columns changed).
+fn key_renamed(t: &TableState, c: &SourceTable) -> bool {
+    match columns(t, c) {
+        Some(Change::ColumnRenamed { from, to, .. }) => {
+            let renamed: Vec<String> = t
+                .key_columns
+                .iter()
+                .map(|k| if *k == from { to.clone() } else { k.clone() })
+                .collect();
+            t.key_columns.contains(&from) && c.key_columns.as_ref() == Some(&renamed)
+        }
+        _ => false,
+    }
+}
+
 /// The columns `c` gained or lost since `t` was registered: only added
 /// (after every registered one, in the source's order) or only dropped
 /// (the others in their order); `None` for anything else.
@@ -301,12 +317,11 @@ fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
         .collect();
     if let ([from], [to]) = (dropped.as_slice(), added.as_slice()) {
         // One name changed in its place: a rename (checked against the
-        // source's dropped columns before it is followed), unless of a key
-        // column, which the capture names.
+        // source's dropped columns before it is followed). A key column's
+        // too: the capture functions are made again to name it.
         let place = |cols: &[String], name: &String| cols.iter().position(|x| x == name);
         let renamed = t.copy_columns.len() == c.copy_columns.len()
-            && place(&t.copy_columns, from) == place(&c.copy_columns, to)
-            && !t.key_columns.contains(from);
+            && place(&t.copy_columns, from) == place(&c.copy_columns, to);
         return renamed.then(|| Change::ColumnRenamed {
             relid: t.relid,
             table: t.table.clone(),
@@ -404,7 +419,7 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
     // the target's old type would refuse.
     let registered = crate::control::state::tables(&**m.source_conn().await?).await?;
     let mut changes = changes;
-    for w in retype::follow(m, &registered).await? {
+    for w in retype::follow(m, &registered, cancel).await? {
         let change = Change::Widened(w);
         tracing::info!(%change, "Followed the source's schema change on the target");
         crate::telemetry::schema_change_followed(change.kind());
@@ -444,7 +459,7 @@ pub async fn types(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Chan
     }
     let _one_at_a_time = lock(m, cancel).await?;
     let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
-    let widened = retype::follow(m, &tables).await?;
+    let widened = retype::follow(m, &tables, cancel).await?;
     let changes: Vec<Change> = widened.into_iter().map(Change::Widened).collect();
     for change in &changes {
         tracing::info!(%change, "Followed the source's schema change on the target");
@@ -929,6 +944,19 @@ mod tests {
             "a table created, a column added, the hierarchy's root before its partitions"
         );
         let mut now = before();
+        now[3].copy_columns = vec!["key".into(), "v".into()];
+        now[3].key_columns = Some(vec!["key".into()]);
+        assert_eq!(
+            plan(&reg, &now),
+            Some(vec![Change::ColumnRenamed {
+                relid: 4,
+                table: QualifiedTable::new("public", "plain"),
+                from: "id".into(),
+                to: "key".into(),
+            }]),
+            "a key column renamed"
+        );
+        let mut now = before();
         now[3].copy_columns.retain(|c| c != "v");
         assert_eq!(
             plan(&reg, &now),
@@ -982,10 +1010,10 @@ mod tests {
                 c.key_columns = None;
                 now.push(c)
             },
-            // A key column renamed (the capture names it).
+            // A key column renamed and another key besides.
             |now| {
                 now[3].copy_columns = vec!["key".into(), "v".into()];
-                now[3].key_columns = Some(vec!["key".into()]);
+                now[3].key_columns = Some(vec!["key".into(), "v".into()]);
             },
             // Columns reordered.
             |now| now[3].copy_columns = vec!["v".into(), "id".into()],

@@ -14,7 +14,7 @@
 use crate::control::state::{self, TableState};
 use crate::db::ident::{Ident, QualifiedTable};
 use crate::db::Migration;
-use crate::drain::types::{self, Fit};
+use crate::drain::types::{self, ColumnType, Fit};
 use crate::drain::SyncError;
 
 /// A column's type widened on the target as on the source.
@@ -31,7 +31,11 @@ pub struct Widened {
 /// Widens on the target the columns whose type the source widened; fails
 /// with the statements to run by hand when some change is not a widening
 /// (or `sync.follow_schema_changes` is off). Nothing to do: nothing done.
-pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Widened>, crate::Error> {
+pub(super) async fn follow(
+    m: &Migration,
+    tables: &[TableState],
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Vec<Widened>, crate::Error> {
     let drifted = types::drifted(m, tables).await?;
     if drifted.is_empty() {
         return Ok(Vec::new());
@@ -61,6 +65,9 @@ pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<W
     wanted.sort_by_key(|(t, ..)| t.lock_relid != t.relid || t.parent_relid.is_some());
     let mut done = Vec::new();
     for (t, column, to, _) in wanted {
+        // A key column's delta column first: a batch stages the delta's
+        // keys in binary as the target's type.
+        widen_delta(m, t, &column, &to, cancel).await?;
         if still_narrower(m, t, &column).await? {
             tracing::info!(table = %t.table.display_name(), column, to, "Widening the column on the target as on the source");
             m.target_conn()
@@ -84,6 +91,72 @@ pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<W
         });
     }
     Ok(done)
+}
+
+/// Makes `t`'s delta column for key column `column` hold the source's new
+/// type of it, `to`, when it does not already (a delta table made before
+/// control schema 20 has the key's own type; a later one the widest of its
+/// family, `delta_key_type`, which holds any widening of it): the capture
+/// writes the key's values into it, which the old type would refuse past
+/// its range. Its turn taken, under the short lock timeout: the
+/// application's writes to `t` wait for it while the delta table is
+/// rewritten.
+async fn widen_delta(
+    m: &Migration,
+    t: &TableState,
+    column: &str,
+    to: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), crate::Error> {
+    let Some(ord) = t.key_columns.iter().position(|k| k == column) else {
+        return Ok(());
+    };
+    if t.copy_only {
+        return Ok(());
+    }
+    const TYPE_OF: &str = "SELECT tn.nspname || '.' || ty.typname, a.atttypmod
+                             FROM pg_attribute a
+                             JOIN pg_type ty ON ty.oid = a.atttypid
+                             JOIN pg_namespace tn ON tn.oid = ty.typnamespace
+                            WHERE a.attrelid = $1::text::regclass AND a.attname = $2 AND NOT a.attisdropped";
+    let (delta, key) = (t.delta_table().to_string(), format!("k{}", ord + 1));
+    let name = t.table.display_name();
+    crate::ddl::retry_ddl(m, cancel, &format!("widen the delta table of {name}"), || async {
+        let failed = |source| crate::capture::CaptureError::WidenDelta {
+            table: name.clone(),
+            source,
+        };
+        let mut conn = m.source_conn().await?;
+        let tx = conn.transaction().await.map_err(failed)?;
+        let type_of = |r: tokio_postgres::Row| ColumnType {
+            name: r.get(0),
+            typmod: r.get(1),
+        };
+        let held = tx
+            .query_opt(TYPE_OF, &[&delta, &key])
+            .await
+            .map_err(failed)?
+            .map(type_of);
+        let wanted = tx
+            .query_opt(TYPE_OF, &[&t.table.to_string(), &column])
+            .await
+            .map_err(failed)?
+            .map(type_of);
+        let (Some(held), Some(wanted)) = (held, wanted) else {
+            return Ok(());
+        };
+        if types::holds(&held, &wanted) {
+            return Ok(());
+        }
+        crate::ddl::take_turn(m, &tx, None, &delta).await?;
+        tx.batch_execute(&format!("ALTER TABLE {delta} ALTER COLUMN {key} TYPE {to}"))
+            .await
+            .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        tracing::info!(table = %name, column, to, "The delta table's key column widened as the source's key");
+        Ok::<_, crate::capture::CaptureError>(())
+    })
+    .await
 }
 
 /// The source's type of a column, names qualified.

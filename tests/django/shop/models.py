@@ -18,3 +18,14 @@ class Order(models.Model):
     class Meta:
         indexes = [models.Index(fields=["created_at"], name="shop_order_created")]
 
+
+
+class Shipment(models.Model):
+    id = models.BigAutoField(primary_key=True)
+    carrier = models.CharField(max_length=40)
+    order = models.ForeignKey(Order, on_delete=models.CASCADE)
+
+
+class Parcel(models.Model):
+    weight = models.IntegerField()
+    shipment = models.ForeignKey(Shipment, on_delete=models.CASCADE)

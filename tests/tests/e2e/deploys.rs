@@ -224,13 +224,27 @@ const SHOP_OPS: &[&str] = &[
     "DELETE FROM shop_order WHERE id = ($N * 31) % 2000 + 1",
     "INSERT INTO shop_customer (name, email) VALUES ('old $N', 'old$N@example.com')",
     "INSERT INTO shop_customer (name, email, vip, loyalty_points) VALUES ('new $N', 'new$N@example.com', $N % 2 = 0, $N % 100)",
+    "INSERT INTO shop_shipment (carrier, order_id) SELECT 'carrier $N', id FROM shop_order WHERE id > 2000 ORDER BY id DESC LIMIT 1",
+    "UPDATE shop_shipment SET carrier = 'moved $N' WHERE id = (SELECT max(id) FROM shop_shipment) - $N % 3",
+    "INSERT INTO shop_parcel (weight, shipment_id) SELECT $N % 40, id FROM shop_shipment ORDER BY id DESC LIMIT 1",
 ];
 
 /// Runs the shop's `manage.py migrate shop <to>` against the source, as the
 /// application's role.
 async fn django_migrate(env: &Env, to: &str) {
+    let out = django_migrate_output(env, to).await;
+    assert!(
+        out.status.success(),
+        "manage.py migrate shop {to}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// [`django_migrate`], whatever the outcome.
+async fn django_migrate_output(env: &Env, to: &str) -> std::process::Output {
     let manage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("django/manage.py");
-    let out = tokio::process::Command::new("python3")
+    tokio::process::Command::new("python3")
         .arg(&manage)
         .args(["migrate", "--no-input", "shop", to])
         .env("FERRYSHOP_HOST", "127.0.0.1")
@@ -240,13 +254,7 @@ async fn django_migrate(env: &Env, to: &str) {
         .env("FERRYSHOP_PASSWORD", APP.1)
         .output()
         .await
-        .expect("run manage.py");
-    assert!(
-        out.status.success(),
-        "manage.py migrate shop {to}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .expect("run manage.py")
 }
 
 /// Waits until the agent logged `change` followed and drained on after it.
@@ -275,8 +283,10 @@ async fn followed(env: &Env, agent: &tokio::process::Child, change: &str) {
 /// application writes, in two deploys: fields added (Django's NOT NULL
 /// with a default it then drops), an index, a new model with a deferrable
 /// foreign key; then a field removed and one made longer; then a field
-/// renamed and the model deleted. Sync follows each; after the cutover
-/// both sides are equal row by row and in schema.
+/// renamed and the model deleted; then, once `release-keys` has let
+/// PostgreSQL change it, an integer key made a BigAutoField, written past
+/// the integer's range at once. Sync follows each; after the cutover both
+/// sides are equal row by row and in schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_migrations_during_sync_are_followed() {
     let env = Env::new(crate::BIN).await;
@@ -333,6 +343,48 @@ async fn django_migrations_during_sync_are_followed() {
     followed(&env, &service, "table public.shop_coupon dropped").await;
     writers.progress(100).await;
 
+    // The shipments' integer key made a BigAutoField: PostgreSQL refuses
+    // it while the key column trigger names the column, and takes it once
+    // `release-keys` has moved the table off it; sync follows it then.
+    let refused = django_migrate_output(&env, "0005_bigger_keys").await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("pgferry_capture_key"),
+        "the key column trigger stops the key's type change: {said}"
+    );
+    let released: serde_json::Value = serde_json::from_str(
+        &env.ok(&["--json", "release-keys", "--table", "shop_shipment"])
+            .await,
+    )
+    .expect("release-keys' JSON report");
+    assert_eq!(
+        released["released"],
+        serde_json::json!(["public.shop_shipment"]),
+        "{released}"
+    );
+    django_migrate(&env, "0005_bigger_keys").await;
+    followed(
+        &env,
+        &service,
+        "table public.shop_shipment: column id widened to bigint",
+    )
+    .await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "SELECT setval(pg_get_serial_sequence('shop_shipment', 'id'), 3000000000);
+             INSERT INTO shop_shipment (carrier, order_id) SELECT 'far', id FROM shop_order ORDER BY id DESC LIMIT 3",
+        )
+        .await
+        .expect("keys past the integer's range");
+    target_holds(
+        &env,
+        "shipments past the integer's range on the target",
+        "SELECT count(*) >= 3 FROM shop_shipment WHERE id > 3000000000",
+    )
+    .await;
+    writers.progress(100).await;
+
     let (report, log) = stop_service(&env, service).await;
     let followed = report["schema_changes_followed"].to_string();
     for change in [
@@ -343,6 +395,8 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_customer: column name widened to character varying(200)",
         "table public.shop_customer: column loyalty_points renamed to points",
         "table public.shop_coupon dropped",
+        "table public.shop_shipment: column id widened to bigint",
+        "table public.shop_parcel: column shipment_id widened to bigint",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -354,5 +408,166 @@ async fn django_migrations_during_sync_are_followed() {
     let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
     assert_succeeded(&out, "cutover");
     writers.stop().await;
+    assert_same_then_clean_up(&env).await;
+}
+
+/// What the tickets application does while its key is widened: tickets
+/// and replies written, the newest ticket replied to.
+const TICKET_OPS: &[&str] = &[
+    "INSERT INTO tickets (body) VALUES ('new $N')",
+    "UPDATE tickets SET body = 'edited $N' WHERE id = ($N * 7) % 500 + 1",
+    "INSERT INTO replies (ticket_id, body) SELECT max(id), 'reply $N' FROM tickets",
+    "UPDATE replies SET body = 'edited $N' WHERE id = ($N * 11) % 1000 + 1",
+];
+
+/// A serial key made bigint the way an application without an ORM does it
+/// (the column, its sequence and the foreign key column pointing at it, in
+/// one transaction), once `release-keys` has let PostgreSQL do it: sync
+/// follows it while the application writes, keys past the integer's range
+/// and a changed key arrive, and the cutover gives the target's sequence
+/// the bigint range too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_key_made_bigint_during_sync_is_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE tickets (id serial PRIMARY KEY, body text NOT NULL);
+             CREATE TABLE replies (id serial PRIMARY KEY,
+                                   ticket_id integer NOT NULL REFERENCES tickets ON UPDATE CASCADE,
+                                   body text);
+             INSERT INTO tickets (body) SELECT 'ticket ' || g FROM generate_series(1, 500) g;
+             INSERT INTO replies (ticket_id, body) SELECT 1 + g % 500, 'reply ' || g FROM generate_series(1, 1000) g;",
+        )
+        .await
+        .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let writers = Workload::start(&env, &[APP, APP], TICKET_OPS).await;
+    writers.progress(50).await;
+    let service = start_service(&env).await;
+
+    let unknown = env.fails(&["release-keys", "--table", "no_such_table"], 2).await;
+    assert!(
+        unknown.contains("pgferry captures no table no_such_table"),
+        "{unknown}"
+    );
+    let released: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "release-keys"]).await).expect("release-keys' JSON report");
+    for table in ["public.tickets", "public.replies"] {
+        assert!(
+            released["released"]
+                .as_array()
+                .is_some_and(|r| r.contains(&serde_json::json!(table))),
+            "{table} released: {released}"
+        );
+    }
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "BEGIN;
+             ALTER TABLE tickets ALTER COLUMN id TYPE bigint;
+             ALTER SEQUENCE tickets_id_seq AS bigint;
+             ALTER TABLE replies ALTER COLUMN ticket_id TYPE bigint;
+             COMMIT;
+             SELECT setval('tickets_id_seq', 3000000000);
+             INSERT INTO tickets (body) VALUES ('far 1'), ('far 2');
+             UPDATE tickets SET id = id + 5000000000 WHERE id = 7;",
+        )
+        .await
+        .expect("the deploy, and keys past the integer's range");
+    followed(
+        &env,
+        &service,
+        "table public.replies: column ticket_id widened to bigint",
+    )
+    .await;
+    target_holds(
+        &env,
+        "the changed key and the keys past the integer's range on the target",
+        "SELECT EXISTS (SELECT 1 FROM replies WHERE ticket_id = 5000000007)
+            AND NOT EXISTS (SELECT 1 FROM tickets WHERE id = 7)
+            AND (SELECT count(*) FROM tickets WHERE id BETWEEN 3000000000 AND 3000000002) = 2",
+    )
+    .await;
+    writers.progress(100).await;
+    let (report, log) = stop_service(&env, service).await;
+    let followed = report["schema_changes_followed"].to_string();
+    for change in [
+        "table public.tickets: column id widened to bigint",
+        "table public.replies: column ticket_id widened to bigint",
+    ] {
+        assert!(followed.contains(change), "{change} in {report}\n{log}");
+    }
+
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    let sequence = env
+        .target_client()
+        .await
+        .query_one(
+            "SELECT data_type::text, last_value FROM pg_sequences WHERE sequencename = 'tickets_id_seq'",
+            &[],
+        )
+        .await
+        .expect("the target's sequence");
+    assert_eq!(sequence.get::<_, String>(0), "bigint");
+    assert!(
+        sequence.get::<_, Option<i64>>(1).unwrap_or_default() > 3_000_000_000,
+        "the target's sequence goes on past the integer's range"
+    );
+    assert_same_then_clean_up(&env).await;
+}
+
+/// A key column renamed during sync: the capture functions name the key,
+/// so every write to the table fails from the rename until sync has
+/// followed it (its drift check, within seconds); then the writes under
+/// the new name, a changed key among them, arrive and the cutover ends
+/// equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_renamed_during_sync_is_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE labels (code text PRIMARY KEY, uses integer NOT NULL DEFAULT 0);
+         INSERT INTO labels SELECT 'label ' || g, g FROM generate_series(1, 300) g;",
+    )
+    .await
+    .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    // The service's first batch.
+    app.batch_execute("UPDATE labels SET uses = uses + 1 WHERE code = 'label 1'")
+        .await
+        .expect("a write before the deploy");
+    let service = start_service(&env).await;
+    app.batch_execute("ALTER TABLE labels RENAME COLUMN code TO name")
+        .await
+        .expect("the deploy");
+    followed(&env, &service, "table public.labels: column code renamed to name").await;
+    app.batch_execute(
+        "INSERT INTO labels (name) VALUES ('new');
+         UPDATE labels SET uses = uses + 1 WHERE name = 'label 5';
+         UPDATE labels SET name = 'relabelled' WHERE name = 'label 6';
+         DELETE FROM labels WHERE name = 'label 7';",
+    )
+    .await
+    .expect("writes under the new name once sync followed the rename");
+    target_holds(
+        &env,
+        "the writes under the new name on the target",
+        "SELECT EXISTS (SELECT 1 FROM labels WHERE name = 'new')
+            AND EXISTS (SELECT 1 FROM labels WHERE name = 'relabelled')
+            AND NOT EXISTS (SELECT 1 FROM labels WHERE name IN ('label 6', 'label 7'))
+            AND (SELECT uses FROM labels WHERE name = 'label 5') = 6",
+    )
+    .await;
+    stop_service(&env, service).await;
+    env.ok(&["cutover"]).await;
     assert_same_then_clean_up(&env).await;
 }

@@ -612,7 +612,7 @@ async fn a_delta_table_from_before_v11_still_captures_and_drains() {
 }
 
 /// The control schema's version this release brings.
-const LATEST_CONTROL_VERSION: i32 = 19;
+const LATEST_CONTROL_VERSION: i32 = 20;
 
 /// A control schema left by a pgferry from before the functions lived in
 /// one file (version 15), with a migration in flight, is upgraded by the

@@ -63,6 +63,23 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION key_trigger_fits(oid) FROM PUBLIC;
 
+-- The type of a delta table's column for a key column of type `p_type`
+-- (and modifier): the widest of its family, so that the application
+-- widening its key (integer to bigint, a longer varchar, more numeric
+-- precision) never makes the capture refuse one of its keys while sync
+-- has yet to follow the change (version 20). A batch stages the keys as
+-- the target's types (`rows::stage_keys`).
+CREATE OR REPLACE FUNCTION delta_key_type(p_type oid, p_typmod integer) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p_type IN ('int2'::regtype, 'int4'::regtype) THEN 'bigint'
+                WHEN p_type = 'varchar'::regtype THEN 'character varying'
+                WHEN p_type = 'numeric'::regtype THEN 'numeric'
+                ELSE format_type(p_type, p_typmod) END
+$$;
+REVOKE ALL ON FUNCTION delta_key_type(oid, integer) FROM PUBLIC;
+
 -- (Re)creates the capturing bodies of one registered table's capture
 -- functions. As in version 10, with the transaction id written only into a
 -- delta table that still has the column. Takes no lock on the table.
@@ -152,7 +169,7 @@ BEGIN
     SELECT * INTO STRICT t FROM pgferry.tables WHERE id = p_table_id;
     rel := t.relid::regclass;
 
-    SELECT string_agg(format('k%s %s NOT NULL', k.ord, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
+    SELECT string_agg(format('k%s %s NOT NULL', k.ord, pgferry.delta_key_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
            string_agg(format('%I', k.name), ', ' ORDER BY k.ord),
            string_agg(format('OLD.%I', k.name), ', ' ORDER BY k.ord),
            string_agg(format('NEW.%I', k.name), ', ' ORDER BY k.ord),
@@ -199,6 +216,76 @@ BEGIN
 END
 $install$;
 REVOKE ALL ON FUNCTION capture_install(integer) FROM PUBLIC;
+
+-- Moves one captured table from the key column trigger to the UPDATE
+-- trigger that reads both transition tables, in the caller's transaction,
+-- so that no UPDATE goes uncaptured between the two, its delta table's
+-- key columns made the widest of their types first (version 20). Returns
+-- false when the table has no key column trigger. Refused with the fence
+-- up, whose refusing bodies `capture_functions` would replace.
+CREATE OR REPLACE FUNCTION capture_key_release(p_table_id integer) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $release$
+DECLARE
+    t   pgferry.tables%ROWTYPE;
+    rel regclass;
+    k   record;
+BEGIN
+    SELECT * INTO STRICT t FROM pgferry.tables WHERE id = p_table_id;
+    IF NOT coalesce(t.key_trigger, false) THEN
+        RETURN false;
+    END IF;
+    IF pg_sequence_last_value('pgferry.fence'::regclass) > 0 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = 'pgferry: writes are fenced; key column triggers are released only while syncing';
+    END IF;
+    rel := t.relid::regclass;
+    -- A delta table made before version 20 has the key's own types.
+    FOR k IN
+        SELECT format('k%s', u.ord) AS col, pgferry.delta_key_type(a.atttypid, a.atttypmod) AS wide,
+               (SELECT format_type(d.atttypid, d.atttypmod) FROM pg_attribute d
+                 WHERE d.attrelid = format('pgferry.%I', 'd_' || p_table_id)::regclass
+                   AND d.attname = format('k%s', u.ord)) AS now
+          FROM unnest(t.key_columns) WITH ORDINALITY AS u(name, ord)
+          JOIN pg_attribute a ON a.attrelid = t.relid AND a.attname = u.name AND NOT a.attisdropped
+    LOOP
+        IF k.now IS DISTINCT FROM k.wide THEN
+            EXECUTE format('ALTER TABLE pgferry.%I ALTER COLUMN %I TYPE %s', 'd_' || p_table_id, k.col, k.wide);
+        END IF;
+    END LOOP;
+    UPDATE pgferry.tables SET key_trigger = false WHERE id = p_table_id;
+    EXECUTE format('DROP TRIGGER IF EXISTS pgferry_capture_key ON %s', rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgferry_capture_upd ON %s', rel);
+    EXECUTE format('DROP FUNCTION IF EXISTS pgferry.%I()', format('capture_%s_key', p_table_id));
+    PERFORM pgferry.capture_install(p_table_id);
+    RETURN true;
+END
+$release$;
+REVOKE ALL ON FUNCTION capture_key_release(integer) FROM PUBLIC;
+
+-- Registers the key columns' names after `ALTER TABLE ... RENAME COLUMN`
+-- of a key column, and makes the table's capture functions name them
+-- (version 20): they name the key, so from the rename on they fail every
+-- write to the table until this runs. With the fence up their bodies
+-- refuse writes without naming a column and are left so: lifting the fence
+-- makes them again from the registration.
+CREATE OR REPLACE FUNCTION capture_rekey(p_table_id integer, p_key_columns text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $rekey$
+BEGIN
+    UPDATE pgferry.tables SET key_columns = p_key_columns WHERE id = p_table_id;
+    IF coalesce(pg_sequence_last_value('pgferry.fence'::regclass), 0) = 0
+       AND EXISTS (SELECT 1 FROM pg_proc p
+                    WHERE p.pronamespace = 'pgferry'::regnamespace
+                      AND p.proname = format('capture_%s_ins', p_table_id)) THEN
+        PERFORM pgferry.capture_functions(p_table_id);
+    END IF;
+END
+$rekey$;
+REVOKE ALL ON FUNCTION capture_rekey(integer, text[]) FROM PUBLIC;
 
 -- Sets the fence: raised, every capture function of a table and the
 -- fence trigger of copy_only tables refuse the write (naming the move when

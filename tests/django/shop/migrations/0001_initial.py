@@ -25,4 +25,22 @@ class Migration(migrations.Migration):
                 ("customer", models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to="shop.customer")),
             ],
         ),
+        # A model from before DEFAULT_AUTO_FIELD was set: an integer key,
+        # made a BigAutoField by 0005.
+        migrations.CreateModel(
+            name="Shipment",
+            fields=[
+                ("id", models.AutoField(primary_key=True, serialize=False)),
+                ("carrier", models.CharField(max_length=40)),
+                ("order", models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to="shop.order")),
+            ],
+        ),
+        migrations.CreateModel(
+            name="Parcel",
+            fields=[
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("weight", models.IntegerField()),
+                ("shipment", models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to="shop.shipment")),
+            ],
+        ),
     ]

@@ -1,0 +1,24 @@
+-- pgferry control schema, version 20: key types may change during sync.
+--
+-- PostgreSQL refuses `ALTER COLUMN ... TYPE` on a column that a trigger
+-- names ("cannot alter type of a column used in a trigger definition"),
+-- and the key column trigger of version 9 names the key columns
+-- (`AFTER UPDATE OF <key>`). So a deploy that widens a table's key (a
+-- Django AutoField made a BigAutoField) would fail on the source while
+-- pgferry captures it. `capture_key_release` (functions.sql), run by
+-- `pgferry release-keys` before such a deploy, moves the table to the
+-- capture that names no column: the statement-level UPDATE trigger reading
+-- both transition tables (`new UNION old`, as for partitions), in one
+-- transaction with dropping the key column trigger, so that no UPDATE goes
+-- uncaptured between the two. It costs about 2.7 µs more per UPDATE
+-- statement on that table (version 9's measurement), which is why it is
+-- not the default.
+--
+-- Once the key is widened, the application may write a key the delta
+-- table's old type refuses, failing its own statement, before sync has
+-- followed the change. So delta tables' key columns now take the widest
+-- type of the key's family (`delta_key_type`: bigint for smallint and
+-- integer, varchar and numeric without a modifier): those installed from
+-- now on, and those `capture_key_release` moves. A batch stages the keys
+-- as the target's types, whatever the delta's.
+SELECT 1;
