@@ -307,8 +307,9 @@ pub struct KeysReleased {
     pub without_key_trigger: Vec<String>,
 }
 
-/// Before a deploy that changes the type of a key column: moves each of
-/// `names` (every captured table when none) off its key column trigger,
+/// Before a deploy that changes the type of a key column: widens the delta
+/// key columns of each of `names` (every captured table when none) to the
+/// widest type of their family, and moves it off its key column trigger,
 /// whose `UPDATE OF <key>` PostgreSQL would not let the column's type
 /// change under, to the UPDATE trigger that reads both transition tables
 /// (`control/sql/0020_key_release.sql`). Each table in its own short

@@ -264,9 +264,23 @@ async fn read_added(m: &Migration, relid: u32, names: &[String]) -> Result<Vec<A
                          JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation)
                     END,
                     pg_get_expr(d.adbin, d.adrelid),
-                    CASE WHEN a.atthasmissing THEN coalesce(quote_literal((a.attmissingval::text::text[])[1]), 'NULL') END,
+                    CASE WHEN c.relkind <> 'p' THEN
+                      CASE WHEN a.atthasmissing THEN coalesce(quote_literal((a.attmissingval::text::text[])[1]), 'NULL') END
+                    ELSE
+                      -- A partitioned table stores no rows, nor a value for
+                      -- them: its partitions do, each its own. Theirs when
+                      -- every one holds the same.
+                      (SELECT CASE WHEN count(*) = 0 THEN 'NULL'
+                                   WHEN bool_and(l.m IS NOT NULL) AND count(DISTINCT l.m) = 1 THEN min(l.m) END
+                         FROM (SELECT CASE WHEN la.atthasmissing
+                                           THEN coalesce(quote_literal((la.attmissingval::text::text[])[1]), 'NULL') END
+                                 FROM pg_partition_tree(a.attrelid) p
+                                 JOIN pg_attribute la ON la.attrelid = p.relid AND la.attname = a.attname
+                                WHERE p.isleaf) l(m))
+                    END,
                     a.attidentity <> '' OR a.attgenerated <> ''
                FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_type t ON t.oid = a.atttypid
                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
               WHERE a.attrelid = $1 AND a.attname = ANY ($2) AND NOT a.attisdropped

@@ -32,6 +32,7 @@
 
 mod attributes;
 mod columns;
+mod constraints;
 mod retype;
 
 use tokio_util::sync::CancellationToken;
@@ -83,6 +84,9 @@ pub enum Change {
     EnumValue(String),
     /// A column's default or NOT NULL made the source's.
     Altered(attributes::Altered),
+    /// A CHECK constraint added, validated or dropped, or an index or
+    /// unique constraint dropped, as on the source.
+    Constrained(constraints::Constrained),
     /// Columns added to a captured table, or dropped from it, never both at
     /// once (a rename would read as both, and lose the column's values).
     Columns {
@@ -111,6 +115,7 @@ impl Change {
             Change::ColumnRenamed { .. } => "column_renamed",
             Change::EnumValue(_) => "enum_value_added",
             Change::Altered(_) => "column_altered",
+            Change::Constrained(_) => "constraint_changed",
             Change::Columns { added, .. } if !added.is_empty() => "columns_added",
             Change::Columns { .. } => "columns_dropped",
         }
@@ -141,6 +146,7 @@ impl std::fmt::Display for Change {
                 a.column,
                 a.action
             ),
+            Change::Constrained(c) => write!(f, "table {}: {}", c.table.display_name(), c.action),
             Change::Renamed(_, from, to) => {
                 write!(
                     f,
@@ -397,7 +403,7 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
                 to,
             } => columns::rename(m, *relid, table, from, to).await?,
             // Found by `types` and `enum_values`, not by the registrations' drift.
-            Change::Widened(_) | Change::EnumValue(_) | Change::Altered(_) => {}
+            Change::Widened(_) | Change::EnumValue(_) | Change::Altered(_) | Change::Constrained(_) => {}
             Change::Columns {
                 relid,
                 table,
@@ -469,22 +475,32 @@ pub async fn types(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Chan
 }
 
 /// Makes the target's column defaults and NOT NULL the source's (see
-/// [`attributes`]); returns what it changed.
+/// [`attributes`]), and its CHECK constraints, and the indexes and unique
+/// constraints the source dropped (see [`constraints`]); returns what it
+/// changed.
 pub async fn attributes(m: &Migration, cancel: &CancellationToken) -> Result<Vec<Change>, crate::Error> {
     if !m.cfg.sync.follow_schema_changes || m.reads_elsewhere() {
         return Ok(Vec::new());
     }
     let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
     // Read first: the lock takes a session of its own.
-    if !attributes::differ(m, &tables).await? {
+    if !attributes::differ(m, &tables).await? && !constraints::differ(m, &tables).await? {
         return Ok(Vec::new());
     }
     let _one_at_a_time = lock(m, cancel).await?;
-    let changes: Vec<Change> = attributes::follow(m, &tables)
+    // Constraints first: a CHECK the source dropped may be what a NOT
+    // NULL or a default of its needs gone.
+    let mut changes: Vec<Change> = constraints::follow(m, &tables)
         .await?
         .into_iter()
-        .map(Change::Altered)
+        .map(Change::Constrained)
         .collect();
+    changes.extend(
+        attributes::follow(m, &tables)
+            .await?
+            .into_iter()
+            .map(Change::Altered),
+    );
     for change in &changes {
         tracing::info!(%change, "Followed the source's schema change on the target");
         crate::telemetry::schema_change_followed(change.kind());

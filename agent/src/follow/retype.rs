@@ -94,11 +94,11 @@ pub(super) async fn follow(
 }
 
 /// Makes `t`'s delta column for key column `column` hold the source's new
-/// type of it, `to`, when it does not already (a delta table made before
-/// control schema 20 has the key's own type; a later one the widest of its
-/// family, `delta_key_type`, which holds any widening of it): the capture
-/// writes the key's values into it, which the old type would refuse past
-/// its range. Its turn taken, under the short lock timeout: the
+/// type of it, `to`, when it does not already (a delta table has the key's
+/// own type, or after `release-keys` the widest of its family,
+/// `delta_key_type`, which holds any widening of it): the capture writes
+/// the key's values into it, which the old type would refuse past its
+/// range. Its turn taken, under the short lock timeout: the
 /// application's writes to `t` wait for it while the delta table is
 /// rewritten.
 async fn widen_delta(

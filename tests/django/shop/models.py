@@ -4,7 +4,7 @@ from django.db import models
 
 class Customer(models.Model):
     name = models.CharField(max_length=200)
-    email = models.EmailField(unique=True)
+    email = models.EmailField()
     vip = models.BooleanField(default=False)
     points = models.IntegerField(default=0)
 
@@ -16,7 +16,9 @@ class Order(models.Model):
     gift_note = models.TextField(null=True, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["created_at"], name="shop_order_created")]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(total__gte=0), name="shop_order_total_not_negative"),
+        ]
 
 
 

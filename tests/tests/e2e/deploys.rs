@@ -14,7 +14,8 @@ use crate::{synced, OPS};
 /// AddField); a nullable column; a column whose default the source computes
 /// row by row (its table is copied again); a column dropped; a table
 /// created with an identity key and a foreign key, in one transaction with
-/// another column; a column widened from `integer` to `bigint`. The application writes the new columns before the target
+/// another column; a column widened from `integer` to `bigint`; a CHECK
+/// constraint. The application writes the new columns before the target
 /// has them.
 const DEPLOY: &[&str] = &[
     "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
@@ -37,11 +38,13 @@ const DEPLOY: &[&str] = &[
      COMMIT",
     "ALTER TABLE codes ALTER COLUMN n TYPE bigint",
     "CREATE TABLE feature_flags (name text PRIMARY KEY, enabled boolean NOT NULL DEFAULT false)",
+    "ALTER TABLE ledger ADD CONSTRAINT ledger_amount_bounded CHECK (amount < 100000)",
 ];
 
 /// The next deploy: a table renamed, a column renamed, a table dropped, a
 /// default changed, NOT NULL set on one column and dropped on another (the
-/// new code writes a NULL there at once), a sequence, a function and a view
+/// new code writes a NULL there at once), the CHECK dropped (the new code
+/// writes what it refused at once), a sequence, a function and a view
 /// created (made on the target by the cutover, ahead of the fence).
 const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE scratch RENAME TO notes",
@@ -50,6 +53,7 @@ const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE accounts ALTER COLUMN balance SET DEFAULT 10",
     "ALTER TABLE events ALTER COLUMN origin SET NOT NULL",
     "ALTER TABLE ledger ALTER COLUMN amount DROP NOT NULL",
+    "ALTER TABLE ledger DROP CONSTRAINT ledger_amount_bounded",
     "CREATE SEQUENCE invoice_no START 1000; SELECT nextval('invoice_no'), nextval('invoice_no')",
     "CREATE FUNCTION tier_of(b numeric) RETURNS text LANGUAGE sql IMMUTABLE
        AS $$ SELECT CASE WHEN b > 100 THEN 'gold' ELSE 'basic' END $$",
@@ -94,6 +98,12 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
     )
     .await;
+    target_holds(
+        &env,
+        "the deploy's CHECK constraint on the target, validated",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'ledger_amount_bounded' AND convalidated)",
+    )
+    .await;
     // The next deploy renames a table and a column, and drops a table.
     for step in NEXT_DEPLOY {
         app.batch_execute(step)
@@ -103,7 +113,8 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     app.batch_execute(
         "INSERT INTO notes VALUES (7000, 'renamed', 'kept');
          UPDATE events SET category = 'renamed' WHERE id = (SELECT max(id) FROM events);
-         INSERT INTO ledger (account_id, seq, amount) SELECT max(id), 999, NULL FROM accounts",
+         INSERT INTO ledger (account_id, seq, amount) SELECT max(id), 999, NULL FROM accounts;
+         INSERT INTO ledger (account_id, seq, amount) SELECT max(id), 998, 500000 FROM accounts",
     )
     .await
     .expect("the next code's writes");
@@ -112,7 +123,8 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         &env,
         "the next code's writes on the target",
         "SELECT EXISTS (SELECT 1 FROM notes WHERE id = 7000)
-            AND EXISTS (SELECT 1 FROM ledger WHERE seq = 999 AND amount IS NULL)",
+            AND EXISTS (SELECT 1 FROM ledger WHERE seq = 999 AND amount IS NULL)
+            AND EXISTS (SELECT 1 FROM ledger WHERE seq = 998 AND amount = 500000)",
     )
     .await;
 
@@ -134,6 +146,8 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.accounts: column balance SET DEFAULT",
         "table public.events: column origin SET NOT NULL",
         "table public.ledger: column amount DROP NOT NULL",
+        "table public.ledger: constraint ledger_amount_bounded added",
+        "table public.ledger: constraint ledger_amount_bounded dropped",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -285,8 +299,10 @@ async fn followed(env: &Env, agent: &tokio::process::Child, change: &str) {
 /// foreign key; then a field removed and one made longer; then a field
 /// renamed and the model deleted; then, once `release-keys` has let
 /// PostgreSQL change it, an integer key made a BigAutoField, written past
-/// the integer's range at once. Sync follows each; after the cutover both
-/// sides are equal row by row and in schema.
+/// the integer's range at once; then a CHECK constraint added, a unique
+/// field made plain (a shared value written at once) and an index removed.
+/// Sync follows each; after the cutover both sides are equal row by row
+/// and in schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_migrations_during_sync_are_followed() {
     let env = Env::new(crate::BIN).await;
@@ -385,6 +401,30 @@ async fn django_migrations_during_sync_are_followed() {
     .await;
     writers.progress(100).await;
 
+    // A CHECK added, the email no longer unique (its constraint and its
+    // LIKE index dropped), an index removed (built during sync: the target
+    // never had it); the new code at once signs up a second customer with
+    // an existing email, which the target's unique constraint would refuse.
+    django_migrate(&env, "0006_constraints").await;
+    env.source_as(APP)
+        .await
+        .batch_execute("INSERT INTO shop_customer (name, email, vip, points) VALUES ('twin', 'c1@example.com', false, 0)")
+        .await
+        .expect("an email two customers share");
+    target_holds(
+        &env,
+        "both customers of one email on the target",
+        "SELECT count(*) = 2 FROM shop_customer WHERE email = 'c1@example.com'",
+    )
+    .await;
+    target_holds(
+        &env,
+        "the CHECK constraint on the target, validated",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'shop_order_total_not_negative' AND convalidated)",
+    )
+    .await;
+    writers.progress(100).await;
+
     let (report, log) = stop_service(&env, service).await;
     let followed = report["schema_changes_followed"].to_string();
     for change in [
@@ -397,6 +437,10 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_coupon dropped",
         "table public.shop_shipment: column id widened to bigint",
         "table public.shop_parcel: column shipment_id widened to bigint",
+        "table public.shop_customer: constraint shop_customer_email_key dropped",
+        "table public.shop_customer: index shop_customer_email_d3fdf104_like dropped",
+        "table public.shop_order: constraint shop_order_total_not_negative added",
+        "table public.shop_order: constraint shop_order_total_not_negative validated",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -569,5 +613,88 @@ async fn a_key_column_renamed_during_sync_is_followed() {
     .await;
     stop_service(&env, service).await;
     env.ok(&["cutover"]).await;
+    assert_same_then_clean_up(&env).await;
+}
+
+/// What the metering application does: readings written to a partitioned
+/// table, and rows moved between its partitions.
+const METER_OPS: &[&str] = &[
+    "INSERT INTO readings (region, value) VALUES (CASE WHEN $N % 3 = 0 THEN 'eu' WHEN $N % 3 = 1 THEN 'us' ELSE 'ap' END, $N % 90)",
+    "UPDATE readings SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END WHERE id = ($N * 7) % 600 + 1",
+    "UPDATE readings SET value = value + 1 WHERE id = ($N * 13) % 600 + 1",
+];
+
+/// A partitioned table's deploy during sync: a column added with a default
+/// and a CHECK constraint added on the partitioned table (PostgreSQL gives
+/// both to every partition), while the application writes and moves rows
+/// between partitions, the new column among them at once: followed root
+/// first, nothing copied again (the partitions hold the value the rows
+/// were given, which the partitioned table does not), and the cutover
+/// ends equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_gains_a_column_and_a_check_during_sync() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE readings (id bigint GENERATED BY DEFAULT AS IDENTITY, region text NOT NULL,
+                                    value numeric NOT NULL, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+             CREATE TABLE readings_eu PARTITION OF readings FOR VALUES IN ('eu');
+             CREATE TABLE readings_us PARTITION OF readings FOR VALUES IN ('us');
+             CREATE TABLE readings_other PARTITION OF readings DEFAULT;
+             INSERT INTO readings (region, value)
+               SELECT (ARRAY['eu', 'us', 'ap'])[1 + g % 3], g % 90 FROM generate_series(1, 600) g;",
+        )
+        .await
+        .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let writers = Workload::start(&env, &[APP, APP], METER_OPS).await;
+    writers.progress(50).await;
+    let service = start_service(&env).await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "BEGIN;
+             ALTER TABLE readings ADD COLUMN unit text NOT NULL DEFAULT 'kWh';
+             ALTER TABLE readings ADD CONSTRAINT readings_value_sane CHECK (value > -1000);
+             COMMIT;
+             INSERT INTO readings (region, value, unit) VALUES ('eu', 5, 'MWh'), ('ap', 6, 'MWh');",
+        )
+        .await
+        .expect("the deploy");
+    followed(
+        &env,
+        &service,
+        "table public.readings_other: column(s) unit added",
+    )
+    .await;
+    target_holds(
+        &env,
+        "the new column's values and the CHECK on the target",
+        "SELECT (SELECT count(*) FROM readings WHERE unit = 'MWh') = 2
+            AND EXISTS (SELECT 1 FROM pg_constraint
+                         WHERE conname = 'readings_value_sane' AND conrelid = 'readings'::regclass AND convalidated)",
+    )
+    .await;
+    writers.progress(100).await;
+    let (report, log) = stop_service(&env, service).await;
+    let followed = report["schema_changes_followed"].to_string();
+    for change in [
+        "table public.readings: column(s) unit added",
+        "table public.readings_eu: column(s) unit added",
+        "table public.readings: constraint readings_value_sane added",
+    ] {
+        assert!(followed.contains(change), "{change} in {report}\n{log}");
+    }
+    assert!(
+        !log.contains("the table is copied again"),
+        "the partitions' rows hold the default the target gives them: nothing is copied again\n{log}"
+    );
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
     assert_same_then_clean_up(&env).await;
 }

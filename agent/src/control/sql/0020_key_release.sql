@@ -16,9 +16,12 @@
 --
 -- Once the key is widened, the application may write a key the delta
 -- table's old type refuses, failing its own statement, before sync has
--- followed the change. So delta tables' key columns now take the widest
--- type of the key's family (`delta_key_type`: bigint for smallint and
--- integer, varchar and numeric without a modifier): those installed from
--- now on, and those `capture_key_release` moves. A batch stages the keys
--- as the target's types, whatever the delta's.
+-- followed the change. So `capture_key_release` first makes the table's
+-- delta key columns the widest type of the key's family
+-- (`delta_key_type`: bigint for smallint and integer, varchar and numeric
+-- without a modifier), for tables without a key column trigger too
+-- (`release-keys` is what an operator runs before such a deploy). Not at
+-- install: the conversion costs every captured statement about 2,300
+-- instructions. A batch stages the keys as the target's types, whatever
+-- the delta's.
 SELECT 1;

@@ -63,11 +63,14 @@ AS $$
 $$;
 REVOKE ALL ON FUNCTION key_trigger_fits(oid) FROM PUBLIC;
 
--- The type of a delta table's column for a key column of type `p_type`
--- (and modifier): the widest of its family, so that the application
--- widening its key (integer to bigint, a longer varchar, more numeric
--- precision) never makes the capture refuse one of its keys while sync
--- has yet to follow the change (version 20). A batch stages the keys as
+-- The type `capture_key_release` gives a delta table's column for a key
+-- column of type `p_type` (and modifier): the widest of its family, so
+-- that the application widening its key (integer to bigint, a longer
+-- varchar, more numeric precision) never makes the capture refuse one of
+-- its keys while sync has yet to follow the change (version 20). Not at
+-- install: converting an integer key to bigint costs every captured
+-- statement about 2,300 instructions (7% of what capture adds to a
+-- single-row UPDATE, `pgferry-bench capture`). A batch stages the keys as
 -- the target's types (`rows::stage_keys`).
 CREATE OR REPLACE FUNCTION delta_key_type(p_type oid, p_typmod integer) RETURNS text
 LANGUAGE sql STABLE
@@ -169,7 +172,7 @@ BEGIN
     SELECT * INTO STRICT t FROM pgferry.tables WHERE id = p_table_id;
     rel := t.relid::regclass;
 
-    SELECT string_agg(format('k%s %s NOT NULL', k.ord, pgferry.delta_key_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
+    SELECT string_agg(format('k%s %s NOT NULL', k.ord, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord),
            string_agg(format('%I', k.name), ', ' ORDER BY k.ord),
            string_agg(format('OLD.%I', k.name), ', ' ORDER BY k.ord),
            string_agg(format('NEW.%I', k.name), ', ' ORDER BY k.ord),
@@ -217,12 +220,13 @@ END
 $install$;
 REVOKE ALL ON FUNCTION capture_install(integer) FROM PUBLIC;
 
--- Moves one captured table from the key column trigger to the UPDATE
--- trigger that reads both transition tables, in the caller's transaction,
--- so that no UPDATE goes uncaptured between the two, its delta table's
--- key columns made the widest of their types first (version 20). Returns
--- false when the table has no key column trigger. Refused with the fence
--- up, whose refusing bodies `capture_functions` would replace.
+-- Makes one captured table's delta key columns the widest of their types
+-- (`delta_key_type`), then moves it from the key column trigger to the
+-- UPDATE trigger that reads both transition tables, in the caller's
+-- transaction, so that no UPDATE goes uncaptured between the two (version
+-- 20). Returns false when the table has no key column trigger (its delta
+-- is widened all the same). Refused with the fence up, whose refusing
+-- bodies `capture_functions` would replace.
 CREATE OR REPLACE FUNCTION capture_key_release(p_table_id integer) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -233,16 +237,7 @@ DECLARE
     k   record;
 BEGIN
     SELECT * INTO STRICT t FROM pgferry.tables WHERE id = p_table_id;
-    IF NOT coalesce(t.key_trigger, false) THEN
-        RETURN false;
-    END IF;
-    IF pg_sequence_last_value('pgferry.fence'::regclass) > 0 THEN
-        RAISE EXCEPTION USING
-            ERRCODE = '55000',
-            MESSAGE = 'pgferry: writes are fenced; key column triggers are released only while syncing';
-    END IF;
     rel := t.relid::regclass;
-    -- A delta table made before version 20 has the key's own types.
     FOR k IN
         SELECT format('k%s', u.ord) AS col, pgferry.delta_key_type(a.atttypid, a.atttypmod) AS wide,
                (SELECT format_type(d.atttypid, d.atttypmod) FROM pg_attribute d
@@ -255,6 +250,14 @@ BEGIN
             EXECUTE format('ALTER TABLE pgferry.%I ALTER COLUMN %I TYPE %s', 'd_' || p_table_id, k.col, k.wide);
         END IF;
     END LOOP;
+    IF NOT coalesce(t.key_trigger, false) THEN
+        RETURN false;
+    END IF;
+    IF pg_sequence_last_value('pgferry.fence'::regclass) > 0 THEN
+        RAISE EXCEPTION USING
+            ERRCODE = '55000',
+            MESSAGE = 'pgferry: writes are fenced; key column triggers are released only while syncing';
+    END IF;
     UPDATE pgferry.tables SET key_trigger = false WHERE id = p_table_id;
     EXECUTE format('DROP TRIGGER IF EXISTS pgferry_capture_key ON %s', rel);
     EXECUTE format('DROP TRIGGER IF EXISTS pgferry_capture_upd ON %s', rel);

@@ -1,0 +1,208 @@
+//! CHECK constraints, and the indexes and unique constraints the source
+//! dropped, followed on the target (docs/design.md, "Schema changes during
+//! sync").
+//!
+//! What the source no longer has, the target must not keep: a unique index
+//! or constraint, or a CHECK, that the source dropped refuses the rows the
+//! application writes next, and stops the drain. So the drift check
+//! compares both sides' indexes and CHECK constraints of the registered
+//! tables by name (one catalog read each), drops on the target what only
+//! it has (a primary key aside: a key changed is drift, and a partition's
+//! index goes with its parent's), and adds the CHECK constraints only the
+//! source has: `NOT VALID` first, since a row the drain has yet to bring up
+//! to date may not satisfy it (every row the drain writes does: the source
+//! holds it), then validated when the source's is, once the target's rows
+//! allow it (each check tries again; the cutover's comparison of the
+//! schemas names one still missing then). Indexes the source gained are
+//! built by the cutover, ahead of the fence, as before.
+
+use std::collections::BTreeMap;
+
+use crate::control::state::TableState;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::drain::SyncError;
+
+/// What one side has on a table, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Object {
+    /// An index (not a primary key's), with the constraint it backs if any.
+    Index(Option<String>),
+    /// A CHECK constraint: its definition, and whether it is validated.
+    Check(String, bool),
+}
+
+/// A constraint or index made so on the target as on the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constrained {
+    /// The table.
+    pub table: QualifiedTable,
+    /// What was done (`index x dropped`, `constraint c added`...).
+    pub action: String,
+}
+
+/// Every index and CHECK constraint of each table given (by its index in
+/// the list), names in expressions qualified. `tables_sql` yields `(i,
+/// oid)` pairs from `$1`.
+async fn read(
+    conn: &mut tokio_postgres::Client,
+    tables_sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<BTreeMap<(i64, String), Object>, tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT x.i, ic.relname::text, con.conname::text, NULL::text, false
+                   FROM ({tables_sql}) x(i, rel)
+                   JOIN pg_index ix ON ix.indrelid = x.rel
+                   JOIN pg_class ic ON ic.oid = ix.indexrelid
+                   LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
+                  WHERE NOT ix.indisprimary
+                    AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
+                 UNION ALL
+                 SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated
+                   FROM ({tables_sql}) x(i, rel)
+                   JOIN pg_constraint con ON con.conrelid = x.rel
+                  WHERE con.contype = 'c' AND con.conislocal"
+            ),
+            &[param],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let object = match r.get::<_, Option<String>>(3) {
+                Some(definition) => Object::Check(definition, r.get(4)),
+                None => Object::Index(r.get(2)),
+            };
+            ((r.get(0), r.get(1)), object)
+        })
+        .collect())
+}
+
+/// The statements that make the target's indexes and CHECK constraints of
+/// `tables` the source's, roots of hierarchies first, each with what it
+/// does, and a target session to run them on.
+async fn plan(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<(deadpool_postgres::Object, Vec<(Constrained, String)>), crate::Error> {
+    let mut ordered: Vec<&TableState> = tables.iter().collect();
+    // A hierarchy's root before its members, which follow it.
+    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
+    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
+    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
+    let ours = read(
+        &mut *m.source_conn().await?,
+        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
+        &relids,
+    )
+    .await
+    .map_err(SyncError::Catalog)?;
+    let mut target = m.target_conn().await?;
+    let theirs = read(
+        &mut target,
+        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
+        &names,
+    )
+    .await
+    .map_err(|source| SyncError::Follow {
+        what: "reading the target's indexes and constraints",
+        source,
+    })?;
+    let mut wanted = Vec::new();
+    let mut want = |i: i64, action: String, sql: &dyn Fn(&QualifiedTable) -> String| {
+        let table = ordered[(i - 1) as usize].table.clone();
+        let sql = sql(&table);
+        wanted.push((Constrained { table, action }, sql));
+    };
+    for ((i, name), object) in &theirs {
+        if ours
+            .get(&(*i, name.clone()))
+            .is_some_and(|o| same_kind(o, object))
+        {
+            continue;
+        }
+        match object {
+            Object::Index(None) => want(*i, format!("index {name} dropped"), &|table| {
+                format!(
+                    "DROP INDEX {}",
+                    QualifiedTable::new(table.schema.clone(), name.clone())
+                )
+            }),
+            Object::Index(Some(_)) | Object::Check(..) => {
+                let con = match object {
+                    Object::Index(Some(con)) => con,
+                    _ => name,
+                };
+                want(*i, format!("constraint {con} dropped"), &|table| {
+                    format!("ALTER TABLE {table} DROP CONSTRAINT {}", Ident(con.clone()))
+                })
+            }
+        }
+    }
+    for ((i, name), object) in &ours {
+        let Object::Check(definition, validated) = object else {
+            continue;
+        };
+        let con = Ident(name.clone());
+        let validate = |table: &QualifiedTable| format!("ALTER TABLE {table} VALIDATE CONSTRAINT {con}");
+        match theirs.get(&(*i, name.clone())) {
+            Some(Object::Check(d, v)) if d == definition => {
+                if *validated && !v {
+                    want(*i, format!("constraint {name} validated"), &validate);
+                }
+            }
+            _ => {
+                want(*i, format!("constraint {name} added"), &|table| {
+                    format!("ALTER TABLE {table} ADD CONSTRAINT {con} {definition} NOT VALID")
+                });
+                if *validated {
+                    want(*i, format!("constraint {name} validated"), &validate);
+                }
+            }
+        }
+    }
+    Ok((target, wanted))
+}
+
+/// Whether the source's `ours` is what the target has as `theirs` under
+/// the same name: an index, or a CHECK of the same definition (one whose
+/// validation differs is validated, not dropped).
+fn same_kind(ours: &Object, theirs: &Object) -> bool {
+    match (ours, theirs) {
+        (Object::Index(_), Object::Index(_)) => true,
+        (Object::Check(a, _), Object::Check(b, _)) => a == b,
+        _ => false,
+    }
+}
+
+/// Whether some table of `tables` has other indexes or CHECK constraints
+/// on the target than on the source (reads only).
+pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool, crate::Error> {
+    Ok(!plan(m, tables).await?.1.is_empty())
+}
+
+/// Makes the target's indexes and CHECK constraints of `tables` the
+/// source's (see the module); returns what it changed. A statement that
+/// fails (a CHECK the target's rows do not satisfy yet, a member whose
+/// root's change reached it already) is logged and left for the next time.
+pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Constrained>, crate::Error> {
+    let (target, wanted) = plan(m, tables).await?;
+    let mut done = Vec::new();
+    for (change, sql) in wanted {
+        match target.batch_execute(&sql).await {
+            Ok(()) => done.push(change),
+            Err(e) => tracing::debug!(
+                table = %change.table.display_name(),
+                change = change.action,
+                error = %crate::db::errors::report(&e),
+                "The target does not take the source's constraint change (yet)"
+            ),
+        }
+    }
+    Ok(done)
+}
