@@ -241,12 +241,12 @@ BEGIN
     FOR k IN
         SELECT format('k%s', u.ord) AS col, pgferry.delta_key_type(a.atttypid, a.atttypmod) AS wide,
                (SELECT format_type(d.atttypid, d.atttypmod) FROM pg_attribute d
-                 WHERE d.attrelid = format('pgferry.%I', 'd_' || p_table_id)::regclass
+                 WHERE d.attrelid = to_regclass(format('pgferry.%I', 'd_' || p_table_id))
                    AND d.attname = format('k%s', u.ord)) AS now
           FROM unnest(t.key_columns) WITH ORDINALITY AS u(name, ord)
           JOIN pg_attribute a ON a.attrelid = t.relid AND a.attname = u.name AND NOT a.attisdropped
     LOOP
-        IF k.now IS DISTINCT FROM k.wide THEN
+        IF k.now <> k.wide THEN
             EXECUTE format('ALTER TABLE pgferry.%I ALTER COLUMN %I TYPE %s', 'd_' || p_table_id, k.col, k.wide);
         END IF;
     END LOOP;

@@ -7,7 +7,8 @@
 //! read on the target every 100 ms (the lag is its age there). After a
 //! quiet stretch, one column is added to the accounts (`NOT NULL DEFAULT`,
 //! the usual ORM migration), later another one's type is widened (`integer`
-//! to `bigint`, which rewrites the table on both sides); each is followed
+//! to `bigint`, which rewrites the table on both sides), then the key
+//! itself (after `pgferry release-keys`); each is followed
 //! by sync, and the lag spike each causes is measured: its worst lag and how
 //! long until it fell under 1 s again. Then the way without following, as
 //! an operator did it before: the same kind of column added on both sides,
@@ -101,7 +102,7 @@ pub async fn run(v: &[String]) {
             }
         })
     };
-    let total = 3 * quiet + 60;
+    let total = 4 * quiet + 60;
     eprintln!("load: {rate} tps for up to {total} s");
     let mut load = tokio::process::Command::new(&pgbench)
         .args([
@@ -135,6 +136,23 @@ pub async fn run(v: &[String]) {
         .await
         .expect("widen a column");
     let widen_ddl_secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(quiet)).await;
+    // The key itself: PostgreSQL takes it only once `release-keys` has
+    // moved the table off its key column trigger.
+    let keyed_at = started.elapsed().as_secs_f64();
+    eprintln!("the key widened, after release-keys");
+    let t = Instant::now();
+    let st = agent(&["release-keys", "--table", "public.pgbench_accounts"], false)
+        .status()
+        .await
+        .expect("release-keys");
+    assert!(st.success(), "release-keys");
+    let release_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    src.batch_execute("ALTER TABLE pgbench_accounts ALTER COLUMN aid TYPE bigint")
+        .await
+        .expect("widen the key");
+    let key_ddl_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(quiet)).await;
     let followed_end = started.elapsed().as_secs_f64();
 
@@ -201,7 +219,13 @@ pub async fn run(v: &[String]) {
         "column_widened_followed": {
             "ddl": "ALTER COLUMN abalance TYPE bigint (rewrites the table on both sides)",
             "source_ddl_secs": widen_ddl_secs,
-            "lag": spike(&lags, widened_at, followed_end),
+            "lag": spike(&lags, widened_at, keyed_at),
+        },
+        "key_widened_followed": {
+            "ddl": "release-keys, then ALTER COLUMN aid TYPE bigint (the key: rewrites the table and its primary key on both sides)",
+            "release_keys_secs": release_secs,
+            "source_ddl_secs": key_ddl_secs,
+            "lag": spike(&lags, keyed_at, followed_end),
         },
         "column_added_by_recopy": {
             "install_secs": install_secs,
