@@ -25,7 +25,10 @@
 //! tables (its preflight first) and `copy` copies them, in snapshots taken
 //! after their capture. Every step finds what an interrupted run did and
 //! goes on from there. Column types widened ([`retype`]) and enum values
-//! added are followed when a batch or the drift check meets them. Anything
+//! added are followed when a batch or the drift check meets them; defaults
+//! and NOT NULL (`attributes.rs`), CHECK constraints, and the indexes and
+//! unique constraints the source dropped ([`constraints`]) by the drift
+//! check, or when the target refuses a batch on one. Anything
 //! else (a new partitioned table, classic inheritance, a type changed
 //! otherwise, a key changed, a capture trigger dropped)
 //! stops sync as drift, as before.
