@@ -36,6 +36,7 @@
 mod attributes;
 mod columns;
 mod constraints;
+mod new_types;
 mod retype;
 
 use tokio_util::sync::CancellationToken;
@@ -390,6 +391,16 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
         mark = std::time::Instant::now();
         secs
     };
+    // The types a table created or a column added uses, first.
+    let needing: Vec<u32> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Created(relid, _) => Some(*relid),
+            Change::Columns { relid, added, .. } if !added.is_empty() => Some(*relid),
+            _ => None,
+        })
+        .collect();
+    new_types::create_missing(m, &needing).await?;
     for change in &changes {
         tracing::info!(%change, "Following the source's schema change on the target");
         match change {

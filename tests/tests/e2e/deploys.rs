@@ -15,8 +15,9 @@ use crate::{synced, OPS};
 /// row by row (its table is copied again); a column dropped; a table
 /// created with an identity key and a foreign key, in one transaction with
 /// another column; a column widened from `integer` to `bigint`; a CHECK
-/// constraint. The application writes the new columns before the target
-/// has them.
+/// constraint; an enum type and a column of it, a domain and a table of
+/// it (the types made on the target first). The application writes the
+/// new columns before the target has them.
 const DEPLOY: &[&str] = &[
     "ALTER TABLE accounts ADD COLUMN vip boolean NOT NULL DEFAULT false;
      UPDATE accounts SET vip = true WHERE id % 10 = 0",
@@ -39,6 +40,10 @@ const DEPLOY: &[&str] = &[
     "ALTER TABLE codes ALTER COLUMN n TYPE bigint",
     "CREATE TABLE feature_flags (name text PRIMARY KEY, enabled boolean NOT NULL DEFAULT false)",
     "ALTER TABLE ledger ADD CONSTRAINT ledger_amount_bounded CHECK (amount < 100000)",
+    "CREATE TYPE mood AS ENUM ('calm', 'busy'); ALTER TABLE events ADD COLUMN mood mood",
+    "CREATE DOMAIN cents AS bigint CHECK (VALUE >= 0);
+     CREATE TABLE tips (id int PRIMARY KEY, amount cents NOT NULL, moods mood[]);
+     INSERT INTO tips VALUES (1, 250, '{calm,busy}')",
 ];
 
 /// The next deploy: a table renamed, a column renamed, a table dropped, a
@@ -85,6 +90,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
          UPDATE events SET origin = 'api' WHERE id = (SELECT max(id) FROM events);
          UPDATE scratch SET note = 'noted' WHERE id = 5000;
          UPDATE codes SET n = 3000000000 + n WHERE n % 50 = 0;
+         UPDATE events SET mood = 'busy' WHERE id = (SELECT max(id) FROM events);
          INSERT INTO feature_flags VALUES ('vip', true)"#,
     )
     .await
@@ -96,6 +102,13 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         &env,
         "the last write on the target",
         "SELECT EXISTS (SELECT 1 FROM feature_flags WHERE name = 'vip' AND enabled)",
+    )
+    .await;
+    target_holds(
+        &env,
+        "the rows of the deploy's new types on the target",
+        "SELECT EXISTS (SELECT 1 FROM tips WHERE amount = 250 AND moods = '{calm,busy}')
+            AND EXISTS (SELECT 1 FROM events WHERE mood = 'busy')",
     )
     .await;
     target_holds(
@@ -137,7 +150,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.codes: column(s) token added",
         "table public.ledger: column(s) note dropped",
         "table public.referrals created",
-        "table public.events: column(s) origin added",
+        "table public.events: column(s) origin",
         "table public.feature_flags created",
         "table public.codes: column n widened to bigint",
         "table public.scratch renamed to public.notes",
@@ -147,6 +160,8 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "table public.events: column origin SET NOT NULL",
         "table public.ledger: column amount DROP NOT NULL",
         "table public.ledger: constraint ledger_amount_bounded added",
+        "mood added",
+        "table public.tips created",
         "table public.ledger: constraint ledger_amount_bounded dropped",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
