@@ -108,7 +108,8 @@ pub fn misfits(target: &str, source: &str) -> Vec<(String, Fit)> {
 
 /// For each of `tables` (by index), its columns' types on the target and on
 /// the source, as two signatures for [`misfits`] (none for a table the
-/// target lacks): one catalog read on each side for all of them.
+/// target lacks): one catalog read on each side for all of them. Generated
+/// columns aside: never copied, they are followed whole (`follow`).
 pub async fn signatures(
     m: &crate::db::Migration,
     tables: &[crate::control::state::TableState],
@@ -123,6 +124,7 @@ pub async fn signatures(
             &format!(
                 "SELECT a.attrelid, {agg} FROM pg_attribute a {joins}
                   WHERE a.attrelid = ANY ($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+                    AND a.attgenerated = ''
                   GROUP BY a.attrelid"
             ),
             &[&relids],
@@ -139,7 +141,7 @@ pub async fn signatures(
             &format!(
                 "SELECT x.i, {agg} FROM unnest($1::text[]) WITH ORDINALITY x(name, i)
                    JOIN pg_attribute a ON a.attrelid = to_regclass(x.name) {joins}
-                  WHERE a.attnum > 0 AND NOT a.attisdropped
+                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
                   GROUP BY x.i"
             ),
             &[&names],

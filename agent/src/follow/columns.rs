@@ -19,9 +19,11 @@
 //! - a column **dropped** is dropped on the target.
 //!
 //! The registration then names the new columns (and the table loses its
-//! ledger, whose hashes were of the old rows). An identity or generated
-//! column, or a change the target refuses, stops sync as drift with the
-//! reason. Safe to re-run: what the target has already is skipped.
+//! ledger, whose hashes were of the old rows). Generated columns the
+//! source added before them go in their place among them (the rest are
+//! the drift check's: `generated.rs`). An identity column, or a change the
+//! target refuses, stops sync as drift with the reason. Safe to re-run:
+//! what the target has already is skipped.
 
 use crate::control::state;
 use crate::db::ident::{Ident, QualifiedTable};
@@ -42,6 +44,8 @@ struct Added {
     /// (`'5'` or `NULL`), when PostgreSQL stored one.
     missing: Option<String>,
     identity_or_generated: bool,
+    /// Its place among the table's columns.
+    attnum: i16,
 }
 
 impl Added {
@@ -99,8 +103,9 @@ pub(super) async fn follow(
         let wanted = read_added(m, relid, added).await?;
         if let Some(a) = wanted.iter().find(|a| a.identity_or_generated) {
             return Err(SyncError::SchemaDrift(vec![format!(
-                "table {}: column {} was added as an identity or generated column, which sync does not follow: \
-                 add it on the target as on the source, then run `pgferry install` and `pgferry copy`",
+                "table {}: column {} was added as an identity column, whose values the source gave its rows in \
+                 its own order, which sync does not follow: add it on the target as on the source, then run \
+                 `pgferry install` and `pgferry copy`",
                 table.display_name(),
                 a.name
             )])
@@ -118,9 +123,21 @@ pub(super) async fn follow(
             );
             sql.push(format!("TRUNCATE {table}"));
         }
-        for a in missing {
-            sql.extend(a.statements(table, copy_again));
+        // The generated columns the target lacks go in their place among
+        // them (the registration does not name them: never copied), so
+        // that the target's columns keep the source's order.
+        let mut ordered: Vec<(i16, Vec<String>)> = missing
+            .iter()
+            .map(|a| (a.attnum, a.statements(table, copy_again)))
+            .collect();
+        let first = ordered.iter().map(|(n, _)| *n).min().unwrap_or(i16::MAX);
+        for (attnum, statement) in
+            super::generated::missing_before(m, relid, table, &on_target, first).await?
+        {
+            ordered.push((attnum, vec![statement]));
         }
+        ordered.sort_by_key(|(attnum, _)| *attnum);
+        sql.extend(ordered.into_iter().flat_map(|(_, s)| s));
     }
     for d in dropped.iter().filter(|d| on_target.contains(*d)) {
         sql.push(format!("ALTER TABLE {table} DROP COLUMN {}", Ident(d.clone())));
@@ -278,7 +295,7 @@ async fn read_added(m: &Migration, relid: u32, names: &[String]) -> Result<Vec<A
                                  JOIN pg_attribute la ON la.attrelid = p.relid AND la.attname = a.attname
                                 WHERE p.isleaf) l(m))
                     END,
-                    a.attidentity <> '' OR a.attgenerated <> ''
+                    a.attidentity <> '' OR a.attgenerated <> '', a.attnum
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_type t ON t.oid = a.atttypid
@@ -300,6 +317,7 @@ async fn read_added(m: &Migration, relid: u32, names: &[String]) -> Result<Vec<A
             default: r.get(4),
             missing: r.get(5),
             identity_or_generated: r.get(6),
+            attnum: r.get(7),
         })
         .collect())
 }

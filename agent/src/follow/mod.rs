@@ -36,6 +36,7 @@
 mod attributes;
 mod columns;
 mod constraints;
+mod generated;
 mod new_types;
 mod retype;
 
@@ -498,17 +499,27 @@ pub async fn attributes(m: &Migration, cancel: &CancellationToken) -> Result<Vec
     }
     let tables = crate::control::state::tables(&**m.source_conn().await?).await?;
     // Read first: the lock takes a session of its own.
-    if !attributes::differ(m, &tables).await? && !constraints::differ(m, &tables).await? {
+    if !attributes::differ(m, &tables).await?
+        && !constraints::differ(m, &tables).await?
+        && !generated::differ(m, &tables).await?
+    {
         return Ok(Vec::new());
     }
     let _one_at_a_time = lock(m, cancel).await?;
-    // Constraints first: a CHECK the source dropped may be what a NOT
-    // NULL or a default of its needs gone.
-    let mut changes: Vec<Change> = constraints::follow(m, &tables)
+    // Generated columns first, which a CHECK may name; constraints next: a
+    // CHECK the source dropped may be what a NOT NULL or a default of its
+    // needs gone.
+    let mut changes: Vec<Change> = generated::follow(m, &tables)
         .await?
         .into_iter()
-        .map(Change::Constrained)
+        .map(Change::Altered)
         .collect();
+    changes.extend(
+        constraints::follow(m, &tables)
+            .await?
+            .into_iter()
+            .map(Change::Constrained),
+    );
     changes.extend(
         attributes::follow(m, &tables)
             .await?

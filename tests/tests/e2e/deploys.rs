@@ -49,7 +49,8 @@ const DEPLOY: &[&str] = &[
 /// The next deploy: a table renamed, a column renamed, a table dropped, a
 /// default changed, NOT NULL set on one column and dropped on another (the
 /// new code writes a NULL there at once), the CHECK dropped (the new code
-/// writes what it refused at once), a sequence, a function and a view
+/// writes what it refused at once), a generated column then a plain one
+/// (in the source's order on the target), a sequence, a function and a view
 /// created (made on the target by the cutover, ahead of the fence).
 const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE scratch RENAME TO notes",
@@ -59,6 +60,8 @@ const NEXT_DEPLOY: &[&str] = &[
     "ALTER TABLE events ALTER COLUMN origin SET NOT NULL",
     "ALTER TABLE ledger ALTER COLUMN amount DROP NOT NULL",
     "ALTER TABLE ledger DROP CONSTRAINT ledger_amount_bounded",
+    "ALTER TABLE ledger ADD COLUMN amount_cents bigint GENERATED ALWAYS AS ((amount * 100)::bigint) STORED;
+     ALTER TABLE ledger ADD COLUMN memo text",
     "CREATE SEQUENCE invoice_no START 1000; SELECT nextval('invoice_no'), nextval('invoice_no')",
     "CREATE FUNCTION tier_of(b numeric) RETURNS text LANGUAGE sql IMMUTABLE
        AS $$ SELECT CASE WHEN b > 100 THEN 'gold' ELSE 'basic' END $$",
@@ -90,7 +93,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
          UPDATE events SET origin = 'api' WHERE id = (SELECT max(id) FROM events);
          UPDATE scratch SET note = 'noted' WHERE id = 5000;
          UPDATE codes SET n = 3000000000 + n WHERE n % 50 = 0;
-         UPDATE events SET mood = 'busy' WHERE id = (SELECT max(id) FROM events);
+         INSERT INTO events (id, kind, mood) OVERRIDING SYSTEM VALUE VALUES (1000000000000, 'moody', 'busy');
          INSERT INTO feature_flags VALUES ('vip', true)"#,
     )
     .await
@@ -108,7 +111,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         &env,
         "the rows of the deploy's new types on the target",
         "SELECT EXISTS (SELECT 1 FROM tips WHERE amount = 250 AND moods = '{calm,busy}')
-            AND EXISTS (SELECT 1 FROM events WHERE mood = 'busy')",
+            AND EXISTS (SELECT 1 FROM events WHERE id = 1000000000000 AND mood = 'busy')",
     )
     .await;
     target_holds(
@@ -163,6 +166,7 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
         "mood added",
         "table public.tips created",
         "table public.ledger: constraint ledger_amount_bounded dropped",
+        "table public.ledger: column(s) memo added",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }

@@ -1,0 +1,183 @@
+//! Generated columns, followed on the target (docs/design.md, "Schema
+//! changes during sync").
+//!
+//! A generated column is never copied (the target computes it), so the
+//! registrations do not name it and a deploy that adds one (Django's
+//! `GeneratedField`) is no drift: the drift check compares the generated
+//! columns of the registered tables on both sides instead (one catalog read
+//! each), and adds on the target those only the source has, with the
+//! source's expression (which PostgreSQL requires immutable: the target
+//! computes what the source did from the same row), drops those only the
+//! target has, and replaces one whose expression changed. Only columns of
+//! a table's own: a hierarchy's members take their root's.
+
+use std::collections::BTreeMap;
+
+use super::attributes::Altered;
+use crate::control::state::TableState;
+use crate::db::ident::{Ident, QualifiedTable};
+use crate::db::Migration;
+use crate::drain::SyncError;
+
+/// Every generated column defined by each table given (by its index in the
+/// list): its type and expression, names qualified. `tables_sql` yields
+/// `(i, oid)` pairs from `$1`.
+async fn read(
+    conn: &mut tokio_postgres::Client,
+    tables_sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<BTreeMap<(i64, String), (String, String)>, tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT x.i, a.attname::text, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
+                   FROM ({tables_sql}) x(i, rel)
+                   JOIN pg_attribute a ON a.attrelid = x.rel
+                   JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = 's' AND a.attislocal"
+            ),
+            &[param],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .collect())
+}
+
+/// The statements that make the target's generated columns of `tables`
+/// the source's, roots of hierarchies first, each with what it does, and a
+/// target session to run them on.
+async fn plan(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<(deadpool_postgres::Object, Vec<(Altered, String)>), crate::Error> {
+    let mut ordered: Vec<&TableState> = tables.iter().collect();
+    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
+    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
+    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
+    let ours = read(
+        &mut *m.source_conn().await?,
+        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
+        &relids,
+    )
+    .await
+    .map_err(SyncError::Catalog)?;
+    let mut target = m.target_conn().await?;
+    let theirs = read(
+        &mut target,
+        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
+        &names,
+    )
+    .await
+    .map_err(|source| SyncError::Follow {
+        what: "reading the target's generated columns",
+        source,
+    })?;
+    let mut wanted = Vec::new();
+    let table_of = |i: i64| -> &QualifiedTable { &ordered[(i - 1) as usize].table };
+    for ((i, column), generated) in &theirs {
+        if ours.get(&(*i, column.clone())) != Some(generated) {
+            let table = table_of(*i);
+            wanted.push((
+                Altered {
+                    table: table.clone(),
+                    column: column.clone(),
+                    action: "dropped (generated)".into(),
+                },
+                format!("ALTER TABLE {table} DROP COLUMN {}", Ident(column.clone())),
+            ));
+        }
+    }
+    for ((i, column), (ty, expression)) in &ours {
+        if theirs.get(&(*i, column.clone())) != Some(&(ty.clone(), expression.clone())) {
+            let table = table_of(*i);
+            wanted.push((
+                Altered {
+                    table: table.clone(),
+                    column: column.clone(),
+                    action: format!("added, GENERATED ALWAYS AS ({expression}) STORED"),
+                },
+                format!(
+                    "ALTER TABLE {table} ADD COLUMN {} {ty} GENERATED ALWAYS AS ({expression}) STORED",
+                    Ident(column.clone())
+                ),
+            ));
+        }
+    }
+    Ok((target, wanted))
+}
+
+/// Whether some table of `tables` has other generated columns on the
+/// target than on the source (reads only).
+pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool, crate::Error> {
+    Ok(!plan(m, tables).await?.1.is_empty())
+}
+
+/// Makes the target's generated columns of `tables` the source's; returns
+/// what it changed. A statement that fails is logged and left for the
+/// next time.
+pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Altered>, crate::Error> {
+    let (target, wanted) = plan(m, tables).await?;
+    let mut done = Vec::new();
+    for (change, sql) in wanted {
+        match target.batch_execute(&sql).await {
+            Ok(()) => done.push(change),
+            Err(e) => tracing::debug!(
+                table = %change.table.display_name(),
+                column = change.column,
+                error = %crate::db::errors::report(&e),
+                "The target does not take the source's generated column (yet)"
+            ),
+        }
+    }
+    Ok(done)
+}
+
+/// The `ADD COLUMN` statements, with their places, of the generated
+/// columns of `relid` (`table` on the target) that come before the
+/// column numbered `before` on the source and that the target (whose
+/// columns are `on_target`) lacks: a deploy's columns are added on the
+/// target in the source's order, generated or not.
+pub(super) async fn missing_before(
+    m: &Migration,
+    relid: u32,
+    table: &QualifiedTable,
+    on_target: &[String],
+    before: i16,
+) -> Result<Vec<(i16, String)>, crate::Error> {
+    let mut conn = m.source_conn().await?;
+    let tx = conn.transaction().await.map_err(SyncError::Catalog)?;
+    tx.batch_execute("SET LOCAL search_path = pg_catalog")
+        .await
+        .map_err(SyncError::Catalog)?;
+    let rows = tx
+        .query(
+            "SELECT a.attnum, a.attname::text, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = 's'
+                AND a.attislocal AND a.attnum < $2",
+            &[&relid, &before],
+        )
+        .await
+        .map_err(SyncError::Catalog)?;
+    tx.commit().await.map_err(SyncError::Catalog)?;
+    Ok(rows
+        .iter()
+        .filter(|r| !on_target.contains(&r.get::<_, String>(1)))
+        .map(|r| {
+            (
+                r.get(0),
+                format!(
+                    "ALTER TABLE {table} ADD COLUMN {} {} GENERATED ALWAYS AS ({}) STORED",
+                    Ident(r.get::<_, String>(1)),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                ),
+            )
+        })
+        .collect())
+}
