@@ -166,15 +166,7 @@ pub async fn install_as(
             let tx = conn.transaction().await.map_err(failed)?;
             take_turn(m, &tx, Some(t.relid), &t.table.display_name()).await?;
             tx.execute(install, &[&t.id]).await.map_err(failed)?;
-            tx.execute(
-                &format!(
-                    "UPDATE pgferry.tables t SET trigger_stamp = {} WHERE t.id = $1",
-                    crate::plan::drift::TRIGGER_STAMP
-                ),
-                &[&t.id],
-            )
-            .await
-            .map_err(failed)?;
+            stamp(&tx, t.id).await.map_err(failed)?;
             tx.commit().await.map_err(failed)
         })
         .await?;
@@ -367,15 +359,7 @@ pub async fn release_keys(
                         .await
                         .map_err(failed)?
                         .get(0);
-                    tx.execute(
-                        &format!(
-                            "UPDATE pgferry.tables t SET trigger_stamp = {} WHERE t.id = $1",
-                            crate::plan::drift::TRIGGER_STAMP
-                        ),
-                        &[&t.id],
-                    )
-                    .await
-                    .map_err(failed)?;
+                    stamp(&tx, t.id).await.map_err(failed)?;
                     tx.commit().await.map_err(failed)?;
                     Ok::<_, CaptureError>(released)
                 },
@@ -390,6 +374,21 @@ pub async fn release_keys(
         }
     }
     Ok(report)
+}
+
+/// Records the row versions of table `id`'s pgferry triggers as pgferry
+/// left them, in the transaction that changed them: the drift check tells
+/// one disabled or enabled again by another hand by them.
+async fn stamp(tx: &tokio_postgres::Transaction<'_>, id: i32) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        &format!(
+            "UPDATE pgferry.tables t SET trigger_stamp = {} WHERE t.id = $1",
+            crate::plan::drift::TRIGGER_STAMP
+        ),
+        &[&id],
+    )
+    .await
+    .map(|_| ())
 }
 
 /// The registered tables `names` name (all when none): `schema.table`, or

@@ -71,68 +71,49 @@ pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool,
 /// for the next time.
 pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Altered>, crate::Error> {
     let (target, wanted) = plan(m, tables).await?;
-    let mut done = Vec::new();
-    for (table, column, action) in wanted {
+    Ok(super::apply_each(&target, wanted).await)
+}
+
+/// What to change on the target, roots first, each with its statement,
+/// with a target session.
+async fn plan(
+    m: &Migration,
+    tables: &[TableState],
+) -> Result<(deadpool_postgres::Object, Vec<(Altered, String)>), crate::Error> {
+    let tables = super::RootsFirst::of(tables);
+    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
+        .await
+        .map_err(SyncError::Catalog)?;
+    let mut target = m.target_conn().await?;
+    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
+        .await
+        .map_err(target_err)?;
+    let mut wanted = Vec::new();
+    let mut want = |i: i64, column: &String, action: String| {
+        let table = tables.table(i).clone();
         let sql = format!(
             "ALTER TABLE {table} ALTER COLUMN {} {action}",
             Ident(column.clone())
         );
-        match target.batch_execute(&sql).await {
-            Ok(()) => done.push(Altered {
+        wanted.push((
+            Altered {
                 table,
-                column,
+                column: column.clone(),
                 action,
-            }),
-            // A member whose root's change reached it already, or a
-            // NULL the drain has not replaced yet.
-            Err(e) => tracing::debug!(
-                table = %table.display_name(),
-                column,
-                error = %crate::db::errors::report(&e),
-                "The target does not take the source's column change (yet)"
-            ),
-        }
-    }
-    Ok(done)
-}
-
-/// What to change on the target, roots first, with a target session.
-async fn plan(
-    m: &Migration,
-    tables: &[TableState],
-) -> Result<(deadpool_postgres::Object, Vec<(QualifiedTable, String, String)>), crate::Error> {
-    let mut ordered: Vec<&TableState> = tables.iter().collect();
-    // A hierarchy's root before its members, which follow it.
-    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
-    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
-    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
-    let ours = read(
-        &mut *m.source_conn().await?,
-        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
-        &relids,
-    )
-    .await
-    .map_err(SyncError::Catalog)?;
-    let mut target = m.target_conn().await?;
-    let theirs = read(
-        &mut target,
-        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
-        &names,
-    )
-    .await
-    .map_err(target_err)?;
-    let mut wanted = Vec::new();
+            },
+            sql,
+        ));
+    };
     for ((i, column), (not_null, default)) in &ours {
         let Some((their_not_null, their_default)) = theirs.get(&(*i, column.clone())) else {
             continue;
         };
-        let t = ordered[(*i - 1) as usize];
         if default != their_default {
             let action = match default {
                 Some(d) => format!("SET DEFAULT {d}"),
                 None => "DROP DEFAULT".to_string(),
             };
-            wanted.push((t.table.clone(), column.clone(), action));
+            want(*i, column, action);
         }
         if not_null != their_not_null {
             let action = if *not_null {
@@ -140,7 +121,7 @@ async fn plan(
             } else {
                 "DROP NOT NULL"
             };
-            wanted.push((t.table.clone(), column.clone(), action.to_string()));
+            want(*i, column, action.to_string());
         }
     }
     Ok((target, wanted))

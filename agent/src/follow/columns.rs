@@ -217,11 +217,7 @@ pub(super) async fn rename(
             .map_err(target_err("renaming a column"))?;
     }
     let mut conn = m.source_conn().await?;
-    let Some(t) = state::tables(&**conn)
-        .await?
-        .into_iter()
-        .find(|t| t.relid == relid)
-    else {
+    let Some(t) = registration(&conn, relid).await? else {
         return Ok(());
     };
     let renamed = |cols: &[String]| -> Vec<String> {
@@ -326,11 +322,7 @@ async fn read_added(m: &Migration, relid: u32, names: &[String]) -> Result<Vec<A
 /// ledger forgotten.
 async fn register(m: &Migration, relid: u32, now: &[String]) -> Result<(), crate::Error> {
     let mut conn = m.source_conn().await?;
-    let Some(t) = state::tables(&**conn)
-        .await?
-        .into_iter()
-        .find(|t| t.relid == relid)
-    else {
+    let Some(t) = registration(&conn, relid).await? else {
         return Ok(());
     };
     let tx = tokio_postgres::Client::transaction(&mut conn)
@@ -340,6 +332,14 @@ async fn register(m: &Migration, relid: u32, now: &[String]) -> Result<(), crate
     state::drop_ledger(&tx, &t).await?;
     tx.commit().await.map_err(SyncError::Catalog)?;
     Ok(())
+}
+
+/// The registration of the table `relid`, if it is still registered.
+async fn registration(
+    conn: &tokio_postgres::Client,
+    relid: u32,
+) -> Result<Option<state::TableState>, crate::Error> {
+    Ok(state::tables(conn).await?.into_iter().find(|t| t.relid == relid))
 }
 
 fn target_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SyncError {

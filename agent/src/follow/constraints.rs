@@ -26,8 +26,10 @@ use crate::drain::SyncError;
 /// What one side has on a table, by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Object {
-    /// An index (not a primary key's), with the constraint it backs if any.
-    Index(Option<String>),
+    /// An index, with the constraint it backs if any, and whether it is
+    /// never dropped here (a primary key's, a partition's index attached
+    /// to its parent's: it goes with that).
+    Index(Option<String>, bool),
     /// A CHECK constraint: its definition, and whether it is validated.
     Check(String, bool),
 }
@@ -54,13 +56,12 @@ async fn read(
     let rows = tx
         .query(
             &format!(
-                "SELECT x.i, ic.relname::text, con.conname::text, NULL::text, false
+                "SELECT x.i, ic.relname::text, con.conname::text, NULL::text,
+                        ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
                    FROM ({tables_sql}) x(i, rel)
                    JOIN pg_index ix ON ix.indrelid = x.rel
                    JOIN pg_class ic ON ic.oid = ix.indexrelid
                    LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
-                  WHERE NOT ix.indisprimary
-                    AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
                  UNION ALL
                  SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated
                    FROM ({tables_sql}) x(i, rel)
@@ -76,7 +77,7 @@ async fn read(
         .map(|r| {
             let object = match r.get::<_, Option<String>>(3) {
                 Some(definition) => Object::Check(definition, r.get(4)),
-                None => Object::Index(r.get(2)),
+                None => Object::Index(r.get(2), r.get(4)),
             };
             ((r.get(0), r.get(1)), object)
         })
@@ -90,32 +91,20 @@ async fn plan(
     m: &Migration,
     tables: &[TableState],
 ) -> Result<(deadpool_postgres::Object, Vec<(Constrained, String)>), crate::Error> {
-    let mut ordered: Vec<&TableState> = tables.iter().collect();
-    // A hierarchy's root before its members, which follow it.
-    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
-    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
-    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
-    let ours = read(
-        &mut *m.source_conn().await?,
-        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
-        &relids,
-    )
-    .await
-    .map_err(SyncError::Catalog)?;
+    let tables = super::RootsFirst::of(tables);
+    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
+        .await
+        .map_err(SyncError::Catalog)?;
     let mut target = m.target_conn().await?;
-    let theirs = read(
-        &mut target,
-        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
-        &names,
-    )
-    .await
-    .map_err(|source| SyncError::Follow {
-        what: "reading the target's indexes and constraints",
-        source,
-    })?;
+    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
+        .await
+        .map_err(|source| SyncError::Follow {
+            what: "reading the target's indexes and constraints",
+            source,
+        })?;
     let mut wanted = Vec::new();
     let mut want = |i: i64, action: String, sql: &dyn Fn(&QualifiedTable) -> String| {
-        let table = ordered[(i - 1) as usize].table.clone();
+        let table = tables.table(i).clone();
         let sql = sql(&table);
         wanted.push((Constrained { table, action }, sql));
     };
@@ -127,15 +116,16 @@ async fn plan(
             continue;
         }
         match object {
-            Object::Index(None) => want(*i, format!("index {name} dropped"), &|table| {
+            Object::Index(_, true) => {}
+            Object::Index(None, false) => want(*i, format!("index {name} dropped"), &|table| {
                 format!(
                     "DROP INDEX {}",
                     QualifiedTable::new(table.schema.clone(), name.clone())
                 )
             }),
-            Object::Index(Some(_)) | Object::Check(..) => {
+            Object::Index(Some(_), false) | Object::Check(..) => {
                 let con = match object {
-                    Object::Index(Some(con)) => con,
+                    Object::Index(Some(con), _) => con,
                     _ => name,
                 };
                 want(*i, format!("constraint {con} dropped"), &|table| {
@@ -174,7 +164,7 @@ async fn plan(
 /// validation differs is validated, not dropped).
 fn same_kind(ours: &Object, theirs: &Object) -> bool {
     match (ours, theirs) {
-        (Object::Index(_), Object::Index(_)) => true,
+        (Object::Index(..), Object::Index(..)) => true,
         (Object::Check(a, _), Object::Check(b, _)) => a == b,
         _ => false,
     }
@@ -192,17 +182,5 @@ pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool,
 /// root's change reached it already) is logged and left for the next time.
 pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Constrained>, crate::Error> {
     let (target, wanted) = plan(m, tables).await?;
-    let mut done = Vec::new();
-    for (change, sql) in wanted {
-        match target.batch_execute(&sql).await {
-            Ok(()) => done.push(change),
-            Err(e) => tracing::debug!(
-                table = %change.table.display_name(),
-                change = change.action,
-                error = %crate::db::errors::report(&e),
-                "The target does not take the source's constraint change (yet)"
-            ),
-        }
-    }
-    Ok(done)
+    Ok(super::apply_each(&target, wanted).await)
 }

@@ -55,33 +55,21 @@ async fn plan(
     m: &Migration,
     tables: &[TableState],
 ) -> Result<(deadpool_postgres::Object, Vec<(Altered, String)>), crate::Error> {
-    let mut ordered: Vec<&TableState> = tables.iter().collect();
-    ordered.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
-    let relids: Vec<u32> = ordered.iter().map(|t| t.relid).collect();
-    let names: Vec<String> = ordered.iter().map(|t| t.table.to_string()).collect();
-    let ours = read(
-        &mut *m.source_conn().await?,
-        "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)",
-        &relids,
-    )
-    .await
-    .map_err(SyncError::Catalog)?;
+    let tables = super::RootsFirst::of(tables);
+    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
+        .await
+        .map_err(SyncError::Catalog)?;
     let mut target = m.target_conn().await?;
-    let theirs = read(
-        &mut target,
-        "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)",
-        &names,
-    )
-    .await
-    .map_err(|source| SyncError::Follow {
-        what: "reading the target's generated columns",
-        source,
-    })?;
+    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
+        .await
+        .map_err(|source| SyncError::Follow {
+            what: "reading the target's generated columns",
+            source,
+        })?;
     let mut wanted = Vec::new();
-    let table_of = |i: i64| -> &QualifiedTable { &ordered[(i - 1) as usize].table };
     for ((i, column), generated) in &theirs {
         if ours.get(&(*i, column.clone())) != Some(generated) {
-            let table = table_of(*i);
+            let table = tables.table(*i);
             wanted.push((
                 Altered {
                     table: table.clone(),
@@ -94,7 +82,7 @@ async fn plan(
     }
     for ((i, column), (ty, expression)) in &ours {
         if theirs.get(&(*i, column.clone())) != Some(&(ty.clone(), expression.clone())) {
-            let table = table_of(*i);
+            let table = tables.table(*i);
             wanted.push((
                 Altered {
                     table: table.clone(),
@@ -122,19 +110,7 @@ pub(super) async fn differ(m: &Migration, tables: &[TableState]) -> Result<bool,
 /// next time.
 pub(super) async fn follow(m: &Migration, tables: &[TableState]) -> Result<Vec<Altered>, crate::Error> {
     let (target, wanted) = plan(m, tables).await?;
-    let mut done = Vec::new();
-    for (change, sql) in wanted {
-        match target.batch_execute(&sql).await {
-            Ok(()) => done.push(change),
-            Err(e) => tracing::debug!(
-                table = %change.table.display_name(),
-                column = change.column,
-                error = %crate::db::errors::report(&e),
-                "The target does not take the source's generated column (yet)"
-            ),
-        }
-    }
-    Ok(done)
+    Ok(super::apply_each(&target, wanted).await)
 }
 
 /// The `ADD COLUMN` statements, with their places, of the generated

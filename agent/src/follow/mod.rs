@@ -533,6 +533,62 @@ pub async fn attributes(m: &Migration, cancel: &CancellationToken) -> Result<Vec
     Ok(changes)
 }
 
+/// The registered tables as the drift check's comparisons read them on
+/// both sides (defaults and NOT NULL, constraints, generated columns):
+/// roots of hierarchies first (what a root gains or loses on the target,
+/// its members do with it), numbered from 1 in that order.
+struct RootsFirst<'a> {
+    tables: Vec<&'a TableState>,
+    /// Their source OIDs, for [`SOURCE_TABLES`].
+    relids: Vec<u32>,
+    /// Their names, for [`TARGET_TABLES`].
+    names: Vec<String>,
+}
+
+impl<'a> RootsFirst<'a> {
+    fn of(tables: &'a [TableState]) -> Self {
+        let mut tables: Vec<&TableState> = tables.iter().collect();
+        tables.sort_by_key(|t| t.lock_relid != t.relid || t.parent_relid.is_some());
+        let relids = tables.iter().map(|t| t.relid).collect();
+        let names = tables.iter().map(|t| t.table.to_string()).collect();
+        Self {
+            tables,
+            relids,
+            names,
+        }
+    }
+
+    /// The table a reading numbered `i`.
+    fn table(&self, i: i64) -> &QualifiedTable {
+        &self.tables[(i - 1) as usize].table
+    }
+}
+
+/// The `(i, oid)` pairs of a reading on the source, from `$1` (the OIDs).
+const SOURCE_TABLES: &str = "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALITY u(rel, i)";
+
+/// The `(i, oid)` pairs of a reading on the target, from `$1` (the names).
+const TARGET_TABLES: &str = "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)";
+
+/// Runs `wanted`'s statements on the target in order; returns the changes
+/// of those it took. One it refuses (a member whose root's change reached
+/// it already, a row the drain has yet to bring up to date) is logged and
+/// left for the next check.
+async fn apply_each<C>(target: &tokio_postgres::Client, wanted: Vec<(C, String)>) -> Vec<C> {
+    let mut done = Vec::new();
+    for (change, sql) in wanted {
+        match target.batch_execute(&sql).await {
+            Ok(()) => done.push(change),
+            Err(e) => tracing::debug!(
+                statement = sql,
+                error = %crate::db::errors::report(&e),
+                "The target does not take the source's change (yet)"
+            ),
+        }
+    }
+    done
+}
+
 /// Adds on the target the values the source's enum types gained, each in
 /// its place (`statements`, as the failed batch's diagnosis made them);
 /// nothing needs copying: the rows that use them were refused, not applied.
