@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use crate::control::state::TableState;
 use crate::db::ident::{Ident, QualifiedTable};
 use crate::db::Migration;
-use crate::drain::SyncError;
 
 /// What one side says of a column: NOT NULL, and its default.
 type Attributes = (bool, Option<String>);
@@ -31,33 +30,19 @@ pub struct Altered {
     pub action: String,
 }
 
-/// Every column's NOT NULL and default, of each table given (by its index
-/// in the list), names in expressions qualified. `tables_sql` yields
-/// `(i, oid)` pairs from `$1`.
-async fn read(
-    conn: &mut tokio_postgres::Client,
-    tables_sql: &str,
-    param: &(dyn tokio_postgres::types::ToSql + Sync),
-) -> Result<BTreeMap<(i64, String), Attributes>, tokio_postgres::Error> {
-    let tx = conn.transaction().await?;
-    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT x.i, a.attname::text, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
-                   FROM ({tables_sql}) x(i, rel)
-                   JOIN pg_attribute a ON a.attrelid = x.rel
-                   LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = '' AND a.attgenerated = ''"
-            ),
-            &[param],
-        )
-        .await?;
-    tx.commit().await?;
-    Ok(rows
-        .iter()
+/// Every column's NOT NULL and default, by table (its number in the
+/// reading) and column (see [`super::read_both`]).
+const READ: &str = "SELECT x.i, a.attname::text, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+                      FROM ({tables}) x(i, rel)
+                      JOIN pg_attribute a ON a.attrelid = x.rel
+                      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                     WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = '' AND a.attgenerated = ''";
+
+/// The rows of [`READ`], keyed.
+fn keyed(rows: &[tokio_postgres::Row]) -> BTreeMap<(i64, String), Attributes> {
+    rows.iter()
         .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
-        .collect())
+        .collect()
 }
 
 /// Whether some column of `tables` has another default or NOT NULL on the
@@ -80,14 +65,9 @@ async fn plan(
     m: &Migration,
     tables: &[TableState],
 ) -> Result<(deadpool_postgres::Object, Vec<(Altered, String)>), crate::Error> {
-    let tables = super::RootsFirst::of(tables);
-    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
-        .await
-        .map_err(SyncError::Catalog)?;
-    let mut target = m.target_conn().await?;
-    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
-        .await
-        .map_err(target_err)?;
+    let read = super::read_both(m, tables, READ, "reading the target's columns").await?;
+    let (tables, target) = (read.tables, read.target);
+    let (ours, theirs) = (keyed(&read.ours), keyed(&read.theirs));
     let mut wanted = Vec::new();
     let mut want = |i: i64, column: &String, action: String| {
         let table = tables.table(i).clone();
@@ -125,11 +105,4 @@ async fn plan(
         }
     }
     Ok((target, wanted))
-}
-
-fn target_err(source: tokio_postgres::Error) -> SyncError {
-    SyncError::Follow {
-        what: "reading the target's columns",
-        source,
-    }
 }

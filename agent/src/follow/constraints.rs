@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use crate::control::state::TableState;
 use crate::db::ident::{Ident, QualifiedTable};
 use crate::db::Migration;
-use crate::drain::SyncError;
 
 /// What one side has on a table, by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,37 +42,23 @@ pub struct Constrained {
     pub action: String,
 }
 
-/// Every index and CHECK constraint of each table given (by its index in
-/// the list), names in expressions qualified. `tables_sql` yields `(i,
-/// oid)` pairs from `$1`.
-async fn read(
-    conn: &mut tokio_postgres::Client,
-    tables_sql: &str,
-    param: &(dyn tokio_postgres::types::ToSql + Sync),
-) -> Result<BTreeMap<(i64, String), Object>, tokio_postgres::Error> {
-    let tx = conn.transaction().await?;
-    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT x.i, ic.relname::text, con.conname::text, NULL::text,
-                        ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
-                   FROM ({tables_sql}) x(i, rel)
-                   JOIN pg_index ix ON ix.indrelid = x.rel
-                   JOIN pg_class ic ON ic.oid = ix.indexrelid
-                   LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
-                 UNION ALL
-                 SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated
-                   FROM ({tables_sql}) x(i, rel)
-                   JOIN pg_constraint con ON con.conrelid = x.rel
-                  WHERE con.contype = 'c' AND con.conislocal"
-            ),
-            &[param],
-        )
-        .await?;
-    tx.commit().await?;
-    Ok(rows
-        .iter()
+/// Every index and CHECK constraint, by table (its number in the reading)
+/// and name (see [`super::read_both`]).
+const READ: &str = "SELECT x.i, ic.relname::text, con.conname::text, NULL::text,
+                           ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
+                      FROM ({tables}) x(i, rel)
+                      JOIN pg_index ix ON ix.indrelid = x.rel
+                      JOIN pg_class ic ON ic.oid = ix.indexrelid
+                      LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
+                    UNION ALL
+                    SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated
+                      FROM ({tables}) x(i, rel)
+                      JOIN pg_constraint con ON con.conrelid = x.rel
+                     WHERE con.contype = 'c' AND con.conislocal";
+
+/// The rows of [`READ`], keyed.
+fn keyed(rows: &[tokio_postgres::Row]) -> BTreeMap<(i64, String), Object> {
+    rows.iter()
         .map(|r| {
             let object = match r.get::<_, Option<String>>(3) {
                 Some(definition) => Object::Check(definition, r.get(4)),
@@ -81,7 +66,7 @@ async fn read(
             };
             ((r.get(0), r.get(1)), object)
         })
-        .collect())
+        .collect()
 }
 
 /// The statements that make the target's indexes and CHECK constraints of
@@ -91,17 +76,9 @@ async fn plan(
     m: &Migration,
     tables: &[TableState],
 ) -> Result<(deadpool_postgres::Object, Vec<(Constrained, String)>), crate::Error> {
-    let tables = super::RootsFirst::of(tables);
-    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
-        .await
-        .map_err(SyncError::Catalog)?;
-    let mut target = m.target_conn().await?;
-    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
-        .await
-        .map_err(|source| SyncError::Follow {
-            what: "reading the target's indexes and constraints",
-            source,
-        })?;
+    let read = super::read_both(m, tables, READ, "reading the target's indexes and constraints").await?;
+    let (tables, target) = (read.tables, read.target);
+    let (ours, theirs) = (keyed(&read.ours), keyed(&read.theirs));
     let mut wanted = Vec::new();
     let mut want = |i: i64, action: String, sql: &dyn Fn(&QualifiedTable) -> String| {
         let table = tables.table(i).clone();

@@ -19,33 +19,21 @@ use crate::db::ident::{Ident, QualifiedTable};
 use crate::db::Migration;
 use crate::drain::SyncError;
 
-/// Every generated column defined by each table given (by its index in the
-/// list): its type and expression, names qualified. `tables_sql` yields
-/// `(i, oid)` pairs from `$1`.
-async fn read(
-    conn: &mut tokio_postgres::Client,
-    tables_sql: &str,
-    param: &(dyn tokio_postgres::types::ToSql + Sync),
-) -> Result<BTreeMap<(i64, String), (String, String)>, tokio_postgres::Error> {
-    let tx = conn.transaction().await?;
-    tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT x.i, a.attname::text, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
-                   FROM ({tables_sql}) x(i, rel)
-                   JOIN pg_attribute a ON a.attrelid = x.rel
-                   JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                  WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = 's' AND a.attislocal"
-            ),
-            &[param],
-        )
-        .await?;
-    tx.commit().await?;
-    Ok(rows
-        .iter()
+/// Every generated column a table defines itself, by table (its number
+/// in the reading) and column: its type and expression (see
+/// [`super::read_both`]).
+const READ: &str =
+    "SELECT x.i, a.attname::text, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid)
+                      FROM ({tables}) x(i, rel)
+                      JOIN pg_attribute a ON a.attrelid = x.rel
+                      JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                     WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = 's' AND a.attislocal";
+
+/// The rows of [`READ`], keyed.
+fn keyed(rows: &[tokio_postgres::Row]) -> BTreeMap<(i64, String), (String, String)> {
+    rows.iter()
         .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
-        .collect())
+        .collect()
 }
 
 /// The statements that make the target's generated columns of `tables`
@@ -55,17 +43,9 @@ async fn plan(
     m: &Migration,
     tables: &[TableState],
 ) -> Result<(deadpool_postgres::Object, Vec<(Altered, String)>), crate::Error> {
-    let tables = super::RootsFirst::of(tables);
-    let ours = read(&mut *m.source_conn().await?, super::SOURCE_TABLES, &tables.relids)
-        .await
-        .map_err(SyncError::Catalog)?;
-    let mut target = m.target_conn().await?;
-    let theirs = read(&mut target, super::TARGET_TABLES, &tables.names)
-        .await
-        .map_err(|source| SyncError::Follow {
-            what: "reading the target's generated columns",
-            source,
-        })?;
+    let read = super::read_both(m, tables, READ, "reading the target's generated columns").await?;
+    let (tables, target) = (read.tables, read.target);
+    let (ours, theirs) = (keyed(&read.ours), keyed(&read.theirs));
     let mut wanted = Vec::new();
     for ((i, column), generated) in &theirs {
         if ours.get(&(*i, column.clone())) != Some(generated) {

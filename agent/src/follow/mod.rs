@@ -570,6 +570,60 @@ const SOURCE_TABLES: &str = "SELECT i, rel FROM unnest($1::oid[]) WITH ORDINALIT
 /// The `(i, oid)` pairs of a reading on the target, from `$1` (the names).
 const TARGET_TABLES: &str = "SELECT i, to_regclass(name) FROM unnest($1::text[]) WITH ORDINALITY u(name, i)";
 
+/// What [`read_both`] read.
+struct BothSides<'a> {
+    tables: RootsFirst<'a>,
+    ours: Vec<tokio_postgres::Row>,
+    theirs: Vec<tokio_postgres::Row>,
+    /// The target session read on, to make the changes with.
+    target: deadpool_postgres::Object,
+}
+
+/// Reads `query` for `tables` on both sides: a catalog query over `x(i,
+/// rel)`, which `{tables}` in it stands for (the tables roots first,
+/// numbered from 1), run with names in expressions qualified. `what` names
+/// the target's reading in its error.
+async fn read_both<'a>(
+    m: &Migration,
+    tables: &'a [TableState],
+    query: &str,
+    what: &'static str,
+) -> Result<BothSides<'a>, crate::Error> {
+    async fn read(
+        conn: &mut tokio_postgres::Client,
+        sql: &str,
+        param: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let tx = conn.transaction().await?;
+        tx.batch_execute("SET LOCAL search_path = pg_catalog").await?;
+        let rows = tx.query(sql, &[param]).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+    let tables = RootsFirst::of(tables);
+    let ours = read(
+        &mut *m.source_conn().await?,
+        &query.replace("{tables}", SOURCE_TABLES),
+        &tables.relids,
+    )
+    .await
+    .map_err(SyncError::Catalog)?;
+    let mut target = m.target_conn().await?;
+    let theirs = read(
+        &mut target,
+        &query.replace("{tables}", TARGET_TABLES),
+        &tables.names,
+    )
+    .await
+    .map_err(|source| SyncError::Follow { what, source })?;
+    Ok(BothSides {
+        tables,
+        ours,
+        theirs,
+        target,
+    })
+}
+
 /// Runs `wanted`'s statements on the target in order; returns the changes
 /// of those it took. One it refuses (a member whose root's change reached
 /// it already, a row the drain has yet to bring up to date) is logged and

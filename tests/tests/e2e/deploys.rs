@@ -728,3 +728,58 @@ async fn a_partitioned_table_gains_a_column_and_a_check_during_sync() {
     writers.stop().await;
     assert_same_then_clean_up(&env).await;
 }
+
+/// A partitioned table's integer key made bigint without `release-keys`
+/// (partitions have no key column trigger, so PostgreSQL takes it): sync
+/// widens each partition's delta column, then the target's, and keys past
+/// the integer's range written afterwards arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_key_widened_without_release_keys_is_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE visits (id integer NOT NULL, site text NOT NULL, PRIMARY KEY (id, site)) PARTITION BY LIST (site);
+         CREATE TABLE visits_a PARTITION OF visits FOR VALUES IN ('a');
+         CREATE TABLE visits_b PARTITION OF visits FOR VALUES IN ('b');
+         INSERT INTO visits SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END FROM generate_series(1, 400) g;",
+    )
+    .await
+    .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    app.batch_execute("UPDATE visits SET id = id + 1000 WHERE id = 1")
+        .await
+        .expect("a write before the deploy");
+    let service = start_service(&env).await;
+    app.batch_execute("ALTER TABLE visits ALTER COLUMN id TYPE bigint; INSERT INTO visits VALUES (500, 'a')")
+        .await
+        .expect("the deploy");
+    target_holds(
+        &env,
+        "the key widened on the target",
+        "SELECT format_type(atttypid, atttypmod) = 'bigint' FROM pg_attribute
+          WHERE attrelid = 'visits_a'::regclass AND attname = 'id'",
+    )
+    .await;
+    app.batch_execute(
+        "INSERT INTO visits VALUES (5000000000, 'a'), (5000000001, 'b');
+         UPDATE visits SET id = 6000000000 WHERE id = 2;",
+    )
+    .await
+    .expect("keys past the integer's range");
+    target_holds(
+        &env,
+        "the keys past the integer's range on the target",
+        "SELECT count(*) = 3 FROM visits WHERE id >= 5000000000",
+    )
+    .await;
+    let (_, log) = stop_service(&env, service).await;
+    assert!(
+        log.contains("The delta table's key column widened as the source's key"),
+        "{log}"
+    );
+    env.ok(&["cutover"]).await;
+    assert_same_then_clean_up(&env).await;
+}
