@@ -91,10 +91,10 @@ pub(super) async fn verify_ahead(
 /// Units of at most this many pages (by the source catalog's last count,
 /// all their tables together) are verified ahead of the fence several at a
 /// time: each takes milliseconds.
-const SMALL_UNIT_PAGES: i64 = 128;
+pub(super) const SMALL_UNIT_PAGES: i64 = 128;
 
 /// Each unit's pages, by the source catalog's last count, in one statement.
-async fn unit_pages(
+pub(super) async fn unit_pages(
     client: &tokio_postgres::Client,
     units: &[Vec<TableState>],
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
@@ -179,7 +179,9 @@ pub(super) async fn settle_ledgers(
     let mut rows = 0;
     let mut backoff = drain::Backoff::default();
     for _ in 0..SETTLE_ROUNDS {
-        let mut busy = ledger_keys(m, tables).await?;
+        let mut busy = ledger_keys(&**m.source_conn().await?, tables)
+            .await
+            .map_err(CutoverError::Source)?;
         busy.retain(|(_, keys)| *keys > m.cfg.cutover.max_keys_under_fence);
         if busy.is_empty() {
             break;
@@ -273,11 +275,10 @@ fn equal_ahead(verdicts: Vec<crate::verify::TableVerdict>) -> Result<(), Cutover
 /// The units (see [`crate::verify::ahead_units`]) whose every table has its ledger,
 /// each with the keys its ledgers hold.
 pub(super) async fn ledger_keys(
-    m: &Migration,
+    conn: &tokio_postgres::Client,
     tables: &[TableState],
-) -> Result<Vec<(Vec<TableState>, i64)>, crate::Error> {
-    let conn = m.source_conn().await?;
-    let ledgers = state::ledgers(&**conn).await.map_err(CutoverError::Source)?;
+) -> Result<Vec<(Vec<TableState>, i64)>, tokio_postgres::Error> {
+    let ledgers = state::ledgers(conn).await?;
     let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
         .into_iter()
         .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
@@ -296,10 +297,7 @@ pub(super) async fn ledger_keys(
                 format!("SELECT {i}, {}", counts.join(" + "))
             })
             .collect();
-        let rows = conn
-            .query(&arms.join(" UNION ALL "), &[])
-            .await
-            .map_err(CutoverError::Source)?;
+        let rows = conn.query(&arms.join(" UNION ALL "), &[]).await?;
         for r in rows {
             let (i, keys): (i32, i64) = (r.get(0), r.get(1));
             out.push((chunk[i as usize].clone(), keys));

@@ -113,25 +113,8 @@ pub(crate) async fn verify_batch(
     crate::failpoint::hit("sync.verified_ahead").await;
     let equal = verdicts.iter().all(|v| v.equal);
     for (t, seen) in unit.iter().zip(&seens) {
-        let ledger = t.ledger_table();
-        let sql = if equal && by_ledger {
-            // Nothing else writes the ledger while the batch lock is held.
-            format!("DELETE FROM {ledger}")
-        } else {
-            let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
-            if equal {
-                // Unique, so that a key changed in batch after batch (a hot
-                // row) is there once.
-                let keys = t.delta_key_list();
-                sql += &format!(
-                    "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
-                     CREATE UNIQUE INDEX ON {ledger} ({keys});",
-                    t.delta_table()
-                );
-            }
-            sql
-        };
-        stx.batch_execute(&sql)
+        // Nothing else writes the ledger while the batch lock is held.
+        stx.batch_execute(&ledger_after(t, equal, by_ledger))
             .await
             .map_err(|e| batch_err(t, Side::Source, e))?;
         consume(&stx, t, None, seen, false, false)
@@ -152,6 +135,28 @@ pub(crate) async fn verify_batch(
     }
     total.verified = Some(verdicts);
     Ok(total)
+}
+
+/// What a verification ahead leaves of `t`'s ledger, as statements: equal
+/// by its ledger, the ledger emptied; equal in full, a new empty one;
+/// different, none (the table is compared in full again).
+pub(crate) fn ledger_after(t: &TableState, equal: bool, by_ledger: bool) -> String {
+    let ledger = t.ledger_table();
+    if equal && by_ledger {
+        return format!("DELETE FROM {ledger}");
+    }
+    let mut sql = format!("DROP TABLE IF EXISTS {ledger};");
+    if equal {
+        // Unique, so that a key changed in batch after batch (a hot row)
+        // is there once.
+        let keys = t.delta_key_list();
+        sql += &format!(
+            "CREATE TABLE {ledger} AS SELECT {keys} FROM {} WITH NO DATA;
+             CREATE UNIQUE INDEX ON {ledger} ({keys});",
+            t.delta_table()
+        );
+    }
+    sql
 }
 
 /// A ledger bigger than this is dropped: its table is compared in full

@@ -479,23 +479,43 @@ pub(crate) async fn consume(
     keep_ledger: bool,
     rewritten: bool,
 ) -> Result<(), tokio_postgres::Error> {
+    forget_deltas(stx, t, &part_filter(t, part), keep_ledger, rewritten).await?;
+    if seen.truncated {
+        stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes, in `tx`'s snapshot, the deltas of `t` that `filter` keeps (a
+/// WHERE clause, or nothing): with `keep_ledger`, their keys move to `t`'s
+/// ledger, once each, and a ledger grown past [`LEDGER_MAX_BYTES`] is
+/// dropped; a table `rewritten` whole loses its ledger instead. What a
+/// forward batch and a pass of the way back do once the other side holds
+/// what the deltas named.
+pub(crate) async fn forget_deltas(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &TableState,
+    filter: &str,
+    keep_ledger: bool,
+    rewritten: bool,
+) -> Result<(), tokio_postgres::Error> {
     let (delta, ledger) = (t.delta_table(), t.ledger_table());
-    let mine = part_filter(t, part);
     if keep_ledger && rewritten {
-        stx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
+        tx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
     }
     if keep_ledger && !rewritten {
         let keys = t.delta_key_list();
-        stx.execute(
+        tx.execute(
             &format!(
-                "WITH gone AS (DELETE FROM {delta} {mine} RETURNING {keys})
+                "WITH gone AS (DELETE FROM {delta} {filter} RETURNING {keys})
                  INSERT INTO {ledger} ({keys}) SELECT DISTINCT {keys} FROM gone ON CONFLICT DO NOTHING"
             ),
             &[],
         )
         .await?;
         // Past this size, comparing the table in full costs less.
-        let size: i64 = stx
+        let size: i64 = tx
             .query_one(
                 "SELECT pg_relation_size($1::text::regclass)",
                 &[&ledger.to_string()],
@@ -503,14 +523,10 @@ pub(crate) async fn consume(
             .await?
             .get(0);
         if size > LEDGER_MAX_BYTES {
-            stx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
+            tx.execute(&format!("DROP TABLE {ledger}"), &[]).await?;
         }
     } else {
-        stx.execute(&format!("DELETE FROM {delta} {mine}"), &[]).await?;
-    }
-    if seen.truncated {
-        stx.execute("DELETE FROM pgferry.truncates WHERE table_id = $1", &[&t.id])
-            .await?;
+        tx.execute(&format!("DELETE FROM {delta} {filter}"), &[]).await?;
     }
     Ok(())
 }

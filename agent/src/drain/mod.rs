@@ -38,7 +38,9 @@ mod pending;
 mod pressure;
 pub mod types;
 
+pub(crate) use ahead::ledger_after;
 pub use ahead::{verify_ahead, Ahead};
+pub(crate) use batch::forget_deltas;
 pub use pass::{check_drift, drain_pass};
 pub use pending::backlog;
 pub(crate) use pressure::Backoff;

@@ -19,7 +19,9 @@ use crate::control::state::{self, TableState};
 use crate::db::endpoint::Side;
 use crate::db::ident::{column_list, Ident, QualifiedTable};
 use crate::db::Migration;
+use crate::drain::Ahead;
 use crate::rows::Pumped;
+use crate::verify::TableVerdict;
 
 /// Advisory-lock class held on the target by the one pass applying at a
 /// time (`pgfb`): two passes in different snapshots could commit in the
@@ -30,13 +32,36 @@ const PASS_LOCK_CLASS: i32 = 0x7067_6662;
 /// source. Returns the keys applied (0 when nothing was pending), or None
 /// when another agent's pass holds the lock: what it applies is not
 /// applied yet.
+pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
+    Ok(checking_pass(m, None).await?.map(|(keys, _)| keys))
+}
+
+/// What a pass compares once it applied (`cutover.verify = "changed"`,
+/// docs/design.md, "Fallback"): these units (see
+/// [`crate::verify::ahead_units`]) of the target's tables, in full or by
+/// their ledgers.
+pub struct Check<'a> {
+    /// The units compared, each with its own verdict on its ledgers.
+    pub units: &'a [Vec<TableState>],
+    /// In full (the units get their ledgers) or by their ledgers (emptied).
+    pub ahead: Ahead,
+}
+
+/// [`pass`], and with `check`, the comparison of those units in the
+/// pass's snapshot S once the old source committed: nothing else writes
+/// the old source, and the pass lock keeps every other pass out, so it
+/// then holds the target as of S. Returns the keys applied and the
+/// verdicts of the tables compared.
 ///
 /// The lock is a session lock taken before the pass's transaction, so that
 /// its snapshot is taken after any other pass committed: a snapshot taken
 /// before another pass committed and released could be older than that
 /// pass's, and put its older rows back over the newer ones. On failure the
 /// session is discarded, which releases the lock.
-pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
+pub async fn checking_pass(
+    m: &Migration,
+    check: Option<&Check<'_>>,
+) -> Result<Option<(u64, Vec<TableVerdict>)>, crate::Error> {
     let back = m.reversed();
     let mut newdb = back.source_conn().await?;
     let locked: bool = newdb
@@ -51,18 +76,18 @@ pub async fn pass(m: &Migration) -> Result<Option<u64>, crate::Error> {
         // `finish` or a switchback may have taken the way back off the
         // target while this pass waited for its turn.
         if !super::under_way_on(&**newdb).await? {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
-        pass_locked(m, &mut newdb).await
+        pass_locked(m, &mut newdb, check).await
     }
     .await;
     match applied {
-        Ok(keys) => {
+        Ok(done) => {
             newdb
                 .execute("SELECT pg_advisory_unlock($1, 0)", &[&PASS_LOCK_CLASS])
                 .await
                 .map_err(query_err("releasing the pass lock", Side::Target))?;
-            Ok(Some(keys))
+            Ok(Some(done))
         }
         Err(e) => {
             let _ = deadpool_postgres::Object::take(newdb);
@@ -143,13 +168,17 @@ where
     }
 }
 
-/// [`pass`] with its lock held on `newdb`, the target's session.
-async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Result<u64, crate::Error> {
+/// [`checking_pass`] with its lock held on `newdb`, the target's session.
+async fn pass_locked(
+    m: &Migration,
+    newdb: &mut deadpool_postgres::Object,
+    check: Option<&Check<'_>>,
+) -> Result<(u64, Vec<TableVerdict>), crate::Error> {
     let tables = state::tables(&***newdb).await?;
     let tgt = |what: &str| query_err(what, Side::Target);
     let keyed: Vec<&TableState> = tables.iter().filter(|t| !t.copy_only).collect();
     if keyed.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let ttx = newdb
         .build_transaction()
@@ -200,13 +229,70 @@ async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Re
         .await
         .map_err(tgt("reading the pass's time"))?
         .get(0);
-    if pending.is_empty() {
+    if pending.is_empty() && check.is_none() {
         ttx.commit().await.map_err(tgt("ending a pass"))?;
         record_pass(newdb, at).await?;
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
-
+    let ledgers = state::ledgers(&*ttx).await.map_err(tgt("listing the ledgers"))?;
     let mut old = m.source_conn().await?;
+    let keys = if pending.is_empty() {
+        0
+    } else {
+        apply(&ttx, &mut old, &pending, &truncated).await?
+    };
+    crate::failpoint::hit("fallback.after_source_commit").await;
+    // The old source now holds the target as of S.
+    let mut verdicts = Vec::new();
+    let mut checked = Vec::new();
+    for unit in check.map_or(&[][..], |c| c.units) {
+        let rewritten = unit.iter().any(|t| truncated.contains(&t.id));
+        let by_ledger = check.is_some_and(|c| c.ahead == Ahead::Ledger)
+            && !rewritten
+            && unit.iter().all(|t| ledgers.contains(&t.id));
+        let mut found = Vec::new();
+        if by_ledger {
+            found.push(crate::verify::compare_changed_on(&*ttx, &mut old, unit, !unit[0].partitioned).await?);
+        }
+        for t in unit.iter().filter(|t| !t.partitioned && !by_ledger) {
+            let subject = crate::verify::Subject::of(t);
+            found.push(crate::verify::compare_on(&*ttx, &**old, &subject, crate::verify::Rows::All).await?);
+        }
+        let equal = found.iter().all(|v| v.equal);
+        for t in unit {
+            ttx.batch_execute(&crate::drain::ledger_after(t, equal, by_ledger))
+                .await
+                .map_err(tgt("keeping a ledger"))?;
+            checked.push(t.id);
+        }
+        verdicts.extend(found);
+    }
+    crate::failpoint::hit("fallback.verified").await;
+    for t in &pending {
+        // The keys of a table verified in S are not changes since.
+        let keep_ledger = ledgers.contains(&t.id) && !checked.contains(&t.id);
+        crate::drain::forget_deltas(&ttx, t, "", keep_ledger, truncated.contains(&t.id))
+            .await
+            .map_err(tgt("forgetting the applied deltas"))?;
+    }
+    ttx.execute("DELETE FROM pgferry.truncates", &[])
+        .await
+        .map_err(tgt("forgetting the applied truncations"))?;
+    ttx.commit().await.map_err(tgt("committing a pass"))?;
+    record_pass(newdb, at).await?;
+    tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
+    Ok((keys, verdicts))
+}
+
+/// Writes `pending`'s changed rows as the target's snapshot `ttx` holds
+/// them into the old source, in one transaction of `old`'s that passes
+/// its fence, committed. Returns the keys applied.
+async fn apply(
+    ttx: &tokio_postgres::Transaction<'_>,
+    old: &mut deadpool_postgres::Object,
+    pending: &[&TableState],
+    truncated: &[i32],
+) -> Result<u64, crate::Error> {
     let src = |what: &str| query_err(what, Side::Source);
     let stx = old.transaction().await.map_err(src("starting a pass"))?;
     stx.execute(
@@ -225,7 +311,7 @@ async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Re
     for (i, t) in pending.iter().enumerate() {
         let whole = truncated.contains(&t.id);
         keys += crate::rows::stage_keys(
-            &*ttx,
+            ttx,
             &stx,
             &format!("pgferry_k_{i}"),
             &t.table,
@@ -252,11 +338,11 @@ async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Re
             )
         };
         let unlimited = crate::db::throttle::Throttle::unlimited();
-        crate::rows::copy_rows(&ttx, &stx, t, &format!("pgferry_r_{i}"), &filter, &unlimited)
+        crate::rows::copy_rows(ttx, &stx, t, &format!("pgferry_r_{i}"), &filter, &unlimited)
             .await
             .map_err(pumped("staging the rows"))?;
     }
-    let order = parents_first(&stx, &pending)
+    let order = parents_first(&stx, pending)
         .await
         .map_err(src("reading the foreign keys"))?;
     for &i in &order {
@@ -271,18 +357,6 @@ async fn pass_locked(m: &Migration, newdb: &mut deadpool_postgres::Object) -> Re
     }
     crate::failpoint::hit("fallback.before_source_commit").await;
     stx.commit().await.map_err(src("committing a pass"))?;
-    crate::failpoint::hit("fallback.after_source_commit").await;
-    for t in &pending {
-        ttx.execute(&format!("DELETE FROM {}", t.delta_table()), &[])
-            .await
-            .map_err(tgt("forgetting the applied deltas"))?;
-    }
-    ttx.execute("DELETE FROM pgferry.truncates", &[])
-        .await
-        .map_err(tgt("forgetting the applied truncations"))?;
-    ttx.commit().await.map_err(tgt("committing a pass"))?;
-    record_pass(newdb, at).await?;
-    tracing::debug!(tables = pending.len(), keys, "Applied to the old source");
     Ok(keys)
 }
 

@@ -10,6 +10,11 @@ use crate::{seeded, synced_with, OPS};
 
 const FALLBACK: &str = "[sync]\npoll_interval_ms = 50\n[cutover]\nfallback = true\n";
 
+/// Lets a session of the old source's write past its fence, as pgferry's
+/// passes of the way back do (and uncaptured, as theirs).
+const PAST_THE_FENCE: &str =
+    "SELECT set_config('pgferry.apply', (SELECT apply_pass FROM pgferry.run), false);";
+
 /// The application's triggers on the old source, with their modes.
 async fn source_triggers(env: &Env) -> Vec<(String, String)> {
     env.source_as(APP)
@@ -399,6 +404,10 @@ async fn cut_over_switch_back_and_cut_over_again() {
 async fn a_switchback_killed_at_any_step_ends_equal_when_run_again() {
     let env = synced_with(FALLBACK).await;
     for (n, point) in [
+        // A pass verifying ahead of the fence, its comparisons made on the
+        // old source it committed, the target's side not committed yet.
+        "fallback.verified",
+        "switchback.before_fence",
         "switchback.after_fence",
         "switchback.after_final_drain",
         "switchback.after_verify",
@@ -464,6 +473,94 @@ async fn a_switchback_called_off_reopens_the_target() {
     // keeps the target fenced until it has).
     drop(target);
     env.ok(&["switchback"]).await;
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// `cutover.verify = "changed"` (the default) on the way back: the
+/// switchback compares every table in full ahead of the target's fence,
+/// in the snapshot of a pass, while the application writes; with the fence
+/// up only the rows whose keys changed since. A difference ahead ends it
+/// before the fence (exit 1, the key named as the old source lacks it);
+/// one in a row changed since is found under the fence, which is lifted
+/// again. The target's ledgers outlive both aborts, and go with the way
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchback_verifies_ahead_of_the_target_fence_and_only_changed_rows_under_it() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    // The old source lost a row (past its fence as pgferry's passes go).
+    env.source_superuser(&format!(
+        "{PAST_THE_FENCE} DELETE FROM ledger WHERE account_id = 8 AND seq = 2"
+    ))
+    .await;
+    let err = env.fails(&["switchback"], 1).await;
+    assert!(err.contains("the target's fence was never raised"), "{err}");
+    assert!(err.contains("(8,2) missing on the old source"), "{err}");
+    on_target(
+        &env,
+        "UPDATE ledger SET note = 'again' WHERE account_id = 8 AND seq = 2",
+    )
+    .await;
+    assert_fenced(
+        &env.source_as(APP).await,
+        "UPDATE accounts SET name = 'x' WHERE id = 5",
+        "the old source after a switchback stopped ahead of the fence",
+    )
+    .await;
+
+    // Every table verified ahead, then the agent stops before the fence; a
+    // key changes on the target three times, reaches the old source, and
+    // its row there goes wrong.
+    env.kill_at(&["switchback"], "switchback.before_fence").await;
+    on_target(
+        &env,
+        &"UPDATE accounts SET balance = balance + 1 WHERE id = 7;".repeat(3),
+    )
+    .await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    let ledger: String = env
+        .target_client()
+        .await
+        .query_one(
+            "SELECT format('pgferry.v_%s', id) FROM pgferry.tables WHERE table_name = 'accounts'",
+            &[],
+        )
+        .await
+        .expect("accounts on the target")
+        .get(0);
+    let keys: i64 = env
+        .target_client()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {ledger}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{ledger} on the target: {e}"))
+        .get(0);
+    assert_eq!(keys, 1, "the changed key, once");
+    env.source_superuser(&format!(
+        "{PAST_THE_FENCE} UPDATE accounts SET name = 'tampered' WHERE id = 7"
+    ))
+    .await;
+    let err = env.fails(&["switchback"], 1).await;
+    assert!(err.contains("(7) differs"), "{err}");
+    assert!(!err.contains("never raised"), "found under the fence: {err}");
+    on_target(&env, "UPDATE accounts SET balance = balance + 1 WHERE id = 7").await;
+
+    let out = env.run(&["switchback", "--json"]).await;
+    assert_succeeded(&out, "switchback");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("switchback JSON");
+    assert_eq!(report["verify_scope"], "changed", "{report}");
+    assert_eq!(
+        report["verified_ahead"], 0,
+        "the ledgers outlived the aborts: {report}"
+    );
+    assert_eq!(report["tables_verified"], 7, "{report}");
+    assert_eq!(report["tables_verified_by_changes"], 7, "{report}");
+    assert_eq!(
+        report["rows_verified"], 1,
+        "only accounts' row 7 changed since: {report}"
+    );
     assert_same_data(&env).await;
     env.ok(&["cleanup"]).await;
     assert_no_leftovers(&env).await;

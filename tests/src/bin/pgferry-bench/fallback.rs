@@ -20,12 +20,24 @@ use crate::{connect, connect_as, percentile};
 
 /// Runs the fallback benchmark and prints its JSON.
 pub async fn run(v: &[String]) {
-    let f = crate::flags(v, &["--scale", "--clients", "--rate", "--secs", "--poll-ms"]);
+    let f = crate::flags(
+        v,
+        &[
+            "--scale",
+            "--clients",
+            "--rate",
+            "--secs",
+            "--poll-ms",
+            "--verify",
+        ],
+    );
     let scale: u32 = crate::num(&f, "--scale", 10);
     let clients: u32 = crate::num(&f, "--clients", 4);
     let rate: u32 = crate::num(&f, "--rate", 500);
     let secs: u64 = crate::num(&f, "--secs", 60);
     let poll_ms: u64 = crate::num(&f, "--poll-ms", 50);
+    // `changed` (the default) or `full`: the switchback's comparison.
+    let verify = f.get("--verify").cloned().unwrap_or_else(|| "changed".into());
     let pgferry = crate::copy::pgferry_binary();
 
     let (source, target) = crate::clusters("bench-fallback").await;
@@ -38,7 +50,8 @@ pub async fn run(v: &[String]) {
     let agent = |args: &[&str]| {
         let mut c = crate::pgferry_command(&pgferry, &source, &target, args);
         c.env("PGFERRY_SYNC__POLL_INTERVAL_MS", poll_ms.to_string())
-            .env("PGFERRY_CUTOVER__FALLBACK", "true");
+            .env("PGFERRY_CUTOVER__FALLBACK", "true")
+            .env("PGFERRY_CUTOVER__VERIFY", &verify);
         c
     };
     let mut cutover = serde_json::Value::Null;
@@ -163,6 +176,7 @@ pub async fn run(v: &[String]) {
     let report = json!({
         "benchmark": "the way back: pgbench on the new database at a fixed rate, applied to the old source (heartbeat every 100 ms sampled every 100 ms), then a switchback under that load",
         "scale": scale, "clients": clients, "rate_tps": rate, "secs": secs, "poll_interval_ms": poll_ms,
+        "verify": verify,
         "achieved_tps": achieved,
         "reverse_lag_secs": {
             "samples": steady.len(),
@@ -173,6 +187,9 @@ pub async fn run(v: &[String]) {
             "writes_blocked_ms": switchback["writes_blocked_ms"],
             "final_drain_keys": switchback["final_drain_keys"],
             "rows_verified": switchback["rows_verified"],
+            "verified_ahead": switchback["verified_ahead"],
+            "verify_ahead_ms": switchback["verify_ahead_ms"],
+            "changed_rows_verified_ahead": switchback["changed_rows_verified_ahead"],
             "wall_secs": wall,
         },
         "forward_cutover_writes_blocked_ms": cutover["writes_blocked_ms"],

@@ -39,7 +39,7 @@ const USAGE: &str = "usage: pgferry-bench capture [--scale N] [--clients N] [--s
        pgferry-bench copy [--scale X] [--mix documents|indexes] [--rounds N] [--jobs N] [--tools a,b,...]
        pgferry-bench cutover [--scales N,N,...] [--verify full,changed] [--rate TPS] [--clients N] [--rounds N]
        pgferry-bench drain [--rows N] [--tables N] [--rounds N] [--workers N]
-       pgferry-bench fallback [--scale N] [--clients N] [--rate TPS] [--secs N] [--poll-ms N]
+       pgferry-bench fallback [--scale N] [--clients N] [--rate TPS] [--secs N] [--poll-ms N] [--verify changed|full]
        pgferry-bench follow [--scale N] [--rate TPS] [--clients N] [--quiet-secs N] [--poll-ms N]
        pgferry-bench install [--scale N] [--rate N] [--hold-secs N] [--rounds N]
        pgferry-bench lag [--scale N] [--clients N] [--rate TPS] [--secs N] [--burst-secs N] [--poll-ms N]
