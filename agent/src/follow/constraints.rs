@@ -25,10 +25,11 @@ use crate::db::Migration;
 /// What one side has on a table, by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Object {
-    /// An index, with the constraint it backs if any, and whether it is
-    /// never dropped here (a primary key's, a partition's index attached
-    /// to its parent's: it goes with that).
-    Index(Option<String>, bool),
+    /// An index, with the constraint it backs if any, whether it is never
+    /// dropped here (a primary key's, a partition's index attached to its
+    /// parent's: it goes with that), and its definition without its name
+    /// (with its constraint's): how a renamed one is known.
+    Index(Option<String>, bool, String),
     /// A CHECK constraint: its definition, and whether it is validated.
     Check(String, bool),
 }
@@ -45,13 +46,17 @@ pub struct Constrained {
 /// Every index and CHECK constraint, by table (its number in the reading)
 /// and name (see [`super::read_both`]).
 const READ: &str = "SELECT x.i, ic.relname::text, con.conname::text, NULL::text,
-                           ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid)
+                           ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid),
+                           substr(pg_get_indexdef(ix.indexrelid),
+                                  length(format('CREATE %sINDEX %I', CASE WHEN ix.indisunique THEN 'UNIQUE ' END,
+                                                ic.relname)) + 1)
+                             || coalesce(' ' || pg_get_constraintdef(con.oid), '')
                       FROM ({tables}) x(i, rel)
                       JOIN pg_index ix ON ix.indrelid = x.rel
                       JOIN pg_class ic ON ic.oid = ix.indexrelid
                       LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
                     UNION ALL
-                    SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated
+                    SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated, NULL
                       FROM ({tables}) x(i, rel)
                       JOIN pg_constraint con ON con.conrelid = x.rel
                      WHERE con.contype = 'c' AND con.conislocal";
@@ -62,7 +67,7 @@ fn keyed(rows: &[tokio_postgres::Row]) -> BTreeMap<(i64, String), Object> {
         .map(|r| {
             let object = match r.get::<_, Option<String>>(3) {
                 Some(definition) => Object::Check(definition, r.get(4)),
-                None => Object::Index(r.get(2), r.get(4)),
+                None => Object::Index(r.get(2), r.get(4), r.get(5)),
             };
             ((r.get(0), r.get(1)), object)
         })
@@ -85,6 +90,16 @@ async fn plan(
         let sql = sql(&table);
         wanted.push((Constrained { table, action }, sql));
     };
+    // The source's indexes the target lacks by name: one of the target's
+    // that only it has, of the same definition, was renamed on the source.
+    let mut renamed: Vec<(i64, &String, &String)> = ours
+        .iter()
+        .filter(|(key, _)| !theirs.contains_key(key))
+        .filter_map(|((i, name), o)| match o {
+            Object::Index(_, _, definition) => Some((*i, name, definition)),
+            Object::Check(..) => None,
+        })
+        .collect();
     for ((i, name), object) in &theirs {
         if ours
             .get(&(*i, name.clone()))
@@ -92,17 +107,32 @@ async fn plan(
         {
             continue;
         }
+        if let Object::Index(_, _, definition) = object {
+            let to = renamed.iter().position(|(j, _, d)| j == i && d == &definition);
+            if let Some(to) = to {
+                let (_, new_name, _) = renamed.remove(to);
+                // Its constraint, if it backs one, is renamed with it.
+                want(*i, format!("index {name} renamed to {new_name}"), &|table| {
+                    format!(
+                        "ALTER INDEX {} RENAME TO {}",
+                        QualifiedTable::new(table.schema.clone(), name.clone()),
+                        Ident(new_name.clone())
+                    )
+                });
+                continue;
+            }
+        }
         match object {
-            Object::Index(_, true) => {}
-            Object::Index(None, false) => want(*i, format!("index {name} dropped"), &|table| {
+            Object::Index(_, true, _) => {}
+            Object::Index(None, false, _) => want(*i, format!("index {name} dropped"), &|table| {
                 format!(
                     "DROP INDEX {}",
                     QualifiedTable::new(table.schema.clone(), name.clone())
                 )
             }),
-            Object::Index(Some(_), false) | Object::Check(..) => {
+            Object::Index(Some(_), false, _) | Object::Check(..) => {
                 let con = match object {
-                    Object::Index(Some(con), _) => con,
+                    Object::Index(Some(con), _, _) => con,
                     _ => name,
                 };
                 want(*i, format!("constraint {con} dropped"), &|table| {

@@ -635,6 +635,105 @@ async fn a_key_column_renamed_during_sync_is_followed() {
     assert_same_then_clean_up(&env).await;
 }
 
+/// Indexes renamed on the source during sync (Django's RenameIndex,
+/// Rails' rename_index), the unique index that is a table's key among
+/// them: renamed on the target in place, not dropped there (which would
+/// leave the drain without the unique index its upserts name, and the
+/// cutover an index to build again); the writes go on reaching the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_renamed_during_sync_are_renamed_on_the_target() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE tags (code text NOT NULL UNIQUE, uses integer NOT NULL DEFAULT 0);
+         CREATE INDEX tags_uses_idx ON tags (uses);
+         INSERT INTO tags SELECT 'tag ' || g, g FROM generate_series(1, 300) g;",
+    )
+    .await
+    .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let indexes =
+        "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'tags'";
+    let oids = "SELECT array_agg(indexrelid ORDER BY indexrelid)::text FROM pg_index WHERE indrelid = 'tags'::regclass";
+    let target = env.target_client().await;
+    let built: String = target
+        .query_one(oids, &[])
+        .await
+        .expect("the target's indexes")
+        .get(0);
+    app.batch_execute("UPDATE tags SET uses = uses + 1 WHERE code = 'tag 1'")
+        .await
+        .expect("a write before the deploy");
+    let service = start_service(&env).await;
+    app.batch_execute(
+        "ALTER INDEX tags_code_key RENAME TO tags_code_uniq;
+         ALTER INDEX tags_uses_idx RENAME TO tags_uses_ix;",
+    )
+    .await
+    .expect("the deploy");
+    target_holds(
+        &env,
+        "the indexes renamed on the target",
+        "SELECT count(*) = 2 FROM pg_indexes WHERE indexname IN ('tags_code_uniq', 'tags_uses_ix')",
+    )
+    .await;
+    app.batch_execute(
+        "INSERT INTO tags (code) VALUES ('new');
+         UPDATE tags SET uses = uses + 1 WHERE code = 'tag 5';
+         UPDATE tags SET code = 'retagged' WHERE code = 'tag 6';
+         DELETE FROM tags WHERE code = 'tag 7';",
+    )
+    .await
+    .expect("writes after the deploy");
+    target_holds(
+        &env,
+        "the writes after the renames on the target",
+        "SELECT EXISTS (SELECT 1 FROM tags WHERE code = 'new')
+            AND EXISTS (SELECT 1 FROM tags WHERE code = 'retagged')
+            AND NOT EXISTS (SELECT 1 FROM tags WHERE code IN ('tag 6', 'tag 7'))
+            AND (SELECT uses FROM tags WHERE code = 'tag 5') = 6",
+    )
+    .await;
+    let (report, log) = stop_service(&env, service).await;
+    assert_eq!(
+        report["schema_changes_followed"],
+        serde_json::json!([
+            "table public.tags: index tags_code_key renamed to tags_code_uniq",
+            "table public.tags: index tags_uses_idx renamed to tags_uses_ix"
+        ]),
+        "{log}"
+    );
+    let names: String = target
+        .query_one(indexes, &[])
+        .await
+        .expect("the target's indexes")
+        .get(0);
+    assert_eq!(names, "tags_code_uniq,tags_uses_ix", "{report}");
+    let kept: String = target
+        .query_one(oids, &[])
+        .await
+        .expect("the target's indexes")
+        .get(0);
+    assert_eq!(kept, built, "the same indexes, renamed, none built again");
+    let constraint: String = target
+        .query_one(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = 'tags'::regclass",
+            &[],
+        )
+        .await
+        .expect("the target's constraint")
+        .get(0);
+    assert_eq!(
+        constraint, "tags_code_uniq",
+        "the constraint renamed with its index"
+    );
+    env.ok(&["cutover"]).await;
+    assert_same_then_clean_up(&env).await;
+}
+
 /// What the metering application does: readings written to a partitioned
 /// table, and rows moved between its partitions.
 const METER_OPS: &[&str] = &[
