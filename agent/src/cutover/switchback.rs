@@ -37,6 +37,9 @@ pub struct SwitchbackReport {
     pub writes_blocked_ms: u64,
     /// Keys applied to the old source with the target fenced.
     pub final_drain_keys: u64,
+    /// `copy_only` tables (no key) copied whole to the old source with the
+    /// target fenced, with their rows.
+    pub copied_under_fence: Vec<String>,
     /// Sequences set on the old source.
     pub sequences: usize,
     /// What the verification compared with the target fenced
@@ -261,7 +264,8 @@ pub async fn abort(m: &Migration) -> Result<(), crate::Error> {
 }
 
 /// With the target fenced: writers in flight waited for, the rest applied,
-/// the sequences set, every table compared.
+/// the tables without a key copied whole, the sequences set, the tables
+/// compared.
 async fn fenced(
     m: &Migration,
     back: &Migration,
@@ -281,6 +285,7 @@ async fn fenced(
         }
     }
     crate::failpoint::hit("switchback.after_final_drain").await;
+    report.copied_under_fence = crate::fallback::apply::copy_keyless(m).await?;
     let (newdb, old) = (back.source_conn().await?, m.source_conn().await?);
     report.sequences = objects::copy_sequences(&newdb, &old)
         .await

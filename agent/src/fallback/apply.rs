@@ -295,18 +295,7 @@ async fn apply(
 ) -> Result<u64, crate::Error> {
     let src = |what: &str| query_err(what, Side::Source);
     let stx = old.transaction().await.map_err(src("starting a pass"))?;
-    stx.execute(
-        "SELECT set_config('pgferry.apply', (SELECT apply_pass FROM pgferry.run), true)",
-        &[],
-    )
-    .await
-    .map_err(src("passing the fence"))?;
-    let pumped = |what: &'static str| {
-        move |e| match e {
-            Pumped::Source(e) => query_err(what, Side::Target)(e),
-            Pumped::Target(e) => query_err(what, Side::Source)(e),
-        }
-    };
+    pass_the_fence(&stx).await?;
     let mut keys = 0;
     for (i, t) in pending.iter().enumerate() {
         let whole = truncated.contains(&t.id);
@@ -358,6 +347,87 @@ async fn apply(
     crate::failpoint::hit("fallback.before_source_commit").await;
     stx.commit().await.map_err(src("committing a pass"))?;
     Ok(keys)
+}
+
+/// Lets `stx`, a transaction of the old source's, write past its fence as
+/// the way back's passes do (and uncaptured).
+async fn pass_the_fence(stx: &tokio_postgres::Transaction<'_>) -> Result<(), crate::Error> {
+    stx.execute(
+        "SELECT set_config('pgferry.apply', (SELECT apply_pass FROM pgferry.run), true)",
+        &[],
+    )
+    .await
+    .map_err(query_err("passing the fence", Side::Source))?;
+    Ok(())
+}
+
+/// A row-moving error of the way back: its source side is the target.
+fn pumped(what: &'static str) -> impl Fn(Pumped) -> super::FallbackError {
+    move |e| match e {
+        Pumped::Source(e) => query_err(what, Side::Target)(e),
+        Pumped::Target(e) => query_err(what, Side::Source)(e),
+    }
+}
+
+/// With the target fenced, after the switchback's last pass: each
+/// `copy_only` table of the target (no key, so no delta names its rows)
+/// copied whole onto the old source, as the cutover copies it the other
+/// way, in one transaction each that passes the old source's fence:
+/// emptied there (TRUNCATE where the role may and no foreign key points at
+/// it; DELETE otherwise, which `check` made sure it may), then filled by
+/// COPY. Run again after a kill, it copies again. Returns `table (n rows)`
+/// for each.
+pub async fn copy_keyless(m: &Migration) -> Result<Vec<String>, crate::Error> {
+    let back = m.reversed();
+    let tables = state::tables(&**back.source_conn().await?).await?;
+    let mut copied = Vec::new();
+    for t in tables.iter().filter(|t| t.copy_only) {
+        let (tgt, src) = (
+            |what: &str| query_err(what, Side::Target),
+            |what: &str| query_err(what, Side::Source),
+        );
+        let mut newdb = back.source_conn().await?;
+        let ttx = newdb
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(tgt("reading a table without a key"))?;
+        let mut old = m.source_conn().await?;
+        let stx = old
+            .transaction()
+            .await
+            .map_err(src("copying a table without a key"))?;
+        pass_the_fence(&stx).await?;
+        let truncate: bool = stx
+            .query_one(
+                "SELECT has_table_privilege(c.oid, 'TRUNCATE')
+                        AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.confrelid = c.oid AND f.contype = 'f')
+                   FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&t.table.to_string()],
+            )
+            .await
+            .map_err(src("copying a table without a key"))?
+            .get(0);
+        let empty = if truncate {
+            "TRUNCATE ONLY"
+        } else {
+            "DELETE FROM ONLY"
+        };
+        stx.batch_execute(&format!("{empty} {}", t.table))
+            .await
+            .map_err(src("emptying a table without a key"))?;
+        let unlimited = crate::db::throttle::Throttle::unlimited();
+        let rows = crate::rows::copy_rows(&ttx, &stx, t, &t.table.to_string(), "", &unlimited)
+            .await
+            .map_err(pumped("copying a table without a key"))?;
+        stx.commit().await.map_err(src("copying a table without a key"))?;
+        ttx.commit().await.map_err(tgt("reading a table without a key"))?;
+        tracing::info!(table = %t.table.display_name(), rows, "Copied whole to the old source (no key)");
+        copied.push(format!("{} ({rows} rows)", t.table.display_name()));
+    }
+    Ok(copied)
 }
 
 /// Records a complete pass's time on the target (the way back's lag).

@@ -566,6 +566,58 @@ async fn a_switchback_verifies_ahead_of_the_target_fence_and_only_changed_rows_u
     assert_no_leftovers(&env).await;
 }
 
+/// What an application writes to a table without a key on the new database
+/// (a log, a Rails join table without an id).
+const KEYLESS_OPS: &[&str] = &[
+    "INSERT INTO event_log (msg) VALUES ('t$N'), ('t$N again')",
+    "DELETE FROM event_log WHERE msg = 'seed ' || ($N % 300)",
+    "UPDATE event_log SET msg = msg || '!' WHERE msg = 't' || ($N - 1)",
+];
+
+/// A table without a key, listed `copy_only`, written on the target after
+/// the switch and throughout the switchback: no delta names its rows, so
+/// the switchback copies it whole to the old source with the target fenced
+/// (its writers refused there too), and both sides end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_key_is_copied_back_under_the_target_fence() {
+    let env = seeded().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE event_log (at timestamptz NOT NULL DEFAULT clock_timestamp(), msg text);
+             INSERT INTO event_log (msg) SELECT 'seed ' || g FROM generate_series(1, 500) g;",
+        )
+        .await
+        .expect("a table without a key");
+    env.config(&format!("copy_only = [\"public.event_log\"]\n{FALLBACK}"));
+    for step in [
+        &["install"][..],
+        &["copy"],
+        &["sync", "--until-caught-up"],
+        &["cutover"],
+    ] {
+        env.ok(step).await;
+    }
+    let service = env.cmd(&["fallback"]).spawn().expect("start fallback");
+    let writers = Workload::start_with(vec![env.target_client().await, env.target_client().await], OPS);
+    let loggers = Workload::start_with(vec![env.target_client().await], KEYLESS_OPS);
+    writers.progress(100).await;
+    loggers.progress(50).await;
+    let out = env.run(&["switchback", "--json"]).await;
+    assert_succeeded(&out, "switchback");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("switchback JSON");
+    writers.wait_all_fenced().await;
+    loggers.wait_all_fenced().await;
+    writers.stop().await;
+    loggers.stop().await;
+    stop(service).await;
+    let copied = report["copied_under_fence"].to_string();
+    assert!(copied.contains("public.event_log ("), "{report}");
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A switchback command that fails lifts the target's fence: the
 /// application goes on writing there, the old source goes on following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
