@@ -264,7 +264,7 @@ const SHOP_OPS: &[&str] = &[
 
 /// Runs the shop's `manage.py migrate shop <to>` against the source, as the
 /// application's role.
-async fn django_migrate(env: &Env, to: &str) {
+pub(crate) async fn django_migrate(env: &Env, to: &str) {
     let out = django_migrate_output(env, to).await;
     assert!(
         out.status.success(),
@@ -276,15 +276,33 @@ async fn django_migrate(env: &Env, to: &str) {
 
 /// [`django_migrate`], whatever the outcome.
 async fn django_migrate_output(env: &Env, to: &str) -> std::process::Output {
+    manage_py(env.source.port(), APP, &["migrate", "--no-input", "shop", to]).await
+}
+
+/// The shop's application code: `python` run by `manage.py shell` against
+/// the database on `port` as `role` (the source's owner, or the target's
+/// master user once the application has moved there).
+pub(crate) async fn django_shell(port: u16, role: (&str, &str), python: &str) {
+    let out = manage_py(port, role, &["shell", "-c", python]).await;
+    assert!(
+        out.status.success(),
+        "manage.py shell: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `manage.py <args>` of the shop, against the database on `port` as `role`.
+async fn manage_py(port: u16, role: (&str, &str), args: &[&str]) -> std::process::Output {
     let manage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("django/manage.py");
     tokio::process::Command::new("python3")
         .arg(&manage)
-        .args(["migrate", "--no-input", "shop", to])
+        .args(args)
         .env("FERRYSHOP_HOST", "127.0.0.1")
-        .env("FERRYSHOP_PORT", env.source.port().to_string())
+        .env("FERRYSHOP_PORT", port.to_string())
         .env("FERRYSHOP_DB", DB)
-        .env("FERRYSHOP_USER", APP.0)
-        .env("FERRYSHOP_PASSWORD", APP.1)
+        .env("FERRYSHOP_USER", role.0)
+        .env("FERRYSHOP_PASSWORD", role.1)
         .output()
         .await
         .expect("run manage.py")
