@@ -296,6 +296,13 @@ async fn apply(
     let src = |what: &str| query_err(what, Side::Source);
     let stx = old.transaction().await.map_err(src("starting a pass"))?;
     pass_the_fence(&stx).await?;
+    // The target's snapshot satisfies every constraint; those the old
+    // source may check at the commit (Django's foreign keys, a unique
+    // constraint declared DEFERRABLE) take rows that reference each other,
+    // or a unique value moved between rows, in any order.
+    stx.batch_execute("SET CONSTRAINTS ALL DEFERRED")
+        .await
+        .map_err(src("deferring the constraints"))?;
     let mut keys = 0;
     for (i, t) in pending.iter().enumerate() {
         let whole = truncated.contains(&t.id);
@@ -337,12 +344,12 @@ async fn apply(
     for &i in &order {
         upsert(&stx, pending[i], i)
             .await
-            .map_err(src("applying the rows"))?;
+            .map_err(refused("applying the rows"))?;
     }
     for &i in order.iter().rev() {
         remove(&stx, pending[i], i, truncated.contains(&pending[i].id))
             .await
-            .map_err(src("removing the deleted rows"))?;
+            .map_err(refused("removing the deleted rows"))?;
     }
     crate::failpoint::hit("fallback.before_source_commit").await;
     stx.commit().await.map_err(src("committing a pass"))?;
@@ -359,6 +366,46 @@ async fn pass_the_fence(stx: &tokio_postgres::Transaction<'_>) -> Result<(), cra
     .await
     .map_err(query_err("passing the fence", Side::Source))?;
     Ok(())
+}
+
+/// An error of a statement applying rows to the old source: a unique or
+/// foreign key violation there is a constraint it checks within each
+/// statement (see
+/// [`super::FallbackError::NotDeferrable`]).
+fn refused(what: &'static str) -> impl Fn(tokio_postgres::Error) -> super::FallbackError {
+    use tokio_postgres::error::SqlState;
+    move |e| {
+        let named = e
+            .as_db_error()
+            .filter(|d| {
+                matches!(
+                    d.code(),
+                    &SqlState::UNIQUE_VIOLATION | &SqlState::FOREIGN_KEY_VIOLATION
+                )
+            })
+            .and_then(|d| {
+                Some((
+                    d.constraint()?.to_string(),
+                    d.schema()?.to_string(),
+                    d.table()?.to_string(),
+                ))
+            });
+        match named {
+            Some((constraint, schema, table)) => {
+                let table = QualifiedTable::new(schema, table);
+                super::FallbackError::NotDeferrable {
+                    fix: format!(
+                        "ALTER TABLE {table} ALTER CONSTRAINT {} DEFERRABLE",
+                        Ident(constraint.clone())
+                    ),
+                    table: table.display_name(),
+                    constraint,
+                    source: e,
+                }
+            }
+            None => query_err(what, Side::Source)(e),
+        }
+    }
 }
 
 /// A row-moving error of the way back: its source side is the target.

@@ -76,6 +76,29 @@ pub enum FallbackError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The old source refused a pass on a constraint that is not
+    /// deferrable: the target's snapshot moved a unique value between
+    /// rows, or holds rows that reference each other, and PostgreSQL
+    /// checks such a constraint within each statement.
+    #[error(
+        "the old source refused the way back's changes on {constraint} of {table}: the new database moved a unique \
+         value between rows, or wrote rows that reference each other, in one snapshot, and the old source checks \
+         that constraint within each statement, not at the commit, because it is not DEFERRABLE. Nothing was \
+         applied or lost; the way back stops here. Make it DEFERRABLE on the old source (a foreign key: {fix}; a \
+         unique one: drop it and add it again DEFERRABLE) and run `pgferry fallback` again: each pass checks \
+         deferrable constraints at its commit"
+    )]
+    NotDeferrable {
+        /// The constraint.
+        constraint: String,
+        /// Its table, `schema.name`.
+        table: String,
+        /// The statement that makes it deferrable, were it a foreign key.
+        fix: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// A session could not be opened.
     #[error(transparent)]
     Connect(#[from] crate::db::endpoint::ConnectError),
@@ -100,7 +123,8 @@ impl crate::error::Failure for FallbackError {
             FallbackError::NotUnderWay(_)
             | FallbackError::Aborted { .. }
             | FallbackError::TargetStillFenced { .. }
-            | FallbackError::SourceStillFenced { .. } => false,
+            | FallbackError::SourceStillFenced { .. }
+            | FallbackError::NotDeferrable { .. } => false,
         }
     }
 }

@@ -676,6 +676,79 @@ async fn a_django_application_moves_runs_switches_back_and_moves_again() {
     assert_no_leftovers(&env).await;
 }
 
+/// Rows the new database changes together in ways the old source checks
+/// constraint by constraint: seat holders swapped under a unique
+/// constraint declared DEFERRABLE, and a team and its captain that
+/// reference each other, inserted in one transaction under deferrable
+/// foreign keys, arrive in one pass, checked at its commit. A swap under a
+/// unique constraint that is not deferrable stops the way back with the
+/// constraint named and the fix; made deferrable on the old source, the
+/// next pass applies it, and nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_changed_together_reach_the_old_source_under_its_constraints() {
+    let env = seeded().await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "CREATE TABLE seats (id int PRIMARY KEY, holder text NOT NULL,
+                                 CONSTRAINT seats_holder_key UNIQUE (holder) DEFERRABLE);
+             INSERT INTO seats VALUES (1, 'ann'), (2, 'bob');
+             CREATE TABLE teams (id int PRIMARY KEY, captain_id int);
+             CREATE TABLE players (id int PRIMARY KEY,
+                                   team_id int NOT NULL REFERENCES teams DEFERRABLE INITIALLY DEFERRED);
+             ALTER TABLE teams ADD CONSTRAINT teams_captain_fkey
+                   FOREIGN KEY (captain_id) REFERENCES players DEFERRABLE INITIALLY DEFERRED;
+             CREATE TABLE badges (id int PRIMARY KEY, code text NOT NULL UNIQUE);
+             INSERT INTO badges VALUES (1, 'gold'), (2, 'silver');",
+        )
+        .await
+        .expect("the application's schema");
+    env.config(FALLBACK);
+    for step in [
+        &["install"][..],
+        &["copy"],
+        &["sync", "--until-caught-up"],
+        &["cutover"],
+    ] {
+        env.ok(step).await;
+    }
+    on_target(
+        &env,
+        "UPDATE seats SET holder = CASE id WHEN 1 THEN 'bob' ELSE 'ann' END;
+         BEGIN; INSERT INTO teams VALUES (1, 10); INSERT INTO players VALUES (10, 1); COMMIT;",
+    )
+    .await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+
+    // The application swaps them in three statements, as it must there.
+    on_target(
+        &env,
+        "BEGIN;
+         UPDATE badges SET code = 'swapping' WHERE id = 1;
+         UPDATE badges SET code = 'gold' WHERE id = 2;
+         UPDATE badges SET code = 'silver' WHERE id = 1;
+         COMMIT;",
+    )
+    .await;
+    let err = env.fails(&["fallback", "--until-caught-up"], 3).await;
+    assert!(err.contains("public.badges"), "{err}");
+    assert!(err.contains("badges_code_key"), "{err}");
+    assert!(err.contains("DEFERRABLE"), "{err}");
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "ALTER TABLE badges DROP CONSTRAINT badges_code_key,
+                                ADD CONSTRAINT badges_code_key UNIQUE (code) DEFERRABLE",
+        )
+        .await
+        .expect("the constraint made deferrable on the old source");
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A switchback command that fails lifts the target's fence: the
 /// application goes on writing there, the old source goes on following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
