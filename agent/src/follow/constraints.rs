@@ -28,8 +28,12 @@ enum Object {
     /// An index, with the constraint it backs if any, whether it is never
     /// dropped here (a primary key's, a partition's index attached to its
     /// parent's: it goes with that), and its definition without its name
-    /// (with its constraint's): how a renamed one is known.
-    Index(Option<String>, bool, String),
+    /// (with its constraint's): how a renamed one is known. Read from the
+    /// catalog's columns, not `pg_get_indexdef`, which waits for a lock on
+    /// the table (the drift check must not queue behind the application's
+    /// own ALTER); so none for an index on expressions or with a predicate,
+    /// whose deparsing would.
+    Index(Option<String>, bool, Option<String>),
     /// A CHECK constraint: its definition, and whether it is validated.
     Check(String, bool),
 }
@@ -47,13 +51,21 @@ pub struct Constrained {
 /// and name (see [`super::read_both`]).
 const READ: &str = "SELECT x.i, ic.relname::text, con.conname::text, NULL::text,
                            ix.indisprimary OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = ix.indexrelid),
-                           substr(pg_get_indexdef(ix.indexrelid),
-                                  length(format('CREATE %sINDEX %I', CASE WHEN ix.indisunique THEN 'UNIQUE ' END,
-                                                ic.relname)) + 1)
-                             || coalesce(' ' || pg_get_constraintdef(con.oid), '')
+                           CASE WHEN ix.indexprs IS NULL AND ix.indpred IS NULL THEN
+                               concat_ws(' ', CASE WHEN ix.indisunique THEN 'UNIQUE' END, am.amname,
+                                         (SELECT string_agg(concat_ws(' ', quote_ident(a.attname), op.opcname, k.opt),
+                                                            ', ' ORDER BY k.ord)
+                                            FROM unnest(ix.indkey::int2[], ix.indclass::oid[], ix.indoption::int2[])
+                                                 WITH ORDINALITY AS k(attnum, cls, opt, ord)
+                                            JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.attnum
+                                            LEFT JOIN pg_opclass op ON op.oid = k.cls),
+                                         'keys ' || ix.indnkeyatts, 'nulls ' || ix.indnullsnotdistinct,
+                                         pg_get_constraintdef(con.oid))
+                           END
                       FROM ({tables}) x(i, rel)
                       JOIN pg_index ix ON ix.indrelid = x.rel
                       JOIN pg_class ic ON ic.oid = ix.indexrelid
+                      JOIN pg_am am ON am.oid = ic.relam
                       LEFT JOIN pg_constraint con ON con.conindid = ix.indexrelid AND con.conrelid = x.rel
                     UNION ALL
                     SELECT x.i, con.conname::text, NULL, pg_get_constraintdef(con.oid), con.convalidated, NULL
@@ -96,8 +108,8 @@ async fn plan(
         .iter()
         .filter(|(key, _)| !theirs.contains_key(key))
         .filter_map(|((i, name), o)| match o {
-            Object::Index(_, _, definition) => Some((*i, name, definition)),
-            Object::Check(..) => None,
+            Object::Index(_, _, Some(definition)) => Some((*i, name, definition)),
+            Object::Index(..) | Object::Check(..) => None,
         })
         .collect();
     for ((i, name), object) in &theirs {
@@ -107,8 +119,8 @@ async fn plan(
         {
             continue;
         }
-        if let Object::Index(_, _, definition) = object {
-            let to = renamed.iter().position(|(j, _, d)| j == i && d == &definition);
+        if let Object::Index(_, _, Some(definition)) = object {
+            let to = renamed.iter().position(|(j, _, d)| j == i && *d == definition);
             if let Some(to) = to {
                 let (_, new_name, _) = renamed.remove(to);
                 // Its constraint, if it backs one, is renamed with it.
