@@ -611,6 +611,7 @@ mod tests {
             table: QualifiedTable::new("public", format!("t{relid}")),
             key_columns: vec!["id".into()],
             copy_columns: vec!["id".into()],
+            attnums: None,
             copy_state: CopyState::Done,
             copied_rows: None,
             applied_rows: 0,

@@ -41,6 +41,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (18, include_str!("sql/0018_reverse_lag.sql")),
     (19, include_str!("sql/0019_switched_back.sql")),
     (20, include_str!("sql/0020_key_release.sql")),
+    (21, include_str!("sql/0021_column_places.sql")),
 ];
 
 /// Every control function as it is now, re-applied after the versioned

@@ -156,6 +156,11 @@ pub struct TableState {
     pub key_columns: Vec<String>,
     /// Columns copied and applied (generated columns excluded).
     pub copy_columns: Vec<String>,
+    /// Their attribute numbers on the table, in their order (control
+    /// schema 21; none for a registration older, whose columns have changed
+    /// since): how a column renamed is told from one dropped and another
+    /// added.
+    pub attnums: Option<Vec<i16>>,
     /// Copy progress.
     pub copy_state: CopyState,
     /// Rows copied by the bulk copy.
@@ -343,9 +348,12 @@ pub async fn register_tables(client: &impl GenericClient, regs: &[Registration])
     for r in regs {
         client
             .execute(
-                "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only,
-                                             partitioned, lock_relid, parent_relid)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (relid) DO NOTHING",
+                &format!(
+                    "INSERT INTO pgferry.tables (relid, schema_name, table_name, key_columns, copy_columns, copy_only,
+                                                 partitioned, lock_relid, parent_relid, attnums)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {}) ON CONFLICT (relid) DO NOTHING",
+                    attnums("$5", "NULL::int2[]", "NULL::text[]", "$1")
+                ),
                 &[
                     &r.relid,
                     &r.table.schema,
@@ -386,6 +394,22 @@ pub async fn reregister_columns(
     Ok(())
 }
 
+/// SQL: the attribute numbers of the columns `columns` (text[]) of the
+/// table `relid`, in their order: a column the registration names already
+/// (`old_columns`, with their numbers `old_attnums`) keeps its number, since
+/// its name may be gone from the table while sync follows a deploy in
+/// steps; another is looked up by name. NULL when one is not found.
+fn attnums(columns: &str, old_attnums: &str, old_columns: &str, relid: &str) -> String {
+    format!(
+        "(SELECT CASE WHEN count(coalesce(o.num, a.attnum)) = cardinality({columns}::text[])
+                      THEN array_agg(coalesce(o.num, a.attnum) ORDER BY u.ord) END
+            FROM unnest({columns}::text[]) WITH ORDINALITY AS u(name, ord)
+            LEFT JOIN unnest({old_columns}, {old_attnums}) AS o(name, num) ON o.name = u.name
+            LEFT JOIN pg_catalog.pg_attribute a
+                   ON a.attrelid = {relid} AND a.attname = u.name AND a.attnum > 0 AND NOT a.attisdropped)"
+    )
+}
+
 /// Updates a registration whose columns changed on both sides alike (sync
 /// followed the change): no fresh copy.
 pub async fn set_copy_columns(
@@ -395,7 +419,10 @@ pub async fn set_copy_columns(
 ) -> Result<(), StateError> {
     client
         .execute(
-            "UPDATE pgferry.tables SET copy_columns = $2 WHERE id = $1",
+            &format!(
+                "UPDATE pgferry.tables t SET copy_columns = $2, attnums = {} WHERE id = $1",
+                attnums("$2", "t.attnums", "t.copy_columns", "t.relid")
+            ),
             &[&id, &copy_columns],
         )
         .await
@@ -472,7 +499,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
                         CASE WHEN copy_state = 'done' AND NOT coalesce(id = ANY (r.pass_dirty), true)
                              THEN r.pass_checked_at END))::float8,
                     copy_only, partitioned, lock_relid, parent_relid,
-                        t.id IN (SELECT id FROM text_form)
+                        t.id IN (SELECT id FROM text_form), t.attnums
                FROM pgferry.tables t LEFT JOIN pgferry.run r ON true ORDER BY t.id"
             ),
             &[],
@@ -500,6 +527,7 @@ pub async fn tables(client: &impl GenericClient) -> Result<Vec<TableState>, Stat
             lock_relid: r.get(12),
             parent_relid: r.get(13),
             text_form: r.get(14),
+            attnums: r.get(15),
         })
         .collect())
 }

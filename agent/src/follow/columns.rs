@@ -168,41 +168,22 @@ pub(super) async fn follow(
 }
 
 /// Follows a column renamed on the source: renamed on the target too,
-/// unless done already, and registered under its new name. A rename is one
-/// name changed in its place; the same shape from a column dropped and
-/// another added leaves a dropped column before the new one on the source,
-/// and stops sync instead (following it so would keep the dropped column's
-/// values under the new name).
+/// unless done already, and registered under its new name. Known `by_number`
+/// (its attribute number kept), it is one. Known by names alone, a rename
+/// is one name changed in its place; the same shape from a column dropped
+/// and another added leaves a dropped column before the new one on the
+/// source, and stops sync instead (following it so would keep the dropped
+/// column's values under the new name).
 pub(super) async fn rename(
     m: &Migration,
     relid: u32,
     table: &QualifiedTable,
     from: &str,
     to: &str,
+    by_number: bool,
 ) -> Result<(), crate::Error> {
-    let source = m.source_conn().await?;
-    let dropped_before: bool = source
-        .query_one(
-            "SELECT EXISTS (
-                 SELECT 1 FROM pg_attribute d, pg_attribute n
-                  WHERE n.attrelid = $1 AND n.attname = $2
-                    AND d.attrelid = $1 AND d.attisdropped AND d.attnum < n.attnum
-                    AND d.attnum > coalesce((SELECT max(p.attnum) FROM pg_attribute p
-                                              WHERE p.attrelid = $1 AND p.attnum > 0 AND NOT p.attisdropped
-                                                AND p.attnum < n.attnum), 0))",
-            &[&relid, &to],
-        )
-        .await
-        .map_err(SyncError::Catalog)?
-        .get(0);
-    drop(source);
-    if dropped_before {
-        return Err(SyncError::SchemaDrift(vec![format!(
-            "table {}: column {from} was dropped and {to} added in its place, which sync does not follow: make \
-             the same change on the target, then run `pgferry install` and `pgferry copy`",
-            table.display_name()
-        )])
-        .into());
+    if !by_number {
+        refuse_a_drop_and_add(m, relid, table, from, to).await?;
     }
     let on_target = target_columns(m, table).await?;
     if on_target.iter().any(|c| c == from) && !on_target.iter().any(|c| c == to) {
@@ -241,6 +222,43 @@ pub(super) async fn rename(
         .map_err(SyncError::Catalog)?;
     }
     tx.commit().await.map_err(SyncError::Catalog)?;
+    Ok(())
+}
+
+/// A column renamed by names alone (see [`rename`]): refused when the
+/// source has a dropped column just before `to`, the mark of a column
+/// dropped and another added in its place.
+async fn refuse_a_drop_and_add(
+    m: &Migration,
+    relid: u32,
+    table: &QualifiedTable,
+    from: &str,
+    to: &str,
+) -> Result<(), crate::Error> {
+    let source = m.source_conn().await?;
+    let dropped_before: bool = source
+        .query_one(
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_attribute d, pg_attribute n
+                  WHERE n.attrelid = $1 AND n.attname = $2
+                    AND d.attrelid = $1 AND d.attisdropped AND d.attnum < n.attnum
+                    AND d.attnum > coalesce((SELECT max(p.attnum) FROM pg_attribute p
+                                              WHERE p.attrelid = $1 AND p.attnum > 0 AND NOT p.attisdropped
+                                                AND p.attnum < n.attnum), 0))",
+            &[&relid, &to],
+        )
+        .await
+        .map_err(SyncError::Catalog)?
+        .get(0);
+    drop(source);
+    if dropped_before {
+        return Err(SyncError::SchemaDrift(vec![format!(
+            "table {}: column {from} was dropped and {to} added in its place, which sync does not follow: make \
+             the same change on the target, then run `pgferry install` and `pgferry copy`",
+            table.display_name()
+        )])
+        .into());
+    }
     Ok(())
 }
 

@@ -82,6 +82,9 @@ pub enum Change {
         from: String,
         /// Its new name.
         to: String,
+        /// Known by its attribute number (control schema 21), not only by
+        /// its place among the names.
+        by_number: bool,
     },
     /// A column's type widened (`int` to `bigint`, a longer `varchar`).
     Widened(retype::Widened),
@@ -92,8 +95,11 @@ pub enum Change {
     /// A CHECK constraint added, validated or dropped, or an index or
     /// unique constraint dropped, as on the source.
     Constrained(constraints::Constrained),
-    /// Columns added to a captured table, or dropped from it, never both at
-    /// once (a rename would read as both, and lose the column's values).
+    /// Columns added to a captured table, or dropped from it. Both in one
+    /// deploy only where the registration has the columns' attribute
+    /// numbers: by names alone a rename reads as both, and following it so
+    /// would lose the column's values. Then the drops come first, the
+    /// renames next and the additions last, each its own change.
     Columns {
         /// The table's source OID.
         relid: u32,
@@ -103,6 +109,8 @@ pub enum Change {
         added: Vec<String>,
         /// Columns dropped.
         dropped: Vec<String>,
+        /// The columns the registration names once this is followed.
+        now: Vec<String>,
     },
 }
 
@@ -254,7 +262,7 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
                     // A hierarchy's root before its members: what it gains
                     // or loses, they do with it.
                     let member = t.lock_relid != t.relid || t.parent_relid.is_some();
-                    if member { &mut member_columns } else { &mut changes }.push(columns(t, c)?);
+                    if member { &mut member_columns } else { &mut changes }.extend(columns(t, c)?);
                 }
             }
             Some(c) if c.copy_columns != t.copy_columns => return None,
@@ -289,26 +297,113 @@ pub fn plan(registered: &[TableState], current: &[SourceTable]) -> Option<Vec<Ch
     (!changes.is_empty()).then_some(changes)
 }
 
-/// Whether `c`'s key is `t`'s with one key column renamed in its place
-/// (and nothing else about the columns changed).
+/// Whether `c`'s key is `t`'s with key columns renamed in their places
+/// (and nothing else about the columns changed, when the registration
+/// does not have their attribute numbers).
 fn key_renamed(t: &TableState, c: &SourceTable) -> bool {
-    match columns(t, c) {
-        Some(Change::ColumnRenamed { from, to, .. }) => {
-            let renamed: Vec<String> = t
-                .key_columns
-                .iter()
-                .map(|k| if *k == from { to.clone() } else { k.clone() })
-                .collect();
-            t.key_columns.contains(&from) && c.key_columns.as_ref() == Some(&renamed)
+    let Some(changes) = columns(t, c) else {
+        return false;
+    };
+    let mut key = t.key_columns.clone();
+    let mut renamed = false;
+    for change in &changes {
+        match change {
+            Change::ColumnRenamed { from, to, .. } => {
+                for k in key.iter_mut().filter(|k| *k == from) {
+                    *k = to.clone();
+                    renamed = true;
+                }
+            }
+            Change::Columns { dropped, .. } if dropped.iter().any(|d| t.key_columns.contains(d)) => {
+                return false
+            }
+            _ => {}
         }
-        _ => false,
+    }
+    renamed && c.key_columns.as_ref() == Some(&key)
+}
+
+/// The columns `c` gained, lost or renamed since `t` was registered. By
+/// their attribute numbers where the registration has them: a number kept
+/// under a new name is a rename, one gone a drop, a new one an addition,
+/// all followed in one deploy (drops, then renames, then additions).
+/// Otherwise by names: only added (after every registered one, in the
+/// source's order), only dropped (the others in their order), or one name
+/// changed in its place; `None` for anything else.
+fn columns(t: &TableState, c: &SourceTable) -> Option<Vec<Change>> {
+    match &t.attnums {
+        Some(numbers)
+            if numbers.len() == t.copy_columns.len() && c.copy_attnums.len() == c.copy_columns.len() =>
+        {
+            Some(columns_by_number(t, numbers, c))
+        }
+        _ => columns_by_name(t, c).map(|change| vec![change]),
     }
 }
 
-/// The columns `c` gained or lost since `t` was registered: only added
-/// (after every registered one, in the source's order) or only dropped
-/// (the others in their order); `None` for anything else.
-fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
+/// [`columns`] with the registered columns' attribute `numbers`.
+fn columns_by_number(t: &TableState, numbers: &[i16], c: &SourceTable) -> Vec<Change> {
+    let now = |number: &i16| {
+        c.copy_attnums
+            .iter()
+            .position(|n| n == number)
+            .map(|i| &c.copy_columns[i])
+    };
+    let mut dropped = Vec::new();
+    let mut renamed = Vec::new();
+    for (name, number) in t.copy_columns.iter().zip(numbers) {
+        match now(number) {
+            Some(same) if same == name => {}
+            Some(other) => renamed.push((name.clone(), other.clone())),
+            None => dropped.push(name.clone()),
+        }
+    }
+    let added: Vec<String> = c
+        .copy_columns
+        .iter()
+        .zip(&c.copy_attnums)
+        .filter(|(_, n)| !numbers.contains(n))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut changes = Vec::new();
+    if !dropped.is_empty() {
+        changes.push(Change::Columns {
+            relid: t.relid,
+            table: t.table.clone(),
+            added: Vec::new(),
+            now: t
+                .copy_columns
+                .iter()
+                .filter(|x| !dropped.contains(x))
+                .cloned()
+                .collect(),
+            dropped,
+        });
+    }
+    for (from, to) in renamed {
+        changes.push(Change::ColumnRenamed {
+            relid: t.relid,
+            table: t.table.clone(),
+            from,
+            to,
+            by_number: true,
+        });
+    }
+    if !added.is_empty() {
+        changes.push(Change::Columns {
+            relid: t.relid,
+            table: t.table.clone(),
+            added,
+            dropped: Vec::new(),
+            now: c.copy_columns.clone(),
+        });
+    }
+    changes
+}
+
+/// [`columns`] by names alone (a registration older than control schema 21
+/// whose columns have changed since).
+fn columns_by_name(t: &TableState, c: &SourceTable) -> Option<Change> {
     let kept: Vec<&String> = t
         .copy_columns
         .iter()
@@ -338,6 +433,7 @@ fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
             table: t.table.clone(),
             from: from.clone(),
             to: to.clone(),
+            by_number: false,
         });
     }
     let in_order = c.copy_columns.iter().take(kept.len()).eq(kept.iter().copied());
@@ -349,6 +445,7 @@ fn columns(t: &TableState, c: &SourceTable) -> Option<Change> {
         table: t.table.clone(),
         added,
         dropped,
+        now: c.copy_columns.clone(),
     })
 }
 
@@ -416,7 +513,8 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
                 table,
                 from,
                 to,
-            } => columns::rename(m, *relid, table, from, to).await?,
+                by_number,
+            } => columns::rename(m, *relid, table, from, to, *by_number).await?,
             // Found by `types` and `enum_values`, not by the registrations' drift.
             Change::Widened(_) | Change::EnumValue(_) | Change::Altered(_) | Change::Constrained(_) => {}
             Change::Columns {
@@ -424,14 +522,8 @@ pub async fn drift(m: &Migration, cancel: &CancellationToken) -> Result<Option<V
                 table,
                 added,
                 dropped,
-            } => {
-                let now = current
-                    .iter()
-                    .find(|c| c.relid == *relid)
-                    .map(|c| c.copy_columns.as_slice())
-                    .unwrap_or_default();
-                columns::follow(m, *relid, table, added, dropped, now).await?
-            }
+                now,
+            } => columns::follow(m, *relid, table, added, dropped, now).await?,
         }
         crate::telemetry::schema_change_followed(change.kind());
         crate::failpoint::hit("follow.target_done").await;
@@ -1008,6 +1100,7 @@ mod tests {
             lock_relid,
             key_columns: Some(vec!["id".into()]),
             copy_columns: vec!["id".into(), "v".into()],
+            copy_attnums: vec![1, 2],
             est_rows: 0,
             total_bytes: 0,
             can_trigger: true,
@@ -1022,6 +1115,7 @@ mod tests {
             table: c.table.clone(),
             key_columns: c.key_columns.clone().unwrap(),
             copy_columns: c.copy_columns.clone(),
+            attnums: None,
             copy_state: crate::control::state::CopyState::Done,
             copied_rows: None,
             applied_rows: 0,
@@ -1077,12 +1171,14 @@ mod tests {
                     table: QualifiedTable::new("public", "events"),
                     added: vec!["w".into()],
                     dropped: vec![],
+                    now: vec!["id".into(), "v".into(), "w".into()],
                 },
                 Change::Columns {
                     relid: 4,
                     table: QualifiedTable::new("public", "plain"),
                     added: vec!["w".into()],
                     dropped: vec![],
+                    now: vec!["id".into(), "v".into(), "w".into()],
                 },
                 Change::Created(5, QualifiedTable::new("public", "other")),
                 Change::Columns {
@@ -1090,6 +1186,7 @@ mod tests {
                     table: QualifiedTable::new("public", "events_1"),
                     added: vec!["w".into()],
                     dropped: vec![],
+                    now: vec!["id".into(), "v".into(), "w".into()],
                 },
             ]),
             "a table created, a column added, the hierarchy's root before its partitions"
@@ -1104,6 +1201,7 @@ mod tests {
                 table: QualifiedTable::new("public", "plain"),
                 from: "id".into(),
                 to: "key".into(),
+                by_number: false,
             }]),
             "a key column renamed"
         );
@@ -1116,6 +1214,7 @@ mod tests {
                 table: QualifiedTable::new("public", "plain"),
                 added: vec![],
                 dropped: vec!["v".into()],
+                now: vec!["id".into()],
             }])
         );
 
@@ -1128,6 +1227,7 @@ mod tests {
                 table: QualifiedTable::new("public", "plain"),
                 from: "v".into(),
                 to: "w".into(),
+                by_number: false,
             }]),
             "a column renamed in its place"
         );
@@ -1189,5 +1289,56 @@ mod tests {
             change(&mut now);
             assert_eq!(plan(&reg, &now), None, "{now:?}");
         }
+    }
+
+    /// With the registered columns' attribute numbers, one deploy that
+    /// drops a column, renames another (into the dropped one's name) and
+    /// adds two (one under the renamed one's old name) is told apart: the
+    /// drop first, the rename next, the additions last.
+    #[test]
+    fn columns_told_apart_by_their_numbers() {
+        let mut plain = source(4, "plain", 4, false);
+        plain.copy_columns = vec!["id".into(), "a".into(), "b".into()];
+        plain.copy_attnums = vec![1, 2, 3];
+        let mut reg = registered(&plain);
+        reg.attnums = Some(vec![1, 2, 3]);
+        // a dropped (2 gone), b renamed to a (3 kept), b and c added (5 and
+        // 6: 4 was a column added and dropped again meanwhile).
+        let mut now = plain;
+        now.copy_columns = vec!["id".into(), "a".into(), "b".into(), "c".into()];
+        now.copy_attnums = vec![1, 3, 5, 6];
+        let table = QualifiedTable::new("public", "plain");
+        let by_number = plan(std::slice::from_ref(&reg), &[now.clone()]);
+        assert_eq!(
+            by_number,
+            Some(vec![
+                Change::Columns {
+                    relid: 4,
+                    table: table.clone(),
+                    added: vec![],
+                    dropped: vec!["a".into()],
+                    now: vec!["id".into(), "b".into()],
+                },
+                Change::ColumnRenamed {
+                    relid: 4,
+                    table: table.clone(),
+                    from: "b".into(),
+                    to: "a".into(),
+                    by_number: true,
+                },
+                Change::Columns {
+                    relid: 4,
+                    table,
+                    added: vec!["b".into(), "c".into()],
+                    dropped: vec![],
+                    now: vec!["id".into(), "a".into(), "b".into(), "c".into()],
+                },
+            ])
+        );
+        // By names alone the same columns read as `c` added and nothing
+        // else, which would keep the old `a` and `b` values under those
+        // names: why the numbers are registered.
+        reg.attnums = None;
+        assert_ne!(plan(&[reg], &[now]), by_number);
     }
 }

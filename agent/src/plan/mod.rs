@@ -44,6 +44,8 @@ pub struct SourceTable {
     pub key_columns: Option<Vec<String>>,
     /// Non-generated columns, in attribute order.
     pub copy_columns: Vec<String>,
+    /// Their attribute numbers.
+    pub copy_attnums: Vec<i16>,
     /// The planner's row estimate (-1 when never analyzed).
     pub est_rows: i64,
     /// Size on disk including indexes and TOAST.
@@ -109,6 +111,9 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
                   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
                 '{}'::text[]),
+       coalesce((SELECT array_agg(a.attnum ORDER BY a.attnum) FROM pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+                '{}'::int2[]),
        c.reltuples::bigint,
        CASE WHEN $1 THEN pg_total_relation_size(c.oid) ELSE 0 END,
        has_table_privilege(c.oid, 'TRIGGER'),
@@ -151,10 +156,11 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text,
             lock_relid: r.get(7),
             key_columns: r.get(8),
             copy_columns: r.get(9),
-            est_rows: r.get(10),
-            total_bytes: r.get(11),
-            can_trigger: r.get(12),
-            can_select: r.get(13),
+            copy_attnums: r.get(10),
+            est_rows: r.get(11),
+            total_bytes: r.get(12),
+            can_trigger: r.get(13),
+            can_select: r.get(14),
         })
         .collect())
 }

@@ -7,13 +7,14 @@ class Customer(models.Model):
     email = models.EmailField()
     vip = models.BooleanField(default=False)
     points = models.IntegerField(default=0)
+    tier = models.CharField(max_length=20, default="basic")
 
 
 class Order(models.Model):
     customer = models.ForeignKey(Customer, on_delete=models.CASCADE)
     total = models.DecimalField(max_digits=12, decimal_places=2)
     created_at = models.DateTimeField(auto_now_add=True)
-    gift_note = models.TextField(null=True, blank=True)
+    note = models.TextField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -462,6 +462,29 @@ async fn django_migrations_during_sync_are_followed() {
     .await;
     writers.progress(100).await;
 
+    // A field replaced in one migration (its column dropped and another
+    // added at once) and a tier added; the new code writes both at once.
+    django_migrate(&env, "0007_replace_fields").await;
+    followed(&env, &service, "table public.shop_order: column(s) note added").await;
+    env.source_as(APP)
+        .await
+        .batch_execute(
+            "UPDATE shop_order SET note = 'replaced' WHERE id = (SELECT max(id) FROM shop_order);
+             UPDATE shop_customer SET tier = 'gold' WHERE id = 4",
+        )
+        .await
+        .expect("the new code's writes");
+    target_holds(
+        &env,
+        "the replaced field and the tier on the target",
+        "SELECT EXISTS (SELECT 1 FROM shop_order WHERE note = 'replaced')
+            AND (SELECT tier FROM shop_customer WHERE id = 4) = 'gold'
+            AND (SELECT count(*) = 0 FROM information_schema.columns
+                  WHERE table_name = 'shop_order' AND column_name = 'gift_note')",
+    )
+    .await;
+    writers.progress(100).await;
+
     let (report, log) = stop_service(&env, service).await;
     let followed = report["schema_changes_followed"].to_string();
     for change in [
@@ -478,6 +501,9 @@ async fn django_migrations_during_sync_are_followed() {
         "table public.shop_customer: index shop_customer_email_d3fdf104_like dropped",
         "table public.shop_order: constraint shop_order_total_not_negative added",
         "table public.shop_order: constraint shop_order_total_not_negative validated",
+        "table public.shop_order: column(s) gift_note dropped",
+        "table public.shop_order: column(s) note added",
+        "table public.shop_customer: column(s) tier added",
     ] {
         assert!(followed.contains(change), "{change} in {report}\n{log}");
     }
@@ -749,6 +775,89 @@ async fn indexes_renamed_during_sync_are_renamed_on_the_target() {
         "the constraint renamed with its index"
     );
     env.ok(&["cutover"]).await;
+    assert_same_then_clean_up(&env).await;
+}
+
+/// What the profiles application does, its old code and its new alike:
+/// statements that name only columns the deploy leaves in place.
+const PROFILE_OPS: &[&str] = &[
+    "UPDATE profiles SET score = score + 1 WHERE id = ($N * 7) % 300 + 1",
+    "INSERT INTO profiles (score) VALUES ($N)",
+    "DELETE FROM profiles WHERE id = ($N * 13) % 300 + 301",
+];
+
+/// One deploy, one transaction, under live writes: a column dropped,
+/// another renamed into the dropped one's name, and two added (one under
+/// the renamed one's old name, one NOT NULL with a default). By names
+/// alone that reads as one column added; by the columns' attribute
+/// numbers it is told apart and followed in order (the drop, the rename,
+/// the additions) without copying the table again, and the cutover ends
+/// equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_dropped_renamed_and_added_in_one_deploy_are_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE profiles (id bigserial PRIMARY KEY, nick text, bio text NOT NULL DEFAULT '', score int);
+         INSERT INTO profiles (nick, bio, score) SELECT 'n' || g, 'bio ' || g, g FROM generate_series(1, 600) g;",
+    )
+    .await
+    .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let writers = Workload::start(&env, &[APP, APP], PROFILE_OPS).await;
+    writers.progress(50).await;
+    let service = start_service(&env).await;
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE profiles DROP COLUMN nick;
+         ALTER TABLE profiles RENAME COLUMN bio TO nick;
+         ALTER TABLE profiles ADD COLUMN bio text;
+         ALTER TABLE profiles ADD COLUMN level int NOT NULL DEFAULT 1;
+         COMMIT;",
+    )
+    .await
+    .expect("the deploy");
+    followed(
+        &env,
+        &service,
+        "table public.profiles: column(s) bio, level added",
+    )
+    .await;
+    app.batch_execute(
+        "UPDATE profiles SET nick = nick || '!' WHERE id = 5;
+         UPDATE profiles SET bio = 'filled', level = 3 WHERE id = 6;
+         INSERT INTO profiles (nick, bio, score, level) VALUES ('new', 'new bio', 0, 5);",
+    )
+    .await
+    .expect("the new code's writes");
+    target_holds(
+        &env,
+        "the new code's writes on the target, the old values under their new name",
+        "SELECT (SELECT nick FROM profiles WHERE id = 5) = 'bio 5!'
+            AND (SELECT nick FROM profiles WHERE id = 8) = 'bio 8'
+            AND (SELECT (bio, level) = ('filled', 3) FROM profiles WHERE id = 6)
+            AND (SELECT bio IS NULL AND level = 1 FROM profiles WHERE id = 9)
+            AND EXISTS (SELECT 1 FROM profiles WHERE nick = 'new' AND bio = 'new bio' AND level = 5)",
+    )
+    .await;
+    writers.progress(50).await;
+    let (report, log) = stop_service(&env, service).await;
+    assert_eq!(
+        report["schema_changes_followed"],
+        serde_json::json!([
+            "table public.profiles: column(s) nick dropped",
+            "table public.profiles: column bio renamed to nick",
+            "table public.profiles: column(s) bio, level added",
+        ]),
+        "{log}"
+    );
+    assert!(!log.contains("copied again"), "nothing copied again: {log}");
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
     assert_same_then_clean_up(&env).await;
 }
 

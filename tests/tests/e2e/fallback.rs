@@ -634,7 +634,8 @@ for i in range(15):
         Parcel.objects.bulk_create([Parcel(weight=w, shipment=s) for w in range(3)])
 doomed = list(Order.objects.filter(shipment__isnull=False).order_by("id").values_list("id", flat=True)[:4])
 Order.objects.filter(id__in=doomed).delete()
-Order.objects.filter(total__lt=5).update(gift_note="{tag}")
+Order.objects.filter(total__lt=5).update(note="{tag}")
+Customer.objects.filter(id__in=[1, 2]).update(tier="{tag}")
 Customer.objects.filter(vip=True).update(points=7)
 "#;
 
@@ -647,7 +648,7 @@ Customer.objects.filter(vip=True).update(points=7)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_django_application_moves_runs_switches_back_and_moves_again() {
     let env = Env::new(crate::BIN).await;
-    crate::deploys::django_migrate(&env, "0006_constraints").await;
+    crate::deploys::django_migrate(&env, "0007_replace_fields").await;
     let code = |tag: &str| SHOP_CODE.replace("{tag}", tag);
     crate::deploys::django_shell(env.source.port(), APP, &code("before")).await;
     env.config(FALLBACK);
