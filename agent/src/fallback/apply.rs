@@ -180,19 +180,6 @@ async fn pass_locked(
     if keyed.is_empty() {
         return Ok((0, Vec::new()));
     }
-    let ttx = newdb
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .map_err(tgt("starting a pass"))?;
-    // ACCESS SHARE before the first query takes S, as a forward batch
-    // does: a TRUNCATE committed after S but before a read would show S an
-    // empty table.
-    let names: Vec<String> = keyed.iter().map(|t| format!("ONLY {}", t.table)).collect();
-    ttx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
-        .await
-        .map_err(tgt("locking the captured tables"))?;
     let probe = keyed
         .iter()
         .map(|t| format!("SELECT {} WHERE EXISTS (SELECT 1 FROM {})", t.id, t.delta_table()))
@@ -201,13 +188,66 @@ async fn pass_locked(
         ))
         .collect::<Vec<_>>()
         .join(" UNION ");
-    let pending_ids: Vec<i32> = ttx
-        .query(&probe, &[])
+    // First a look outside any transaction, which locks nothing: an idle
+    // pass (most of them) takes no lock on the application's tables, and
+    // a table the application holds locked (its own ALTER) holds up no
+    // other's changes while it has none. The pass's time is that look's:
+    // everything committed on the target before it, the look saw, and the
+    // pass applies in a snapshot taken after it. Recorded after the
+    // commit, outside S: the run row is also written by a switchback, and
+    // an update in S would fail on that.
+    let row = newdb
+        .query_one(
+            &format!("SELECT ARRAY({probe})::int4[], extract(epoch FROM now())::float8"),
+            &[],
+        )
         .await
-        .map_err(tgt("reading the pending tables"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map_err(tgt("reading the pending tables"))?;
+    let (mut locked, at): (Vec<i32>, f64) = (row.get(0), row.get(1));
+    if locked.is_empty() && check.is_none() {
+        record_pass(newdb, at).await?;
+        return Ok((0, Vec::new()));
+    }
+    locked.extend(check.iter().flat_map(|c| c.units.iter().flatten().map(|t| t.id)));
+    let (ttx, pending_ids) = loop {
+        let ttx = newdb
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .map_err(tgt("starting a pass"))?;
+        // ACCESS SHARE before the first query takes S, as a forward batch
+        // does: a TRUNCATE committed after S but before a read would show S
+        // an empty table.
+        let names: Vec<String> = keyed
+            .iter()
+            .filter(|t| locked.contains(&t.id))
+            .map(|t| format!("ONLY {}", t.table))
+            .collect();
+        ttx.batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", names.join(", ")))
+            .await
+            .map_err(tgt("locking the changed tables"))?;
+        let pending_ids: Vec<i32> = ttx
+            .query(&probe, &[])
+            .await
+            .map_err(tgt("reading the pending tables"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Every table S holds changes of is applied from S, together (a
+        // row may reference one in another of them); one changed since
+        // the look is not locked, so S may not read it: again, with it.
+        if pending_ids.iter().all(|id| locked.contains(id)) {
+            break (ttx, pending_ids);
+        }
+        ttx.rollback().await.map_err(tgt("starting a pass again"))?;
+        locked.extend(
+            pending_ids
+                .into_iter()
+                .filter(|id| !locked.contains(id))
+                .collect::<Vec<_>>(),
+        );
+    };
     let truncated: Vec<i32> = ttx
         .query("SELECT DISTINCT table_id FROM pgferry.truncates", &[])
         .await
@@ -220,20 +260,6 @@ async fn pass_locked(
         .copied()
         .filter(|t| pending_ids.contains(&t.id))
         .collect();
-    // The pass's time (its transaction's start, just before S): once it
-    // commits, everything committed on the target before it is on the old
-    // source. Recorded after the commit, outside S: the run row is also
-    // written by a switchback, and an update in S would fail on that.
-    let at: f64 = ttx
-        .query_one("SELECT extract(epoch FROM now())::float8", &[])
-        .await
-        .map_err(tgt("reading the pass's time"))?
-        .get(0);
-    if pending.is_empty() && check.is_none() {
-        ttx.commit().await.map_err(tgt("ending a pass"))?;
-        record_pass(newdb, at).await?;
-        return Ok((0, Vec::new()));
-    }
     let ledgers = state::ledgers(&*ttx).await.map_err(tgt("listing the ledgers"))?;
     let mut old = m.source_conn().await?;
     let keys = if pending.is_empty() {

@@ -750,6 +750,50 @@ async fn rows_changed_together_reach_the_old_source_under_its_constraints() {
     assert_no_leftovers(&env).await;
 }
 
+/// A table the application holds locked on the new database (its own
+/// ALTER TABLE, a long maintenance) holds up none of the others' changes on
+/// the way back while it has none of its own: a pass locks only the tables
+/// it applies, and an idle pass none. Once the lock goes, its changes
+/// follow too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_locked_on_the_target_does_not_hold_up_the_way_back() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    let holder = env.target_client().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("the application locks a table");
+    on_target(
+        &env,
+        "INSERT INTO accounts (name) VALUES ('while scratch is locked')",
+    )
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        env.ok(&["fallback", "--until-caught-up"]),
+    )
+    .await
+    .expect("the way back catches up while scratch is locked");
+    let arrived: bool = env
+        .source_as(APP)
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM accounts WHERE name = 'while scratch is locked')",
+            &[],
+        )
+        .await
+        .expect("read the old source")
+        .get(0);
+    assert!(arrived, "the row reached the old source");
+    holder.batch_execute("COMMIT").await.expect("the lock goes");
+    on_target(&env, "INSERT INTO scratch VALUES (7777, 'after the lock')").await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    assert_same_rows(&env).await;
+    env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A switchback command that fails lifts the target's fence: the
 /// application goes on writing there, the old source goes on following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
