@@ -861,6 +861,76 @@ async fn columns_dropped_renamed_and_added_in_one_deploy_are_followed() {
     assert_same_then_clean_up(&env).await;
 }
 
+/// What the stores application does, its old code and its new alike.
+const STORE_OPS: &[&str] = &[
+    "INSERT INTO stores (name) VALUES ('store $N')",
+    "UPDATE stores SET name = name || '.' WHERE id = ($N * 7) % 200 + 1",
+];
+
+/// A GeoDjango-style deploy during sync, on a database whose platform
+/// created PostGIS (on both sides, as the platforms do): a geometry column
+/// with its SRID and a geography column added, with a GiST index, while
+/// the application writes; the new code at once stores points. Followed
+/// with the source's types (the extension's, by their qualified names), the
+/// index built by the cutover, and both sides end equal in rows and schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spatial_column_added_during_sync_is_followed() {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    crate::world::platform_creates_postgis(&env.source, APP.0).await;
+    crate::world::platform_creates_postgis(&env.target, MASTER.0).await;
+    let app = env.source_as(APP).await;
+    app.batch_execute(
+        "CREATE TABLE stores (id bigserial PRIMARY KEY, name text NOT NULL);
+         INSERT INTO stores (name) SELECT 'store ' || g FROM generate_series(1, 200) g;",
+    )
+    .await
+    .expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    let writers = Workload::start(&env, &[APP], STORE_OPS).await;
+    writers.progress(50).await;
+    let service = start_service(&env).await;
+    app.batch_execute(
+        "BEGIN;
+         ALTER TABLE stores ADD COLUMN location geometry(Point, 4326);
+         ALTER TABLE stores ADD COLUMN delivery geography(Polygon, 4326);
+         CREATE INDEX stores_location_id ON stores USING gist (location);
+         COMMIT;",
+    )
+    .await
+    .expect("the deploy");
+    followed(
+        &env,
+        &service,
+        "table public.stores: column(s) location, delivery added",
+    )
+    .await;
+    app.batch_execute(
+        "UPDATE stores SET location = ST_SetSRID(ST_MakePoint(13.4, 52.5), 4326),
+                          delivery = ST_Buffer(ST_SetSRID(ST_MakePoint(13.4, 52.5), 4326)::geography, 500)::geometry::geography
+          WHERE id = 3;
+         INSERT INTO stores (name, location) VALUES ('new', ST_SetSRID(ST_MakePoint(2.35, 48.85), 4326));",
+    )
+    .await
+    .expect("the new code's writes");
+    target_holds(
+        &env,
+        "the points on the target",
+        "SELECT coalesce((SELECT ST_AsText(location) FROM stores WHERE id = 3) = 'POINT(13.4 52.5)'
+                         AND (SELECT ST_SRID(location) FROM stores WHERE name = 'new') = 4326
+                         AND (SELECT ST_Area(delivery) > 0 FROM stores WHERE id = 3), false)",
+    )
+    .await;
+    writers.progress(50).await;
+    stop_service(&env, service).await;
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    assert_same_then_clean_up(&env).await;
+}
+
 /// What the metering application does: readings written to a partitioned
 /// table, and rows moved between its partitions.
 const METER_OPS: &[&str] = &[

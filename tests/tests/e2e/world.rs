@@ -157,7 +157,7 @@ async fn foreign_keys_to_partitioned_tables_end_as_validated_as_on_the_source() 
 /// superuser, then handed to the database owner `owner` (the extension and
 /// its configuration table `spatial_ref_sys`), as Heroku does on the source
 /// and the RDS master user's own CREATE EXTENSION does on the target.
-async fn platform_creates_postgis(cluster: &pgferry::sandbox::Cluster, owner: &str) {
+pub(crate) async fn platform_creates_postgis(cluster: &pgferry::sandbox::Cluster, owner: &str) {
     cluster
         .superuser(DB)
         .await
