@@ -196,6 +196,29 @@ async fn a_deploy_during_sync_is_followed_under_live_writes() {
     assert_same_then_clean_up(&env).await;
 }
 
+/// A fresh pair of clusters whose source holds the application's `schema`
+/// (made as its role), installed, copied and synced once, drain passes
+/// 50 ms apart; with a session of the application's.
+async fn synced_app(schema: &str) -> (Env, tokio_postgres::Client) {
+    let env = Env::new(crate::BIN).await;
+    env.config("[sync]\npoll_interval_ms = 50\n");
+    let app = env.source_as(APP).await;
+    app.batch_execute(schema).await.expect("the application's schema");
+    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
+        env.ok(step).await;
+    }
+    (env, app)
+}
+
+/// Cuts over while `writers` write, then compares both sides row by row
+/// and in schema, and cleans up.
+async fn cut_over_while_writing_then_compare(env: &Env, writers: Workload) {
+    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
+    assert_succeeded(&out, "cutover");
+    writers.stop().await;
+    assert_same_then_clean_up(env).await;
+}
+
 /// Waits until `sql` (a boolean) holds on the target.
 async fn target_holds(env: &Env, what: &str, sql: &str) {
     wait_for(what, Duration::from_secs(60), || async {
@@ -512,10 +535,7 @@ async fn django_migrations_during_sync_are_followed() {
         "Django's fields agree without a copy: {log}"
     );
 
-    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
-    assert_succeeded(&out, "cutover");
-    writers.stop().await;
-    assert_same_then_clean_up(&env).await;
+    cut_over_while_writing_then_compare(&env, writers).await;
 }
 
 /// What the tickets application does while its key is widened: tickets
@@ -636,18 +656,11 @@ async fn a_serial_key_made_bigint_during_sync_is_followed() {
 /// equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_column_renamed_during_sync_is_followed() {
-    let env = Env::new(crate::BIN).await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    let app = env.source_as(APP).await;
-    app.batch_execute(
+    let (env, app) = synced_app(
         "CREATE TABLE labels (code text PRIMARY KEY, uses integer NOT NULL DEFAULT 0);
          INSERT INTO labels SELECT 'label ' || g, g FROM generate_series(1, 300) g;",
     )
-    .await
-    .expect("the application's schema");
-    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
-        env.ok(step).await;
-    }
+    .await;
     // The service's first batch.
     app.batch_execute("UPDATE labels SET uses = uses + 1 WHERE code = 'label 1'")
         .await
@@ -686,19 +699,12 @@ async fn a_key_column_renamed_during_sync_is_followed() {
 /// cutover an index to build again); the writes go on reaching the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexes_renamed_during_sync_are_renamed_on_the_target() {
-    let env = Env::new(crate::BIN).await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    let app = env.source_as(APP).await;
-    app.batch_execute(
+    let (env, app) = synced_app(
         "CREATE TABLE tags (code text NOT NULL UNIQUE, uses integer NOT NULL DEFAULT 0);
          CREATE INDEX tags_uses_idx ON tags (uses);
          INSERT INTO tags SELECT 'tag ' || g, g FROM generate_series(1, 300) g;",
     )
-    .await
-    .expect("the application's schema");
-    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
-        env.ok(step).await;
-    }
+    .await;
     let indexes =
         "SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'tags'";
     let oids = "SELECT array_agg(indexrelid ORDER BY indexrelid)::text FROM pg_index WHERE indrelid = 'tags'::regclass";
@@ -795,18 +801,11 @@ const PROFILE_OPS: &[&str] = &[
 /// equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columns_dropped_renamed_and_added_in_one_deploy_are_followed() {
-    let env = Env::new(crate::BIN).await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    let app = env.source_as(APP).await;
-    app.batch_execute(
+    let (env, app) = synced_app(
         "CREATE TABLE profiles (id bigserial PRIMARY KEY, nick text, bio text NOT NULL DEFAULT '', score int);
          INSERT INTO profiles (nick, bio, score) SELECT 'n' || g, 'bio ' || g, g FROM generate_series(1, 600) g;",
     )
-    .await
-    .expect("the application's schema");
-    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
-        env.ok(step).await;
-    }
+    .await;
     let writers = Workload::start(&env, &[APP, APP], PROFILE_OPS).await;
     writers.progress(50).await;
     let service = start_service(&env).await;
@@ -855,10 +854,7 @@ async fn columns_dropped_renamed_and_added_in_one_deploy_are_followed() {
         "{log}"
     );
     assert!(!log.contains("copied again"), "nothing copied again: {log}");
-    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
-    assert_succeeded(&out, "cutover");
-    writers.stop().await;
-    assert_same_then_clean_up(&env).await;
+    cut_over_while_writing_then_compare(&env, writers).await;
 }
 
 /// What the stores application does, its old code and its new alike.
@@ -925,10 +921,7 @@ async fn a_spatial_column_added_during_sync_is_followed() {
     .await;
     writers.progress(50).await;
     stop_service(&env, service).await;
-    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
-    assert_succeeded(&out, "cutover");
-    writers.stop().await;
-    assert_same_then_clean_up(&env).await;
+    cut_over_while_writing_then_compare(&env, writers).await;
 }
 
 /// What the metering application does: readings written to a partitioned
@@ -1019,10 +1012,7 @@ async fn a_partitioned_table_gains_a_column_and_a_check_during_sync() {
         !log.contains("the table is copied again"),
         "the partitions' rows hold the default the target gives them: nothing is copied again\n{log}"
     );
-    let out = env.cutover_while_writing(&["cutover"], &[&writers]).await;
-    assert_succeeded(&out, "cutover");
-    writers.stop().await;
-    assert_same_then_clean_up(&env).await;
+    cut_over_while_writing_then_compare(&env, writers).await;
 }
 
 /// A partitioned table's integer key made bigint without `release-keys`
@@ -1031,20 +1021,13 @@ async fn a_partitioned_table_gains_a_column_and_a_check_during_sync() {
 /// the integer's range written afterwards arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_key_widened_without_release_keys_is_followed() {
-    let env = Env::new(crate::BIN).await;
-    env.config("[sync]\npoll_interval_ms = 50\n");
-    let app = env.source_as(APP).await;
-    app.batch_execute(
+    let (env, app) = synced_app(
         "CREATE TABLE visits (id integer NOT NULL, site text NOT NULL, PRIMARY KEY (id, site)) PARTITION BY LIST (site);
          CREATE TABLE visits_a PARTITION OF visits FOR VALUES IN ('a');
          CREATE TABLE visits_b PARTITION OF visits FOR VALUES IN ('b');
          INSERT INTO visits SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END FROM generate_series(1, 400) g;",
     )
-    .await
-    .expect("the application's schema");
-    for step in [&["install"][..], &["copy"], &["sync", "--until-caught-up"]] {
-        env.ok(step).await;
-    }
+    .await;
     app.batch_execute("UPDATE visits SET id = id + 1000 WHERE id = 1")
         .await
         .expect("a write before the deploy");

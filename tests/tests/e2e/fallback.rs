@@ -590,14 +590,7 @@ async fn a_table_without_a_key_is_copied_back_under_the_target_fence() {
         .await
         .expect("a table without a key");
     env.config(&format!("copy_only = [\"public.event_log\"]\n{FALLBACK}"));
-    for step in [
-        &["install"][..],
-        &["copy"],
-        &["sync", "--until-caught-up"],
-        &["cutover"],
-    ] {
-        env.ok(step).await;
-    }
+    cut_over_with_a_way_back(&env).await;
     let service = env.cmd(&["fallback"]).spawn().expect("start fallback");
     let writers = Workload::start_with(vec![env.target_client().await, env.target_client().await], OPS);
     let loggers = Workload::start_with(vec![env.target_client().await], KEYLESS_OPS);
@@ -652,14 +645,7 @@ async fn a_django_application_moves_runs_switches_back_and_moves_again() {
     let code = |tag: &str| SHOP_CODE.replace("{tag}", tag);
     crate::deploys::django_shell(env.source.port(), APP, &code("before")).await;
     env.config(FALLBACK);
-    for step in [
-        &["install"][..],
-        &["copy"],
-        &["sync", "--until-caught-up"],
-        &["cutover"],
-    ] {
-        env.ok(step).await;
-    }
+    cut_over_with_a_way_back(&env).await;
     crate::deploys::django_shell(env.target.port(), MASTER, &code("moved")).await;
     env.ok(&["fallback", "--until-caught-up"]).await;
     assert_same_rows(&env).await;
@@ -705,14 +691,7 @@ async fn rows_changed_together_reach_the_old_source_under_its_constraints() {
         .await
         .expect("the application's schema");
     env.config(FALLBACK);
-    for step in [
-        &["install"][..],
-        &["copy"],
-        &["sync", "--until-caught-up"],
-        &["cutover"],
-    ] {
-        env.ok(step).await;
-    }
+    cut_over_with_a_way_back(&env).await;
     on_target(
         &env,
         "UPDATE seats SET holder = CASE id WHEN 1 THEN 'bob' ELSE 'ann' END;
@@ -833,14 +812,7 @@ async fn an_old_source_out_of_reach_after_the_switchback_command_is_opened_once_
         )
     };
     env.config(&config(1_500));
-    for step in [
-        &["install"][..],
-        &["copy"],
-        &["sync", "--until-caught-up"],
-        &["cutover"],
-    ] {
-        env.ok(step).await;
-    }
+    cut_over_with_a_way_back(&env).await;
     on_target(&env, "UPDATE accounts SET name = 'on the target' WHERE id = 9").await;
     let runs = || std::fs::read_to_string(&ran).unwrap_or_default().lines().count();
 
@@ -1056,6 +1028,19 @@ async fn finish_waits_for_a_held_pass_lock_naming_its_holder() {
     assert_eq!(code, Some(0), "finish once the lock is free: {log}");
     assert_same_rows(&env).await;
     assert_no_leftovers(&env).await;
+}
+
+/// Installs, copies, syncs and cuts over (the configuration gives the way
+/// back).
+async fn cut_over_with_a_way_back(env: &Env) {
+    for step in [
+        &["install"][..],
+        &["copy"],
+        &["sync", "--until-caught-up"],
+        &["cutover"],
+    ] {
+        env.ok(step).await;
+    }
 }
 
 /// The application writes `sql` on the target.
