@@ -219,6 +219,32 @@ async fn cut_over_while_writing_then_compare(env: &Env, writers: Workload) {
     assert_same_then_clean_up(env).await;
 }
 
+/// The application's writes to `table`, keyed by its text column `key`
+/// (rows `'<prefix> N'` counting `uses` from N): a row inserted, one
+/// counted, one given a new key, one deleted; waits until the target has
+/// them all.
+async fn keyed_writes_arrive(env: &Env, app: &tokio_postgres::Client, table: &str, key: &str, prefix: &str) {
+    app.batch_execute(&format!(
+        "INSERT INTO {table} ({key}) VALUES ('new');
+         UPDATE {table} SET uses = uses + 1 WHERE {key} = '{prefix} 5';
+         UPDATE {table} SET {key} = 'moved' WHERE {key} = '{prefix} 6';
+         DELETE FROM {table} WHERE {key} = '{prefix} 7';"
+    ))
+    .await
+    .expect("the application's writes after the deploy");
+    target_holds(
+        env,
+        "the application's writes after the deploy on the target",
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE {key} = 'new')
+                AND EXISTS (SELECT 1 FROM {table} WHERE {key} = 'moved')
+                AND NOT EXISTS (SELECT 1 FROM {table} WHERE {key} IN ('{prefix} 6', '{prefix} 7'))
+                AND (SELECT uses FROM {table} WHERE {key} = '{prefix} 5') = 6"
+        ),
+    )
+    .await;
+}
+
 /// Waits until `sql` (a boolean) holds on the target.
 async fn target_holds(env: &Env, what: &str, sql: &str) {
     wait_for(what, Duration::from_secs(60), || async {
@@ -670,23 +696,7 @@ async fn a_key_column_renamed_during_sync_is_followed() {
         .await
         .expect("the deploy");
     followed(&env, &service, "table public.labels: column code renamed to name").await;
-    app.batch_execute(
-        "INSERT INTO labels (name) VALUES ('new');
-         UPDATE labels SET uses = uses + 1 WHERE name = 'label 5';
-         UPDATE labels SET name = 'relabelled' WHERE name = 'label 6';
-         DELETE FROM labels WHERE name = 'label 7';",
-    )
-    .await
-    .expect("writes under the new name once sync followed the rename");
-    target_holds(
-        &env,
-        "the writes under the new name on the target",
-        "SELECT EXISTS (SELECT 1 FROM labels WHERE name = 'new')
-            AND EXISTS (SELECT 1 FROM labels WHERE name = 'relabelled')
-            AND NOT EXISTS (SELECT 1 FROM labels WHERE name IN ('label 6', 'label 7'))
-            AND (SELECT uses FROM labels WHERE name = 'label 5') = 6",
-    )
-    .await;
+    keyed_writes_arrive(&env, &app, "labels", "name", "label").await;
     stop_service(&env, service).await;
     env.ok(&["cutover"]).await;
     assert_same_then_clean_up(&env).await;
@@ -730,23 +740,7 @@ async fn indexes_renamed_during_sync_are_renamed_on_the_target() {
         "SELECT count(*) = 2 FROM pg_indexes WHERE indexname IN ('tags_code_uniq', 'tags_uses_ix')",
     )
     .await;
-    app.batch_execute(
-        "INSERT INTO tags (code) VALUES ('new');
-         UPDATE tags SET uses = uses + 1 WHERE code = 'tag 5';
-         UPDATE tags SET code = 'retagged' WHERE code = 'tag 6';
-         DELETE FROM tags WHERE code = 'tag 7';",
-    )
-    .await
-    .expect("writes after the deploy");
-    target_holds(
-        &env,
-        "the writes after the renames on the target",
-        "SELECT EXISTS (SELECT 1 FROM tags WHERE code = 'new')
-            AND EXISTS (SELECT 1 FROM tags WHERE code = 'retagged')
-            AND NOT EXISTS (SELECT 1 FROM tags WHERE code IN ('tag 6', 'tag 7'))
-            AND (SELECT uses FROM tags WHERE code = 'tag 5') = 6",
-    )
-    .await;
+    keyed_writes_arrive(&env, &app, "tags", "code", "tag").await;
     let (report, log) = stop_service(&env, service).await;
     assert_eq!(
         report["schema_changes_followed"],
