@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{decision, CutoverError};
 use crate::control::state::{self, TableState};
 use crate::db::Migration;
-use crate::drain;
+use crate::drain::{self, ledger_keys, unit_pages, SETTLE_ROUNDS, SMALL_UNIT_PAGES};
 use crate::verify::VerifyReport;
 
 /// `cutover.verify = "changed"`: verifies ahead of the fence each unit that
@@ -88,35 +88,6 @@ pub(super) async fn verify_ahead(
     Ok((verified, started.elapsed().as_millis() as u64))
 }
 
-/// Units of at most this many pages (by the source catalog's last count,
-/// all their tables together) are verified ahead of the fence several at a
-/// time: each takes milliseconds.
-pub(super) const SMALL_UNIT_PAGES: i64 = 128;
-
-/// Each unit's pages, by the source catalog's last count, in one statement.
-pub(super) async fn unit_pages(
-    client: &tokio_postgres::Client,
-    units: &[Vec<TableState>],
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let relids: Vec<u32> = units.iter().flatten().map(|t| t.relid).collect();
-    let rows = client
-        .query(
-            "SELECT u.r, coalesce(c.relpages, 2147483647)::int8
-               FROM unnest($1::oid[]) AS u(r) LEFT JOIN pg_class c ON c.oid = u.r",
-            &[&relids],
-        )
-        .await?;
-    let pages: std::collections::HashMap<u32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(units
-        .iter()
-        .map(|u| {
-            u.iter()
-                .map(|t| pages.get(&t.relid).copied().unwrap_or(i64::MAX / 4))
-                .sum()
-        })
-        .collect())
-}
-
 /// What the verification ahead does before each unit, or chunk of small
 /// ones: waits out pressure on the source, checks drift every few seconds
 /// ([`crate::sync::DRIFT_EVERY`]), drains every table at most once a second.
@@ -154,10 +125,6 @@ impl Readiness {
         Ok(())
     }
 }
-
-/// Rounds of [`settle_ledgers`] at most: a round takes less time than the
-/// one before, as it compares fewer rows, unless writes outpace it.
-pub(super) const SETTLE_ROUNDS: usize = 3;
 
 /// `cutover.verify = "changed"`, just before the catch-up: the ledgers
 /// hold every key changed since their unit was verified, and at hundreds
@@ -270,40 +237,6 @@ fn equal_ahead(verdicts: Vec<crate::verify::TableVerdict>) -> Result<(), Cutover
         return Err(CutoverError::MismatchBeforeFence(Box::new(report)));
     }
     Ok(())
-}
-
-/// The units (see [`crate::verify::ahead_units`]) whose every table has its ledger,
-/// each with the keys its ledgers hold.
-pub(super) async fn ledger_keys(
-    conn: &tokio_postgres::Client,
-    tables: &[TableState],
-) -> Result<Vec<(Vec<TableState>, i64)>, tokio_postgres::Error> {
-    let ledgers = state::ledgers(conn).await?;
-    let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
-        .into_iter()
-        .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
-        .collect();
-    let mut out = Vec::with_capacity(units.len());
-    // A statement per hundred units: one round trip, not one per table.
-    for chunk in units.chunks(100) {
-        let arms: Vec<String> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let counts: Vec<String> = u
-                    .iter()
-                    .map(|t| format!("(SELECT count(*) FROM {})", t.ledger_table()))
-                    .collect();
-                format!("SELECT {i}, {}", counts.join(" + "))
-            })
-            .collect();
-        let rows = conn.query(&arms.join(" UNION ALL "), &[]).await?;
-        for r in rows {
-            let (i, keys): (i32, i64) = (r.get(0), r.get(1));
-            out.push((chunk[i as usize].clone(), keys));
-        }
-    }
-    Ok(out)
 }
 
 /// Runs `work` while `tables` drain in the background, pass after pass

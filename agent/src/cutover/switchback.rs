@@ -25,9 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{fence, objects, release, CutoverError};
 use crate::control::state::{self, Phase, TableState};
 use crate::db::Migration;
-use crate::drain::Ahead;
 use crate::fallback::FallbackError;
-use crate::verify::{Subject, VerifyReport, VerifyScope};
+use crate::verify::{Subject, VerifyScope};
 
 /// What the switchback did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -45,7 +44,7 @@ pub struct SwitchbackReport {
     /// What the verification compared with the target fenced
     /// (`cutover.verify`); none when this run verified nothing there (it
     /// resumed past that).
-    pub verify_scope: Option<crate::verify::VerifyScope>,
+    pub verify_scope: Option<VerifyScope>,
     /// Tables compared in full ahead of the target's fence by this run
     /// (`changed`), and how long that took (writes were not blocked then).
     pub verified_ahead: usize,
@@ -97,7 +96,12 @@ pub async fn run(m: &Migration, cancel: &CancellationToken) -> Result<Switchback
         crate::fallback::apply::disable_triggers(m, cancel).await?;
         let tables = state::tables(&**back.source_conn().await?).await?;
         if target_run.phase != Phase::CuttingOver {
-            verify_ahead(m, &tables, cancel, &mut report).await?;
+            if m.cfg.cutover.verify == VerifyScope::Changed {
+                let done = crate::fallback::ahead::verify_ahead(m, &tables, cancel).await?;
+                report.verified_ahead = done.tables;
+                report.changed_rows_verified_ahead = done.changed_rows;
+                report.verify_ahead_ms = done.ms;
+            }
             catch_up(m, cancel).await?;
             if m.cfg.cutover.verify == VerifyScope::Changed {
                 super::ahead::refresh_key_statistics(&back, &tables).await?;
@@ -291,13 +295,23 @@ async fn fenced(
         .await
         .map_err(CutoverError::Source)?;
     drop((newdb, old));
-    let verdict = match m.cfg.cutover.verify {
-        VerifyScope::Changed => crate::verify::verify_changed(back, tables).await?,
-        VerifyScope::Full => crate::verify::verify(back, tables.iter().map(Subject::of).collect()).await?,
-    };
+    // With no pass running: one that verifies ahead (`pgferry fallback`
+    // following meanwhile) remakes ledgers this comparison reads.
+    let verdict = crate::fallback::apply::without_passes(m, cancel, || async {
+        Ok(match m.cfg.cutover.verify {
+            VerifyScope::Changed => crate::verify::verify_changed(back, tables).await?,
+            VerifyScope::Full => {
+                crate::verify::verify(back, tables.iter().map(Subject::of).collect()).await?
+            }
+        })
+    })
+    .await?;
     if verdict.mismatches > 0 {
         return Err(FallbackError::Aborted {
-            why: format!("the verification found {}", differences(&verdict)),
+            why: format!(
+                "the verification found {}",
+                crate::fallback::ahead::differences(&verdict)
+            ),
             mismatch: true,
         }
         .into());
@@ -311,147 +325,6 @@ async fn fenced(
     report.tables_verified = verdict.tables.len();
     report.rows_verified = verdict.rows;
     crate::failpoint::hit("switchback.after_verify").await;
-    Ok(())
-}
-
-/// `N differing table(s): t (a rows on the target, b on the old source;
-/// keys ...), ...`, of a comparison made through the migration reversed.
-fn differences(report: &VerifyReport) -> String {
-    let differ: Vec<String> = report
-        .tables
-        .iter()
-        .filter(|t| !t.equal)
-        .map(|t| {
-            // Compared through the migration reversed: its target is the
-            // old source.
-            let keys: Vec<String> = t
-                .differing_keys
-                .iter()
-                .take(5)
-                .map(|k| match k.strip_suffix(" on target") {
-                    Some(k) => format!("{k} on the old source"),
-                    None => k.clone(),
-                })
-                .collect();
-            format!(
-                "{} ({} rows on the target, {} on the old source{})",
-                t.table,
-                t.source_rows,
-                t.target_rows,
-                if keys.is_empty() {
-                    String::new()
-                } else {
-                    format!("; keys {}", keys.join(", "))
-                }
-            )
-        })
-        .collect();
-    format!("{} differing table(s): {}", report.mismatches, differ.join(", "))
-}
-
-/// `cutover.verify = "changed"`, before the catch-up, while the
-/// application writes to the target (docs/design.md, "Fallback"): each
-/// unit of the target's tables (see [`crate::verify::ahead_units`]) with a
-/// table without its ledger is compared in full in the snapshot of a pass
-/// of the way back, which then gives it its ledgers; large units one pass
-/// each (the pass lock is held while both sides are read, so the way back
-/// waits meanwhile), small ones a hundred to a pass. Then, as the forward
-/// cutover does, the units whose ledgers hold more than
-/// `cutover.max_keys_under_fence` keys are compared by them, which empties
-/// them, for at most [`super::ahead::SETTLE_ROUNDS`] rounds: the fence then
-/// compares only what changed since. A difference ends the switchback
-/// there, the target's fence never raised.
-async fn verify_ahead(
-    m: &Migration,
-    tables: &[TableState],
-    cancel: &CancellationToken,
-    report: &mut SwitchbackReport,
-) -> Result<(), crate::Error> {
-    if m.cfg.cutover.verify != VerifyScope::Changed {
-        return Ok(());
-    }
-    let started = Instant::now();
-    let back = m.reversed();
-    let target_err = CutoverError::Target;
-    let conn = back.source_conn().await?;
-    let ledgers = state::ledgers(&**conn).await.map_err(target_err)?;
-    let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
-        .into_iter()
-        .filter(|u| !u.iter().all(|t| ledgers.contains(&t.id)))
-        .collect();
-    let pages = super::ahead::unit_pages(&conn, &units)
-        .await
-        .map_err(target_err)?;
-    drop(conn);
-    let (small, large): (Vec<_>, Vec<_>) = units
-        .into_iter()
-        .zip(pages)
-        .partition(|(_, pages)| *pages <= super::ahead::SMALL_UNIT_PAGES);
-    let mut groups: Vec<Vec<Vec<TableState>>> = large.into_iter().map(|(u, _)| vec![u]).collect();
-    let small: Vec<Vec<TableState>> = small.into_iter().map(|(u, _)| u).collect();
-    groups.extend(small.chunks(100).map(<[_]>::to_vec));
-    let mut verdicts = Vec::new();
-    for units in &groups {
-        verdicts.extend(checking_pass(m, units, Ahead::All, cancel).await?);
-    }
-    for v in &verdicts {
-        tracing::info!(table = %v.table, equal = v.equal, rows = v.source_rows, "Verified ahead of the target's fence");
-    }
-    report.verified_ahead = verdicts.len();
-    equal_ahead(verdicts)?;
-    for _ in 0..super::ahead::SETTLE_ROUNDS {
-        let mut busy = super::ahead::ledger_keys(&**back.source_conn().await?, tables)
-            .await
-            .map_err(target_err)?;
-        busy.retain(|(_, keys)| *keys > m.cfg.cutover.max_keys_under_fence);
-        if busy.is_empty() {
-            break;
-        }
-        let units: Vec<Vec<TableState>> = busy.into_iter().map(|(u, _)| u).collect();
-        let verdicts = checking_pass(m, &units, Ahead::Ledger, cancel).await?;
-        for v in &verdicts {
-            tracing::info!(table = %v.table, equal = v.equal, rows = v.source_rows, "Changed rows verified ahead of the target's fence");
-            report.changed_rows_verified_ahead += v.source_rows;
-        }
-        equal_ahead(verdicts)?;
-    }
-    report.verify_ahead_ms = started.elapsed().as_millis() as u64;
-    Ok(())
-}
-
-/// A pass of the way back that compares `units` once it applied, waiting
-/// for another agent's pass in flight.
-async fn checking_pass(
-    m: &Migration,
-    units: &[Vec<TableState>],
-    ahead: Ahead,
-    cancel: &CancellationToken,
-) -> Result<Vec<crate::verify::TableVerdict>, crate::Error> {
-    let check = crate::fallback::apply::Check { units, ahead };
-    loop {
-        if let Some((_, verdicts)) = crate::fallback::apply::checking_pass(m, Some(&check)).await? {
-            return Ok(verdicts);
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return Err(crate::Error::Cancelled),
-            () = tokio::time::sleep(BUSY_PAUSE) => {}
-        }
-    }
-}
-
-/// Verdicts reached ahead of the target's fence: a table that differs
-/// ends the switchback there.
-fn equal_ahead(verdicts: Vec<crate::verify::TableVerdict>) -> Result<(), FallbackError> {
-    let report = VerifyReport::of(verdicts);
-    if report.mismatches > 0 {
-        return Err(FallbackError::Aborted {
-            why: format!(
-                "the verification ahead of the target's fence found {}; the target's fence was never raised",
-                differences(&report)
-            ),
-            mismatch: true,
-        });
-    }
     Ok(())
 }
 

@@ -159,6 +159,75 @@ pub(crate) fn ledger_after(t: &TableState, equal: bool, by_ledger: bool) -> Stri
     sql
 }
 
+/// Units of at most this many pages (by the catalog's last count, all
+/// their tables together) are verified ahead of a fence several at a time
+/// (the cutover's, and the switchback's): each takes milliseconds.
+pub(crate) const SMALL_UNIT_PAGES: i64 = 128;
+
+/// Each unit's pages, by the source catalog's last count, in one statement.
+pub(crate) async fn unit_pages(
+    client: &tokio_postgres::Client,
+    units: &[Vec<TableState>],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let relids: Vec<u32> = units.iter().flatten().map(|t| t.relid).collect();
+    let rows = client
+        .query(
+            "SELECT u.r, coalesce(c.relpages, 2147483647)::int8
+               FROM unnest($1::oid[]) AS u(r) LEFT JOIN pg_class c ON c.oid = u.r",
+            &[&relids],
+        )
+        .await?;
+    let pages: std::collections::HashMap<u32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(units
+        .iter()
+        .map(|u| {
+            u.iter()
+                .map(|t| pages.get(&t.relid).copied().unwrap_or(i64::MAX / 4))
+                .sum()
+        })
+        .collect())
+}
+
+/// Rounds at most of comparing ahead of a fence the units whose ledgers
+/// hold many keys (the cutover's `settle_ledgers`, the switchback's): a
+/// round takes less time than the one before, as it compares fewer rows,
+/// unless writes outpace it.
+pub(crate) const SETTLE_ROUNDS: usize = 3;
+
+/// The units (see [`crate::verify::ahead_units`]) whose every table has its ledger,
+/// each with the keys its ledgers hold.
+pub(crate) async fn ledger_keys(
+    conn: &tokio_postgres::Client,
+    tables: &[TableState],
+) -> Result<Vec<(Vec<TableState>, i64)>, tokio_postgres::Error> {
+    let ledgers = crate::control::state::ledgers(conn).await?;
+    let units: Vec<Vec<TableState>> = crate::verify::ahead_units(tables)
+        .into_iter()
+        .filter(|u| u.iter().all(|t| ledgers.contains(&t.id)))
+        .collect();
+    let mut out = Vec::with_capacity(units.len());
+    // A statement per hundred units: one round trip, not one per table.
+    for chunk in units.chunks(100) {
+        let arms: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let counts: Vec<String> = u
+                    .iter()
+                    .map(|t| format!("(SELECT count(*) FROM {})", t.ledger_table()))
+                    .collect();
+                format!("SELECT {i}, {}", counts.join(" + "))
+            })
+            .collect();
+        let rows = conn.query(&arms.join(" UNION ALL "), &[]).await?;
+        for r in rows {
+            let (i, keys): (i32, i64) = (r.get(0), r.get(1));
+            out.push((chunk[i as usize].clone(), keys));
+        }
+    }
+    Ok(out)
+}
+
 /// A ledger bigger than this is dropped: its table is compared in full
 /// again, which then costs about as much as reading that many keys' rows.
 pub(crate) const LEDGER_MAX_BYTES: i64 = 64 << 20;

@@ -38,7 +38,7 @@ mod pending;
 mod pressure;
 pub mod types;
 
-pub(crate) use ahead::ledger_after;
+pub(crate) use ahead::{ledger_after, ledger_keys, unit_pages, SETTLE_ROUNDS, SMALL_UNIT_PAGES};
 pub use ahead::{verify_ahead, Ahead};
 pub(crate) use batch::forget_deltas;
 pub use pass::{check_drift, drain_pass};

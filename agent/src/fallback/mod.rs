@@ -13,6 +13,7 @@
 //!
 //! [reversed]: crate::db::Migration::reversed
 
+pub mod ahead;
 pub mod apply;
 
 use std::time::Duration;
@@ -311,6 +312,7 @@ pub async fn run(
     };
     let poll = Duration::from_millis(m.cfg.sync.poll_interval_ms);
     let mut failures = 0u32;
+    let mut verified_at: Option<std::time::Instant> = None;
     loop {
         if cancel.is_cancelled() || !under_way(m).await? {
             return Ok(report);
@@ -325,6 +327,14 @@ pub async fn run(
                 }
                 if until_caught_up {
                     return Ok(report);
+                }
+                if m.cfg.cutover.verify == crate::verify::VerifyScope::Changed
+                    && verified_at.is_none_or(|at| at.elapsed() >= VERIFY_EVERY)
+                {
+                    verified_at = Some(std::time::Instant::now());
+                    if let Err(crate::Error::Cancelled) = verify_while_following(m, cancel).await {
+                        return Ok(report);
+                    }
                 }
             }
             // Another agent applies; its pass is not ours to count as caught up.
@@ -341,6 +351,50 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => return Ok(report),
             () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// How often `pgferry fallback`, caught up, verifies ahead of the
+/// target's fence the tables it has not verified yet, and compares again
+/// the changed rows of those whose ledgers grew past
+/// `cutover.max_keys_under_fence`.
+const VERIFY_EVERY: Duration = Duration::from_secs(300);
+
+/// While the way back follows (`cutover.verify = "changed"`): the
+/// switchback's verification ahead of the target's fence
+/// ([`ahead::verify_ahead`]), done now, while nobody waits for it, so that
+/// the switchback finds the tables verified and their ledgers small and
+/// returns in seconds whatever the database's size. A difference is said
+/// as an error and following goes on (the switchback will refuse until it
+/// is repaired); a failure is said and tried again later.
+async fn verify_while_following(m: &Migration, cancel: &CancellationToken) -> Result<(), crate::Error> {
+    let tables = state::tables(&**m.reversed().source_conn().await?).await?;
+    match ahead::verify_ahead(m, &tables, cancel).await {
+        Ok(done) => {
+            if done.tables > 0 || done.changed_rows > 0 {
+                tracing::info!(
+                    tables = done.tables,
+                    changed_rows = done.changed_rows,
+                    ms = done.ms,
+                    "Verified ahead of a switchback while following"
+                );
+            }
+            Ok(())
+        }
+        Err(crate::Error::Cancelled) => Err(crate::Error::Cancelled),
+        Err(e) => {
+            match e.downcast_ref::<FallbackError>() {
+                Some(FallbackError::Aborted { why, mismatch: true }) => tracing::error!(
+                    "The old source differs from the new database: {why}. A switchback refuses until the rows are \
+                     repaired (rewrite them on the new database)"
+                ),
+                _ => tracing::warn!(
+                    error = %crate::db::errors::report(&e),
+                    "Could not verify ahead of a switchback while following; trying again later"
+                ),
+            }
+            Ok(())
         }
     }
 }

@@ -496,7 +496,10 @@ async fn a_switchback_verifies_ahead_of_the_target_fence_and_only_changed_rows_u
     ))
     .await;
     let err = env.fails(&["switchback"], 1).await;
-    assert!(err.contains("the target's fence was never raised"), "{err}");
+    assert!(
+        err.contains("the verification ahead of the target's fence found"),
+        "{err}"
+    );
     assert!(err.contains("(8,2) missing on the old source"), "{err}");
     on_target(
         &env,
@@ -544,7 +547,10 @@ async fn a_switchback_verifies_ahead_of_the_target_fence_and_only_changed_rows_u
     .await;
     let err = env.fails(&["switchback"], 1).await;
     assert!(err.contains("(7) differs"), "{err}");
-    assert!(!err.contains("never raised"), "found under the fence: {err}");
+    assert!(
+        !err.contains("ahead of the target's fence"),
+        "found under the fence: {err}"
+    );
     on_target(&env, "UPDATE accounts SET balance = balance + 1 WHERE id = 7").await;
 
     let out = env.run(&["switchback", "--json"]).await;
@@ -770,6 +776,35 @@ async fn a_table_locked_on_the_target_does_not_hold_up_the_way_back() {
     env.ok(&["fallback", "--until-caught-up"]).await;
     assert_same_rows(&env).await;
     env.ok(&["finish"]).await;
+    assert_no_leftovers(&env).await;
+}
+
+/// `pgferry fallback` verifies ahead of a switchback while it follows and
+/// nobody waits (`cutover.verify = "changed"`): the switchback then
+/// compares no table in full, ahead of the target's fence or under it,
+/// only the rows changed since, so that it returns in seconds whatever the
+/// database's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_way_back_verifies_ahead_while_it_follows() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    // Its first pass that verifies, then on.
+    let service = env
+        .spawn_until_failpoint(env.cmd(&["fallback"]), &["fallback"], "fallback.verified")
+        .await;
+    std::fs::write(env.failpoint_release(), "").unwrap();
+    env.wait_for_log(&service, "Verified ahead of a switchback while following")
+        .await;
+    on_target(&env, "UPDATE accounts SET balance = balance + 1 WHERE id = 3").await;
+    stop(service).await;
+    let out = env.run(&["switchback", "--json"]).await;
+    assert_succeeded(&out, "switchback");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("switchback JSON");
+    assert_eq!(report["verified_ahead"], 0, "done while following: {report}");
+    assert_eq!(report["tables_verified_by_changes"], 7, "{report}");
+    assert_eq!(report["rows_verified"], 1, "accounts' row 3 alone: {report}");
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
     assert_no_leftovers(&env).await;
 }
 
