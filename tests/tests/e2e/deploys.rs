@@ -245,6 +245,19 @@ async fn keyed_writes_arrive(env: &Env, app: &tokio_postgres::Client, table: &st
     .await;
 }
 
+/// The application's deploy `sql` on the source, as its role; waits until
+/// sync has followed `change` and drained on after it.
+async fn deploy(
+    env: &Env,
+    app: &tokio_postgres::Client,
+    service: &tokio::process::Child,
+    sql: &str,
+    change: &str,
+) {
+    app.batch_execute(sql).await.expect("the deploy");
+    followed(env, service, change).await;
+}
+
 /// Waits until `sql` (a boolean) holds on the target.
 async fn target_holds(env: &Env, what: &str, sql: &str) {
     wait_for(what, Duration::from_secs(60), || async {
@@ -692,10 +705,14 @@ async fn a_key_column_renamed_during_sync_is_followed() {
         .await
         .expect("a write before the deploy");
     let service = start_service(&env).await;
-    app.batch_execute("ALTER TABLE labels RENAME COLUMN code TO name")
-        .await
-        .expect("the deploy");
-    followed(&env, &service, "table public.labels: column code renamed to name").await;
+    deploy(
+        &env,
+        &app,
+        &service,
+        "ALTER TABLE labels RENAME COLUMN code TO name",
+        "table public.labels: column code renamed to name",
+    )
+    .await;
     keyed_writes_arrive(&env, &app, "labels", "name", "label").await;
     stop_service(&env, service).await;
     env.ok(&["cutover"]).await;
@@ -803,19 +820,16 @@ async fn columns_dropped_renamed_and_added_in_one_deploy_are_followed() {
     let writers = Workload::start(&env, &[APP, APP], PROFILE_OPS).await;
     writers.progress(50).await;
     let service = start_service(&env).await;
-    app.batch_execute(
+    deploy(
+        &env,
+        &app,
+        &service,
         "BEGIN;
          ALTER TABLE profiles DROP COLUMN nick;
          ALTER TABLE profiles RENAME COLUMN bio TO nick;
          ALTER TABLE profiles ADD COLUMN bio text;
          ALTER TABLE profiles ADD COLUMN level int NOT NULL DEFAULT 1;
          COMMIT;",
-    )
-    .await
-    .expect("the deploy");
-    followed(
-        &env,
-        &service,
         "table public.profiles: column(s) bio, level added",
     )
     .await;
@@ -874,13 +888,15 @@ async fn a_partitioned_table_given_a_volatile_default_during_sync_is_copied_agai
     let writers = Workload::start(&env, &[APP, APP], METER_OPS).await;
     writers.progress(50).await;
     let service = start_service(&env).await;
-    app.batch_execute(
+    deploy(
+        &env,
+        &app,
+        &service,
         "ALTER TABLE readings ADD COLUMN taken_at timestamptz NOT NULL DEFAULT clock_timestamp();
          UPDATE notes SET body = 'after the deploy' WHERE id = 1;",
+        "table public.readings: column(s) taken_at added",
     )
-    .await
-    .expect("the deploy");
-    followed(&env, &service, "table public.readings: column(s) taken_at added").await;
+    .await;
     target_holds(
         &env,
         "the other table drained on",
@@ -927,18 +943,15 @@ async fn a_spatial_column_added_during_sync_is_followed() {
     let writers = Workload::start(&env, &[APP], STORE_OPS).await;
     writers.progress(50).await;
     let service = start_service(&env).await;
-    app.batch_execute(
+    deploy(
+        &env,
+        &app,
+        &service,
         "BEGIN;
          ALTER TABLE stores ADD COLUMN location geometry(Point, 4326);
          ALTER TABLE stores ADD COLUMN delivery geography(Polygon, 4326);
          CREATE INDEX stores_location_id ON stores USING gist (location);
          COMMIT;",
-    )
-    .await
-    .expect("the deploy");
-    followed(
-        &env,
-        &service,
         "table public.stores: column(s) location, delivery added",
     )
     .await;
