@@ -808,6 +808,36 @@ async fn the_way_back_verifies_ahead_while_it_follows() {
     assert_no_leftovers(&env).await;
 }
 
+/// A table truncated on the new database after its verification ahead
+/// loses its ledger there (the rows the TRUNCATE removed are named by no
+/// delta), so the switchback compares it in full again ahead of the
+/// fence, alone, before every table is compared by its changed rows under
+/// it; both sides end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_truncated_on_the_target_after_its_verification_is_compared_in_full() {
+    let env = synced_with(FALLBACK).await;
+    env.ok(&["cutover"]).await;
+    // Every table verified ahead, then the agent stops before the fence.
+    env.kill_at(&["switchback"], "switchback.before_fence").await;
+    on_target(
+        &env,
+        "BEGIN; TRUNCATE scratch; INSERT INTO scratch VALUES (1, 'after the truncate'); COMMIT;",
+    )
+    .await;
+    env.ok(&["fallback", "--until-caught-up"]).await;
+    let out = env.run(&["switchback", "--json"]).await;
+    assert_succeeded(&out, "switchback");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("switchback JSON");
+    assert_eq!(
+        report["verified_ahead"], 1,
+        "scratch alone verified again: {report}"
+    );
+    assert_eq!(report["tables_verified_by_changes"], 7, "{report}");
+    assert_same_data(&env).await;
+    env.ok(&["cleanup"]).await;
+    assert_no_leftovers(&env).await;
+}
+
 /// A switchback command that fails lifts the target's fence: the
 /// application goes on writing there, the old source goes on following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
